@@ -1,0 +1,37 @@
+# The README's two set-up commands are `make install && make demo` and `make install && make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench lint default-model clean
+
+install: $(STAMP)
+
+# Torch is pinned (torch 2.14.1 + torchvision 0.29.1): timm needs torchvision and this
+# pair is the one that installs from the build machine's local wheel store.
+$(STAMP): pyproject.toml requirements-pinned.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-pinned.txt
+	$(PY) -m pip install -q -c requirements-pinned.txt -e '.[train,onnxruntime,openvino,dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m export.demo
+
+bench: install
+	$(PY) -m export.bench_docs
+
+lint: install
+	$(VENV)/bin/ruff check mtlora export engines calibration tests
+
+# Re-create the embedded default model (a small MTLoRA Swin trained on the synthetic set).
+default-model: install
+	$(VENV)/bin/mtlora train --data synthetic --preset default --out mtlora/assets/default
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Inference engines: one sub-package per backend; numpy in, numpy out, no torch."""

@@ -1,0 +1,1 @@
+"""Torch side of deployment: merge adapters, export ONNX, references, the `mtlora-export` CLI."""

@@ -1,0 +1,176 @@
+"""Our checkpoint format: a directory with `model.safetensors` and `config.json`.
+
+No pickle anywhere: weights are safetensors, the architecture and adapter
+config is sorted JSON. A checkpoint directory is written beside its final name
+and renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtlora.config import ModelConfig
+from mtlora.errors import CheckpointError, ConfigError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"  # merged flag and training metadata
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def commit_directory(staging: Path, final: Path) -> None:
+    """Move a fully written staging directory to its final name, replacing an old one."""
+    final = Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final: Path) -> Path:
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise CheckpointError(f"{final}: exists and is not a directory; choose another output path")
+    parent = final.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{parent}: directory is not writable; choose another output path")
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".partial"))
+
+
+def save_checkpoint(model: torch.nn.Module, out: str | Path, extra_state: dict[str, Any] | None = None) -> Path:
+    """Write `model` (a MultiTaskSwin) as a checkpoint directory, atomically."""
+    out = Path(out)
+    staging = staging_dir(out)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "mtlora-export/1"})
+        write_json_atomic(staging / CONFIG_FILE, model.config.to_dict())
+        state = {"merged": bool(getattr(model, "merged", False)), **(extra_state or {})}
+        write_json_atomic(staging / STATE_FILE, state)
+        commit_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS_FILE:
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not path.is_dir() or not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{path}: not an mtlora checkpoint (expected a directory with {WEIGHTS_FILE} and {CONFIG_FILE}); "
+            "for an official MTLoRA .pth run 'mtlora import-upstream' first"
+        )
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The model config of a checkpoint directory or of a bare config JSON file."""
+    path = Path(path)
+    config_file = path if path.suffix == ".json" and path.is_file() else resolve_checkpoint_dir(path) / CONFIG_FILE
+    try:
+        return ModelConfig.from_json(config_file.read_text())
+    except ConfigError as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_file}: cannot read config ({err})") from None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    state_file = resolve_checkpoint_dir(path) / STATE_FILE
+    if not state_file.is_file():
+        return {}
+    try:
+        return json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_file}: corrupt checkpoint state ({err})") from None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    weights = resolve_checkpoint_dir(path) / WEIGHTS_FILE
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: corrupt or truncated weights ({err})") from None
+
+
+def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load with strict key and shape checks, turning mismatches into one clear error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{source}: weights do not fit the model: {', '.join(parts)}")
+    for key, value in state_dict.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{source}: weights do not fit the model: {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu"):
+    """Rebuild a MultiTaskSwin from a checkpoint directory (eval mode, fp32)."""
+    from mtlora.model import MultiTaskSwin
+
+    config = read_config(path)
+    state = read_state(path)
+    model = MultiTaskSwin(config)
+    if state.get("merged"):
+        from mtlora.adapters import adapter_layers
+
+        for _, layer in adapter_layers(model):
+            layer.merged = True
+        model.merged = True
+    load_into(model, load_weights(path), str(path))
+    return model.to(map_location).eval()

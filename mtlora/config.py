@@ -1,0 +1,274 @@
+"""Model configuration: the Swin backbone, the adapters, the tasks and the decoders.
+
+Configs are typed dataclasses checked in `__post_init__` and saved as sorted
+JSON next to the weights, so a checkpoint describes itself without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from mtlora.errors import ConfigError
+
+# Output channels of every task we know, as the PASCAL-Context / NYUD-v2 benchmarks define them.
+# A data set may override the number of classes (NYUD semseg has 40).
+DEFAULT_TASK_CHANNELS: dict[str, int] = {
+    "semseg": 21,
+    "human_parts": 7,
+    "sal": 1,
+    "normals": 3,
+    "edge": 1,
+    "depth": 1,
+}
+
+# Swin v1 variants as timm names them; custom sizes are built from the same fields.
+SWIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    # The test and demo size: the architecture of the official-code fixture.
+    "swin_micro": dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4),
+}
+
+ADAPTER_KINDS = ("mtlora", "mtlora+", "mtl-lora", "lora", "full", "decoders-only", "single-task")
+SHARED_MODES = ("matrix", "matrixv2")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+# The layers of the last block of each stage that carry task-specific adapters (qkv stays shared).
+TASK_SPECIFIC_TARGETS = ("proj", "fc1", "fc2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _per_stage(value: Any, num_stages: int, name: str, cast: type) -> tuple:
+    """Accept a scalar or a list of one or `num_stages` values, as the official config does."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values = values * num_stages
+    if len(values) != num_stages:
+        raise ConfigError(f"{name} needs 1 or {num_stages} values (one per stage), got {len(values)}")
+    try:
+        return tuple(cast(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be numbers, got {value!r}") from None
+
+
+@dataclass
+class SwinConfig:
+    """A Swin Transformer v1 backbone (any timm variant or a custom size)."""
+
+    img_size: int = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.depths = tuple(int(d) for d in self.depths)
+        self.num_heads = tuple(int(h) for h in self.num_heads)
+        if len(self.depths) != len(self.num_heads):
+            raise ConfigError(f"depths {self.depths} and num_heads {self.num_heads} must have the same length")
+        if any(d <= 0 for d in self.depths) or any(h <= 0 for h in self.num_heads):
+            raise ConfigError("depths and num_heads must be positive")
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % heads:
+                raise ConfigError(f"stage {i}: dim {self.embed_dim * 2**i} is not divisible by {heads} heads")
+        if self.patch_size <= 0 or self.window_size <= 0 or self.embed_dim <= 0:
+            raise ConfigError("patch_size, window_size and embed_dim must be positive")
+        check_input_size(self, self.img_size)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    def stage_resolution(self, stage: int) -> int:
+        """Token grid side length inside stage `stage` (before its patch merging)."""
+        return self.img_size // self.patch_size // 2**stage
+
+    def stage_dims(self) -> list[int]:
+        """Channels of the per-stage features that feed the decoders (after each stage's patch merging)."""
+        last = self.num_stages - 1
+        return [self.embed_dim * 2 ** (i + 1 if i < last else i) for i in range(self.num_stages)]
+
+    def feature_resolutions(self) -> list[int]:
+        last = self.num_stages - 1
+        return [self.stage_resolution(i + 1 if i < last else i) for i in range(self.num_stages)]
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides: Any) -> SwinConfig:
+        if name not in SWIN_VARIANTS:
+            raise ConfigError(f"unknown Swin variant '{name}'; choose one of {', '.join(SWIN_VARIANTS)}")
+        return cls(**{**SWIN_VARIANTS[name], **overrides})
+
+
+def check_input_size(swin: SwinConfig, img_size: int) -> None:
+    """Refuse an input size that does not fit the patch size, merging and window partition."""
+    stride = swin.patch_size * 2 ** (swin.num_stages - 1)
+    if img_size <= 0 or img_size % stride:
+        raise ConfigError(
+            f"input size {img_size} does not fit the backbone: it must be a multiple of "
+            f"{stride} (patch {swin.patch_size} x 2^{swin.num_stages - 1} merges)"
+        )
+    for stage in range(swin.num_stages):
+        res = img_size // swin.patch_size // 2**stage
+        if res > swin.window_size and res % swin.window_size:
+            raise ConfigError(
+                f"input size {img_size} does not fit the window partition: stage {stage} has a "
+                f"{res}x{res} token grid, not a multiple of window {swin.window_size}; use e.g. "
+                f"{swin.patch_size * swin.window_size * 2 ** (swin.num_stages - 1)} or a multiple of it"
+            )
+
+
+@dataclass
+class AdapterConfig:
+    """Which adapters the backbone carries and how they are sized.
+
+    Ranks and scales are per stage (the official code's `R`, `SHARED_SCALE`,
+    `R_PER_TASK`, `SCALE_PER_TASK`); a scale is a plain multiplier, not alpha/r.
+    """
+
+    kind: str = "mtlora"
+    shared_rank: tuple[int, ...] = (16,)
+    shared_scale: tuple[float, ...] = (4.0,)
+    task_rank: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    task_scale: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    shared_mode: str = "matrix"
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+    # MTL-LoRA (Yang et al. 2024): number of up-projections and the softmax temperature.
+    mtl_num_up: int = 3
+    mtl_temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ConfigError(f"unknown adapter kind '{self.kind}'; choose one of {', '.join(ADAPTER_KINDS)}")
+        if self.shared_mode not in SHARED_MODES:
+            raise ConfigError(f"unknown shared mode '{self.shared_mode}'; choose one of {', '.join(SHARED_MODES)}")
+        self.targets = tuple(self.targets)
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"unknown LoRA target(s) {bad}; supported: {', '.join(LORA_TARGETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.mtl_num_up <= 0 or self.mtl_temperature <= 0:
+            raise ConfigError("MTL-LoRA needs mtl_num_up > 0 and mtl_temperature > 0")
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.kind in ("mtlora", "mtlora+", "mtl-lora", "lora")
+
+    @property
+    def has_task_streams(self) -> bool:
+        return self.kind in ("mtlora", "mtlora+", "mtl-lora")
+
+    @property
+    def patch_merging_lora(self) -> bool:
+        return self.kind == "mtlora+"
+
+    @property
+    def task_adapter(self) -> str:
+        return "mtl-lora" if self.kind == "mtl-lora" else "lora"
+
+    def resolve(self, num_stages: int, tasks: tuple[str, ...]) -> None:
+        """Expand scalars to per-stage tuples and fill per-task values from the shared ones."""
+        self.shared_rank = _per_stage(self.shared_rank, num_stages, "shared_rank", int)
+        self.shared_scale = _per_stage(self.shared_scale, num_stages, "shared_scale", float)
+        unknown = sorted(set(self.task_rank) - set(tasks)) + sorted(set(self.task_scale) - set(tasks))
+        if unknown:
+            raise ConfigError(f"adapter settings name task(s) {sorted(set(unknown))} that the model does not have")
+        self.task_rank = {
+            t: _per_stage(self.task_rank.get(t, self.shared_rank), num_stages, f"task_rank[{t}]", int) for t in tasks
+        }
+        self.task_scale = {
+            t: _per_stage(self.task_scale.get(t, self.shared_scale), num_stages, f"task_scale[{t}]", float)
+            for t in tasks
+        }
+        if self.has_adapters:
+            ranks = list(self.shared_rank) + [r for t in tasks for r in self.task_rank[t]]
+            if any(r <= 0 for r in ranks):
+                raise ConfigError(f"LoRA ranks must be positive integers, got {ranks}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a multi-task model from its weights."""
+
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    tasks: tuple[str, ...] = ("semseg", "human_parts", "sal", "normals")
+    task_channels: dict[str, int] = field(default_factory=dict)
+    decoder_channels: tuple[int, ...] = (18, 36, 72, 144)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if isinstance(self.swin, dict):
+            self.swin = SwinConfig(**self.swin)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        self.tasks = tuple(self.tasks)
+        if not self.tasks:
+            raise ConfigError("a model needs at least one task")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"duplicate task names in {list(self.tasks)}")
+        if "shared" in self.tasks:
+            raise ConfigError("'shared' is reserved for the task-agnostic adapters; rename the task")
+        channels = {t: int(c) for t, c in self.task_channels.items()}
+        for task in self.tasks:
+            if task not in channels:
+                if task not in DEFAULT_TASK_CHANNELS:
+                    raise ConfigError(
+                        f"unknown task '{task}'; known tasks: {', '.join(DEFAULT_TASK_CHANNELS)} "
+                        "(or give its output channels explicitly)"
+                    )
+                channels[task] = DEFAULT_TASK_CHANNELS[task]
+        if any(c <= 0 for c in channels.values()):
+            raise ConfigError(f"task output channels must be positive, got {channels}")
+        self.task_channels = {t: channels[t] for t in self.tasks}
+        self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        if len(self.decoder_channels) != self.swin.num_stages:
+            raise ConfigError(
+                f"decoder_channels needs one value per stage ({self.swin.num_stages}), got {len(self.decoder_channels)}"
+            )
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if self.adapter.kind == "single-task" and len(self.tasks) != 1:
+            raise ConfigError(f"a single-task model has exactly one task, got {list(self.tasks)}")
+        self.adapter.resolve(self.swin.num_stages, self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("model config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        data = dict(data)
+        try:
+            if isinstance(data.get("swin"), dict):
+                data["swin"] = SwinConfig(**data["swin"])
+            if isinstance(data.get("adapter"), dict):
+                data["adapter"] = AdapterConfig(**data["adapter"])
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"invalid model config: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"model config is not valid JSON: {err}") from None

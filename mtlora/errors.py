@@ -1,0 +1,17 @@
+"""Errors the `mtlora` library raises for bad input; the CLI turns them into one line."""
+
+
+class MTLoRAError(Exception):
+    """Base class: a problem with what the user handed us, not a bug."""
+
+
+class ConfigError(MTLoRAError, ValueError):
+    """An invalid model, adapter or training configuration."""
+
+
+class CheckpointError(MTLoRAError):
+    """A checkpoint that is missing, corrupt, unsafe or does not fit the model."""
+
+
+class DataError(MTLoRAError):
+    """A data set, image or label file that cannot be used."""
