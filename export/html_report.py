@@ -1,0 +1,90 @@
+"""`report.html`: one self-contained page (images inlined) with the accuracy table and sample maps."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engines.runner import write_atomic
+from export.report import HEADER, engine_key, rows
+from export.visualize import denormalize, error_map, png_data_uri, render_label, render_output
+
+HTML_FILE = "report.html"
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .5rem;font-size:.85rem}
+th{background:#f3f3f3}.pass{color:#176b2c;font-weight:600}.fail{color:#b00020;font-weight:600}
+figure{display:inline-block;margin:.2rem .4rem;text-align:center}figcaption{font-size:.75rem;max-width:12rem}
+img{image-rendering:pixelated;border:1px solid #ddd}h3{margin-top:1.5rem}
+"""
+
+
+@dataclass
+class Sample:
+    """One evaluation image with everything the page shows for it."""
+
+    image: np.ndarray  # normalised (3, H, W)
+    reference: dict[str, np.ndarray]  # task -> (C, H, W)
+    engines: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # engine key -> task -> (C, H, W)
+    labels: dict[str, np.ndarray] | None = None
+
+
+def _figure(rgb: np.ndarray, caption: str, scale: int) -> str:
+    return (f'<figure><img src="{png_data_uri(rgb, scale)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(report: dict) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
+    body = []
+    for row in rows(report):
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in row[:-1])
+        verdict = row[-1]
+        css = "pass" if verdict == "PASS" else "fail"
+        body.append(f'<tr>{cells}<td class="{css}">{html.escape(verdict)}</td></tr>')
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def render_html(report: dict, samples: list[Sample], mean, std, curves_png: Path | None = None) -> str:
+    status = "passed" if report["passed"] else "FAILED"
+    css_status = "pass" if report["passed"] else "fail"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mtlora-export accuracy report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>Accuracy report: <span class='{css_status}'>{status}</span></h1>",
+        f"<p>Tasks: {html.escape(', '.join(report['model'].get('tasks', [])))}. Created {html.escape(report['created'])}.</p>",
+        _table(report),
+    ]
+    for engine in report["engines"]:
+        parts.append(f"<p>{html.escape(engine_key(engine['engine']))}: {engine['samples']} samples, "
+                     f"reference from {html.escape(engine['reference'])}, precision that ran: "
+                     f"{html.escape(str(engine['engine'].get('precision_executed', '?')))}</p>")
+    for index, sample in enumerate(samples):
+        size = sample.image.shape[-1]
+        scale = max(1, 160 // max(size, 1))
+        parts.append(f"<h2>Sample {index + 1}</h2>")
+        parts.append(_figure(denormalize(sample.image, mean, std), "input", scale))
+        for task, reference in sample.reference.items():
+            parts.append(f"<h3>{html.escape(task)}</h3><div>")
+            if sample.labels is not None and task in sample.labels:
+                parts.append(_figure(render_label(task, sample.labels[task]), "ground truth", scale))
+            parts.append(_figure(render_output(task, reference), "PyTorch", scale))
+            for key, outputs in sample.engines.items():
+                if task in outputs:
+                    parts.append(_figure(render_output(task, outputs[task]), key, scale))
+                    err, legend = error_map(task, outputs[task], reference)
+                    parts.append(_figure(err, f"{key} error: {legend}", scale))
+            parts.append("</div>")
+    if curves_png is not None and Path(curves_png).is_file():
+        data = base64.b64encode(Path(curves_png).read_bytes()).decode("ascii")
+        parts.append(f"<h2>Training curves</h2><img src='data:image/png;base64,{data}' alt='training curves' style='max-width:100%'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(report: dict, samples: list[Sample], out_dir: str | Path, mean, std, curves_png: Path | None = None) -> Path:
+    return write_atomic(Path(out_dir) / HTML_FILE, render_html(report, samples, mean, std, curves_png))
