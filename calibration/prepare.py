@@ -1,0 +1,233 @@
+"""The graph an engine is built from: calibration's half of "ONNX -> engine".
+
+Engines build from a graph that already has its precision: the fp32 ONNX, the fp16 graph
+(`calibration.fp16`), the Q/DQ int8 ONNX (`calibration.qdq`), or for OpenVINO int8 the NNCF-quantized
+IR (`calibration.nncf_quant`). `prepare_graph` makes that graph and checks it; an engine's `build`
+takes its path and never imports this package, so the dependency points calibration -> engines only::
+
+    prepared = prepare_graph("onnxruntime", "model.onnx", "work", "int8", calibration=calibration_set)
+    artifact = engines.onnxruntime.build(
+        prepared.path, "engines", precision=prepared.precision, metadata=prepared.metadata
+    )
+
+| backend            | fp32 | fp16                         | bf16 | int8                           |
+|--------------------|------|------------------------------|------|--------------------------------|
+| onnxruntime        | ONNX | fp16 graph                   | -    | Q/DQ ONNX                      |
+| tensorrt           | ONNX | fp16 graph (strongly typed)  | -    | Q/DQ ONNX                      |
+| openvino           | ONNX | ONNX (OpenVINO compresses)   | ONNX | NNCF IR (`.xml` + `.bin`)      |
+
+Prepared files go to ``<work_dir>/fp16/``, ``<work_dir>/qdq/`` or ``<work_dir>/nncf/`` under the source
+ONNX's own file name, so an engine built from one is named after the model, not after the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.cache import CalibrationCache
+from calibration.data import CalibrationSet, as_calibration_set
+from calibration.errors import CalibrationError
+from calibration.fp16 import KEPT_NODES_KEY, check_fp16_graph, to_fp16_graph
+from calibration.nncf_quant import quantize_openvino
+from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq
+from engines.registry import BACKENDS
+from engines.runner import load_onnx, sha256_file
+
+FP16_DIR, QDQ_DIR, NNCF_DIR = "fp16", "qdq", "nncf"
+
+
+@dataclass(frozen=True)
+class PreparedGraph:
+    """A graph ready for one backend's `build`: an ONNX, or for OpenVINO int8 an IR `.xml`.
+
+    `metadata` (source ONNX and its SHA-256, calibration fingerprint and method, excluded nodes...) is
+    meant for the engine's sidecar: pass it as `build(..., metadata=prepared.metadata)`.
+    """
+
+    path: Path
+    precision: str
+    backend: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def is_ir(self) -> bool:
+        return self.path.suffix == ".xml"
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Every file of the graph (an IR is its `.xml` and its `.bin`)."""
+        return (self.path, self.path.with_suffix(".bin")) if self.is_ir else (self.path,)
+
+
+def prepare_graph(
+    backend: str,
+    onnx_path: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    precision: str,
+    *,
+    calibration: CalibrationSet | Iterable[Mapping[str, np.ndarray]] | None = None,
+    qdq_onnx: str | os.PathLike | None = None,
+    keep_fp32: Sequence[str] = (),
+    keep_output_layers: bool = True,
+    calibration_method: str = "percentile",
+    cache: CalibrationCache | str | os.PathLike | None = None,
+    device: str = "CPU",
+) -> PreparedGraph:
+    """Make the `precision` graph of the fp32 `onnx_path` that `backend`'s `build` takes.
+
+    fp16 (onnxruntime, tensorrt): the fp16 graph, with sensitive ops, the per-task output layers
+    (`keep_output_layers`) and `keep_fp32` globs in fp32, checked with `check_fp16_graph`. int8
+    (onnxruntime, tensorrt): `qdq_onnx` when given (checked against the Q/DQ conventions), else a Q/DQ
+    graph calibrated on `calibration` with `calibration_method`. int8 (openvino): NNCF quantization on
+    `calibration` for `device`, saved as IR. fp32, and OpenVINO's fp16/bf16, are the ONNX itself.
+    `cache` (a CalibrationCache or its directory) reuses earlier int8 results for the same inputs.
+    """
+    if backend not in BACKENDS:
+        raise CalibrationError(
+            f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)} "
+            "(resolve 'auto' with engines.registry.choose_backend first)"
+        )
+    BACKENDS[backend].check_precision(precision)
+    if qdq_onnx is not None and (precision != "int8" or backend == "openvino"):
+        raise CalibrationError(
+            "qdq_onnx is the int8 graph of onnxruntime and tensorrt; "
+            f"{backend} {precision} does not take one"
+        )
+    onnx_path = Path(onnx_path)
+    load_onnx(onnx_path)  # a missing or unreadable ONNX fails here, whatever the precision
+    metadata: dict[str, Any] = {
+        "source_onnx": str(onnx_path),
+        "source_sha256": sha256_file(onnx_path),
+        "prepared_for": backend,
+    }
+    if precision == "fp32" or (backend == "openvino" and precision in ("fp16", "bf16")):
+        notes = () if precision == "fp32" else (f"OpenVINO converts the ONNX and runs it in {precision} itself",)
+        return PreparedGraph(onnx_path, precision, backend, metadata, notes)
+
+    if cache is not None and not isinstance(cache, CalibrationCache):
+        cache = CalibrationCache(cache)
+    if precision == "fp16":
+        path = _fp16_graph(onnx_path, Path(work_dir) / FP16_DIR, keep_fp32, keep_output_layers, metadata)
+    elif backend == "openvino":
+        path = _nncf_ir(onnx_path, Path(work_dir) / NNCF_DIR, calibration, keep_fp32, keep_output_layers, device, cache, metadata)
+    elif qdq_onnx is not None:
+        path = _given_qdq(Path(qdq_onnx), metadata)
+    else:
+        path = _qdq_graph(
+            onnx_path, Path(work_dir) / QDQ_DIR, calibration, keep_fp32, keep_output_layers, calibration_method, cache, metadata
+        )
+    metadata["prepared_sha256"] = sha256_file(path)
+    return PreparedGraph(path, precision, backend, metadata)
+
+
+def _fp16_graph(onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool, metadata: dict) -> Path:
+    out = _output_path(onnx_path, out_dir / onnx_path.name)
+    path = to_fp16_graph(onnx_path, out, keep_fp32=keep_fp32, keep_output_layers=keep_output_layers)
+    model = load_onnx(path)
+    problems = check_fp16_graph(model)
+    if problems:
+        raise CalibrationError(f"the fp16 graph of {onnx_path.name} is not right: {'; '.join(problems[:3])}")
+    metadata.update(
+        keep_fp32=list(keep_fp32),
+        keep_output_layers=keep_output_layers,
+        fp32_nodes=_recorded_list(model, KEPT_NODES_KEY),
+    )
+    return path
+
+
+def _given_qdq(qdq_onnx: Path, metadata: dict) -> Path:
+    model = load_onnx(qdq_onnx)
+    problems = check_qdq_conventions(model)
+    if problems:
+        raise CalibrationError(f"{qdq_onnx} is not a usable Q/DQ model: {'; '.join(problems[:3])}")
+    metadata.update(qdq_onnx=str(qdq_onnx), excluded_nodes=_recorded_list(model, EXCLUDED_NODES_KEY))
+    return qdq_onnx
+
+
+def _qdq_graph(
+    onnx_path: Path, out_dir: Path, calibration, keep_fp32, keep_output_layers: bool, method: str, cache, metadata: dict
+) -> Path:
+    if calibration is None:
+        raise CalibrationError("int8 needs calibration data (calibration=...) or a Q/DQ ONNX (qdq_onnx=...)")
+    calibration = as_calibration_set(calibration)
+    hits = cache.hits if cache is not None else 0
+    path = quantize_qdq(
+        onnx_path,
+        _output_path(onnx_path, out_dir / onnx_path.name),
+        calibration,
+        method=method,
+        keep_fp32=keep_fp32,
+        exclude_output_layers=keep_output_layers,
+        cache=cache,
+    )
+    metadata.update(
+        calibration_method=method,
+        calibration_fingerprint=calibration.fingerprint(),
+        calibration_samples=calibration.num_samples,
+        calibration_cache="off" if cache is None else ("hit" if cache.hits > hits else "miss"),
+        keep_fp32=list(keep_fp32),
+        excluded_nodes=_recorded_list(load_onnx(path), EXCLUDED_NODES_KEY),
+    )
+    return path
+
+
+def _nncf_ir(
+    onnx_path: Path, out_dir: Path, calibration, keep_fp32, keep_output_layers: bool, device: str, cache, metadata: dict
+) -> Path:
+    if calibration is None:
+        raise CalibrationError("int8 needs calibration data (calibration=CalibrationSet or a list of feed dicts)")
+    import openvino as ov
+
+    calibration = as_calibration_set(calibration)
+    model, info = quantize_openvino(
+        onnx_path,
+        calibration,
+        keep_fp32=keep_fp32,
+        exclude_output_layers=keep_output_layers,
+        target_device=device,
+        cache=cache,
+    )
+    xml = _output_path(onnx_path, out_dir / f"{onnx_path.stem}.xml")
+    _save_ir(ov, model, xml)
+    metadata.update(
+        nncf=info,
+        calibration_method="nncf",
+        calibration_fingerprint=calibration.fingerprint(),
+        calibration_samples=calibration.num_samples,
+        keep_fp32=list(keep_fp32),
+        prepared_bin_sha256=sha256_file(xml.with_suffix(".bin")),
+    )
+    return xml
+
+
+def _save_ir(ov, model, xml: Path) -> None:
+    """save_model into a temp dir beside the target, then move bin before xml into place."""
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ir-", dir=xml.parent) as tmp:
+        staged = Path(tmp) / xml.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        for suffix in (".bin", ".xml"):
+            part = staged.with_suffix(suffix)
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(part, xml.with_suffix(suffix))
+
+
+def _output_path(onnx_path: Path, out: Path) -> Path:
+    if out.resolve() == onnx_path.resolve():
+        raise CalibrationError(f"preparing {onnx_path} would overwrite it; choose a work_dir that does not hold it")
+    return out
+
+
+def _recorded_list(model, key: str) -> list[str]:
+    value = next((p.value for p in model.metadata_props if p.key == key), None)
+    return json.loads(value) if value else []

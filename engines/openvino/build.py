@@ -1,0 +1,193 @@
+"""Build OpenVINO engines: IR (xml + bin) from a prepared graph, compiled once and exported as a blob.
+
+The graph comes prepared (``calibration.prepare.prepare_graph('openvino', ...)``): the ONNX for fp32,
+fp16 and bf16 (fp16 compresses weights to fp16 here, on saving the IR), and the NNCF-quantized IR for
+int8. Every compile sets INFERENCE_PRECISION_HINT explicitly, and the artifact records the precision
+read back from the compiled model, so an "fp32" engine that a bf16-capable CPU would have run in bf16
+cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engines.errors import EngineError
+from engines.openvino.runner import (
+    CAPABILITY_OF,
+    HINTS,
+    _ov,
+    check_device,
+    compile_config,
+    device_capabilities,
+    device_name,
+    io_metadata,
+    openvino_version,
+    read_back_precision,
+    runtime_precisions,
+)
+from engines.registry import BACKENDS
+from engines.runner import EngineArtifact, load_onnx, onnx_io_metadata, sha256_file, write_atomic
+
+# What a quantized OpenVINO model holds: FakeQuantize/FakeConvert ops, or int8/uint8 weights
+# (NNCF's compressed form: an i8 Constant, a Convert and a scale Multiply).
+QUANTIZE_OP_TYPES = ("FakeQuantize", "FakeConvert")
+QUANTIZED_WEIGHT_TYPES = ("i8", "u8")
+QDQ_ONNX_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def build(
+    graph_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    device: str = "CPU",
+    name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    export_blob: bool = True,
+    performance_hint: str = "LATENCY",
+    num_threads: int | None = None,
+) -> EngineArtifact:
+    """Build `<output_dir>/<name>.<precision>.xml/.bin` (+ `.<device>.blob`) and the sidecar.
+
+    `graph_path` is an ONNX or an IR `.xml` that already has the precision: for int8 a quantized
+    model (``calibration.prepare.prepare_graph('openvino', ..., 'int8', calibration=...)`` makes the
+    NNCF IR). fp16/bf16 run in that precision only where the device supports it; elsewhere the
+    engine runs f32 and its notes say so (`precision_executed` is what the compiled model reports).
+    `metadata` (the prepared graph's) goes into the sidecar.
+    """
+    BACKENDS["openvino"].check_precision(precision)
+    ov = _ov()
+    core = ov.Core()
+    check_device(core, device)
+    full_name, capabilities = device_name(core, device), device_capabilities(core, device)
+    hint = HINTS[precision]
+    capability = CAPABILITY_OF.get(precision)
+    notes: list[str] = []
+    if precision in ("fp16", "bf16") and capability not in capabilities:
+        hint = "f32"
+        notes.append(
+            f"{device} ({full_name}) has no {capability} support: runs f32"
+            + (" with fp16-compressed weights" if precision == "fp16" else "")
+        )
+    config = compile_config(inference_precision=hint, performance_hint=performance_hint, num_threads=num_threads)
+
+    graph_path = Path(graph_path)
+    model, inputs, outputs = _read_graph(ov, core, graph_path, precision)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = name or graph_path.stem
+    xml = output_dir / f"{name}.{precision}.xml"
+    if xml.resolve() == graph_path.resolve():
+        raise EngineError(f"the engine {xml} would overwrite the graph it is built from; pick another output_dir or name")
+    graph_sha256 = sha256_file(graph_path)
+    # The prepared graph's metadata names the original ONNX; without it the graph is its own source.
+    metadata = {
+        "source_onnx": str(graph_path),
+        "source_sha256": graph_sha256,
+        **dict(metadata or {}),
+        "openvino_version": openvino_version(),
+        "device_name": full_name,
+        "capabilities": capabilities,
+        "built_from": str(graph_path),
+        "built_from_sha256": graph_sha256,
+    }
+    if graph_path.suffix == ".xml":
+        metadata["built_from_bin_sha256"] = sha256_file(graph_path.with_suffix(".bin"))
+
+    _save_ir(ov, model, xml, compress_to_fp16=precision == "fp16")
+    try:
+        compiled = core.compile_model(str(xml), device, config)
+    except Exception as exc:
+        raise EngineError(f"OpenVINO could not compile {xml.name} for {device}: {exc}") from exc
+
+    executed = read_back_precision(compiled)
+    runtime = runtime_precisions(compiled)
+    metadata.update(config=config, inference_precision=executed, runtime_precisions=runtime["counts"])
+    if precision == "int8":
+        metadata["int8_layers"] = runtime["int8_layers"]
+        if runtime["int8_layers"]:
+            executed = "int8"
+        else:
+            notes.append(f"no int8 kernel in the compiled graph on {device}: int8 is only simulated")
+    if executed != precision and precision != "int8" and not notes:
+        notes.append(f"asked for {precision}, {device} compiled it as {executed}")
+
+    extra = [xml.with_suffix(".bin")]
+    if export_blob:
+        blob = output_dir / f"{name}.{precision}.{device}.blob"
+        exported = compiled.export_model()  # bytes in older releases, io.BytesIO in newer ones
+        write_atomic(blob, exported.getvalue() if hasattr(exported, "getvalue") else bytes(exported))
+        extra.append(blob)
+    artifact = EngineArtifact(
+        backend="openvino",
+        path=xml,
+        precision_requested=precision,
+        precision_executed=executed,
+        device=device,
+        extra_paths=tuple(extra),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        metadata=metadata,
+        notes=tuple(notes),
+    )
+    artifact.save()
+    return artifact
+
+
+def _read_graph(ov, core, graph_path: Path, precision: str):
+    """(openvino.Model, inputs, outputs) of an ONNX or an IR `.xml`; an int8 build needs a quantized one."""
+    if graph_path.suffix == ".xml":
+        if not graph_path.is_file() or not graph_path.with_suffix(".bin").is_file():
+            raise EngineError(f"OpenVINO IR not found: {graph_path} (and its .bin); prepare it first or check the path")
+        try:
+            model = core.read_model(str(graph_path))
+        except Exception as exc:
+            raise EngineError(f"OpenVINO cannot read the IR {graph_path}: {exc}") from exc
+        if precision == "int8" and not is_quantized(model):
+            raise EngineError(_not_quantized(graph_path))
+        return model, io_metadata(model.inputs), io_metadata(model.outputs)
+    source = load_onnx(graph_path)
+    # Checked before converting (the slow part): OpenVINO turns Q/DQ pairs into FakeQuantize.
+    if precision == "int8" and not any(node.op_type in QDQ_ONNX_OPS for node in source.graph.node):
+        raise EngineError(_not_quantized(graph_path))
+    inputs, outputs = onnx_io_metadata(source)
+    try:
+        model = ov.convert_model(str(graph_path))
+    except Exception as exc:
+        raise EngineError(f"OpenVINO cannot convert {graph_path}: {exc}") from exc
+    return model, inputs, outputs
+
+
+def _not_quantized(graph_path: Path) -> str:
+    return (
+        f"{graph_path.name} has no FakeQuantize/FakeConvert op, int8 weights or Q/DQ pair: it is not a quantized "
+        "model; prepare it first with "
+        "calibration.prepare.prepare_graph('openvino', onnx_path, work_dir, 'int8', calibration=...)"
+    )
+
+
+def is_quantized(model) -> bool:
+    """Whether an openvino.Model holds quantization: FakeQuantize/FakeConvert ops or int8/uint8 weights."""
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind in QUANTIZE_OP_TYPES:
+            return True
+        if kind == "Constant" and op.get_output_element_type(0).get_type_name() in QUANTIZED_WEIGHT_TYPES:
+            return True
+    return False
+
+
+def _save_ir(ov, model, xml: Path, *, compress_to_fp16: bool) -> None:
+    """save_model into a temp dir beside the target, then move bin before xml into place."""
+    with tempfile.TemporaryDirectory(prefix=".ir-", dir=xml.parent) as tmp:
+        staged = Path(tmp) / xml.name
+        ov.save_model(model, str(staged), compress_to_fp16=compress_to_fp16)
+        for suffix in (".bin", ".xml"):
+            part = staged.with_suffix(suffix)
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(part, xml.with_suffix(suffix))
