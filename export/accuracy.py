@@ -184,6 +184,41 @@ class EngineCheck:
         }
 
 
+class EngineChecker:
+    """Accumulates one engine's outputs batch by batch; `finish` judges every task."""
+
+    def __init__(self, task_channels: Mapping[str, int], precision: str, tolerances: Tolerances | None = None):
+        self.precision = precision
+        self.tolerances = tolerances or Tolerances()
+        self.checks = {t: TaskCheck(t, c) for t, c in task_channels.items()}
+        self.samples = 0
+        self.labelled = False
+
+    def update(self, outputs: Mapping[str, np.ndarray], batch: EvalBatch) -> None:
+        for task, check in self.checks.items():
+            if task not in outputs:
+                from export.errors import ExportError
+
+                raise ExportError(f"the engine has no output '{task}'; it produces {sorted(outputs)}")
+            label = batch.labels.get(task) if batch.labels else None
+            self.labelled = self.labelled or label is not None
+            check.update(np.asarray(outputs[task]), batch.reference[task], label)
+        self.samples += batch.image.shape[0]
+
+    def finish(self, engine_info: dict | None = None, reference_source: str = "pytorch") -> EngineCheck:
+        if self.samples == 0:
+            from export.errors import ExportError
+
+            raise ExportError("the evaluation set is empty; give --eval-data with at least one image")
+        result = EngineCheck(engine=dict(engine_info or {}), samples=self.samples, labelled=self.labelled,
+                             reference_source=reference_source)
+        for task, check in self.checks.items():
+            measured = check.measurements()
+            tolerance = self.tolerances.for_task(self.precision, task)
+            result.tasks[task] = {**measured, "checks": _judge(measured, tolerance)}
+        return result
+
+
 def check_engine(
     infer,
     batches: Iterable[EvalBatch],
@@ -195,24 +230,7 @@ def check_engine(
     input_name: str = "image",
 ) -> EngineCheck:
     """Run `infer({input_name: batch}) -> {task: array}` over `batches` and judge every task."""
-    tolerances = tolerances or Tolerances()
-    checks = {t: TaskCheck(t, c) for t, c in task_channels.items()}
-    samples, labelled = 0, False
+    checker = EngineChecker(task_channels, precision, tolerances)
     for batch in batches:
-        outputs = infer({input_name: batch.image})
-        for task, check in checks.items():
-            label = batch.labels.get(task) if batch.labels else None
-            labelled = labelled or label is not None
-            check.update(np.asarray(outputs[task]), batch.reference[task], label)
-        samples += batch.image.shape[0]
-    if samples == 0:
-        from export.errors import ExportError
-
-        raise ExportError("the evaluation set is empty; give --eval-data with at least one image")
-    result = EngineCheck(engine=dict(engine_info or {}), samples=samples, labelled=labelled,
-                         reference_source=reference_source)
-    for task, check in checks.items():
-        measured = check.measurements()
-        tolerance = tolerances.for_task(precision, task)
-        result.tasks[task] = {**measured, "checks": _judge(measured, tolerance)}
-    return result
+        checker.update(infer({input_name: batch.image}), batch)
+    return checker.finish(engine_info, reference_source)

@@ -1,0 +1,283 @@
+"""Numpy transforms on sample dicts: training augmentation and the validation transform.
+
+Input samples are what the loaders return (`image` uint8 `(H, W, 3)`, labels
+in image layout, `meta`). Output samples are what the model and the losses
+take:
+
+    image        float32 (3, h, w)   via `preprocess` (identical to inference)
+    semseg       int64   (h, w)      255 = ignore
+    human_parts  int64   (h, w)      255 = ignore
+    sal, edge    float32 (1, h, w)   {0, 1}
+    normals      float32 (3, h, w)   unit vectors; ignored pixels are (0, 0, 0)
+    depth        float32 (1, h, w)   metres; 0 = no measurement
+
+Augmentation follows the official recipe (scale-lab/MTLoRA
+`data/custom_transforms.py`): random horizontal flip, random scale and
+rotation about the image centre, then a fixed resize to the model size.
+Class maps are resampled with nearest neighbour and the pixels that rotation
+brings in from outside the image are 255 (upstream fills them with class 0,
+which teaches "background" where there is no image); binary maps use nearest
+with 0 fill; the image and continuous maps are bilinear. Normals and depth
+are interpolated only from valid pixels, so a hole never bleeds into its
+neighbours.
+
+Normals live in the camera frame x right, y up, z towards the viewer: a
+flip negates x, and rotating the image counter-clockwise by an angle rotates
+the in-plane part (x, y) counter-clockwise by the same angle. Zooming in by a
+factor s divides depth by s (the scene looks s times closer).
+
+Randomness comes only from the `np.random.Generator` passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from mtlora.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from mtlora.errors import ConfigError
+
+IGNORE_INDEX = 255
+CLASS_MAPS = ("semseg", "human_parts")
+BINARY_MAPS = ("sal", "edge")
+_KNOWN_KEYS = {"image", "meta", "normals", "depth", *CLASS_MAPS, *BINARY_MAPS}
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random training augmentation.
+
+    `scale_choices`, when given, replaces the continuous `scale_range`
+    (NYUD draws from {1.0, 1.2, 1.5}). Angles are in degrees, positive is
+    counter-clockwise.
+    """
+
+    flip_probability: float = 0.5
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    rotation_range: tuple[float, float] = (-20.0, 20.0)
+    scale_choices: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.flip_probability <= 1.0:
+            raise ConfigError(f"flip_probability must be in [0, 1], got {self.flip_probability}")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ConfigError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
+        if self.rotation_range[0] > self.rotation_range[1]:
+            raise ConfigError(
+                f"rotation_range must be (low, high) with low <= high, got {self.rotation_range}"
+            )
+        if self.scale_choices is not None and (not self.scale_choices or min(self.scale_choices) <= 0):
+            raise ConfigError(f"scale_choices must be positive numbers, got {self.scale_choices}")
+
+
+PASCAL_AUGMENTATION = Augmentation()
+NYUD_AUGMENTATION = Augmentation(rotation_range=(0.0, 0.0), scale_choices=(1.0, 1.2, 1.5))
+NO_AUGMENTATION = Augmentation(flip_probability=0.0, scale_range=(1.0, 1.0), rotation_range=(0.0, 0.0))
+
+
+def _check_keys(sample: dict) -> None:
+    unknown = sorted(set(sample) - _KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"no transform for sample key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
+
+
+def hflip(sample: dict) -> dict:
+    """Mirror every map left-right; the normals' x component changes sign."""
+    out = {}
+    for key, value in sample.items():
+        if key == "meta":
+            out[key] = value
+            continue
+        flipped = np.ascontiguousarray(value[:, ::-1])
+        if key == "normals":
+            flipped[..., 0] = np.where(flipped[..., 0] != 0, -flipped[..., 0], 0.0)
+        out[key] = flipped
+    return out
+
+
+def _warp_plane(plane: np.ndarray, coefficients, resample, fill) -> np.ndarray:
+    image = Image.fromarray(plane)
+    warped = image.transform(
+        image.size, Image.Transform.AFFINE, coefficients, resample=resample, fillcolor=fill
+    )
+    return np.asarray(warped).copy()
+
+
+def _resize_plane(plane: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    height, width = size
+    if plane.shape[:2] == (height, width):
+        return plane.copy()
+    return np.asarray(Image.fromarray(plane).resize((width, height), resample)).copy()
+
+
+def _resample_masked(values: np.ndarray, valid: np.ndarray, resample_fn) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear resampling of `values` (H, W[, C]) that uses valid pixels only.
+
+    Returns the resampled values (0 where invalid) and the new validity,
+    which is the nearest-neighbour resampling of `valid`.
+    """
+    mask = valid.astype(np.float32)
+    weight = resample_fn(mask, Image.Resampling.BILINEAR, 0.0)
+    new_valid = resample_fn(valid.astype(np.uint8), Image.Resampling.NEAREST, 0) > 0
+    channels = values[..., None] if values.ndim == 2 else values
+    planes = []
+    for c in range(channels.shape[-1]):
+        plane = resample_fn((channels[..., c] * mask).astype(np.float32), Image.Resampling.BILINEAR, 0.0)
+        planes.append(np.divide(plane, weight, out=np.zeros_like(plane), where=weight > 1e-6))
+    out = np.stack(planes, axis=-1)
+    new_valid &= weight > 1e-6
+    out[~new_valid] = 0.0
+    return (out[..., 0] if values.ndim == 2 else out), new_valid
+
+
+def _unit_normals(normals: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    length = np.linalg.norm(normals, axis=-1, keepdims=True)
+    valid = valid & (length[..., 0] > 1e-6)
+    out = np.divide(normals, length, out=np.zeros_like(normals), where=valid[..., None])
+    return out.astype(np.float32)
+
+
+def _normals_valid(normals: np.ndarray) -> np.ndarray:
+    return np.any(normals != 0, axis=-1)
+
+
+def _depth_valid(depth: np.ndarray) -> np.ndarray:
+    return np.isfinite(depth) & (depth > 0)
+
+
+def _resample_sample(sample: dict, resample_fn) -> dict:
+    """Apply one geometric resampling (`resample_fn(plane, filter, fill)`) to every map of a sample."""
+    out = {}
+    for key, value in sample.items():
+        if key == "meta":
+            out[key] = value
+        elif key == "image":
+            out[key] = resample_fn(value, Image.Resampling.BILINEAR, (0, 0, 0))
+        elif key in CLASS_MAPS:
+            out[key] = resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, IGNORE_INDEX)
+        elif key in BINARY_MAPS:
+            out[key] = resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, 0)
+        elif key == "normals":
+            normals = value.astype(np.float32)
+            moved, valid = _resample_masked(normals, _normals_valid(normals), resample_fn)
+            out[key] = _unit_normals(moved, valid)
+        elif key == "depth":
+            depth = value.astype(np.float32)
+            valid = _depth_valid(depth)
+            moved, _ = _resample_masked(np.where(valid, depth, 0.0).astype(np.float32), valid, resample_fn)
+            out[key] = moved.astype(np.float32)
+    return out
+
+
+def scale_rotate(sample: dict, scale: float, angle: float) -> dict:
+    """Zoom by `scale` and rotate by `angle` degrees (counter-clockwise) about the image centre.
+
+    The output keeps the input size, as upstream's `ScaleNRotate` does.
+    """
+    if scale <= 0:
+        raise ConfigError(f"scale must be positive, got {scale}")
+    _check_keys(sample)
+    if scale == 1.0 and angle == 0.0:
+        return dict(sample)
+    height, width = sample["image"].shape[:2]
+    theta = math.radians(angle)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # Pillow maps each output pixel to an input position; this is the inverse of
+    # "rotate counter-clockwise on screen (y points down), then zoom".
+    a, b, d, e = cos / scale, -sin / scale, sin / scale, cos / scale
+    cx, cy = width / 2.0, height / 2.0
+    coefficients = (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
+
+    def warp(plane, resample, fill):
+        return _warp_plane(plane, coefficients, resample, fill)
+
+    rotated = dict(sample)
+    if "normals" in sample:
+        normals = sample["normals"].astype(np.float32).copy()
+        x, y = normals[..., 0].copy(), normals[..., 1].copy()
+        normals[..., 0] = cos * x - sin * y
+        normals[..., 1] = sin * x + cos * y
+        rotated["normals"] = normals
+    out = _resample_sample(rotated, warp)
+    if "depth" in out:
+        out["depth"] = (out["depth"] / scale).astype(np.float32)
+    return out
+
+
+def resize_sample(sample: dict, size: Sequence[int]) -> dict:
+    """Resize every map to `size = (h, w)` (aspect ratio not kept); the image stays uint8."""
+    _check_keys(sample)
+    target = (int(size[0]), int(size[1]))
+
+    def resize(plane, resample, fill):
+        return _resize_plane(plane, target, resample)
+
+    return _resample_sample(sample, resize)
+
+
+def to_model_layout(
+    sample: dict,
+    size: Sequence[int],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> dict:
+    """Resize to `size` and convert to the layouts in the module docstring.
+
+    The image goes through `preprocess` on its original pixels, so validation
+    inputs are bit-identical to what an engine receives.
+    """
+    _check_keys(sample)
+    labels = {key: value for key, value in sample.items() if key != "image"}
+    resized = resize_sample(labels, size) if labels.keys() - {"meta"} else labels
+    out = {"image": preprocess(sample["image"], size, mean, std)}
+    for key, value in resized.items():
+        if key == "meta":
+            out[key] = value
+        elif key in CLASS_MAPS:
+            out[key] = value.astype(np.int64)
+        elif key in BINARY_MAPS:
+            out[key] = (value > 0).astype(np.float32)[None]
+        elif key == "normals":
+            out[key] = np.ascontiguousarray(value.transpose(2, 0, 1), dtype=np.float32)
+        elif key == "depth":
+            out[key] = value.astype(np.float32)[None]
+    return out
+
+
+@dataclass(frozen=True)
+class ValTransform:
+    """Resize and normalise only: the evaluation (and inference) view of a sample."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, sample: dict) -> dict:
+        return to_model_layout(sample, self.size, self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Flip, scale and rotate at random, then `to_model_layout`."""
+
+    size: tuple[int, int]
+    augmentation: Augmentation = PASCAL_AUGMENTATION
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        aug = self.augmentation
+        if rng.random() < aug.flip_probability:
+            sample = hflip(sample)
+        if aug.scale_choices is not None:
+            scale = float(aug.scale_choices[int(rng.integers(len(aug.scale_choices)))])
+        else:
+            scale = float(rng.uniform(*aug.scale_range))
+        angle = float(rng.uniform(*aug.rotation_range))
+        sample = scale_rotate(sample, scale, angle)
+        return to_model_layout(sample, self.size, self.mean, self.std)
