@@ -130,8 +130,12 @@ def quantize_openvino(
             model = ov.Core().read_model(str(hit[MODEL_XML]))
             return model, {"cache": "hit", "key": key, **settings}
 
+    import logging
+
     import nncf
 
+    # NNCF logs every ignored node at INFO; our progress lines say what matters.
+    logging.getLogger("nncf").setLevel(logging.WARNING)
     model = ov.convert_model(str(onnx_path))
     scope = ignored_scope_for(
         model, keep_fp32=keep_fp32, ignored_types=ignored_types, exclude_output_layers=exclude_output_layers
