@@ -30,6 +30,8 @@ class EngineEntry:
     precision: str
     directory: Path
     files: dict[str, str] = field(default_factory=dict)  # role ("model", "backbone", "head_<task>") -> engine file
+    # What a caller needs to feed it: tasks, output channels, input size, mean, std.
+    model: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -43,14 +45,15 @@ class EngineEntry:
         from engines.runner import write_atomic
 
         write_atomic(self.directory / ENGINE_INDEX,
-                     json.dumps({"backend": self.backend, "precision": self.precision, "files": self.files},
+                     json.dumps({"backend": self.backend, "precision": self.precision, "files": self.files,
+                                 "model": self.model},
                                 indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def read(cls, directory: Path) -> EngineEntry:
         try:
             data = json.loads((directory / ENGINE_INDEX).read_text())
-            return cls(data["backend"], data["precision"], directory, dict(data["files"]))
+            return cls(data["backend"], data["precision"], directory, dict(data["files"]), dict(data.get("model", {})))
         except FileNotFoundError:
             raise ExportError(f"{directory}: no {ENGINE_INDEX}; this engine build did not finish, rebuild it") from None
         except (OSError, ValueError, KeyError) as err:

@@ -47,6 +47,7 @@ from export.tolerances import Tolerances
 
 EXPORT_DIR, GRAPHS_DIR, CACHE_DIR, BUILD_FILE, STEP_FILE = "export", "graphs", "calibration-cache", "build.json", ".step.json"
 ALL_PRECISIONS = ("fp32", "fp16", "int8")
+EVALSET_IMAGES, EVALSET_BYTES = 16, 64 << 20
 
 Say = Callable[[str], None]
 
@@ -225,8 +226,10 @@ def eval_batches(opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Pat
     kept_images, kept_refs, kept_labels = [], {t: [] for t in info.tasks}, {}
     for images, labels, _names in batched(samples, opts.batch_size):
         refs = reference(images)
-        # Keep a small labelled sample with its references for devices without PyTorch.
-        if sum(len(x) for x in kept_images) < 16:
+        # Keep a small labelled sample with its references for devices without PyTorch
+        # (16 images, fewer where the outputs are large: at 448x448 four tasks take 26 MB an image).
+        kept_bytes = sum(x.nbytes for x in kept_images) + sum(v.nbytes for vs in kept_refs.values() for v in vs)
+        if sum(len(x) for x in kept_images) < EVALSET_IMAGES and kept_bytes < EVALSET_BYTES:
             kept_images.append(images)
             for t in info.tasks:
                 kept_refs[t].append(refs[t])
@@ -245,7 +248,7 @@ def eval_batches(opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Pat
 def calibration_set(opts: BuildOptions, info: ModelInfo, say: Say):
     from calibration.data import CalibrationSet
 
-    spec_text = opts.calib_data or (opts.eval_data if opts.eval_data and not opts.eval_data.endswith(".npz") else None) or "synthetic"
+    spec_text = opts.calib_data or opts.eval_data or "synthetic"
     spec = parse_spec(spec_text)
     if spec.kind == "evalset":
         images, _, _ = read_evalset(spec.root)
@@ -293,6 +296,8 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ModelInf
     name = f"{backend}-{precision}"
     target = out / ENGINES_DIR / name
     graph_hashes = {role: sha256_file(export_dir / f) for role, f in info.graph_files.items()}
+    # From a bundle every int8 engine is built from the bundled Q/DQ graph, calibrated on the
+    # workstation: a device needs no calibration data (OpenVINO reads Q/DQ ONNX as FakeQuantize).
     calibration = calib() if precision == "int8" and bundle_graphs is None else None
     key = _digest("engine", backend, precision, graph_hashes, list(opts.keep_fp32), opts.calib_method,
                   calibration.fingerprint() if calibration is not None else None, str(bundle_graphs))
@@ -309,7 +314,9 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ModelInf
     work = out / GRAPHS_DIR / name
     work.mkdir(parents=True, exist_ok=True)
     build = get_backend(backend).build
-    entry = EngineEntry(backend, precision, target)
+    entry = EngineEntry(backend, precision, target, model={
+        "tasks": list(info.tasks), "output_channels": info.channels, "input_size": info.size,
+        "mean": list(info.mean), "std": list(info.std)})
     started = time.perf_counter()
     for role, file in info.graph_files.items():
         graph = export_dir / file
@@ -320,18 +327,22 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ModelInf
         if bundle_graphs is not None and precision == "int8":
             qdq = bundle_graphs / f"{Path(file).stem}.int8.qdq.onnx"
             if not qdq.is_file():
-                raise ExportError(f"the bundle has no Q/DQ graph {qdq.name}; rebuild the bundle with int8")
-        say(f"[{name}] preparing {file}" + (" (calibrating)" if role_calibration is not None else ""))
-        prepared = prepare_graph(backend, graph, work, precision, calibration=role_calibration, qdq_onnx=qdq,
-                                 keep_fp32=opts.keep_fp32, calibration_method=opts.calib_method,
-                                 cache=out / CACHE_DIR)
+                raise ExportError(f"the bundle has no Q/DQ graph {qdq.name}; build the bundle from an int8 build")
+        if qdq is not None and backend == "openvino":
+            prepared_path, prepared_meta = qdq, {"qdq_onnx": str(qdq), "quantized_by": "bundled Q/DQ graph"}
+        else:
+            say(f"[{name}] preparing {file}" + (" (calibrating)" if role_calibration is not None else ""))
+            prepared = prepare_graph(backend, graph, work, precision, calibration=role_calibration, qdq_onnx=qdq,
+                                     keep_fp32=opts.keep_fp32, calibration_method=opts.calib_method,
+                                     cache=out / CACHE_DIR)
+            prepared_path, prepared_meta = prepared.path, dict(prepared.metadata)
         say(f"[{name}] building engine for {file}")
-        kwargs = {"metadata": dict(prepared.metadata), "name": Path(file).stem}
+        kwargs = {"metadata": prepared_meta, "name": Path(file).stem}
         if opts.threads and backend == "onnxruntime":
             kwargs["intra_op_threads"] = opts.threads
         if opts.threads and backend == "openvino":
             kwargs["num_threads"] = opts.threads
-        artifact = build(prepared.path, staging, precision=precision, **kwargs)
+        artifact = build(prepared_path, staging, precision=precision, **kwargs)
         entry.files[role] = artifact.path.name
     entry.directory = staging
     entry.save()

@@ -59,9 +59,12 @@ DEFAULTS: dict[str, dict[str, Tolerance]] = {
         "human_parts": Tolerance(min_cosine=0.99, min_argmax_agreement=0.97, max_metric_drop=0.5),
         "normals": Tolerance(min_cosine=0.99, max_angle_deg=1.5, max_metric_drop=0.5),
     },
+    # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error
+    # <= 0.5 degrees worse); the cosine and angle floors only catch an engine that is broken outright,
+    # and are what remains when the evaluation set has no labels.
     "int8": {
-        "*": Tolerance(min_cosine=0.98, max_metric_drop=1.0),
-        "normals": Tolerance(min_cosine=0.98, max_angle_deg=3.0, max_metric_drop=0.5),
+        "*": Tolerance(min_cosine=0.95, max_metric_drop=1.0),
+        "normals": Tolerance(min_cosine=0.95, max_angle_deg=5.0, max_metric_drop=0.5),
     },
 }
 

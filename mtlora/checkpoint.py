@@ -55,6 +55,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def commit_directory(staging: Path, final: Path) -> None:
     """Move a fully written staging directory to its final name, replacing an old one."""
     final = Path(final)
+    # mkdtemp made the staging directory 0700; published results get the usual permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

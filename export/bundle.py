@@ -1,0 +1,157 @@
+"""Deployment bundles: everything a device needs to build and check its own engines, without PyTorch.
+
+    BUNDLE/
+      export/            fp32 ONNX graph(s), manifest.json, reference.npz
+      graphs/            <graph>.fp16.onnx and <graph>.int8.qdq.onnx (calibrated on the workstation)
+      calibration-cache/ the workstation's calibration results
+      evalset.npz        evaluation images with labels and their PyTorch references
+      README.md          the commands to run on the device
+      bundle.json        every file with its SHA-256
+
+TensorRT and ONNX Runtime on the device build int8 from the bundled Q/DQ
+graph, so a Jetson needs no calibration data; OpenVINO calibrates with NNCF
+on the bundled evaluation images.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+from engines.runner import sha256_file, write_atomic
+from export.datasources import EVALSET_FILE
+from export.errors import ExportError
+from export.manifest import read_manifest, verify_manifest
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "mtlora-export/bundle/1"
+
+README = """# mtlora-export deployment bundle
+
+Tasks: {tasks}. Input: {size}x{size} RGB, normalised with mean {mean} and std {std}.
+Built from: {source}.
+
+## On the device (Jetson: JetPack 6.x / 7.x with TensorRT from JetPack)
+
+```bash
+python3 -m venv --system-site-packages ~/mtlora-venv   # --system-site-packages sees JetPack's tensorrt
+~/mtlora-venv/bin/pip install 'mtlora-export[tensorrt]'  # no torch, no timm
+~/mtlora-venv/bin/mtlora-export build --from-bundle {name} --backend tensorrt --precision fp16 --out {name}-build
+~/mtlora-venv/bin/mtlora-export run {name}-build/engines/tensorrt-fp16 --image some.jpg --out prediction.npz
+```
+
+`build` writes the engine, then checks it against the PyTorch references stored
+in `evalset.npz` and `export/reference.npz`, task by task, and writes
+report.json, junit.xml, summary.md and report.html. It exits 1 if a check fails.
+
+On a CPU instead: `pip install 'mtlora-export[onnxruntime,openvino]'` and use
+`--backend onnxruntime` or `--backend openvino` with `--precision fp32|fp16|int8`.
+
+`mtlora-export check {name}-build` re-runs the checks; add `--baseline report.json`
+to fail on any regression against a stored report.
+"""
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+
+
+def _prepared_graphs(build_dir: Path, graph_files: dict[str, str], staging: Path, say) -> list[str]:
+    """Copy the fp16 and Q/DQ graphs the build made; make the fp16 ones if the build had none."""
+    from calibration.prepare import prepare_graph
+
+    written = []
+    for file in graph_files.values():
+        stem = Path(file).stem
+        fp16 = next(iter(sorted((build_dir / "graphs").glob(f"*-fp16/fp16/{file}"))), None)
+        if fp16 is None:
+            say(f"[bundle] making the fp16 graph of {file}")
+            fp16 = prepare_graph("onnxruntime", build_dir / "export" / file, staging / ".work", "fp16").path
+        _copy(fp16, staging / "graphs" / f"{stem}.fp16.onnx")
+        written.append(f"{stem}.fp16.onnx")
+        qdq = next(iter(sorted((build_dir / "graphs").glob(f"*-int8/qdq/{file}"))), None)
+        if qdq is not None:
+            _copy(qdq, staging / "graphs" / f"{stem}.int8.qdq.onnx")
+            written.append(f"{stem}.int8.qdq.onnx")
+    shutil.rmtree(staging / ".work", ignore_errors=True)
+    return written
+
+
+def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path]:
+    """Write BUNDLE/ and BUNDLE.tar.gz from a build directory; returns both paths."""
+    from mtlora.checkpoint import commit_directory, staging_dir
+
+    build_dir, out = Path(build_dir), Path(out)
+    export_dir = build_dir / "export"
+    if not (export_dir / "manifest.json").is_file():
+        raise ExportError(f"{build_dir}: not a build directory (no export/manifest.json); run 'mtlora-export build' first")
+    verify_manifest(export_dir)
+    evalset = build_dir / EVALSET_FILE
+    if not evalset.is_file():
+        raise ExportError(f"{build_dir}: has no {EVALSET_FILE}; re-run 'mtlora-export build' with PyTorch installed")
+    manifest = read_manifest(export_dir)
+    staging = staging_dir(out)
+    try:
+        say(f"[bundle] copying the export and evaluation set from {build_dir}")
+        shutil.copytree(export_dir, staging / "export", ignore=shutil.ignore_patterns(".step.json"))
+        _copy(evalset, staging / EVALSET_FILE)
+        graphs = _prepared_graphs(build_dir, manifest["graph_files"], staging, say)
+        if not any(g.endswith(".int8.qdq.onnx") for g in graphs):
+            say("[bundle] the build has no int8 engine: the bundle carries no Q/DQ graph "
+                "(build with --precision int8 first for TensorRT int8 on the device)")
+        if (build_dir / "calibration-cache").is_dir():
+            shutil.copytree(build_dir / "calibration-cache", staging / "calibration-cache")
+        info = manifest["input"]
+        source = manifest.get("source", {}).get("checkpoint", "?")
+        write_atomic(staging / "README.md", README.format(
+            tasks=", ".join(manifest["tasks"]), size=info["shape"][-1], mean=info["mean"], std=info["std"],
+            source=source, name=out.name))
+        files = {p.relative_to(staging).as_posix(): sha256_file(p)
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
+        write_atomic(staging / BUNDLE_FILE, json.dumps({"format": BUNDLE_FORMAT, "files": files,
+                                                        "tasks": manifest["tasks"], "graphs": graphs},
+                                                       indent=2, sort_keys=True) + "\n")
+        commit_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    archive = out.with_name(out.name + ".tar.gz")
+    partial = archive.with_name(f".{archive.name}.partial")
+    say(f"[bundle] writing {archive}")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    partial.replace(archive)
+    return out, archive
+
+
+def verify_bundle(bundle: Path) -> dict:
+    """Check every file against bundle.json; a modified, truncated or missing file is named."""
+    index = bundle / BUNDLE_FILE
+    try:
+        data = json.loads(index.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{bundle}: not a bundle (no {BUNDLE_FILE}); make one with 'mtlora-export bundle'") from None
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{index}: corrupt ({err})") from None
+    if data.get("format") != BUNDLE_FORMAT:
+        raise ExportError(f"{index}: not an mtlora-export bundle index")
+    for rel, digest in data["files"].items():
+        path = bundle / rel
+        if not path.is_file():
+            raise ExportError(f"{path}: listed in {BUNDLE_FILE} but missing; copy the bundle again")
+        if sha256_file(path) != digest:
+            raise ExportError(f"{path}: modified or truncated (SHA-256 differs from {BUNDLE_FILE}); copy the bundle again")
+    return data
+
+
+def open_bundle(bundle: Path, say) -> tuple[Path, Path, Path]:
+    """Verify a bundle; returns (export dir, graphs dir, evalset path)."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise ExportError(f"{bundle}: no such bundle directory (unpack the .tar.gz first)")
+    verify_bundle(bundle)
+    say(f"model: bundle {bundle} (all files verified)")
+    return bundle / "export", bundle / "graphs", bundle / EVALSET_FILE

@@ -1,0 +1,423 @@
+"""Export-time form of a merged MultiTaskSwin: what gets traced into ONNX.
+
+`ExportModel` takes over the modules of a merged model (pass it a copy) and
+rewrites the parts that matter for deployment:
+
+- Every Linear becomes a MatMul against a stored (in, out) weight, so each
+  ONNX initializer keeps a readable name instead of a folded transpose.
+- A task layer (proj / fc1 / fc2 of a stage's last block) becomes
+  `TaskAnchorLinear` on the shared stream plus one `TaskFactors` pair per task.
+  The anchor every task adds its low-rank term to is W x: W' x for `matrixv2`,
+  and W' x - s B A x for `matrix`, so no task holds a full-rank weight.
+- MTL-LoRA's task terms are folded into plain (down, up) factors; the
+  down-projection is shared, so A x is computed once for the attention
+  projection and in one MatMul over the stacked task streams for fc1 / fc2.
+- The decoder's BatchNorm is folded into its convolution.
+
+Initializer names follow one scheme that `export.cost` reads: task-specific
+tensors live under `task_branches.<task>.` and `heads.<task>.`, every
+low-rank factor has `lora_` in its name, everything else is shared.
+
+The same module traces three graphs (`role`): the whole model, the shared
+backbone of the split layout, or one task's head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from export.errors import ExportError
+from mtlora.adapters import SHARED, LoRALinear, MTLLoRALinear, TaskLoRALinear
+from mtlora.heads import FeatureDownsampler, HRNetHead
+from mtlora.model import TARGET_PATHS, MultiTaskSwin
+
+TASK_TARGETS = ("proj", "fc1", "fc2")
+
+
+def _frozen(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().float().contiguous().clone()
+
+
+class MatMulLinear(nn.Module):
+    """y = x @ W^T + b with W^T stored as (in, out): the initializer keeps its name in ONNX."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_t", _frozen(weight.t()))
+        self.register_buffer("bias", None if bias is None else _frozen(bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+class TaskAnchorLinear(nn.Module):
+    """A merged task layer on the shared stream: returns (shared output, task anchor).
+
+    The anchor is what every task adds its own low-rank term to. `matrix` mode
+    needs the frozen W x, recovered as W' x - s B A x with the sign and scale
+    folded into `lora_correction_up`; `matrixv2` uses W' x itself.
+    """
+
+    def __init__(self, layer: TaskLoRALinear):
+        super().__init__()
+        if not layer.merged:
+            raise ExportError("internal: task layers must be merged before folding")
+        self.linear = MatMulLinear(layer.base.weight, layer.base.bias)
+        if layer.shared_mode == "matrix":
+            self.register_buffer("lora_correction_down", _frozen(layer.lora_A[SHARED].t()))  # (in, r)
+            up = -layer.scaling[SHARED] * layer.lora_B[SHARED].float()
+            self.register_buffer("lora_correction_up", _frozen(up.t()))  # (r, out)
+        else:
+            self.register_buffer("lora_correction_down", None)
+            self.register_buffer("lora_correction_up", None)
+        # MTL-LoRA: the down-projection every task shares.
+        shared_down = layer.lora_mtl_A.t() if isinstance(layer, MTLLoRALinear) else None
+        self.register_buffer("lora_shared_down", None if shared_down is None else _frozen(shared_down))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self.linear(x)
+        if self.lora_correction_down is None:
+            return shared, shared
+        return shared, shared + torch.matmul(torch.matmul(x, self.lora_correction_down), self.lora_correction_up)
+
+
+class TaskFactors(nn.Module):
+    """One task's low-rank term up @ (down @ x), scale folded into `lora_up`.
+
+    Without its own down-projection (MTL-LoRA) the input is already A x.
+    """
+
+    def __init__(self, down: torch.Tensor | None, up: torch.Tensor):
+        super().__init__()
+        self.register_buffer("lora_down", None if down is None else _frozen(down.t()))  # (in, r)
+        self.register_buffer("lora_up", _frozen(up.t()))  # (r, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_down is not None:
+            x = torch.matmul(x, self.lora_down)
+        return torch.matmul(x, self.lora_up)
+
+
+class ExportSwinBlock(nn.Module):
+    """timm's SwinTransformerBlock (eval) at its fixed resolution.
+
+    The TorchScript tracer records every `x.shape` read as Shape/Gather ops; here
+    every reshape uses the static sizes and -1 for the batch, so the batch is the
+    only symbolic dimension and the graph has almost no shape arithmetic. The
+    relative position bias and the shift mask become named initializers.
+    """
+
+    def __init__(self, block: SwinTransformerBlock):
+        super().__init__()
+        attn = block.attn
+        self.resolution = tuple(block.input_resolution)
+        self.window_size = tuple(block.window_size)
+        self.shift_size = tuple(block.shift_size)
+        self.dim = block.dim
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.norm1, self.norm2 = block.norm1, block.norm2
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.mlp = block.mlp
+        with torch.no_grad():
+            self.register_buffer("rel_pos_bias", _frozen(attn._get_rel_pos_bias()))  # (1, heads, N, N)
+            mask = None if block.attn_mask is None else _frozen(block.attn_mask.unsqueeze(1))  # (nW, 1, N, N)
+        self.register_buffer("attn_mask", mask)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Shifted-window attention up to, not including, the output projection.
+
+        x: (B, H, W, C) after norm1 -> (B, H, W, C). The projection is per token, so it
+        can run after the window reverse (as `mtlora.model._attention_mix` does).
+        """
+        (H, W), (wh, ww), C = self.resolution, self.window_size, self.dim
+        nh, nw, N = H // wh, W // ww, wh * ww
+        heads = self.num_heads
+        if any(self.shift_size):
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        one_window = nh == 1 and nw == 1  # the window covers the grid: partition is a plain reshape
+        if one_window:
+            windows = x.reshape(-1, N, C)
+        else:
+            windows = x.reshape(-1, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, N, C)
+        qkv = self.qkv(windows).reshape(-1, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = (q * self.scale) @ k.transpose(-2, -1) + self.rel_pos_bias  # (B * nW, heads, N, N)
+        if self.attn_mask is not None:
+            scores = (scores.reshape(-1, nh * nw, heads, N, N) + self.attn_mask).reshape(-1, heads, N, N)
+        mixed = scores.softmax(dim=-1) @ v  # (B * nW, heads, N, C / heads)
+        # Heads back to channels; with one head that is a reshape, which is what the simplifier would make of it.
+        mixed = mixed.reshape(-1, N, C) if heads == 1 else mixed.transpose(1, 2)
+        if one_window:
+            mixed = mixed.reshape(-1, H, W, C)
+        else:
+            mixed = mixed.reshape(-1, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+        if any(self.shift_size):
+            mixed = torch.roll(mixed, shifts=self.shift_size, dims=(1, 2))
+        return mixed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.proj(self.mix(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class ExportPatchMerging(nn.Module):
+    """timm's PatchMerging at a fixed resolution: (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+
+    def __init__(self, merging: nn.Module, resolution: tuple[int, int], dim: int):
+        super().__init__()
+        self.resolution, self.dim = resolution, dim
+        self.norm, self.reduction = merging.norm, merging.reduction
+        out_dim = self.reduction.weight_t.shape[1]
+        self.out_shape = (resolution[0] // 2, resolution[1] // 2, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (H, W), C = self.resolution, self.dim
+        x = x.reshape(-1, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(-1, H // 2, W // 2, 4 * C)
+        return self.reduction(self.norm(x))
+
+
+class ExportStage(nn.Module):
+    """A stage's blocks and the patch merging that closes it (timm keeps it in the next stage)."""
+
+    def __init__(self, blocks: list[ExportSwinBlock], merging: ExportPatchMerging | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.merging = merging
+
+
+class ExportBackbone(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        embed = backbone.patch_embed
+        self.patch_embed = nn.ModuleDict({"proj": embed.proj, "norm": embed.norm})
+        stages = []
+        for s, stage in enumerate(backbone.layers):
+            blocks = [ExportSwinBlock(b) for b in stage.blocks]
+            merging = None
+            if s + 1 < len(backbone.layers):
+                first = blocks[0]
+                merging = ExportPatchMerging(backbone.layers[s + 1].downsample, first.resolution, first.dim)
+            stages.append(ExportStage(blocks, merging))
+        self.stages = nn.ModuleList(stages)
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, H, W) -> tokens (B, H/p, W/p, C)."""
+        return self.patch_embed["norm"](self.patch_embed["proj"](image).permute(0, 2, 3, 1))
+
+
+class TaskHead(nn.Module):
+    """A task's downsampler and HRNet decoder (BatchNorm folded), upsampled to the input size.
+
+    Upsampling uses the (integer) scale factors rather than target sizes, so the
+    Resize nodes need no shape arithmetic; for integer factors both give the same
+    sampling grid.
+    """
+
+    def __init__(self, downsampler: FeatureDownsampler, decoder: HRNetHead, resolutions: list[int],
+                 out_size: int):
+        super().__init__()
+        conv, bn, act, classifier = decoder.last_layer
+        self.downsampler = downsampler
+        self.decoder = nn.Sequential(fuse_conv_bn_eval(conv.eval(), bn.eval()), act, classifier)
+        if any(resolutions[0] % r for r in resolutions) or out_size % resolutions[0]:
+            raise ExportError(f"internal: feature resolutions {resolutions} are not integer multiples")
+        self.feature_scales = [float(resolutions[0] // r) for r in resolutions[1:]]
+        self.out_scale = float(out_size // resolutions[0])
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        maps = self.downsampler(features)
+        up = [maps[0]] + [
+            F.interpolate(m, scale_factor=scale, mode="bilinear", align_corners=False)
+            for m, scale in zip(maps[1:], self.feature_scales, strict=True)
+        ]
+        out = self.decoder(torch.cat(up, dim=1))
+        return F.interpolate(out, scale_factor=self.out_scale, mode="bilinear", align_corners=False)
+
+
+def _swap_linears(module: nn.Module) -> None:
+    """Replace every remaining (merged) LoRALinear and nn.Linear with a MatMulLinear."""
+    for name, child in module.named_children():
+        if isinstance(child, TaskLoRALinear):
+            raise ExportError(f"internal: task layer '{name}' was not folded")
+        if isinstance(child, LoRALinear):
+            if not child.merged:
+                raise ExportError("internal: adapters must be merged before folding")
+            setattr(module, name, MatMulLinear(child.base.weight, child.base.bias))
+        elif type(child) is nn.Linear:
+            setattr(module, name, MatMulLinear(child.weight, child.bias))
+        else:
+            _swap_linears(child)
+
+
+class ExportModel(nn.Module):
+    """The traceable form of a merged model, for the given tasks (in config order).
+
+    Args:
+        model: a merged MultiTaskSwin in eval mode; its modules are taken over.
+        tasks: the tasks whose branches and heads to keep.
+    """
+
+    def __init__(self, model: MultiTaskSwin, tasks: Sequence[str]):
+        super().__init__()
+        config = model.config
+        self.tasks = tuple(tasks)
+        self.num_stages = config.swin.num_stages
+        self.has_task_streams = model.has_task_streams
+        self.shared_down = self.has_task_streams and config.adapter.task_adapter == "mtl-lora"
+        self.role: tuple[str, str | None] = ("model", None)
+        branches: dict[str, nn.ModuleList] = {t: nn.ModuleList() for t in self.tasks}
+        if self.has_task_streams:
+            for stage in model.backbone.layers:
+                last = stage.blocks[-1]
+                per_task = {t: nn.ModuleDict() for t in self.tasks}
+                for target in TASK_TARGETS:
+                    owner_name, child = TARGET_PATHS[target]
+                    owner = getattr(last, owner_name)
+                    layer = getattr(owner, child)
+                    for t in self.tasks:
+                        down, up = layer.folded_task_factors(t)
+                        per_task[t][target] = TaskFactors(None if self.shared_down else down, up)
+                    setattr(owner, child, TaskAnchorLinear(layer))
+                for t in self.tasks:
+                    branches[t].append(per_task[t])
+        _swap_linears(model.backbone)
+        self.backbone = ExportBackbone(model.backbone)
+        self.task_branches = nn.ModuleDict(branches if self.has_task_streams else {})
+        resolutions = config.swin.feature_resolutions()
+        self.heads = nn.ModuleDict({
+            t: TaskHead(model.downsamplers[t], model.decoders[t], resolutions, config.swin.img_size)
+            for t in self.tasks
+        })
+        self.eval()
+
+    def backbone_output_names(self) -> list[str]:
+        """Names of what the split layout's backbone computes once for every head, in output order."""
+        names = []
+        for s in range(self.num_stages):
+            if self.has_task_streams:
+                attn_input = "attn_down" if self.shared_down else "attn_mix"
+                names += [f"stage{s}_{k}" for k in ("attn_anchor", attn_input, "fc1_anchor", "fc2_anchor")]
+            else:
+                names.append(f"stage{s}_feature")
+        return names
+
+    # ------------------------------------------------------------------ pieces
+
+    def shared_stage(self, s: int, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage `s` on the shared stream: x (B, H, W, C) -> the shared output (before patch
+        merging) and, with task streams, what the task branches need from the last block:
+        [x + proj anchor, proj input (or A x for MTL-LoRA), fc1 anchor, fc2 anchor]."""
+        blocks = self.backbone.stages[s].blocks
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        if not self.has_task_streams:
+            return last(x), []
+        mlp = last.mlp
+        mixed = last.mix(last.norm1(x))  # (B, H, W, C)
+        proj_shared, proj_anchor = last.proj(mixed)
+        x_attn = x + proj_shared
+        hidden_shared, fc1_anchor = mlp.fc1(last.norm2(x_attn))
+        out_shared, fc2_anchor = mlp.fc2(mlp.norm(mlp.act(hidden_shared)))
+        shared_down = last.proj.lora_shared_down
+        # MTL-LoRA: every task reads the same attention output, so A x is computed once, here.
+        attn_input = mixed if shared_down is None else torch.matmul(mixed, shared_down)
+        return x_attn + out_shared, [x + proj_anchor, attn_input, fc1_anchor, fc2_anchor]
+
+    def _task_terms(self, layer: TaskAnchorLinear, s: int, target: str,
+                    inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tasks = list(inputs)
+        factors = {t: self.task_branches[t][s][target] for t in tasks}
+        if layer.lora_shared_down is None:
+            return {t: factors[t](inputs[t]) for t in tasks}
+        # MTL-LoRA: the task streams differ but A is shared: one MatMul over the stacked streams.
+        if len(tasks) == 1:
+            down = [torch.matmul(inputs[tasks[0]], layer.lora_shared_down)]
+        else:
+            stacked = torch.matmul(torch.stack([inputs[t] for t in tasks]), layer.lora_shared_down)
+            down = [stacked[i] for i in range(len(tasks))]
+        return {t: factors[t](d) for t, d in zip(tasks, down, strict=True)}
+
+    def task_stage(self, s: int, anchors: Sequence[torch.Tensor], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The task streams (B, H, W, C) of stage `s` (before patch merging), from the shared anchors."""
+        attn_anchor, attn_input, fc1_anchor, fc2_anchor = anchors
+        last = self.backbone.stages[s].blocks[-1]
+        mlp = last.mlp
+        attn = {t: attn_anchor + self.task_branches[t][s]["proj"](attn_input) for t in tasks}
+        fc1_terms = self._task_terms(mlp.fc1, s, "fc1", {t: last.norm2(attn[t]) for t in tasks})
+        hidden = {t: mlp.norm(mlp.act(fc1_anchor + fc1_terms[t])) for t in tasks}
+        fc2_terms = self._task_terms(mlp.fc2, s, "fc2", hidden)
+        return {t: attn[t] + (fc2_anchor + fc2_terms[t]) for t in tasks}
+
+    def merge_streams(self, s: int, streams: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Patch merging after stage `s`, one call for all streams stacked on the batch axis."""
+        merging = self.backbone.stages[s].merging
+        if len(streams) == 1:
+            return [merging(streams[0])]
+        merged = merging(torch.stack(streams).flatten(0, 1))  # (K * B, H/2, W/2, 2C)
+        # reshape and indexing, not unflatten / unbind: the tracer bakes the batch size into those.
+        merged = merged.reshape(len(streams), -1, *merging.out_shape)
+        return [merged[i] for i in range(len(streams))]
+
+    # ------------------------------------------------------------------ the three graphs
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        role, task = self.role
+        if role == "backbone":
+            return self.forward_backbone(*inputs)
+        if role == "head":
+            return (self.forward_head(task, *inputs),)
+        return self.forward_model(*inputs)
+
+    def forward_model(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """image (B, 3, H, W) -> one (B, C_task, H, W) output per task."""
+        x = self.backbone.embed(image)
+        features: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
+        for s in range(self.num_stages):
+            x, anchors = self.shared_stage(s, x)
+            last_stage = s == self.num_stages - 1
+            if self.has_task_streams:
+                streams = self.task_stage(s, anchors, self.tasks)
+                if not last_stage:
+                    # The shared stream goes on into the next stage; each task stream becomes a feature.
+                    x, *merged = self.merge_streams(s, [x] + [streams[t] for t in self.tasks])
+                    streams = dict(zip(self.tasks, merged, strict=True))
+                for t in self.tasks:
+                    features[t].append(streams[t])
+            else:
+                if not last_stage:
+                    x = self.backbone.stages[s].merging(x)
+                for t in self.tasks:
+                    features[t].append(x)
+        return tuple(self.heads[t](features[t]) for t in self.tasks)
+
+    def forward_backbone(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """image -> the tensors named by `backbone_output_names`, all NHWC."""
+        x = self.backbone.embed(image)
+        outputs: list[torch.Tensor] = []
+        for s in range(self.num_stages):
+            x, anchors = self.shared_stage(s, x)
+            if s < self.num_stages - 1:
+                x = self.backbone.stages[s].merging(x)
+            outputs += anchors if self.has_task_streams else [x]
+        return tuple(outputs)
+
+    def forward_head(self, task: str, *backbone_outputs: torch.Tensor) -> torch.Tensor:
+        """The backbone outputs -> this task's map (B, C_task, H, W)."""
+        if not self.has_task_streams:
+            return self.heads[task](list(backbone_outputs))
+        features = []
+        for s in range(self.num_stages):
+            stream = self.task_stage(s, backbone_outputs[4 * s: 4 * s + 4], (task,))[task]
+            if s < self.num_stages - 1:
+                (stream,) = self.merge_streams(s, [stream])
+            features.append(stream)
+        return self.heads[task](features)

@@ -1,0 +1,91 @@
+"""Merge the task-agnostic adapters into the frozen weights, and undo it.
+
+After `merge_model` every LoRALinear (plain LoRA, MTLoRA+'s patch-merging
+LoRA, and the shared part of the task layers) computes y = W' x + b with
+W' = W + s B A. Task-specific branches stay low-rank: `TaskLoRALinear`
+recovers W x for a task as W' x - s B A x, so no task needs its own copy of
+a full-rank weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from export.errors import ExportError
+from mtlora.adapters import SHARED, MTLLoRALinear, TaskLoRALinear, adapter_layers
+
+
+def is_merged(model: nn.Module) -> bool:
+    return bool(getattr(model, "merged", False)) or any(layer.merged for _, layer in adapter_layers(model))
+
+
+@torch.no_grad()
+def merge_model(model: nn.Module, safe: bool = True) -> nn.Module:
+    """Fold every task-agnostic adapter into its frozen weight, in place; returns `model`.
+
+    With `safe`, every merged weight is computed in fp32 and checked to be finite
+    before any weight is written, so a failure leaves the model untouched.
+    """
+    if is_merged(model):
+        raise ExportError("adapters are already merged; merge the original (unmerged) checkpoint")
+    layers = adapter_layers(model)
+    if safe:
+        for name, layer in layers:
+            merged = layer.base.weight.float() + layer.delta_weight(SHARED)
+            if not torch.isfinite(merged).all():
+                raise ExportError(f"merging '{name}' would produce NaN or Inf weights; its adapter or base weight is not finite")
+    for _, layer in layers:
+        layer.merge(safe=False)
+    model.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge_model(model: nn.Module) -> nn.Module:
+    """Subtract the task-agnostic updates again (exact up to fp32 rounding); returns `model`."""
+    layers = adapter_layers(model)
+    if not is_merged(model):
+        raise ExportError("adapters are not merged; nothing to unmerge")
+    for _, layer in layers:
+        if layer.merged:
+            layer.unmerge()
+    model.merged = False
+    return model
+
+
+def _count(tensors) -> tuple[int, int]:
+    tensors = list(tensors)
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def parameter_report(model: nn.Module) -> dict[str, Any]:
+    """Parameters and bytes the model needs at inference, before and after merging.
+
+    After merging the shared LoRA factors disappear into W', except where a
+    `matrix` task layer still needs them for its low-rank correction; MTL-LoRA's
+    up-projections, mixing weights and transforms fold into one (out, r) up
+    factor per task.
+    """
+    before_params, before_bytes = _count(model.parameters())
+    after_params, after_bytes = before_params, before_bytes
+    layers = adapter_layers(model)
+    for _, layer in layers:
+        dropped = []
+        if not (isinstance(layer, TaskLoRALinear) and layer.shared_mode == "matrix"):
+            dropped += [layer.lora_A[SHARED], layer.lora_B[SHARED]]
+        if isinstance(layer, MTLLoRALinear):
+            dropped += [layer.lora_mtl_B, *layer.lora_mtl_transform.values(), *layer.lora_mtl_mix.values()]
+            folded_up = layer.lora_mtl_B[0]  # one (out, r) factor per task
+            after_params += len(layer.tasks) * folded_up.numel()
+            after_bytes += len(layer.tasks) * folded_up.numel() * folded_up.element_size()
+        params, nbytes = _count(dropped)
+        after_params -= params
+        after_bytes -= nbytes
+    return {
+        "adapter_layers": len(layers),
+        "before": {"params": before_params, "bytes": before_bytes},
+        "after": {"params": after_params, "bytes": after_bytes},
+    }
