@@ -82,7 +82,7 @@ def _prepared_graphs(build_dir: Path, graph_files: dict[str, str], staging: Path
 
 def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path]:
     """Write BUNDLE/ and BUNDLE.tar.gz from a build directory; returns both paths."""
-    from mtlora.checkpoint import commit_directory, staging_dir
+    from mtlora.fileio import commit_directory, staging_dir
 
     build_dir, out = Path(build_dir), Path(out)
     export_dir = build_dir / "export"

@@ -300,7 +300,7 @@ def export_checkpoint(
     from export.manifest import checkpoint_sha256, publish_mode, write_manifest
     from export.merge import unmerge_model
     from export.reference import REFERENCE_FILE, write_reference
-    from mtlora.checkpoint import commit_directory, staging_dir
+    from mtlora.fileio import commit_directory, staging_dir
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not out.is_dir():

@@ -117,7 +117,7 @@ def _fresh_dir(directory: Path) -> Path:
 
 
 def _publish(staging: Path, directory: Path) -> None:
-    from mtlora.checkpoint import commit_directory
+    from mtlora.fileio import commit_directory
 
     commit_directory(staging, directory)
 

@@ -1,0 +1,69 @@
+"""`make demo`: the whole product in one command, on the embedded default model.
+
+Reuses (or trains) the small default model, builds fp32, fp16 and int8 engines
+for OpenVINO and ONNX Runtime, checks each against PyTorch, benchmarks them and
+says where the report is. Re-running reuses every finished step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from export.sources import DEFAULT_MODEL
+
+DEMO_DIR = Path("build") / "demo"
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def ensure_default_model() -> Path:
+    if (DEFAULT_MODEL / "model.safetensors").is_file():
+        _say(f"[demo] default model: {DEFAULT_MODEL} (reused; 'make default-model' re-trains it)")
+        return DEFAULT_MODEL
+    _say("[demo] the default model is missing: training it on the synthetic data set (a few minutes)")
+    from click.testing import CliRunner
+
+    from mtlora.cli import main as mtlora_cli
+
+    result = CliRunner(mix_stderr=False).invoke(mtlora_cli, ["train", "--data", "synthetic", "--preset", "default",
+                                                             "--out", str(DEFAULT_MODEL)])
+    if result.exit_code != 0:
+        raise SystemExit(f"training the default model failed: {result.output or result.exception}")
+    return DEFAULT_MODEL
+
+
+def main() -> int:
+    from engines.registry import BACKENDS
+    from export.pipeline import BuildOptions, run_build
+    from export.report import format_table
+
+    started = time.perf_counter()
+    checkpoint = ensure_default_model()
+    backends = tuple(name for name in ("openvino", "onnxruntime") if BACKENDS[name].available()[0])
+    options = BuildOptions(checkpoint=str(checkpoint), backends=backends, precisions=("fp32", "fp16", "int8"),
+                           calib_samples=128, eval_samples=64, out=str(DEMO_DIR))
+    outcome = run_build(options, _say)
+    click.echo(format_table(outcome.report))
+    try:
+        from export.bench import bench_build
+    except ImportError:
+        bench_build = None
+    if bench_build is not None:
+        _say("[demo] benchmarking every engine (batch 1)")
+        bench = bench_build(DEMO_DIR, batch_sizes=(1,), say=_say, quick=True)
+        click.echo(bench["table"])
+    minutes = (time.perf_counter() - started) / 60
+    status = "all checks passed" if outcome.passed else "SOME CHECKS FAILED"
+    click.echo(f"\n[demo] {status} in {minutes:.1f} min. Open {DEMO_DIR.resolve() / 'report.html'} in a browser;"
+               f" machine-readable results: {DEMO_DIR / 'report.json'}, {DEMO_DIR / 'junit.xml'}")
+    return 0 if outcome.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
