@@ -171,18 +171,17 @@ def quantize_qdq(
 
 
 def _preprocess(onnx_path: Path, tmp: Path) -> Path:
-    """ORT's quantization pre-processing: shape inference (symbolic, then ONNX) and graph cleanup."""
+    """ORT's quantization pre-processing: ONNX shape inference and graph cleanup."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = tmp / "prepared.onnx"
+    # Our exported graphs have static shapes except the batch, so ONNX's own shape inference is
+    # enough. ORT's symbolic pass would cost seconds (sympy) and, when it gives up, leaves
+    # sym_shape_infer_temp.onnx and its external data in the working directory.
     try:
-        quant_pre_process(str(onnx_path), str(prepared))
-    except Exception:
-        # Symbolic shape inference gives up on some exported graphs; ONNX's own inference still helps.
-        try:
-            quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:
-            raise CalibrationError(f"quantization pre-processing of {onnx_path} failed: {exc}") from exc
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    except Exception as exc:
+        raise CalibrationError(f"quantization pre-processing of {onnx_path} failed: {exc}") from exc
     return prepared
 
 
