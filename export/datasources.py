@@ -154,8 +154,9 @@ EVALSET_FILE = "evalset.npz"
 def write_evalset(path: Path, images: np.ndarray, references: Mapping[str, np.ndarray],
                   labels: Mapping[str, np.ndarray]) -> None:
     """A small evaluation sample for devices without PyTorch: inputs, references and labels."""
-    from engines.runner import write_atomic
     import io
+
+    from engines.runner import write_atomic
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, input=images, **{f"ref_{t}": v for t, v in references.items()},

@@ -101,7 +101,7 @@ class SplitRunner:
         start = time.perf_counter()
         shared = self.backbone.infer(feed)
         outputs = {}
-        for task, head in self.heads.items():
+        for head in self.heads.values():
             outputs.update(head.infer({name: shared[name] for name in head.input_names}))
         self.timings.append(time.perf_counter() - start)
         return outputs

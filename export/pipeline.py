@@ -272,7 +272,7 @@ def _head_calibration(backbone_onnx: Path, calibration, head_inputs: list[str]):
     names = [o.name for o in session.get_outputs()]
     feeds = []
     for feed in calibration:
-        outputs = dict(zip(names, session.run(None, feed)))
+        outputs = dict(zip(names, session.run(None, feed), strict=True))
         feeds.append({n: outputs[n].astype(np.float32) for n in head_inputs})
     return CalibrationSet.from_feeds(feeds)
 

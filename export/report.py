@@ -77,7 +77,7 @@ HEADER = ["backend", "precision (asked/ran)", "task", "max abs", "cosine", "agre
 def format_table(report: dict) -> str:
     table = [HEADER] + rows(report)
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ def _format_info(config, counts) -> str:
         f"adapter       {adapter.kind}"
         + (f" (shared rank {list(adapter.shared_rank)}, scale {list(adapter.shared_scale)}, "
            f"mode {adapter.shared_mode})" if adapter.has_adapters else ""),
-        f"tasks         " + ", ".join(f"{t} ({config.task_channels[t]})" for t in config.tasks),
+        "tasks         " + ", ".join(f"{t} ({config.task_channels[t]})" for t in config.tasks),
         "",
         f"parameters    total {counts.total:>12,}",
         f"              trainable {counts.trainable:>8,}  ({counts.trainable / 1e6:.3f}M, "
@@ -97,7 +97,7 @@ def import_upstream_cmd(checkpoint: str, out: str) -> None:
     click.echo(f"imported {checkpoint} -> {out} ({model.config.adapter.kind}, tasks {', '.join(model.tasks)})")
 
 
-def _read_inputs(inputs: tuple[str, ...], config) -> "numpy.ndarray":  # noqa: F821
+def _read_inputs(inputs: tuple[str, ...], config) -> numpy.ndarray:  # noqa: F821
     import numpy as np
 
     from mtlora.data.preprocess import load_image, preprocess

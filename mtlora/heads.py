@@ -17,11 +17,11 @@ class FeatureDownsampler(nn.Module):
 
     def __init__(self, dims: list[int], channels: list[int]):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(d, c, 1, bias=False) for d, c in zip(dims, channels))
+        self.convs = nn.ModuleList(nn.Conv2d(d, c, 1, bias=False) for d, c in zip(dims, channels, strict=True))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """features: NHWC tensors (B, h_i, w_i, dims[i]); returns NCHW (B, channels[i], h_i, w_i)."""
-        return [conv(f.permute(0, 3, 1, 2)) for conv, f in zip(self.convs, features)]
+        return [conv(f.permute(0, 3, 1, 2)) for conv, f in zip(self.convs, features, strict=True)]
 
 
 class HRNetHead(nn.Module):

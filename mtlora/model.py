@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    window_partition,
+    window_reverse,
+)
 from torch import nn
 
 from mtlora.adapters import LoRALinear, MTLLoRALinear, TaskLoRALinear, check_adaptable, is_adapter_parameter
@@ -189,7 +194,7 @@ class MultiTaskSwin(nn.Module):
                     # One merging call for the shared and every task stream, stacked on the batch axis.
                     merged = merging(torch.cat([x] + [task_streams[t] for t in self.tasks], dim=0))
                     x, *streams = merged.chunk(len(self.tasks) + 1, dim=0)
-                    task_streams = dict(zip(self.tasks, streams))
+                    task_streams = dict(zip(self.tasks, streams, strict=True))
             for t in self.tasks:
                 features[t].append(x if task_streams is None else task_streams[t])
         return features
@@ -203,7 +208,7 @@ class MultiTaskSwin(nn.Module):
         return tuple(self.decode(t, features[t]) for t in self.tasks)
 
     def predict(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.tasks, self.forward(image)))
+        return dict(zip(self.tasks, self.forward(image), strict=True))
 
 
 def _backbone_trainable(name: str, kind: str) -> bool:

@@ -96,7 +96,7 @@ def test_every_adapter_kind_builds_and_runs(kind):
     with torch.no_grad():
         outputs = model(torch.randn(2, 3, 64, 64))
     assert len(outputs) == len(model.tasks)
-    for task, out in zip(model.tasks, outputs):
+    for task, out in zip(model.tasks, outputs, strict=True):
         assert out.shape == (2, model.config.task_channels[task], 64, 64)
         assert torch.isfinite(out).all()
 

@@ -1,0 +1,434 @@
+"""`python -m export.bench_docs` (`make bench`): regenerate docs/benchmarks.md on this machine.
+
+The model is an MTLoRA Swin-T at 448x448 with four tasks (semseg, human_parts,
+sal, normals), shared rank 64, task rank 4, scale 4. There is no model hub to
+fetch a trained one from, so it is randomly initialised: every weight nonzero
+and every adapter random, so that every LoRA branch contributes. Latency does
+not depend on the weights' values; the accuracy columns only compare each
+engine with the PyTorch model.
+
+What it does, in `build/bench-docs/` (steps are reused when their inputs are unchanged):
+
+1. writes the MTLoRA checkpoint and the same network without adapters (kind 'full');
+2. builds every ONNX Runtime and OpenVINO engine at fp32/fp16/int8 with
+   `mtlora-export build` (INT8 calibrated on synthetic 448 images);
+3. exports the unmerged model to ONNX by tracing MultiTaskSwin itself (the
+   exporter always merges), and the adapter-free network with the exporter;
+4. times everything with `export.bench` (one fresh worker process per format)
+   and profiles the three fp32 graphs with ONNX Runtime's profiler;
+5. writes the page and `build/bench-docs/bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from engines.runner import write_atomic
+from export.bench import (
+    MEASUREMENT_NOTES,
+    PERF_HEADER,
+    BenchOptions,
+    Target,
+    accuracy_rows,
+    benchmark,
+    build_for_bench,
+    count_flops,
+    engine_targets,
+    md_table,
+    onnx_target,
+    perf_rows,
+    profile_onnx,
+    torch_targets,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "benchmarks.md"
+WORK = ROOT / "build" / "bench-docs"
+TASKS = ("semseg", "human_parts", "sal", "normals")
+IMG_SIZE, SHARED_RANK, TASK_RANK, SCALE = 448, 64, 4, 4.0
+CALIB_SAMPLES = 8
+EVAL_SAMPLES = 4
+
+# The issues' targets.
+MERGED_VS_UNMERGED = 1.2  # the merged export at least this much faster than the unmerged model's
+MERGED_VS_FREE = 1.15  # and at most this much slower than the same network without adapters
+INT8_VS_EAGER = 6.0  # OpenVINO INT8 at least this much faster than PyTorch eager
+INT8_VS_FP32 = 2.4  # and than OpenVINO fp32
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+def model_config(kind: str):
+    from mtlora.config import AdapterConfig, ModelConfig, SwinConfig
+
+    return ModelConfig(
+        swin=SwinConfig.from_variant("swin_tiny", img_size=IMG_SIZE),
+        adapter=AdapterConfig(kind=kind, shared_rank=SHARED_RANK, shared_scale=SCALE,
+                              task_rank={t: TASK_RANK for t in TASKS}, task_scale={t: SCALE for t in TASKS}),
+        tasks=TASKS,
+    )
+
+
+def randomize(model, seed: int = 0, std: float = 0.05) -> None:
+    """Every parameter random and nonzero (norm scales around 1), BatchNorm statistics too."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            around_one = name.endswith(("norm1.weight", "norm2.weight"))
+            param.copy_(std * torch.randn(param.shape, generator=gen) + (1.0 if around_one else 0.0))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=gen))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=gen))
+
+
+def make_checkpoint(kind: str, out: Path, seed: int) -> Path:
+    """Write the randomly initialised model of `kind` (the same bytes on every run, so builds are reused)."""
+    from mtlora.checkpoint import save_checkpoint
+    from mtlora.model import MultiTaskSwin
+
+    config = model_config(kind)
+    if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) == json.loads(config.to_json()):
+        return out
+    model = MultiTaskSwin(config).eval()
+    randomize(model, seed)
+    save_checkpoint(model, out)
+    return out
+
+
+def export_unmerged(checkpoint: Path, out: Path) -> Path:
+    """The unmerged MultiTaskSwin traced as it is (LoRA branches as separate MatMuls), then onnxslim'd.
+
+    `export_onnx` always merges and folds, so this traces the model directly with
+    the same exporter settings: TorchScript-based, opset 17, dynamic batch.
+    """
+    import onnx
+    import onnxslim
+    import torch
+
+    from export.onnx_export import load_for_export
+
+    if out.is_file():
+        return out
+    model = load_for_export(checkpoint).float().eval()
+    image = torch.randn(2, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(0))
+    names = list(model.tasks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (image,), str(tmp), dynamo=False, opset_version=17, input_names=["image"],
+                          output_names=names, dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
+                          do_constant_folding=True)
+        slimmed = onnxslim.slim(onnx.load(str(tmp)))
+    tmp.unlink()
+    write_atomic(out, slimmed.SerializeToString())
+    return out
+
+
+def export_adapter_free(checkpoint: Path, out_dir: Path) -> Path:
+    from export.onnx_export import export_onnx, load_for_export
+
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        export_onnx(load_for_export(checkpoint), out_dir)
+    return path
+
+
+def check_against_torch(checkpoint: Path, onnx_path: Path) -> float:
+    """Max abs difference between ONNX Runtime and the PyTorch model on one image: the graph computes the model."""
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import load_for_export
+
+    model = load_for_export(checkpoint).float().eval()
+    image = np.random.default_rng(1).standard_normal((1, 3, IMG_SIZE, IMG_SIZE), dtype=np.float32)
+    with torch.inference_mode():
+        expected = [t.numpy() for t in model(torch.from_numpy(image))]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: image})
+    return max(float(np.abs(a - b).max()) for a, b in zip(got, expected, strict=True))
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _row(result: dict, name: str, batch: int) -> dict | None:
+    return next((r for r in result["rows"] if r["name"] == name and r.get("batch_size") == batch), None)
+
+
+def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
+    if not numerator or not denominator or "p50_ms" not in numerator or "p50_ms" not in denominator:
+        return None
+    return numerator["p50_ms"] / denominator["p50_ms"]
+
+
+def _verdict(value: float | None, target: float, at_least: bool) -> str:
+    if value is None:
+        return "NOT MEASURED"
+    return "PASS" if (value >= target if at_least else value <= target) else "MISS"
+
+
+def lscpu() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    keep = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "L2 cache", "L3 cache",
+            "Hypervisor vendor")
+    return "\n".join(line for line in text.splitlines() if line.split(":")[0].strip() in keep)
+
+
+def _profile_table(profiles: dict[str, dict], top: int = 12) -> str:
+    """Mean ms per run by op type (and node count), one column per graph, the costliest op types first."""
+    ms = {name: p["ms_per_op_type"] for name, p in profiles.items()}
+    nodes = {name: p["nodes_per_op_type"] for name, p in profiles.items()}
+    totals = {op: sum(m.get(op, 0.0) for m in ms.values()) for m in ms.values() for op in m}
+    ops = sorted(totals, key=totals.get, reverse=True)[:top]
+    header = ["op type", *(f"{name}: ms (nodes)" for name in ms)]
+    rows = [[op, *(f"{ms[n].get(op, 0.0):.1f} ({nodes[n].get(op, 0)})" for n in ms)] for op in ops]
+    rows.append(["all nodes", *(f"{sum(ms[n].values()):.1f} ({sum(nodes[n].values())})" for n in ms)])
+    return md_table(header, rows)
+
+
+def profile_findings(profiles: dict[str, dict]) -> list[str]:
+    """The op types that make the difference between the merged graph and the two others, in words."""
+    ms = {name: p["ms_per_op_type"] for name, p in profiles.items()}
+    total = {name: sum(m.values()) for name, m in ms.items()}
+
+    def differences(a: str, b: str) -> str:
+        ops = set(ms[a]) | set(ms[b])
+        diff = sorted(((op, ms[a].get(op, 0.0) - ms[b].get(op, 0.0)) for op in ops), key=lambda kv: -abs(kv[1]))
+        return ", ".join(f"{op} {d:+.0f} ms" for op, d in diff[:5])
+
+    return [
+        f"Kernel time per run: merged {total['merged']:.0f} ms, unmerged {total['unmerged']:.0f} ms, "
+        f"adapter-free {total['adapter-free']:.0f} ms.",
+        f"Merged minus adapter-free, largest differences by op type: {differences('merged', 'adapter-free')}.",
+        f"Merged minus unmerged, largest differences by op type: {differences('merged', 'unmerged')}.",
+    ]
+
+
+def write_page(result: dict, extra: dict, path: Path) -> None:
+    machine = result["machine"]
+    matmul = machine["matmul"]
+    flops = result["model"]["flops_per_image"]
+    merged = _row(result, "onnxruntime-fp32", 1)
+    unmerged = _row(result, "onnx-unmerged", 1)
+    free = _row(result, "onnx-adapter-free", 1)
+    eager = _row(result, "pytorch-unmerged", 1)
+    ov_fp32, ov_int8 = _row(result, "openvino-fp32", 1), _row(result, "openvino-int8", 1)
+    speedup_vs_unmerged = _ratio(unmerged, merged)
+    slowdown_vs_free = _ratio(merged, free)
+    int8_vs_eager, int8_vs_fp32 = _ratio(eager, ov_int8), _ratio(ov_fp32, ov_int8)
+    load = machine["load_average"]
+    busy = [r["cpu_busy"] for r in result["rows"] if r.get("cpu_busy") is not None]
+
+    def fmt(x: float | None, spec: str = ".2f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{extra['command']}` (what `make bench` runs), {extra['minutes']:.0f} minutes, "
+        f"finished {result['created']}.  ",
+        f"Machine: {machine['cpu']}, {machine['cpus_available']} CPU(s), {machine['threads']} thread(s) per engine, "
+        f"fp32 sgemm {matmul['reference_gflops']:.0f} GFLOP/s; details in section 3.",
+        "",
+        "Model: MTLoRA Swin-T, 448x448 input, tasks semseg (21), human_parts (7), sal (1), normals (3); shared "
+        f"rank {SHARED_RANK}, task rank {TASK_RANK}, scale {SCALE:g}. **Randomly initialised** (no trained "
+        "Swin-T 448 MTLoRA checkpoint is available here): every weight is random and nonzero and every adapter is "
+        "random, so every LoRA branch does real work. Latency does not depend on the weight values; accuracy "
+        "columns compare each engine with the PyTorch model on synthetic images, not with ground truth that means "
+        f"anything. Model FLOPs (2 x MACs of MatMul/Gemm/Conv in the merged fp32 graph): {flops / 1e9:.1f} G per image.",
+        "",
+        f"**Shared machine.** Other jobs ran on these {machine['cpus_available']} CPUs during the run: load average "
+        f"{load['start']} at the start and {load['end']} at the end; the timed workers got {fmt(min(busy) if busy else None)}"
+        f" to {fmt(max(busy) if busy else None)} CPU-seconds per second (the ideal is {machine['threads']}), and the "
+        f"sgemm rate was {matmul['start']['gflops']:.0f} GFLOP/s at the start and {matmul['end']['gflops']:.0f} at "
+        "the end. Absolute numbers are therefore pessimistic and noisy; ratios between rows are more telling, and "
+        "re-running `make bench` on an idle machine is the way to get clean numbers.",
+        "",
+        "## 1. Export: merged vs unmerged vs adapter-free (ONNX Runtime CPU, fp32, batch 1)",
+        "",
+        "- merged: the exported graph the engines are built from (adapters merged, task branches folded to "
+        "low-rank factors; `mtlora-export build`).",
+        "- unmerged: MultiTaskSwin traced as it is, every LoRA branch a separate pair of MatMuls (the exporter "
+        f"always merges, so this is traced directly; same exporter settings and onnxslim). Checked against PyTorch: "
+        f"max abs difference {extra['unmerged_max_abs']:.2e}.",
+        "- adapter-free: the same multi-task Swin-T 448 without adapters (`kind='full'`: no task-specific "
+        "streams, every task reads the shared features), exported with the same exporter.",
+        "",
+    ]
+    header = ["graph", "GFLOP/img", "size MiB", "p50 ms", "p90 ms", "p99 ms", "runs", "img/s", "of matmul", "peak RSS MiB"]
+    rows = []
+    for label, row, gflop in (("merged", merged, flops), ("unmerged", unmerged, extra["flops"]["unmerged"]),
+                              ("adapter-free", free, extra["flops"]["adapter-free"])):
+        if row is None or "p50_ms" not in row:
+            rows.append([label, fmt(gflop / 1e9, ".1f"), "", "not measured", "", "", "", "", "", ""])
+            continue
+        rows.append([label, fmt(gflop / 1e9, ".1f"), fmt(row["size_mib"], ".1f"), fmt(row["p50_ms"], ".0f"),
+                     fmt(row["p90_ms"], ".0f"), fmt(row["p99_ms"], ".0f"), str(row["runs"]),
+                     fmt(row["images_per_s"]), fmt(row.get("fraction_of_matmul"), ".0%"), fmt(row["peak_rss_mib"], ".0f")])
+    lines += [md_table(header, rows), "",
+              "| target | measured | verdict |", "|---|---|---|",
+              f"| merged >= {MERGED_VS_UNMERGED}x faster than unmerged | {fmt(speedup_vs_unmerged)}x | "
+              f"{_verdict(speedup_vs_unmerged, MERGED_VS_UNMERGED, True)} |",
+              f"| merged <= {MERGED_VS_FREE}x slower than adapter-free | {fmt(slowdown_vs_free)}x | "
+              f"{_verdict(slowdown_vs_free, MERGED_VS_FREE, False)} |",
+              "", "Ratios are of p50 latencies measured in the same run.", ""]
+    if extra.get("profiles"):
+        lines += ["### Where the time goes", "",
+                  f"ONNX Runtime's profiler, mean ms per batch-1 run by op type after its graph optimisations "
+                  f"({extra['profile_runs']} runs each, {machine['threads']} threads, in the benchmarking process):",
+                  "", _profile_table(extra["profiles"]), ""]
+        lines += [f"- {finding}" for finding in extra.get("findings", [])]
+        lines.append("")
+
+    lines += [
+        "## 2. Engines",
+        "",
+        f"Every engine `mtlora-export build` makes here, and PyTorch eager. INT8 is calibrated on "
+        f"{extra['calib_samples']} synthetic 448x448 images (`--calib-data synthetic --calib-samples "
+        f"{extra['calib_samples']}`); {extra['calib_note']} Accuracy is checked on {EVAL_SAMPLES} synthetic "
+        "images plus the export's 2 reference inputs against the unmerged PyTorch model.",
+        "",
+        md_table(PERF_HEADER, [r for r in perf_rows(result) if not r[0].startswith("onnx-")]),
+        "",
+    ]
+    header_acc, rows_acc = accuracy_rows(result)
+    lines += [md_table(header_acc, [r for r in rows_acc if not r[0].startswith("onnx-")]), "",
+              "| target (batch 1, p50) | measured | verdict |", "|---|---|---|",
+              f"| OpenVINO INT8 >= {INT8_VS_EAGER:g}x faster than PyTorch eager | {fmt(int8_vs_eager)}x | "
+              f"{_verdict(int8_vs_eager, INT8_VS_EAGER, True)} |",
+              f"| OpenVINO INT8 >= {INT8_VS_FP32}x faster than OpenVINO fp32 | {fmt(int8_vs_fp32)}x | "
+              f"{_verdict(int8_vs_fp32, INT8_VS_FP32, True)} |", ""]
+    b8_fp32, b8_int8 = _row(result, "openvino-fp32", 8), _row(result, "openvino-int8", 8)
+    if b8_fp32 and b8_int8 and "images_per_s" in b8_fp32 and "images_per_s" in b8_int8:
+        lines += [f"At batch 8, OpenVINO INT8 gives {b8_int8['images_per_s'] / b8_fp32['images_per_s']:.2f}x "
+                  "the images/s of OpenVINO fp32.", ""]
+    lines += [f"- {note}" for note in extra.get("engine_notes", [])]
+    lines += ["", "How each column is measured: " + MEASUREMENT_NOTES, ""]
+
+    versions = machine["versions"]
+    blas = matmul["start"].get("blas") or []
+    lines += [
+        "## 3. The machine",
+        "",
+        "```", lscpu() or machine["cpu"], "```", "",
+        "- CPU flags that matter here: " + ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in machine["flags"].items()),
+        f"- {machine['cpus_available']} CPU(s) available to the process; every engine and PyTorch ran with "
+        f"{machine['threads']} thread(s).",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- fp32 matmul: numpy {versions.get('numpy')} with "
+        + (", ".join(f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture')}, {b.get('num_threads')} threads)"
+                     for b in blas) or "an unknown BLAS")
+        + f", {matmul['start']['size']}x{matmul['start']['size']} sgemm: {matmul['start']['gflops']:.1f} GFLOP/s at "
+        f"the start of the run, {matmul['end']['gflops']:.1f} at the end (best of {matmul['start']['repeats']}); "
+        f"\"of matmul\" divides by {matmul['reference_gflops']:.1f}.",
+        f"- load average (1/5/15 min): {load['start']} at the start, {load['end']} at the end.",
+        f"- command: `{extra['command']}`; raw results: `build/bench-docs/bench.json`.",
+        "",
+    ]
+    write_atomic(path, "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.bench_docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="threads per engine (default: every CPU)")
+    parser.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per format and batch size")
+    parser.add_argument("--no-batch-8", action="store_true", help="time batch 1 only")
+    parser.add_argument("--page", type=Path, default=PAGE)
+    parser.add_argument("--work", type=Path, default=WORK)
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "export.bench_docs", *(argv if argv is not None else sys.argv[1:])])
+    started = time.perf_counter()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+
+    say("[bench-docs] writing the randomly initialised checkpoints")
+    mtlora = make_checkpoint("mtlora", work / "checkpoint-mtlora", seed=0)
+    free_ckpt = make_checkpoint("full", work / "checkpoint-adapter-free", seed=0)
+
+    say("[bench-docs] building every engine")
+    report, failures = build_for_bench(
+        mtlora, work / "build", say, backends=("onnxruntime", "openvino"), precisions=("all",),
+        calib_data="synthetic", calib_samples=CALIB_SAMPLES, eval_samples=EVAL_SAMPLES, threads=args.threads)
+    build_dir = work / "build"
+
+    say("[bench-docs] exporting the unmerged model and the adapter-free network")
+    unmerged_onnx = export_unmerged(mtlora, work / "unmerged" / "model.onnx")
+    free_onnx = export_adapter_free(free_ckpt, work / "adapter-free")
+    unmerged_max_abs = check_against_torch(mtlora, unmerged_onnx)
+
+    opts = BenchOptions(batch_sizes=(1,) if args.no_batch_8 else (1, 8), threads=args.threads, warmup=1,
+                        runs=30, budget_s=args.budget)
+    model_flops = count_flops(build_dir / "export" / "model.onnx")
+    targets: list[Target] = torch_targets(mtlora)
+    for t in targets:
+        t.batch_sizes = (1,)  # PyTorch eager at batch 8 takes minutes per format on two cores
+    targets += engine_targets(build_dir, report, failures)
+    targets += [onnx_target("onnx-unmerged", unmerged_onnx), onnx_target("onnx-adapter-free", free_onnx)]
+    for t in targets[-2:]:
+        t.batch_sizes = (1,)
+    result = benchmark(targets, opts, input_size=IMG_SIZE, model_flops=model_flops, say=say, command=command,
+                       model={"build_dir": str(build_dir), "tasks": list(TASKS), "layout": "single",
+                              "checkpoint": str(mtlora)})
+
+    say("[bench-docs] profiling the three fp32 graphs with ONNX Runtime")
+    threads = opts.thread_count
+    profile_runs = 3
+    profiles = {
+        "merged": profile_onnx(build_dir / "export" / "model.onnx", threads, profile_runs),
+        "unmerged": profile_onnx(unmerged_onnx, threads, profile_runs),
+        "adapter-free": profile_onnx(free_onnx, threads, profile_runs),
+    }
+    extra = {
+        "command": command,
+        "minutes": (time.perf_counter() - started) / 60,
+        "unmerged_max_abs": unmerged_max_abs,
+        "flops": {"unmerged": count_flops(unmerged_onnx)["flops"], "adapter-free": count_flops(free_onnx)["flops"]},
+        "calib_samples": CALIB_SAMPLES,
+        "calib_note": CALIB_NOTE,
+        "profiles": profiles,
+        "findings": profile_findings(profiles),
+        "profile_runs": profile_runs,
+        "engine_notes": [f"{k}: failed to build: {v}" for k, v in failures.items()],
+    }
+    result["bench_docs"] = {k: v for k, v in extra.items() if k != "command"}
+    write_json(result, work / "bench.json")
+    write_page(result, extra, args.page)
+    say(f"[bench-docs] wrote {args.page} ({extra['minutes']:.1f} min)")
+    return 0
+
+
+CALIB_NOTE = (
+    "few, because ONNX Runtime's percentile calibrator keeps every intermediate tensor of every calibration image "
+    "in memory before building its histograms, and at 448x448 32 images exhausted this machine's 24 GiB"
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

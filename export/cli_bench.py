@@ -1,0 +1,98 @@
+"""`mtlora-export bench`: latency, throughput, memory and FLOP rate of every engine of a build."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from engines.registry import BACKENDS
+from export.cli import main
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"'{value}': batch sizes must be positive integers")
+    return sizes
+
+
+@main.command("bench")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--batch-sizes", default="1,8", show_default=True, callback=_batch_sizes,
+              help="Comma-separated batch sizes.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine [default: every CPU available].")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Most timed runs per format and batch size.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs first.")
+@click.option("--budget", "budget_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds of timed runs per format and batch size (at least 3 runs, at most --runs).")
+@click.option("--no-torch", is_flag=True, help="Skip PyTorch eager (unmerged and merged).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="Write the results as Markdown.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Build directory when SOURCE is a checkpoint [default: a new temporary directory].")
+@click.option("--backend", "backends", multiple=True, default=("all",), show_default=True,
+              type=click.Choice(["all", *BACKENDS]), help="Backends to build when SOURCE is a checkpoint.")
+@click.option("--precision", "precisions", multiple=True, default=("all",), show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16", "int8", "all"]),
+              help="Precisions to build when SOURCE is a checkpoint.")
+@click.option("--calib-data", default="synthetic", show_default=True, help="INT8 calibration data (as for build).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True)
+@click.pass_context
+def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, json_out, markdown_out, out,
+          backends, precisions, calib_data, calib_samples, eval_samples) -> None:
+    """Time every engine of SOURCE (a build directory, or a checkpoint that is built first) and PyTorch eager.
+
+    Columns: format, precision asked for and executed, build/accuracy status,
+    file size, latency p50/p90/p99, images/s, achieved GFLOP/s and its fraction
+    of this machine's fp32 matmul rate, peak RSS; then each format's accuracy
+    per task from the build's report.json.
+    """
+    from export.bench import (
+        BenchOptions,
+        bench_build,
+        build_for_bench,
+        format_markdown,
+        format_table,
+        is_build_dir,
+        write_json,
+    )
+
+    path = Path(source)
+    opts = BenchOptions(batch_sizes=batch_sizes, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s,
+                        torch_eager=not no_torch)
+    build_flags = [p.opts[0] for p in ctx.command.params
+                   if p.name in ("out", "backends", "precisions", "calib_data", "calib_samples", "eval_samples")
+                   and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+    report, failures = None, None
+    if is_build_dir(path):
+        if build_flags:
+            raise click.BadParameter(f"SOURCE is a build directory; {build_flags[0]} applies only when building "
+                                     "a checkpoint", param_hint="SOURCE")
+        build_dir = path
+    else:
+        build_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="mtlora-bench-build-"))
+        _say(f"[bench] building {path} into {build_dir}")
+        report, failures = build_for_bench(path, build_dir, _say, backends=backends, precisions=precisions,
+                                           calib_data=calib_data, calib_samples=calib_samples,
+                                           eval_samples=eval_samples, threads=threads)
+    result = bench_build(build_dir, opts, _say, report=report, failures=failures)
+    click.echo(format_table(result))
+    if json_out:
+        write_json(result, json_out)
+        _say(f"[bench] wrote {json_out}")
+    if markdown_out:
+        from engines.runner import write_atomic
+
+        write_atomic(markdown_out, format_markdown(result))
+        _say(f"[bench] wrote {markdown_out}")

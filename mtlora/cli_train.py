@@ -1,0 +1,215 @@
+"""`mtlora train` and `mtlora evaluate`: thin commands over `mtlora.train` and `mtlora.evaluate`.
+
+Options default to None so that an explicit flag can be told apart: a flag
+the user typed wins, then (when resuming) the run's saved settings, then the
+`--preset`, then the official recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mtlora.cli import main
+from mtlora.cli_options import MODEL_OPTION_NAMES, PRESETS, model_config_from_options, model_options
+from mtlora.data.datasets import DATASET_NAMES
+from mtlora.errors import ConfigError
+
+_TRAIN_OPTION_NAMES = (
+    "data", "data_root", "epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "clip_grad",
+    "steps_per_epoch", "train_samples", "val_samples", "seed", "workers", "save_every", "eval_every",
+    "eval_initial", "precision", "device", "pretrained", "slim", "threads",
+)  # fmt: skip
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("mtlora")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def resolve_train_config(
+    explicit: dict[str, Any], preset: str | None, saved: dict[str, Any] | None = None, baselines=None
+):
+    """A TrainConfig from explicit flags, then a resumed run's settings, then the preset, then the recipe."""
+    from mtlora.train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if preset:
+        values.update(PRESETS[preset]["train"])
+        if explicit.get("data") not in (None, "synthetic"):
+            # The preset's scene counts describe its synthetic data; they do not carry over to a real set.
+            values.pop("train_samples", None)
+            values.pop("val_samples", None)
+    if saved:
+        known = {f.name for f in fields(TrainConfig)}
+        values.update({k: v for k, v in saved.items() if k in known})
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    if baselines is not None:
+        values["baselines"] = baselines
+    if "data" not in values:
+        raise click.UsageError("Missing option '--data' (synthetic, pascal or nyud), or give a --preset.")
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as err:
+        # These are conflicting or invalid flags, a usage error rather than a failure of the run.
+        raise click.UsageError(str(err)) from None
+
+
+@main.command("train")
+@model_options
+@click.option("--data", type=click.Choice(DATASET_NAMES), default=None,
+              help="Data set to train on (required unless --preset or --resume gives it).")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Extracted PASCAL-Context / NYUD-v2 folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: final model, metrics.jsonl, curves.png, best/, last/.")
+@click.option("--resume", type=click.Path(exists=True), default=None,
+              help="Continue a run from its last/ checkpoint (or the run directory holding it).")
+@click.option("--pretrained", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="ImageNet Swin weights (timm or Microsoft .pth / .safetensors) for the backbone.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 300]")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=None,
+              help="Linear warm-up epochs before the cosine decay. [default: 20]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process. [default: 32]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate. [default: 5e-4 x global batch / 512, the official linear scaling]")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW weight decay. [default: 0.05]")
+@click.option("--clip-grad", type=click.FloatRange(min=0), default=None,
+              help="Gradient norm clipping, 0 = off. [default: 5.0]")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
+              help="At most this many batches per epoch. [default: the whole split]")
+@click.option("--train-samples", type=click.IntRange(min=1), default=None,
+              help="Synthetic data only: training scenes. [default: 2000]")
+@click.option("--val-samples", type=click.IntRange(min=1), default=None,
+              help="Synthetic data only: validation scenes. [default: 200]")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed. [default: 0]")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data loader processes. [default: 4, fewer on small machines]")
+@click.option("--save-every", type=click.IntRange(min=0), default=None,
+              help="Write last/ every N epochs (and always at the end); 0 = only at the end. [default: 20]")
+@click.option("--eval-every", type=click.IntRange(min=0), default=None,
+              help="Validate every N epochs (and always at the end); 0 = only at the end. [default: 5]")
+@click.option("--eval-initial/--no-eval-initial", default=None,
+              help="Also validate the model before training (epoch 0 of the curves). [default: no]")
+@click.option("--baseline-json", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Single-task baselines for Delta_m: {task: metric} or an 'mtlora evaluate --json' report. "
+                   "Repeatable. [default: the paper's for PASCAL, none otherwise]")
+@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default=None,
+              help="auto = bf16 autocast on a CUDA GPU, fp32 on CPU. [default: auto]")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default=None, help="[default: auto]")
+@click.option("--slim/--no-slim", default=None,
+              help="Keep only the final model and its logs (no best/, no last/ with optimizer state). [default: no]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process. [default: the cores left after the loader workers]")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train_cmd(out: str, resume: str | None, baseline_json: tuple[str, ...], quiet: bool, preset: str | None,
+              **options: Any) -> None:
+    """Train a multi-task model (runs under torchrun for several processes / GPUs)."""
+    from mtlora.evaluate import load_baselines
+    from mtlora.train import read_resume_point, train
+
+    model_values = {k: options.pop(k) for k in MODEL_OPTION_NAMES}
+    explicit = {k: options.pop(k) for k in _TRAIN_OPTION_NAMES}
+    if options:
+        raise click.UsageError(f"unexpected options {sorted(options)}")
+    saved = None
+    model_config = None
+    if resume is not None:
+        if explicit["pretrained"]:
+            raise click.BadParameter("cannot be combined with --resume (the checkpoint has the weights)",
+                                     param_hint="--pretrained")
+        saved = read_resume_point(resume).train_config
+        # Model flags (or a preset) are only checked against the checkpoint, never applied over it.
+        if preset or any(v is not None for v in model_values.values()):
+            model_config = model_config_from_options(preset=preset, **model_values)
+    else:
+        model_config = model_config_from_options(preset=preset, **model_values)
+    baselines = load_baselines(baseline_json) if baseline_json else None
+    config = resolve_train_config(explicit, preset, saved, baselines)
+    if not quiet:
+        _setup_logging()
+    result = train(model_config, config, Path(out), resume=resume, progress=False if quiet else None)
+    if result.metrics is not None and _is_main_process():
+        from mtlora.evaluate import primary_metrics
+
+        summary = ", ".join(f"{t} {n} {v:.2f}" for t, (n, v) in primary_metrics(result.metrics).items())
+        delta = result.metrics.get("delta_m")
+        click.echo(f"trained {result.epochs} epochs in {result.seconds:.0f} s -> {out}: {summary}"
+                   + (f", delta_m {delta:+.2f}%" if delta is not None else ""))
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@main.command("evaluate")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--data", type=click.Choice(DATASET_NAMES), required=True, help="Data set to evaluate on.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Extracted PASCAL-Context / NYUD-v2 folder.")
+@click.option("--split", default="val", show_default=True, help="Split to evaluate.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Synthetic data only: number of scenes. [default: 200]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data loader processes.")
+@click.option("--baseline-json", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Single-task baselines for Delta_m (repeatable). [default: the paper's for PASCAL]")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the full results as JSON.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar. [default: on a terminal]")
+def evaluate_cmd(checkpoint: str, data: str, data_root: str | None, split: str, samples: int | None,
+                 batch_size: int, workers: int, baseline_json: tuple[str, ...], device: str, precision: str,
+                 json_out: str | None, progress: bool | None) -> None:
+    """Score CHECKPOINT on a data set split: every metric per task, and Delta_m where baselines exist."""
+    import torch
+
+    from mtlora.checkpoint import load_any, write_json_atomic
+    from mtlora.data.datasets import build_dataset
+    from mtlora.evaluate import default_baselines, evaluate, format_results, json_ready, load_baselines
+    from mtlora.train import check_tasks
+
+    if data == "synthetic" and data_root is not None:
+        raise click.BadParameter("the synthetic data set is generated; it takes no data root", param_hint="--data-root")
+    if data != "synthetic" and data_root is None:
+        raise click.UsageError(f"--data {data} needs --data-root (the extracted folder)")
+    if data != "synthetic" and samples is not None:
+        raise click.BadParameter(f"sizes the synthetic data set only; {data} uses its split files",
+                                 param_hint="--samples")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("PyTorch sees no CUDA GPU", param_hint="--device")
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    baselines = load_baselines(baseline_json) if baseline_json else default_baselines(data)
+
+    model = load_any(checkpoint).to(target)
+    config = model.config
+    channels = check_tasks(data, data_root, tuple(model.tasks))
+    mismatch = {t: (config.task_channels[t], channels[t]) for t in model.tasks if config.task_channels[t] != channels[t]}
+    if mismatch:
+        raise ConfigError(
+            "the checkpoint's heads do not fit the data set: "
+            + ", ".join(f"{t} has {a} outputs, {data} has {b} classes" for t, (a, b) in mismatch.items())
+        )
+    dataset = build_dataset(data, data_root, split, tuple(model.tasks), config.swin.img_size, train=False, seed=0,
+                            **({"num_samples": samples} if data == "synthetic" else {}))
+    show = sys.stderr.isatty() if progress is None else progress
+    results = evaluate(model, dataset, model.tasks, batch_size=batch_size, device=target, workers=workers,
+                       baselines=baselines, precision=precision, progress=show)
+    results = json_ready({"checkpoint": str(checkpoint), "data": data, "split": split, **results})
+    if json_out:
+        out = Path(json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, results)
+    click.echo(format_results(results))

@@ -1,0 +1,112 @@
+"""`mtlora-export bench` on a tiny build: the JSON it writes, FLOPs counted from ONNX shapes, percentiles.
+
+No timing assertions: the numbers depend on the machine and its load.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from export.bench import count_flops, latency_stats, run_worker_spec, time_runs
+from export.cli import main as export_cli
+from export.pipeline import BuildOptions, run_build
+
+pytest.importorskip("onnxruntime")
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream-mtlora-tiny" / "checkpoint.pth"
+TASKS = ("semseg", "human_parts", "sal", "normals")
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_build")
+    outcome = run_build(BuildOptions(checkpoint=str(FIXTURE), backends=("onnxruntime",), precisions=("fp32",),
+                                     eval_samples=2, report_samples=0, out=str(out)), lambda _line: None)
+    assert outcome.passed
+    return out
+
+
+def test_bench_json_has_every_column(tiny_build, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(export_cli, ["bench", str(tiny_build), "--batch-sizes", "1,2", "--runs", "3",
+                                             "--warmup", "1", "--budget", "0", "--no-torch", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime-fp32" in result.output and "p50 ms" in result.output
+    bench = json.loads(out.read_text())
+    assert bench["format"] == "mtlora-export/bench/1"
+    assert bench["command"].startswith("mtlora-export")
+    machine = bench["machine"]
+    assert machine["threads"] >= 1 and machine["matmul"]["reference_gflops"] > 0
+    # The tiny model's FLOPs, counted once from its fp32 graph, are what every row's rate is based on.
+    flops = count_flops(tiny_build / "export" / "model.onnx")
+    assert flops["flops"] > 0 and not flops["uncounted"]
+    assert bench["model"]["flops_per_image"] == flops["flops"]
+    rows = bench["rows"]
+    assert [(r["name"], r["batch_size"]) for r in rows] == [("onnxruntime-fp32", 1), ("onnxruntime-fp32", 2)]
+    for row in rows:
+        assert row["status"] == "built, passed"
+        assert row["precision_requested"] == row["precision_executed"] == "fp32"
+        assert row["size_mib"] > 0 and row["peak_rss_mib"] > 0
+        assert row["runs"] == 3
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["images_per_s"] > 0
+        assert row["achieved_gflops"] == pytest.approx(flops["flops"] * row["images_per_s"] / 1e9)
+        assert row["fraction_of_matmul"] == pytest.approx(row["achieved_gflops"] / machine["matmul"]["reference_gflops"])
+        assert set(row["accuracy"]) == set(TASKS)
+        assert all(task["passed"] for task in row["accuracy"].values())
+        assert row["accuracy"]["semseg"]["agreement"] == 1.0
+
+
+def test_build_options_are_refused_for_a_build_directory(tiny_build):
+    result = CliRunner().invoke(export_cli, ["bench", str(tiny_build), "--backend", "openvino"])
+    assert result.exit_code == 2 and "--backend applies only when building" in result.output
+
+
+def test_torch_eager_worker_runs_unmerged_and_merged():
+    for merged in (False, True):
+        spec = {"kind": "torch", "load": {"checkpoint": str(FIXTURE), "img_size": None, "merged": merged},
+                "threads": 1, "input_size": 64, "batch_sizes": [1], "warmup": 0, "runs": 3, "budget_s": 0}
+        result = run_worker_spec(spec)
+        stats = result["batches"]["1"]
+        assert result["precision_executed"] == "fp32" and stats["runs"] == 3
+        assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+
+
+def test_flops_of_a_hand_made_graph(tmp_path):
+    # x (batch, 3, 8, 8) -> Conv 4x3x3x3, pad 1 -> (batch, 4, 8, 8); m (batch, 5, 6) @ W (6, 7).
+    conv_w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "conv_w")
+    mm_w = numpy_helper.from_array(np.ones((6, 7), np.float32), "mm_w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "conv_w"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("MatMul", ["m", "mm_w"], ["z"])],
+        "hand_made",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+         helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [conv_w, mm_w],
+    )
+    path = tmp_path / "hand_made.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    conv_macs = 4 * 8 * 8 * (3 * 3 * 3)  # every output element: a 3x3x3 dot product
+    matmul_macs = 5 * 6 * 7
+    counted = count_flops(path)
+    assert counted["by_op"] == {"MatMul": 2 * matmul_macs, "Gemm": 0, "Conv": 2 * conv_macs}
+    assert counted["flops"] == 2 * (conv_macs + matmul_macs) == 14244
+    assert count_flops(path, batch=3)["flops"] == 3 * 14244
+
+
+def test_percentiles_are_ordered_and_runs_respect_the_limits():
+    rng = np.random.default_rng(0)
+    stats = latency_stats(rng.exponential(0.01, size=37), batch=8)
+    assert stats["runs"] == 37
+    assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    calls = []
+    assert len(time_runs(lambda: calls.append(1), warmup=2, runs=5, budget_s=0)) == 3  # the minimum
+    assert len(calls) == 5
+    assert len(time_runs(lambda: None, warmup=0, runs=7, budget_s=60)) == 7  # the cap
