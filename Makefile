@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench lint default-model clean
+.PHONY: install test gate baseline demo bench lint default-model clean
 
 install: $(STAMP)
 
@@ -19,6 +19,19 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 
 test: install
 	$(PY) -m pytest -q
+	$(MAKE) gate
+
+# The accuracy gate CI runs: build real engines from the embedded default model and fail on any
+# regression against the stored report (`make baseline` refreshes it after an intended change).
+GATE_BUILD := $(VENV)/bin/mtlora-export build --backend onnxruntime --backend openvino \
+	--precision fp32 --precision int8 --calib-samples 64 --eval-samples 32 --out build/ci
+gate: install
+	$(GATE_BUILD)
+	$(VENV)/bin/mtlora-export check build/ci --baseline ci/baseline-report.json
+
+baseline: install
+	$(GATE_BUILD)
+	mkdir -p ci && cp build/ci/report.json ci/baseline-report.json
 
 demo: install
 	$(PY) -m export.demo
