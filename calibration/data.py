@@ -29,7 +29,7 @@ Preprocess = Callable[[Path], np.ndarray]
 
 
 class CalibrationSet:
-    """Calibration feeds. Build one with `from_images`, `from_arrays` or `from_feeds`."""
+    """Calibration feeds. Build one with `from_images`, `from_arrays`, `from_source` (streamed) or `from_feeds`."""
 
     def __init__(
         self,
@@ -187,6 +187,51 @@ class CalibrationSet:
             digest_items=digest_items,
             settings={"batch_size": batch_size},
             input_names=list(columns),
+        )
+
+    @classmethod
+    def from_source(
+        cls,
+        iterate: Callable[[], Iterator[Mapping[str, np.ndarray]]],
+        *,
+        num_samples: int,
+        input_names: Sequence[str],
+        settings: Mapping[str, Any] | None = None,
+        digest_items: Callable[[], Iterator[bytes]] | None = None,
+        min_samples: int = MIN_SAMPLES,
+    ) -> CalibrationSet:
+        """A streaming set: `iterate()` starts a fresh pass and yields one feed (batch of 1) at a time,
+        so nothing is held in memory however many samples there are. It must yield `num_samples` feeds,
+        the same ones on every pass. `digest_items` defaults to hashing the feeds themselves."""
+        if not callable(iterate):
+            raise CalibrationError("from_source needs iterate=callable() -> iterator of feed dicts")
+        _check_count(num_samples, min_samples, "calibration samples")
+        names = list(input_names)
+
+        def checked() -> Iterator[Feed]:
+            for i, feed in enumerate(iterate()):
+                if not isinstance(feed, Mapping) or list(feed) != names:
+                    got = list(feed) if isinstance(feed, Mapping) else type(feed).__name__
+                    raise CalibrationError(f"calibration feed {i} has inputs {got}, expected {names}")
+                for name, a in feed.items():
+                    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+                        raise CalibrationError(f"calibration feed {i}, input '{name}': expected a float32 numpy array")
+                yield dict(feed)
+
+        def feed_bytes() -> Iterator[bytes]:
+            for feed in checked():
+                for name, a in feed.items():
+                    yield f"{name}:{a.dtype.str}:{a.shape}".encode()
+                    yield np.ascontiguousarray(a).tobytes()
+
+        return cls(
+            kind="stream",
+            num_samples=num_samples,
+            num_feeds=num_samples,
+            iterate=checked,
+            digest_items=digest_items or feed_bytes,
+            settings=dict(settings or {}),
+            input_names=names,
         )
 
     @classmethod

@@ -44,9 +44,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) 
     A temp file in the same directory is written, fsynced and renamed over `path` (os.replace).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot write here ({exc.strerror or exc}); choose another output path") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -192,7 +195,11 @@ class EngineArtifact:
                 f"{sidecar.name} describes a {data.get('backend')} engine, not {backend}; load it with that backend"
             )
         base = sidecar.parent
-        files = data.get("files", {})
+        files = data.get("files")
+        if not isinstance(files, dict) or not isinstance(data.get("engine"), str) or data["engine"] not in files:
+            raise EngineError(f"{sidecar} does not list the engine file and its SHA-256; rebuild the engine")
+        if any(Path(rel).is_absolute() or ".." in Path(rel).parts for rel in files):
+            raise EngineError(f"{sidecar} lists files outside its directory; rebuild the engine")
         engine = base / data["engine"]
         if verify:
             for rel, digest in files.items():
@@ -204,18 +211,21 @@ class EngineArtifact:
                         f"{file} does not match the SHA-256 in {sidecar.name} (corrupt or replaced); rebuild the engine"
                     )
         extra = tuple(base / rel for rel in files if base / rel != engine)
-        return cls(
-            backend=data["backend"],
-            path=engine,
-            precision_requested=data["precision_requested"],
-            precision_executed=data["precision_executed"],
-            device=data["device"],
-            extra_paths=extra,
-            inputs=tuple(TensorMeta.from_json(m) for m in data.get("inputs", [])),
-            outputs=tuple(TensorMeta.from_json(m) for m in data.get("outputs", [])),
-            metadata=dict(data.get("metadata", {})),
-            notes=tuple(data.get("notes", [])),
-        )
+        try:
+            return cls(
+                backend=data["backend"],
+                path=engine,
+                precision_requested=data["precision_requested"],
+                precision_executed=data["precision_executed"],
+                device=data["device"],
+                extra_paths=extra,
+                inputs=tuple(TensorMeta.from_json(m) for m in data.get("inputs", [])),
+                outputs=tuple(TensorMeta.from_json(m) for m in data.get("outputs", [])),
+                metadata=dict(data.get("metadata", {})),
+                notes=tuple(data.get("notes", [])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{sidecar} is incomplete ({type(exc).__name__}: {exc}); rebuild the engine") from None
 
 
 def sidecar_path_for(engine_path: str | os.PathLike) -> Path:

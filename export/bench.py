@@ -8,6 +8,10 @@ pools and caches never show up in another's numbers. In the worker:
 - the target is loaded, then for each batch size (ascending): `warmup` untimed
   runs, then timed runs until `budget_s` seconds have passed (at least
   `MIN_RUNS`) or `runs` runs are done;
+- this is often a shared machine, so a run during which other processes (or
+  the hypervisor, as steal time, both read from /proc/stat) took more than
+  `CONTENDED_SHARE` of a CPU is discarded and retried, a few times at most;
+  a row that could not get `MIN_RUNS` quiet runs keeps all of them and says so;
 - a run is one `infer` call, numpy in and numpy out, timed with
   `time.perf_counter`; p50/p90/p99 are numpy's linear-interpolation percentiles
   of those times, and images/s is batch x runs / total timed seconds;
@@ -15,9 +19,9 @@ pools and caches never show up in another's numbers. In the worker:
   /proc/self/status), reset to the current RSS (/proc/self/clear_refs) after
   loading and before each batch size: it counts the interpreter, the runtime
   libraries and the loaded model, plus what that batch size's runs added;
-- `cpu_busy` is the worker's CPU seconds per wall second over the timed runs:
-  close to the thread count when it had the cores to itself, lower when other
-  processes were competing for them.
+- `cpu_busy` is the worker's CPU seconds per wall second over the kept runs
+  (close to the thread count when every thread had work), `others_cpu_busy`
+  the same for everything else on the machine.
 
 The model's FLOPs are counted once, per image, from the fp32 ONNX graph: two
 per multiply-accumulate of every MatMul, Gemm and Conv, from the shapes ONNX
@@ -53,6 +57,7 @@ from export.errors import ExportError
 
 BENCH_FORMAT = "mtlora-export/bench/1"
 MIN_RUNS = 3  # fewest timed runs per target and batch size, whatever the time budget
+CONTENDED_SHARE = 0.1  # a run is discarded when other processes took more than this share of a CPU during it
 WORKER_TIMEOUT_S = 3600
 MIB = 2**20
 
@@ -151,9 +156,12 @@ def count_flops(paths: str | os.PathLike | Sequence[str | os.PathLike], batch: i
     """FLOPs of one forward pass at `batch` (2 x MACs of every MatMul, Gemm and Conv), from the ONNX shapes.
 
     Symbolic input dimensions are set to `batch` and ONNX shape inference (with
-    data propagation) fills in every intermediate shape. Returns {"flops",
-    "by_op": {op: flops}, "uncounted": [names of counted op types whose shapes
-    stayed unknown]}. Several files (a split layout's backbone and heads) are summed.
+    data propagation) fills in the intermediate shapes. Where it cannot (shapes
+    computed at run time by Shape/Gather arithmetic, as in a traced timm model),
+    the graph is run once with ONNX Runtime at that batch to read the missing
+    shapes. Returns {"flops", "by_op": {op: flops}, "uncounted": [nodes whose
+    shapes stayed unknown], "shapes_from_run": how many nodes needed the run}.
+    Several files (a split layout's backbone and heads) are summed.
     """
     import onnx
 
@@ -161,8 +169,9 @@ def count_flops(paths: str | os.PathLike | Sequence[str | os.PathLike], batch: i
         paths = [paths]
     by_op = dict.fromkeys(COUNTED_OPS, 0)
     uncounted: list[str] = []
+    from_run = 0
     for path in paths:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path))
         initializers = {init.name for init in model.graph.initializer}
         for value in model.graph.input:
             if value.name in initializers:
@@ -171,25 +180,69 @@ def count_flops(paths: str | os.PathLike | Sequence[str | os.PathLike], batch: i
                 if not dim.HasField("dim_value"):
                     dim.dim_value = batch  # the dims are a oneof: this clears dim_param
         try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
             raise ExportError(f"{path}: ONNX shape inference failed, cannot count FLOPs: {err}") from None
-        shapes: dict[str, list[int] | None] = {}
-        for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-            tensor = value.type.tensor_type
-            shapes[value.name] = ([d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-                                  if tensor.HasField("shape") else None)
-        for init in model.graph.initializer:
-            shapes[init.name] = list(init.dims)
-        for node in model.graph.node:
-            if node.op_type not in COUNTED_OPS:
-                continue
+        shapes = _static_shapes(inferred)
+        nodes = [n for n in inferred.graph.node if n.op_type in COUNTED_OPS]
+        unknown = [n for n in nodes if _node_macs(n, shapes) is None]
+        if unknown:
+            wanted = {name for n in unknown for name in (*n.input[:2], n.output[0])
+                      if name and (shapes.get(name) is None or None in shapes[name])}
+            shapes.update(_shapes_by_running(model, sorted(wanted), batch))
+            from_run += len(unknown)
+        for node in nodes:
             macs = _node_macs(node, shapes)
             if macs is None:
                 uncounted.append(node.name or node.op_type)
             else:
                 by_op[node.op_type] += 2 * macs
-    return {"flops": sum(by_op.values()), "by_op": by_op, "uncounted": uncounted, "batch": batch}
+    return {"flops": sum(by_op.values()), "by_op": by_op, "uncounted": uncounted, "batch": batch,
+            "shapes_from_run": from_run}
+
+
+def _static_shapes(model) -> dict[str, list[int | None] | None]:
+    shapes: dict[str, list[int | None] | None] = {}
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tensor = value.type.tensor_type
+        shapes[value.name] = ([d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+                              if tensor.HasField("shape") else None)
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _shapes_by_running(model, names: list[str], batch: int) -> dict[str, list[int]]:
+    """Shapes of the float tensors `names`, read by running `model` once on zeros with ONNX Runtime."""
+    import onnx
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in outputs:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    initializers = {init.name for init in probe.graph.initializer}
+    feed = {}
+    for value in probe.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tensor.shape.dim]
+        feed[value.name] = np.zeros(dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+        values = session.run(wanted, feed)
+    except Exception:  # noqa: BLE001 - the count then reports these nodes as uncounted
+        return {}
+    return {name: list(value.shape) for name, value in zip(wanted, values, strict=True)}
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -280,18 +333,61 @@ def machine_info(threads: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- timing (in the worker)
 
 
-def time_runs(infer: Callable[[], Any], warmup: int, runs: int, budget_s: float) -> list[float]:
-    """Seconds of each timed call of `infer`, after `warmup` untimed calls (see the module docstring)."""
+def _system_busy_s() -> float | None:
+    """CPU seconds this machine's CPUs have spent busy since boot, steal time included (None without /proc)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timed call: wall seconds, this process's CPU seconds, and other processes' (None if unknown)."""
+
+    seconds: float
+    own_cpu_s: float
+    others_cpu_s: float | None
+    contended: bool
+
+
+def timed_call(infer: Callable[[], Any], spare_cpus: float = 0.0) -> Timing:
+    """Time one call; it is contended when other processes (or the hypervisor, as steal time) used more
+    than `CONTENDED_SHARE` of a CPU beyond the `spare_cpus` this benchmark leaves free."""
+    busy0, cpu0, t0 = _system_busy_s(), time.process_time(), time.perf_counter()
+    infer()
+    seconds, own = time.perf_counter() - t0, time.process_time() - cpu0
+    busy1 = _system_busy_s()
+    if busy0 is None or busy1 is None:
+        return Timing(seconds, own, None, False)
+    others = max(0.0, busy1 - busy0 - own)
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    contended = others - spare_cpus * seconds > CONTENDED_SHARE * seconds + 3 * tick
+    return Timing(seconds, own, others, contended)
+
+
+def time_runs(infer: Callable[[], Any], warmup: int, runs: int, budget_s: float,
+              spare_cpus: float = 0.0) -> list[Timing]:
+    """Every timed call of `infer` after `warmup` untimed ones.
+
+    Calls go on until `runs` uncontended ones are done, or `budget_s` has passed
+    with at least `MIN_RUNS` uncontended ones; contended calls are retried until
+    twice the budget has passed (and at least `MIN_RUNS` calls are made).
+    """
     for _ in range(warmup):
         infer()
     least = min(MIN_RUNS, runs)
-    times: list[float] = []
+    timings: list[Timing] = []
     start = time.perf_counter()
-    while len(times) < runs and (len(times) < least or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        infer()
-        times.append(time.perf_counter() - t0)
-    return times
+    while True:
+        timings.append(timed_call(infer, spare_cpus))
+        clean = sum(not t.contended for t in timings)
+        elapsed = time.perf_counter() - start
+        if clean >= runs or (elapsed >= budget_s and clean >= least) or \
+                (elapsed >= 2 * budget_s and len(timings) >= least):
+            return timings
 
 
 def latency_stats(times_s: Sequence[float], batch: int) -> dict[str, Any]:
@@ -384,14 +480,22 @@ def run_worker_spec(spec: dict[str, Any]) -> dict[str, Any]:
         for batch in spec["batch_sizes"]:
             image = np.random.default_rng(batch).standard_normal((batch, 3, size, size), dtype=np.float32)
             resettable = _reset_peak_rss()
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            times = time_runs(lambda image=image: infer(image), spec["warmup"], spec["runs"], spec["budget_s"])
-            cpu_warm_and_timed = time.process_time() - cpu0
-            wall = time.perf_counter() - wall0
-            stats = latency_stats(times, batch)
-            stats["peak_rss_mib"] = _peak_rss_mib()
-            stats["peak_rss_scope"] = "this batch size" if resettable else "process lifetime"
-            stats["cpu_busy"] = cpu_warm_and_timed / wall if wall > 0 else None
+            timings = time_runs(lambda image=image: infer(image), spec["warmup"], spec["runs"], spec["budget_s"],
+                                spare_cpus=max(0, available_cpus() - threads))
+            clean = [t for t in timings if not t.contended]
+            # Too few quiet runs: report them all, flagged, rather than nothing.
+            used = clean if len(clean) >= min(MIN_RUNS, spec["runs"]) else timings
+            stats = latency_stats([t.seconds for t in used], batch)
+            wall = sum(t.seconds for t in used)
+            others = [t.others_cpu_s for t in used if t.others_cpu_s is not None]
+            stats.update({
+                "peak_rss_mib": _peak_rss_mib(),
+                "peak_rss_scope": "this batch size" if resettable else "process lifetime",
+                "cpu_busy": sum(t.own_cpu_s for t in used) / wall if wall > 0 else None,
+                "others_cpu_busy": sum(others) / wall if others and wall > 0 else None,
+                "runs_discarded": len(timings) - len(used),
+                "contended": used is not clean,
+            })
             results[str(batch)] = stats
     finally:
         close()
@@ -411,11 +515,11 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 
 def profile_onnx(path: str | os.PathLike, threads: int, runs: int = 3, batch: int = 1) -> dict[str, Any]:
-    """Where an ONNX graph's time goes on ONNX Runtime's CPU provider: mean ms per run by op type.
+    """Where an ONNX graph's time goes on ONNX Runtime's CPU provider: ms by op type.
 
     Uses ONNX Runtime's own profiler with all graph optimisations on, so the op
     types are those of the optimised graph (fused ops included). One warm-up run
-    is left out. Returns {"ms_per_op_type", "nodes_per_op_type", "runs"}.
+    is left out; each node counts with its fastest of `runs` runs. Returns {"ms_per_op_type", "nodes_per_op_type", "ms_per_node": {node: [op type, ms]}, "runs"}.
     """
     import onnxruntime as ort
 
@@ -434,17 +538,23 @@ def profile_onnx(path: str | os.PathLike, threads: int, runs: int = 3, batch: in
         events = json.loads(Path(session.end_profiling()).read_text())
     model_runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     after_warmup = model_runs[1] if len(model_runs) > 1 else 0
-    ms: dict[str, float] = {}
-    nodes: dict[str, set[str]] = {}
+    durations: dict[str, tuple[str, list[float]]] = {}  # node -> (op type, ms in each timed run)
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         op = event.get("args", {}).get("op_name", "?")
-        nodes.setdefault(op, set()).add(event["name"])
+        _, times = durations.setdefault(event["name"][: -len("_kernel_time")], (op, []))
         if event["ts"] >= after_warmup:
-            ms[op] = ms.get(op, 0.0) + event["dur"] / 1e3 / runs
-    return {"ms_per_op_type": dict(sorted(ms.items(), key=lambda kv: -kv[1])),
-            "nodes_per_op_type": {op: len(names) for op, names in nodes.items()}, "runs": runs}
+            times.append(event["dur"] / 1e3)
+    # Each node's fastest run: on a shared machine, other processes only ever add time.
+    per_node = {name: [op, min(times) if times else 0.0] for name, (op, times) in durations.items()}
+    ms: dict[str, float] = {}
+    nodes: dict[str, int] = {}
+    for op, fastest in per_node.values():
+        ms[op] = ms.get(op, 0.0) + fastest
+        nodes[op] = nodes.get(op, 0) + 1
+    return {"ms_per_op_type": dict(sorted(ms.items(), key=lambda kv: -kv[1])), "nodes_per_op_type": nodes,
+            "ms_per_node": per_node, "runs": runs}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -513,7 +623,7 @@ def onnx_target(name: str, path: Path, status: str = UNCHECKED, count: bool = Tr
 # ----------------------------------------------------------------------------- running
 
 
-def run_target(target: Target, opts: BenchOptions, input_size: int, say: Say) -> dict[str, Any]:
+def run_target(target: Target, opts: BenchOptions, input_size: int) -> dict[str, Any]:
     """Time `target` in a fresh worker process; returns the worker's result (or {"error": ...})."""
     threads = opts.thread_count
     spec = {"kind": target.kind, "load": target.load, "threads": threads, "input_size": input_size,
@@ -575,7 +685,7 @@ def benchmark(targets: Sequence[Target], opts: BenchOptions, *, input_size: int,
         batches = ",".join(str(b) for b in target.batch_sizes or opts.batch_sizes)
         say(f"[bench] {target.name}: batch {batches}")
         started = time.perf_counter()
-        result = run_target(target, opts, input_size, say)
+        result = run_target(target, opts, input_size)
         if "error" in result:
             say(f"[bench] {target.name}: {result['error']}")
         else:
@@ -713,8 +823,18 @@ def _num(value, fmt: str = ".1f") -> str:
     return "" if value is None else format(value, fmt)
 
 
-PERF_HEADER = ["format", "precision", "status", "size MiB", "batch", "p50 ms", "p90 ms", "p99 ms", "runs",
+PERF_HEADER = ["format", "precision", "status", "size MiB", "batch", "min ms", "p50 ms", "p90 ms", "p99 ms", "runs",
                "img/s", "GFLOP/s", "of matmul", "peak RSS MiB", "cpu busy"]
+
+
+def runs_cell(row: dict[str, Any]) -> str:
+    """Runs kept, '+N' discarded as contended; '!' when too few quiet runs and the contended ones were kept."""
+    if row.get("runs") is None:
+        return ""
+    text = str(row["runs"])
+    if row.get("contended"):
+        return text + "!"
+    return text + (f" (+{row['runs_discarded']})" if row.get("runs_discarded") else "")
 
 
 def perf_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -724,8 +844,8 @@ def perf_rows(result: dict[str, Any]) -> list[list[str]]:
         precision = row["precision_requested"] if executed == row["precision_requested"] else \
             f"{row['precision_requested']} (ran {executed})"
         out.append([row["name"], precision, row["status"], _num(row["size_mib"]), _num(row["batch_size"], "d"),
-                    _num(row.get("p50_ms")), _num(row.get("p90_ms")), _num(row.get("p99_ms")),
-                    _num(row.get("runs"), "d"), _num(row.get("images_per_s"), ".2f"),
+                    _num(row.get("min_ms")), _num(row.get("p50_ms")), _num(row.get("p90_ms")), _num(row.get("p99_ms")),
+                    runs_cell(row), _num(row.get("images_per_s"), ".2f"),
                     _num(row.get("achieved_gflops")), _num(row.get("fraction_of_matmul"), ".0%"),
                     _num(row.get("peak_rss_mib"), ".0f"), _num(row.get("cpu_busy"), ".2f")])
     return out
@@ -830,8 +950,10 @@ MEASUREMENT_NOTES = (
     "img/s is batch x runs / timed seconds; GFLOP/s is the model's FLOPs (counted once from the fp32 ONNX "
     "graph) x img/s, and \"of matmul\" divides it by this machine's fp32 sgemm rate. Peak RSS is the worker "
     "process's resident-set high-water mark (VmHWM), reset after loading and before each batch size: it "
-    "includes the interpreter, the runtime and the loaded model. \"cpu busy\" is the worker's CPU seconds per "
-    "wall second while timing (at most the thread count; lower means other processes took CPU time)."
+    "includes the interpreter, the runtime and the loaded model. A run during which other processes (or the "
+    "hypervisor) took more than a tenth of a CPU is discarded and retried a few times: \"runs\" counts the kept "
+    "runs, (+N) the discarded ones, and ! marks a row that never got 3 quiet runs and keeps the contended ones. "
+    "\"cpu busy\" is the worker's CPU seconds per wall second over the kept runs (at most the thread count)."
 )
 
 

@@ -47,6 +47,7 @@ from export.bench import (
     onnx_target,
     perf_rows,
     profile_onnx,
+    runs_cell,
     torch_targets,
     write_json,
 )
@@ -176,10 +177,10 @@ def _row(result: dict, name: str, batch: int) -> dict | None:
     return next((r for r in result["rows"] if r["name"] == name and r.get("batch_size") == batch), None)
 
 
-def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
-    if not numerator or not denominator or "p50_ms" not in numerator or "p50_ms" not in denominator:
+def _ratio(numerator: dict | None, denominator: dict | None, key: str = "p50_ms") -> float | None:
+    if not numerator or not denominator or key not in numerator or key not in denominator:
         return None
-    return numerator["p50_ms"] / denominator["p50_ms"]
+    return numerator[key] / denominator[key]
 
 
 def _verdict(value: float | None, target: float, at_least: bool) -> str:
@@ -210,6 +211,56 @@ def _profile_table(profiles: dict[str, dict], top: int = 12) -> str:
     return md_table(header, rows)
 
 
+CATEGORIES = (
+    "shared full-rank linear layers",
+    "attention QK^T and PV",
+    "patch merging",
+    "rank-64 correction (W x = W' x - s B A x)",
+    "rank-4 task factors",
+    "decoder convolutions",
+    "everything else: norms, GELU, adds, reshapes, resize",
+)
+
+
+def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
+    """Profiled ms per run of a graph from `export.fold`, by what its nodes compute (read from initializer names)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    category_of = {}
+    for node in model.graph.node:
+        weights = [i for i in node.input if i in initializers]
+        category = CATEGORIES[-1]
+        if node.op_type in ("MatMul", "Gemm"):
+            if any("task_branches." in w for w in weights):
+                category = CATEGORIES[4]
+            elif any("lora_correction" in w for w in weights):
+                category = CATEGORIES[3]
+            elif any(".merging." in w for w in weights):
+                category = CATEGORIES[2]
+            elif weights:
+                category = CATEGORIES[0]
+            else:
+                category = CATEGORIES[1]
+        elif node.op_type == "Conv":
+            category = CATEGORIES[5]
+        category_of[node.name] = category
+    # ORT's fused nodes have new names: its FusedMatMul is the scaled QK^T, FusedConv a decoder conv + ReLU.
+    fused = {"FusedMatMul": CATEGORIES[1], "FusedConv": CATEGORIES[5], "NchwcConv": CATEGORIES[5]}
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for name, (op, ms) in profile["ms_per_node"].items():
+        totals[category_of.get(name) or fused.get(op, CATEGORIES[-1])] += ms
+    return totals
+
+
+def _breakdown_table(breakdowns: dict[str, dict[str, float]]) -> str:
+    names = list(breakdowns)
+    rows = [[c, *(f"{breakdowns[n][c]:.0f}" for n in names)] for c in CATEGORIES]
+    rows.append(["all nodes", *(f"{sum(breakdowns[n].values()):.0f}" for n in names)])
+    return md_table(["what", *(f"{n} ms" for n in names)], rows)
+
+
 def profile_findings(profiles: dict[str, dict]) -> list[str]:
     """The op types that make the difference between the merged graph and the two others, in words."""
     ms = {name: p["ms_per_op_type"] for name, p in profiles.items()}
@@ -221,8 +272,9 @@ def profile_findings(profiles: dict[str, dict]) -> list[str]:
         return ", ".join(f"{op} {d:+.0f} ms" for op, d in diff[:5])
 
     return [
-        f"Kernel time per run: merged {total['merged']:.0f} ms, unmerged {total['unmerged']:.0f} ms, "
-        f"adapter-free {total['adapter-free']:.0f} ms.",
+        f"Summed kernel time: merged {total['merged']:.0f} ms, unmerged {total['unmerged']:.0f} ms, "
+        f"adapter-free {total['adapter-free']:.0f} ms (ratios {total['unmerged'] / total['merged']:.2f}x and "
+        f"{total['merged'] / total['adapter-free']:.2f}x).",
         f"Merged minus adapter-free, largest differences by op type: {differences('merged', 'adapter-free')}.",
         f"Merged minus unmerged, largest differences by op type: {differences('merged', 'unmerged')}.",
     ]
@@ -237,11 +289,22 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     free = _row(result, "onnx-adapter-free", 1)
     eager = _row(result, "pytorch-unmerged", 1)
     ov_fp32, ov_int8 = _row(result, "openvino-fp32", 1), _row(result, "openvino-int8", 1)
-    speedup_vs_unmerged = _ratio(unmerged, merged)
-    slowdown_vs_free = _ratio(merged, free)
-    int8_vs_eager, int8_vs_fp32 = _ratio(eager, ov_int8), _ratio(ov_fp32, ov_int8)
+
+    def target_row(text: str, slow: dict | None, fast: dict | None, target: float, at_least: bool) -> str:
+        """One target: the ratio of p50s and of fastest runs (`slow` / `fast`), each with its verdict."""
+        cells = []
+        for key in ("p50_ms", "min_ms"):
+            value = _ratio(slow, fast, key) if at_least else _ratio(fast, slow, key)
+            cells += [f"{fmt(value)}x", _verdict(value, target, at_least)]
+        return f"| {text} | " + " | ".join(cells) + " |"
+
+    target_header = ["| target | p50 ratio | verdict | fastest-run ratio | verdict |", "|---|---|---|---|---|"]
     load = machine["load_average"]
     busy = [r["cpu_busy"] for r in result["rows"] if r.get("cpu_busy") is not None]
+    discarded = sum(r.get("runs_discarded") or 0 for r in result["rows"])
+    flagged = [f"{r['name']} b{r['batch_size']}" for r in result["rows"] if r.get("contended")]
+    contended_rows = (f"; these rows never got 3 quiet runs and keep contended ones (marked !): {', '.join(flagged)}"
+                      if flagged else "; every row has at least 3 quiet runs")
 
     def fmt(x: float | None, spec: str = ".2f") -> str:
         return "n/a" if x is None else format(x, spec)
@@ -249,8 +312,8 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     lines = [
         "# Benchmarks",
         "",
-        f"Command: `{extra['command']}` (what `make bench` runs), {extra['minutes']:.0f} minutes, "
-        f"finished {result['created']}.  ",
+        f"Command: `{extra['command']}`" + (" (`make bench`)" if extra["command"].endswith("bench_docs") else "")
+        + f", {extra['minutes']:.0f} minutes, finished {result['created']}.  ",
         f"Machine: {machine['cpu']}, {machine['cpus_available']} CPU(s), {machine['threads']} thread(s) per engine, "
         f"fp32 sgemm {matmul['reference_gflops']:.0f} GFLOP/s; details in section 3.",
         "",
@@ -261,12 +324,13 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
         "columns compare each engine with the PyTorch model on synthetic images, not with ground truth that means "
         f"anything. Model FLOPs (2 x MACs of MatMul/Gemm/Conv in the merged fp32 graph): {flops / 1e9:.1f} G per image.",
         "",
-        f"**Shared machine.** Other jobs ran on these {machine['cpus_available']} CPUs during the run: load average "
-        f"{load['start']} at the start and {load['end']} at the end; the timed workers got {fmt(min(busy) if busy else None)}"
-        f" to {fmt(max(busy) if busy else None)} CPU-seconds per second (the ideal is {machine['threads']}), and the "
-        f"sgemm rate was {matmul['start']['gflops']:.0f} GFLOP/s at the start and {matmul['end']['gflops']:.0f} at "
-        "the end. Absolute numbers are therefore pessimistic and noisy; ratios between rows are more telling, and "
-        "re-running `make bench` on an idle machine is the way to get clean numbers.",
+        f"**Machine load.** This is a shared {machine['cpus_available']}-CPU machine: load average {load['start']} "
+        f"at the start and {load['end']} at the end (1/5/15 min); the sgemm rate was "
+        f"{matmul['start']['gflops']:.0f} GFLOP/s at the start and {matmul['end']['gflops']:.0f} at the end; the "
+        f"timed workers used {fmt(min(busy) if busy else None)} to {fmt(max(busy) if busy else None)} CPU-seconds "
+        f"per second (at most {machine['threads']}). {discarded} timed runs were discarded because other processes "
+        f"took CPU time during them{contended_rows}. With a few runs per row, differences under about 10% "
+        "between rows are within the noise.",
         "",
         "## 1. Export: merged vs unmerged vs adapter-free (ONNX Runtime CPU, fp32, batch 1)",
         "",
@@ -279,30 +343,40 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
         "streams, every task reads the shared features), exported with the same exporter.",
         "",
     ]
-    header = ["graph", "GFLOP/img", "size MiB", "p50 ms", "p90 ms", "p99 ms", "runs", "img/s", "of matmul", "peak RSS MiB"]
+    header = ["graph", "GFLOP/img", "size MiB", "min ms", "p50 ms", "p90 ms", "p99 ms", "runs", "img/s", "of matmul",
+              "peak RSS MiB"]
     rows = []
     for label, row, gflop in (("merged", merged, flops), ("unmerged", unmerged, extra["flops"]["unmerged"]),
                               ("adapter-free", free, extra["flops"]["adapter-free"])):
         if row is None or "p50_ms" not in row:
-            rows.append([label, fmt(gflop / 1e9, ".1f"), "", "not measured", "", "", "", "", "", ""])
+            rows.append([label, fmt(gflop / 1e9, ".1f"), "", "not measured", "", "", "", "", "", "", ""])
             continue
-        rows.append([label, fmt(gflop / 1e9, ".1f"), fmt(row["size_mib"], ".1f"), fmt(row["p50_ms"], ".0f"),
-                     fmt(row["p90_ms"], ".0f"), fmt(row["p99_ms"], ".0f"), str(row["runs"]),
+        rows.append([label, fmt(gflop / 1e9, ".1f"), fmt(row["size_mib"], ".1f"), fmt(row["min_ms"], ".0f"),
+                     fmt(row["p50_ms"], ".0f"),
+                     fmt(row["p90_ms"], ".0f"), fmt(row["p99_ms"], ".0f"), runs_cell(row),
                      fmt(row["images_per_s"]), fmt(row.get("fraction_of_matmul"), ".0%"), fmt(row["peak_rss_mib"], ".0f")])
-    lines += [md_table(header, rows), "",
-              "| target | measured | verdict |", "|---|---|---|",
-              f"| merged >= {MERGED_VS_UNMERGED}x faster than unmerged | {fmt(speedup_vs_unmerged)}x | "
-              f"{_verdict(speedup_vs_unmerged, MERGED_VS_UNMERGED, True)} |",
-              f"| merged <= {MERGED_VS_FREE}x slower than adapter-free | {fmt(slowdown_vs_free)}x | "
-              f"{_verdict(slowdown_vs_free, MERGED_VS_FREE, False)} |",
-              "", "Ratios are of p50 latencies measured in the same run.", ""]
+    lines += [md_table(header, rows), "", *target_header,
+              target_row(f"merged >= {MERGED_VS_UNMERGED}x faster than unmerged", unmerged, merged,
+                         MERGED_VS_UNMERGED, True),
+              target_row(f"merged <= {MERGED_VS_FREE}x slower than adapter-free", free, merged, MERGED_VS_FREE, False),
+              "",
+              "Ratios of the median and of the fastest timed run, from the same run of this page; when rows are "
+              "marked ! (contended), the fastest runs are the better estimate. For scale, the FLOP ratios are "
+              f"unmerged/merged {extra['flops']['unmerged'] / flops:.3f} and merged/adapter-free "
+              f"{flops / extra['flops']['adapter-free']:.3f}: at equal FLOP rates the merged graph would be "
+              f"{extra['flops']['unmerged'] / flops:.2f}x faster than the unmerged one and "
+              f"{flops / extra['flops']['adapter-free']:.2f}x slower than the adapter-free one. The adapter-free "
+              "network has no task-specific streams at all, while MTLoRA runs four task streams through the last "
+              "block of every stage and four more patch mergings; the merged export has to do that work.", ""]
     if extra.get("profiles"):
         lines += ["### Where the time goes", "",
-                  f"ONNX Runtime's profiler, mean ms per batch-1 run by op type after its graph optimisations "
-                  f"({extra['profile_runs']} runs each, {machine['threads']} threads, in the benchmarking process):",
+                  f"ONNX Runtime's profiler at batch 1, ms by op type after its graph optimisations, each node "
+                  f"counted with its fastest of {extra['profile_runs']} runs (other processes only add time), "
+                  f"{machine['threads']} threads:",
                   "", _profile_table(extra["profiles"]), ""]
         lines += [f"- {finding}" for finding in extra.get("findings", [])]
-        lines.append("")
+        lines += ["", "The same time by what the nodes compute (read from the exporter's initializer names):", "",
+                  _breakdown_table(extra["breakdown"]), ""]
 
     lines += [
         "## 2. Engines",
@@ -317,11 +391,11 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     ]
     header_acc, rows_acc = accuracy_rows(result)
     lines += [md_table(header_acc, [r for r in rows_acc if not r[0].startswith("onnx-")]), "",
-              "| target (batch 1, p50) | measured | verdict |", "|---|---|---|",
-              f"| OpenVINO INT8 >= {INT8_VS_EAGER:g}x faster than PyTorch eager | {fmt(int8_vs_eager)}x | "
-              f"{_verdict(int8_vs_eager, INT8_VS_EAGER, True)} |",
-              f"| OpenVINO INT8 >= {INT8_VS_FP32}x faster than OpenVINO fp32 | {fmt(int8_vs_fp32)}x | "
-              f"{_verdict(int8_vs_fp32, INT8_VS_FP32, True)} |", ""]
+              "Targets at batch 1:", "", *target_header,
+              target_row(f"OpenVINO INT8 >= {INT8_VS_EAGER:g}x faster than PyTorch eager", eager, ov_int8,
+                         INT8_VS_EAGER, True),
+              target_row(f"OpenVINO INT8 >= {INT8_VS_FP32}x faster than OpenVINO fp32", ov_fp32, ov_int8,
+                         INT8_VS_FP32, True), ""]
     b8_fp32, b8_int8 = _row(result, "openvino-fp32", 8), _row(result, "openvino-int8", 8)
     if b8_fp32 and b8_int8 and "images_per_s" in b8_fp32 and "images_per_s" in b8_int8:
         lines += [f"At batch 8, OpenVINO INT8 gives {b8_int8['images_per_s'] / b8_fp32['images_per_s']:.2f}x "
@@ -346,7 +420,7 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
         f"the start of the run, {matmul['end']['gflops']:.1f} at the end (best of {matmul['start']['repeats']}); "
         f"\"of matmul\" divides by {matmul['reference_gflops']:.1f}.",
         f"- load average (1/5/15 min): {load['start']} at the start, {load['end']} at the end.",
-        f"- command: `{extra['command']}`; raw results: `build/bench-docs/bench.json`.",
+        f"- command: `{extra['command']}`; raw results: `{extra['json']}`.",
         "",
     ]
     write_atomic(path, "\n".join(lines))
@@ -399,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say("[bench-docs] profiling the three fp32 graphs with ONNX Runtime")
     threads = opts.thread_count
-    profile_runs = 3
+    profile_runs = 5
     profiles = {
         "merged": profile_onnx(build_dir / "export" / "model.onnx", threads, profile_runs),
         "unmerged": profile_onnx(unmerged_onnx, threads, profile_runs),
@@ -414,19 +488,24 @@ def main(argv: list[str] | None = None) -> int:
         "calib_note": CALIB_NOTE,
         "profiles": profiles,
         "findings": profile_findings(profiles),
+        "breakdown": {"merged": time_breakdown(build_dir / "export" / "model.onnx", profiles["merged"]),
+                      "adapter-free": time_breakdown(free_onnx, profiles["adapter-free"])},
         "profile_runs": profile_runs,
         "engine_notes": [f"{k}: failed to build: {v}" for k, v in failures.items()],
     }
+    json_path = work / "bench.json"
+    extra["json"] = str(json_path.relative_to(ROOT)) if json_path.is_relative_to(ROOT) else str(json_path)
     result["bench_docs"] = {k: v for k, v in extra.items() if k != "command"}
-    write_json(result, work / "bench.json")
+    write_json(result, json_path)
     write_page(result, extra, args.page)
     say(f"[bench-docs] wrote {args.page} ({extra['minutes']:.1f} min)")
     return 0
 
 
 CALIB_NOTE = (
-    "few, because ONNX Runtime's percentile calibrator keeps every intermediate tensor of every calibration image "
-    "in memory before building its histograms, and at 448x448 32 images exhausted this machine's 24 GiB"
+    "few, to keep `make bench` near 20 minutes on two cores, and because ONNX Runtime's histogram calibration at "
+    "448x448 holds every intermediate tensor of every image of a collection pass in memory (12 GiB peak for 8 "
+    "images here; 32 in one pass exhausted the machine's 24 GiB)."
 )
 
 

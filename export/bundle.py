@@ -16,6 +16,7 @@ on the bundled evaluation images.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -119,11 +120,18 @@ def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     archive = out.with_name(out.name + ".tar.gz")
-    partial = archive.with_name(f".{archive.name}.partial")
+    partial = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
     say(f"[bundle] writing {archive}")
-    with tarfile.open(partial, "w:gz") as tar:
-        tar.add(out, arcname=out.name)
-    partial.replace(archive)
+    try:
+        with open(partial, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w:gz") as tar:
+                tar.add(out, arcname=out.name)
+            fh.flush()
+            os.fsync(fh.fileno())
+        partial.replace(archive)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return out, archive
 
 
@@ -136,9 +144,11 @@ def verify_bundle(bundle: Path) -> dict:
         raise ExportError(f"{bundle}: not a bundle (no {BUNDLE_FILE}); make one with 'mtlora-export bundle'") from None
     except (OSError, ValueError) as err:
         raise ExportError(f"{index}: corrupt ({err})") from None
-    if data.get("format") != BUNDLE_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("files"), dict):
         raise ExportError(f"{index}: not an mtlora-export bundle index")
     for rel, digest in data["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ExportError(f"{index}: lists {rel!r}, which is outside the bundle")
         path = bundle / rel
         if not path.is_file():
             raise ExportError(f"{path}: listed in {BUNDLE_FILE} but missing; copy the bundle again")

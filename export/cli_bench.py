@@ -80,6 +80,10 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
             raise click.BadParameter(f"SOURCE is a build directory; {build_flags[0]} applies only when building "
                                      "a checkpoint", param_hint="SOURCE")
         build_dir = path
+        from export.pipeline import verify_build
+
+        # Time only what was built: a modified or truncated engine is refused, not benchmarked.
+        verify_build(build_dir)
     else:
         build_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="mtlora-bench-build-"))
         _say(f"[bench] building {path} into {build_dir}")

@@ -44,6 +44,8 @@ def _engine_entry(engine: Path):
 @click.option("--threads", type=click.IntRange(min=1))
 def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> None:
     """Run ENGINE (an engine directory of a build) on images and write per-task outputs."""
+    import io
+
     import numpy as np
     from PIL import Image
 
@@ -52,14 +54,14 @@ def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> 
     from export.visualize import render_output
     from mtlora.data.preprocess import load_image, preprocess
 
+    out_path = Path(out)
+    if out_path.suffix != ".npz":
+        raise click.BadParameter("must end in .npz", param_hint="--out")
     entry = _engine_entry(Path(engine))
     entry.artifacts(verify=True)
     model = entry.model
     if not model:
         raise ExportError(f"{engine}: engine.json lacks the model's input description; rebuild the engine")
-    out_path = Path(out)
-    if out_path.suffix != ".npz":
-        raise click.BadParameter("must end in .npz", param_hint="--out")
     size = int(model["input_size"])
     batch = np.stack([preprocess(load_image(p), size=(size, size), mean=model["mean"], std=model["std"])
                       for p in images]).astype(np.float32)
@@ -67,15 +69,19 @@ def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> 
         outputs = runner.infer({"image": batch})
         seconds = runner.timings[-1] if runner.timings else float("nan")
     outputs = {t: np.asarray(outputs[t]) for t in model["tasks"]}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    import io
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from mtlora.fileio import why_not_writable
 
+        raise ExportError(f"--out {out}: cannot create its directory ({why_not_writable(out_path, err)})") from None
     buffer = io.BytesIO()
     np.savez(buffer, **outputs)
     write_atomic(out_path, buffer.getvalue())
     for i, image in enumerate(images):
         for task, value in outputs.items():
-            png = out_path.with_name(f"{out_path.stem}_{Path(image).stem}_{task}.png")
-            Image.fromarray(render_output(task, value[i])).save(png)
+            png = io.BytesIO()
+            Image.fromarray(render_output(task, value[i])).save(png, format="PNG")
+            write_atomic(out_path.with_name(f"{out_path.stem}_{Path(image).stem}_{task}.png"), png.getvalue())
     shapes = ", ".join(f"{t} {tuple(v.shape)}" for t, v in outputs.items())
     click.echo(f"{entry.key}: {len(images)} image(s) in {1000 * seconds:.1f} ms -> {out_path} ({shapes})")

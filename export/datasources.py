@@ -86,6 +86,19 @@ def _source(spec: DataSpec, default_split: str, tasks: list[str], size: int, cou
     return NYUDMT(spec.root, split=split, tasks=[t for t in tasks if t in NYUD_TASKS]), NYUD_TASKS
 
 
+def count_samples(spec: DataSpec, *, limit: int, default_split: str) -> int:
+    """How many samples `iter_samples(spec, limit=limit, ...)` yields, without reading any of them."""
+    if spec.kind == "images":
+        return min(limit, len(image_files(spec.root)))
+    if spec.kind == "evalset":
+        images, _, _ = read_evalset(spec.root)
+        return min(limit, len(images))
+    if spec.kind == "synthetic":
+        return limit
+    source, _ = _source(spec, default_split, [], 0, limit)
+    return min(limit, len(source))
+
+
 @dataclass
 class Sample:
     image: np.ndarray  # (3, H, W) float32, normalised
@@ -164,12 +177,27 @@ def write_evalset(path: Path, images: np.ndarray, references: Mapping[str, np.nd
     write_atomic(path, buffer.getvalue())
 
 
-def read_evalset(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz, read without pickle: a corrupt, truncated or pickled file is one ExportError."""
+    import zipfile
+    import zlib
+
     try:
-        with np.load(path) as data:
-            images = data["input"]
-            references = {k[4:]: data[k] for k in data.files if k.startswith("ref_")}
-            labels = {k[6:]: data[k] for k in data.files if k.startswith("label_")}
-    except (OSError, ValueError, KeyError) as err:
-        raise ExportError(f"{path}: not a readable evaluation set ({err})") from None
+        # allow_pickle stays False: a pickled file or object array is refused, never unpickled.
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise ExportError(f"{path}: not a readable {what} ({err})") from None
+
+
+def read_evalset(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    data = read_npz(path, "evaluation set")
+    if "input" not in data:
+        raise ExportError(f"{path}: not a readable evaluation set (no 'input' array)")
+    images = data["input"]
+    references = {k[4:]: v for k, v in data.items() if k.startswith("ref_")}
+    labels = {k[6:]: v for k, v in data.items() if k.startswith("label_")}
     return images, references, labels

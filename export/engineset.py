@@ -53,11 +53,14 @@ class EngineEntry:
     def read(cls, directory: Path) -> EngineEntry:
         try:
             data = json.loads((directory / ENGINE_INDEX).read_text())
-            return cls(data["backend"], data["precision"], directory, dict(data["files"]), dict(data.get("model", {})))
+            entry = cls(data["backend"], data["precision"], directory, dict(data["files"]), dict(data.get("model", {})))
         except FileNotFoundError:
             raise ExportError(f"{directory}: no {ENGINE_INDEX}; this engine build did not finish, rebuild it") from None
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise ExportError(f"{directory / ENGINE_INDEX}: corrupt ({err}); rebuild the engine") from None
+        if any(not isinstance(f, str) or Path(f).name != f for f in entry.files.values()):
+            raise ExportError(f"{directory / ENGINE_INDEX}: names files outside its directory; rebuild the engine")
+        return entry
 
 
 def list_engines(build_dir: Path) -> list[EngineEntry]:

@@ -57,7 +57,10 @@ def publish_mode(path: str | os.PathLike) -> None:
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
     """Readers see the old file or the whole new one, never half of it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ExportError(f"{path}: cannot write here ({err.strerror or err}); choose another output path") from None
     try:
         publish_mode(tmp)
         with os.fdopen(fd, "wb") as fh:
@@ -143,6 +146,13 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{path}: corrupt manifest ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
         raise ExportError(f"{path}: not an mtlora-export manifest (expected format {MANIFEST_FORMAT})")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+        and not Path(name).is_absolute() and ".." not in Path(name).parts
+        for name, e in files.items()
+    ):
+        raise ExportError(f"{path}: corrupt manifest (every file needs a relative name, a sha256 and a size)")
     return manifest
 
 

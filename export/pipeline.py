@@ -16,6 +16,7 @@ interrupted build never leaves a step that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -33,9 +34,11 @@ from export.datasources import (
     EVALSET_FILE,
     DataSpec,
     batched,
+    count_samples,
     iter_samples,
     parse_spec,
     read_evalset,
+    read_npz,
     write_evalset,
 )
 from export.engineset import ENGINES_DIR, EngineEntry, list_engines, load_runner
@@ -139,6 +142,9 @@ def export_step(opts: BuildOptions, checkpoint: Path, out: Path, say: Say, reuse
             return target
         except ExportError as err:
             say(f"[export] cached export is damaged ({err}); exporting again")
+    for stale in out.glob(f".{EXPORT_DIR}.*.partial"):
+        # Left by a killed export; like the engine steps, a build has its directory to itself.
+        shutil.rmtree(stale, ignore_errors=True)
     say(f"[export] {checkpoint} -> {target} ({opts.layout} layout)")
     export_checkpoint(checkpoint, target, layout=opts.layout, tasks=opts.tasks, img_size=opts.img_size,
                       progress=lambda line: say(f"[export] {line}"))
@@ -195,12 +201,18 @@ class TorchReference:
         return {t: out[t].numpy() for t in self.tasks}
 
 
-def eval_batches(opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Path, reference, say: Say) -> Iterator[EvalBatch]:
-    """reference.npz first, then the evaluation set: references from PyTorch, or the stored evalset."""
+def eval_batches(opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Path, reference, say: Say,
+                 keep_evalset: bool = True) -> Iterator[EvalBatch]:
+    """reference.npz first, then the evaluation set: references from PyTorch, or the stored evalset.
+
+    With `keep_evalset` (a build, not a check) a small labelled sample is saved as evalset.npz."""
     ref_file = export_dir / "reference.npz"
     if ref_file.is_file():
-        with np.load(ref_file) as data:
-            yield EvalBatch(image=data["input"].astype(np.float32), reference={t: data[t] for t in info.tasks})
+        data = read_npz(ref_file, "reference file")
+        missing = [k for k in ("input", *info.tasks) if k not in data]
+        if missing:
+            raise ExportError(f"{ref_file}: lacks the array(s) {', '.join(missing)}; re-run the export")
+        yield EvalBatch(image=data["input"].astype(np.float32), reference={t: data[t] for t in info.tasks})
     if reference is None:
         evalset = Path(opts.eval_data) if opts.eval_data and opts.eval_data.endswith(".npz") else out / EVALSET_FILE
         if not evalset.is_file():
@@ -236,7 +248,7 @@ def eval_batches(opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Pat
             for t, v in labels.items():
                 kept_labels.setdefault(t, []).append(v)
         yield EvalBatch(images, refs, labels or None)
-    if kept_images:
+    if kept_images and keep_evalset:
         write_evalset(out / EVALSET_FILE, np.concatenate(kept_images),
                       {t: np.concatenate(v) for t, v in kept_refs.items()},
                       {t: np.concatenate(v) for t, v in kept_labels.items() if len(v) == len(kept_images)})
@@ -245,36 +257,70 @@ def eval_batches(opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Pat
 # ----------------------------------------------------------------------------- calibration data
 
 
+def _calibration_spec(opts: BuildOptions) -> DataSpec:
+    spec = parse_spec(opts.calib_data or opts.eval_data or "synthetic")
+    if spec.kind in ("evalset", "images"):
+        return spec
+    return DataSpec(spec.kind, spec.root, spec.split or "train")
+
+
+def check_calibration_data(opts: BuildOptions) -> int:
+    """The number of calibration samples the build will use; refuses too few before any work is done."""
+    from calibration.data import MIN_SAMPLES
+
+    spec = _calibration_spec(opts)
+    count = count_samples(spec, limit=opts.calib_samples, default_split="train")
+    if count < MIN_SAMPLES:
+        more = (f"--calib-samples {opts.calib_samples}" if count == opts.calib_samples
+                else f"{spec.describe()} holds {count}")
+        raise ExportError(f"int8 calibration needs at least {MIN_SAMPLES} samples, got {count} ({more}); "
+                          "int8 ranges from fewer swing with every image")
+    return count
+
+
 def calibration_set(opts: BuildOptions, info: ModelInfo, say: Say):
+    """The calibration images as a re-iterable stream of feeds: one image is in memory at a time."""
     from calibration.data import CalibrationSet
 
-    spec_text = opts.calib_data or opts.eval_data or "synthetic"
-    spec = parse_spec(spec_text)
+    spec = _calibration_spec(opts)
     if spec.kind == "evalset":
         images, _, _ = read_evalset(spec.root)
         return CalibrationSet.from_arrays(images[: opts.calib_samples].astype(np.float32), input_name="image")
-    split = spec.split or "train"
-    spec = DataSpec(spec.kind, spec.root, split if spec.kind != "images" else None)
-    say(f"[calibrate] {opts.calib_samples} samples from {spec.describe()}")
-    feeds = [{"image": s.image[None].astype(np.float32)} for s in iter_samples(
-        spec, task_channels={}, size=info.size, mean=info.mean, std=info.std, limit=opts.calib_samples,
-        default_split="train")]
-    return CalibrationSet.from_feeds(feeds)
+    count = check_calibration_data(opts)
+    say(f"[calibrate] {count} samples from {spec.describe()}")
+
+    def iterate():
+        for sample in iter_samples(spec, task_channels={}, size=info.size, mean=info.mean, std=info.std,
+                                   limit=opts.calib_samples, default_split="train"):
+            yield {"image": sample.image[None].astype(np.float32)}
+
+    return CalibrationSet.from_source(iterate, num_samples=count, input_names=["image"])
 
 
 def _head_calibration(backbone_onnx: Path, calibration, head_inputs: list[str]):
-    """Feeds for a split head: the backbone's real outputs on the calibration images (ONNX Runtime fp32)."""
+    """Feeds for a split head: the backbone's real outputs on the calibration images (ONNX Runtime fp32),
+    computed on the fly, one image at a time."""
     import onnxruntime as ort
 
     from calibration.data import CalibrationSet
 
     session = ort.InferenceSession(str(backbone_onnx), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    feeds = []
-    for feed in calibration:
-        outputs = dict(zip(names, session.run(None, feed), strict=True))
-        feeds.append({n: outputs[n].astype(np.float32) for n in head_inputs})
-    return CalibrationSet.from_feeds(feeds)
+
+    def iterate():
+        for feed in calibration:
+            outputs = dict(zip(names, session.run(None, feed), strict=True))
+            yield {n: outputs[n].astype(np.float32) for n in head_inputs}
+
+    def digest_items():
+        # The feeds are a pure function of the backbone and its calibration images.
+        yield calibration.fingerprint().encode()
+        yield sha256_file(backbone_onnx).encode()
+        yield f"onnxruntime {ort.__version__}".encode()
+
+    return CalibrationSet.from_source(iterate, num_samples=len(calibration), input_names=head_inputs,
+                                      settings={"head_inputs": head_inputs}, digest_items=digest_items,
+                                      min_samples=1)
 
 
 # ----------------------------------------------------------------------------- engine step
@@ -356,7 +402,7 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ModelInf
 
 
 def check_engines(entries: list[EngineEntry], opts: BuildOptions, info: ModelInfo, export_dir: Path, out: Path,
-                  reference, say: Say, tolerances: Tolerances, model_meta: dict) -> dict:
+                  reference, say: Say, tolerances: Tolerances, model_meta: dict, keep_evalset: bool = True) -> dict:
     """One pass over the evaluation data with every engine open; returns the report (also written)."""
     from contextlib import ExitStack
 
@@ -378,7 +424,7 @@ def check_engines(entries: list[EngineEntry], opts: BuildOptions, info: ModelInf
             }
         source = "pytorch" if reference is not None else "stored"
         count = 0
-        for batch in eval_batches(opts, info, export_dir, out, reference, say):
+        for batch in eval_batches(opts, info, export_dir, out, reference, say, keep_evalset):
             results = {}
             for key, runner in runners.items():
                 outputs = runner.infer({"image": batch.image})
@@ -431,8 +477,7 @@ def _torch_available() -> bool:
 
 
 def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
-    from export.sources import resolve_model
-
+    """Every check of the options and inputs that is cheap runs before anything is written under `opts.out`."""
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
@@ -441,11 +486,33 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     for backend in backends:
         for precision in precisions:
             BACKENDS[backend].check_precision(precision)
-    if opts.eval_data:
-        parse_spec(opts.eval_data)
-    if opts.calib_data:
-        parse_spec(opts.calib_data)
-    out.mkdir(parents=True, exist_ok=True)
+    for spec_text in (opts.eval_data, opts.calib_data):
+        if spec_text and parse_spec(spec_text).kind == "evalset":
+            read_evalset(Path(spec_text))  # a few images: an unreadable one is refused before any work
+    Tolerances.from_file(opts.tolerances)
+    if "int8" in precisions and not opts.from_bundle:
+        check_calibration_data(opts)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from mtlora.fileio import why_not_writable
+
+        raise ExportError(f"{out}: cannot create the build directory ({why_not_writable(out, err)}); "
+                          "choose another --out") from None
+    try:
+        return _run_build(opts, out, precisions, backends, say)
+    except BaseException:
+        if created:
+            # A build that failed before finishing any step leaves nothing behind.
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _run_build(opts: BuildOptions, out: Path, precisions: tuple[str, ...], backends: list[str], say: Say) -> BuildOutcome:
+    from export.sources import resolve_model
+
     reused: list[str] = []
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -491,25 +558,59 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     report = check_engines(entries, opts, info, export_dir, out, reference, say,
                            Tolerances.from_file(opts.tolerances), model_meta)
     timings["check"] = round(time.perf_counter() - t0, 2)
+    evalset = out / EVALSET_FILE
     write_atomic(out / BUILD_FILE, json.dumps({
         "options": asdict(opts), "backends": backends, "precisions": list(precisions), "source": source_line,
         "engines": [e.key for e in entries], "reused": reused, "seconds": timings, "passed": report["passed"],
+        "files": {EVALSET_FILE: sha256_file(evalset)} if evalset.is_file() else {},
     }, indent=2, sort_keys=True, default=str) + "\n")
     return BuildOutcome(out, report, reused)
+
+
+def read_build_record(build_dir: Path) -> dict:
+    """build.json of a build directory (plain JSON; anything else is refused with one line)."""
+    path = Path(build_dir) / BUILD_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{build_dir}: no {BUILD_FILE}; is this a build directory from 'mtlora-export build'?") from None
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path}: corrupt ({err})") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("options"), dict):
+        raise ExportError(f"{path}: not a build record written by 'mtlora-export build'")
+    return recorded
+
+
+def verify_build(build_dir: Path, export_dir: Path | None = None, recorded: dict | None = None) -> list[EngineEntry]:
+    """Check every file of a build against its SHA-256 before anything uses it: the export against
+    manifest.json, each engine against its sidecar, the evaluation set against build.json.
+    Raises (naming the file) on a missing, truncated or modified one; returns the engines."""
+    build_dir = Path(build_dir)
+    verify_manifest(export_dir if export_dir is not None else build_dir / EXPORT_DIR)
+    entries = list_engines(build_dir)
+    for entry in entries:
+        entry.artifacts(verify=True)
+    if recorded is None and (build_dir / BUILD_FILE).is_file():
+        recorded = read_build_record(build_dir)
+    for name, digest in ((recorded or {}).get("files") or {}).items():
+        path = build_dir / name
+        if not path.is_file():
+            raise ExportError(f"{path}: listed in {BUILD_FILE} but missing; re-run the build")
+        if sha256_file(path) != digest:
+            raise ExportError(f"{path}: modified or truncated (SHA-256 differs from {BUILD_FILE}); re-run the build")
+    return entries
 
 
 def run_check(build_dir: str, say: Say, eval_data: str | None = None, tolerances: str | None = None,
               threads: int | None = None) -> dict:
     """Re-run the accuracy checks of an existing build (with PyTorch if present, else stored references)."""
     out = Path(build_dir)
-    try:
-        recorded = json.loads((out / BUILD_FILE).read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{out}: no {BUILD_FILE}; is this a build directory from 'mtlora-export build'?") from None
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{out / BUILD_FILE}: corrupt ({err})") from None
+    recorded = read_build_record(out)
     options = recorded["options"]
-    opts = BuildOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    try:
+        opts = BuildOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    except TypeError as err:
+        raise ExportError(f"{out / BUILD_FILE}: not a build record of this version ({err})") from None
     opts.out = str(out)
     if eval_data:
         opts.eval_data = eval_data
@@ -524,11 +625,8 @@ def run_check(build_dir: str, say: Say, eval_data: str | None = None, tolerances
         opts.eval_data = eval_data or str(evalset)
     else:
         export_dir = out / EXPORT_DIR
-    verify_manifest(export_dir)
+    entries = verify_build(out, export_dir, recorded)
     info = ModelInfo.from_manifest(export_dir)
-    entries = list_engines(out)
-    for entry in entries:
-        entry.artifacts(verify=True)
     reference = None
     if opts.checkpoint and _torch_available() and not opts.from_bundle and Path(opts.checkpoint).exists():
         reference = TorchReference(Path(opts.checkpoint), opts.img_size, info.tasks)
@@ -539,5 +637,6 @@ def run_check(build_dir: str, say: Say, eval_data: str | None = None, tolerances
             reference = TorchReference(DEFAULT_MODEL, opts.img_size, info.tasks)
     model_meta = {"tasks": list(info.tasks), "output_channels": info.channels, "input_size": info.size,
                   "layout": info.layout, "source": recorded.get("source", "")}
+    # A check reads the build; it does not rewrite its evaluation set (build.json vouches for that one).
     return check_engines(entries, opts, info, export_dir, out, reference, say,
-                         Tolerances.from_file(opts.tolerances), model_meta)
+                         Tolerances.from_file(opts.tolerances), model_meta, keep_evalset=False)

@@ -73,9 +73,12 @@ def read_state(path: str | Path) -> dict[str, Any]:
     if not state_file.is_file():
         return {}
     try:
-        return json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:  # ValueError: also undecodable bytes
         raise CheckpointError(f"{state_file}: corrupt checkpoint state ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file}: corrupt checkpoint state (not a JSON object)")
+    return state
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -97,6 +97,38 @@ def import_upstream_cmd(checkpoint: str, out: str) -> None:
     click.echo(f"imported {checkpoint} -> {out} ({model.config.adapter.kind}, tasks {', '.join(model.tasks)})")
 
 
+def _read_npz_batch(path: Path, size: tuple[int, int]) -> numpy.ndarray:  # noqa: F821
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    unreadable = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+    try:
+        # allow_pickle stays False: an object array in the file is refused, never unpickled.
+        data = np.load(path, allow_pickle=False)
+    except unreadable as err:
+        raise DataError(f"{path}: not a readable .npz ({err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: not an .npz archive (expected one with an 'input' array, a normalised NCHW batch)")
+    with data:
+        if "input" not in data.files:
+            raise DataError(f"{path}: has no 'input' array (expected a normalised NCHW batch)")
+        try:
+            raw = data["input"]
+        except unreadable as err:
+            raise DataError(f"{path}: 'input' cannot be read ({err})") from None
+    if raw.dtype.kind not in "fiu":
+        raise DataError(f"{path}: 'input' has dtype {raw.dtype}, expected float32 (a normalised NCHW batch)")
+    batch = raw.astype(np.float32)
+    expected = (3, *size)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] == 0:
+        raise DataError(f"{path}: 'input' has shape {batch.shape}, the model expects (N, {', '.join(map(str, expected))})")
+    if not np.isfinite(batch).all():
+        raise DataError(f"{path}: 'input' holds NaN or Inf values")
+    return batch
+
+
 def _read_inputs(inputs: tuple[str, ...], config) -> numpy.ndarray:  # noqa: F821
     import numpy as np
 
@@ -107,17 +139,7 @@ def _read_inputs(inputs: tuple[str, ...], config) -> numpy.ndarray:  # noqa: F82
     for item in inputs:
         path = Path(item)
         if path.suffix == ".npz":
-            try:
-                with np.load(path) as data:
-                    if "input" not in data:
-                        raise DataError(f"{path}: has no 'input' array (expected a normalised NCHW batch)")
-                    batch = np.asarray(data["input"], dtype=np.float32)
-            except (OSError, ValueError) as err:
-                raise DataError(f"{path}: not a readable .npz ({err})") from None
-            expected = (3, *size)
-            if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-                raise DataError(f"{path}: 'input' has shape {batch.shape}, the model expects (N, {', '.join(map(str, expected))})")
-            batches.append(batch)
+            batches.append(_read_npz_batch(path, size))
         else:
             batches.append(preprocess(load_image(path), size=size, mean=config.mean, std=config.std)[None])
     return np.concatenate(batches, axis=0)
@@ -130,24 +152,30 @@ def _read_inputs(inputs: tuple[str, ...], config) -> numpy.ndarray:  # noqa: F82
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz, one array per task.")
 def predict(checkpoint: str, inputs: tuple[str, ...], out: str) -> None:
     """Run the PyTorch model (eval mode, fp32) and write one array per task, named after the task."""
+    import io
+
     import numpy as np
     import torch
 
     from mtlora.checkpoint import load_any
+    from mtlora.fileio import why_not_writable, write_bytes_atomic
 
+    out_path = Path(out)
+    if out_path.suffix != ".npz":
+        raise click.BadParameter("must end in .npz", param_hint="--out")
+    if out_path.is_dir():
+        raise click.BadParameter("is a directory; give a file name ending in .npz", param_hint="--out")
     model = load_any(checkpoint)
     batch = _read_inputs(inputs, model.config)
     with torch.inference_mode():
         outputs = model.predict(torch.from_numpy(batch))
-    out_path = Path(out)
-    if out_path.suffix != ".npz":
-        raise ConfigError(f"--out {out}: must end in .npz")
-    if out_path.is_dir():
-        raise ConfigError(f"--out {out}: is a directory; give a file name ending in .npz")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.partial.npz")
-    np.savez(tmp, input=batch, **{t: v.numpy() for t, v in outputs.items()})
-    tmp.replace(out_path)
+    buffer = io.BytesIO()
+    np.savez(buffer, input=batch, **{t: v.numpy() for t, v in outputs.items()})
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create its directory ({why_not_writable(out_path, err)})") from None
+    write_bytes_atomic(out_path, buffer.getvalue())
     shapes = ", ".join(f"{t} {tuple(v.shape)}" for t, v in outputs.items())
     click.echo(f"wrote {out_path}: {shapes}")
 

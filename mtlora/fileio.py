@@ -27,24 +27,57 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def why_not_writable(path: Path, err: OSError) -> str:
+    """Why `path` could not be created, in words: a parent that is a file says more than "File exists"."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            break
+    return err.strerror or str(err)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> Path:
+    """Write `payload` to a temp file beside `path`, fsync it and rename it over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot write here ({why_not_writable(path, err)}); choose another output path") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp made the file 0600; published results get the usual permissions.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def commit_directory(staging: Path, final: Path) -> None:
     """Move a fully written staging directory to its final name, replacing an old one."""
     final = Path(final)
+    # Every file must be on disk before the rename makes the directory visible under its final name
+    # (some writers, e.g. safetensors, do not fsync).
+    for path in Path(staging).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _fsync_file(path)
     # mkdtemp made the staging directory 0700; published results get the usual permissions.
     mask = os.umask(0)
     os.umask(mask)
@@ -64,8 +97,9 @@ def staging_dir(final: Path) -> Path:
     if final.exists() and not final.is_dir():
         raise CheckpointError(f"{final}: exists and is not a directory; choose another output path")
     parent = final.parent
-    if not parent.exists():
+    try:
         parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"{parent}: directory is not writable; choose another output path")
-    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".partial"))
+        # os.access is not enough: root passes it for a read-only directory, so try to create the staging one.
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".partial"))
+    except OSError as err:
+        raise CheckpointError(f"{final}: cannot write here ({why_not_writable(final, err)}); choose another output path") from None

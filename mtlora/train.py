@@ -468,9 +468,9 @@ def read_resume_point(path: str | Path) -> ResumePoint:
     directory = resolve_resume_dir(path)
     try:
         state = json.loads((directory / TRAINING_STATE_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: also undecodable bytes
         raise CheckpointError(f"{directory / TRAINING_STATE_JSON}: corrupt training state ({err})") from None
-    if state.get("format") != TRAINING_STATE_FORMAT or "epoch" not in state or "train_config" not in state:
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT or "epoch" not in state or "train_config" not in state:
         raise CheckpointError(f"{directory}: training state has an unknown format; expected {TRAINING_STATE_FORMAT}")
     try:
         tensors = load_file(str(directory / TRAINING_STATE_TENSORS))

@@ -52,7 +52,9 @@ def test_bench_json_has_every_column(tiny_build, tmp_path):
         assert row["status"] == "built, passed"
         assert row["precision_requested"] == row["precision_executed"] == "fp32"
         assert row["size_mib"] > 0 and row["peak_rss_mib"] > 0
-        assert row["runs"] == 3
+        # Runs that other processes disturbed are dropped and retried; rows say how many.
+        assert row["runs"] == 3 or row["contended"]
+        assert row["runs_discarded"] >= 0 and row["cpu_busy"] > 0
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["images_per_s"] > 0
         assert row["achieved_gflops"] == pytest.approx(flops["flops"] * row["images_per_s"] / 1e9)
@@ -107,6 +109,10 @@ def test_percentiles_are_ordered_and_runs_respect_the_limits():
     assert stats["runs"] == 37
     assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
     calls = []
-    assert len(time_runs(lambda: calls.append(1), warmup=2, runs=5, budget_s=0)) == 3  # the minimum
-    assert len(calls) == 5
-    assert len(time_runs(lambda: None, warmup=0, runs=7, budget_s=60)) == 7  # the cap
+    timings = time_runs(lambda: calls.append(1), warmup=2, runs=5, budget_s=0)
+    quiet = [t for t in timings if not t.contended]
+    assert len(quiet) == 3 or len(timings) >= 3  # the minimum, or retries on a busy machine
+    assert len(calls) == 2 + len(timings)
+    timings = time_runs(lambda: None, warmup=0, runs=7, budget_s=60)
+    assert sum(not t.contended for t in timings) == 7  # the cap on kept runs
+    assert all(t.seconds >= 0 and t.own_cpu_s >= 0 for t in timings)

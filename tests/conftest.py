@@ -1,0 +1,61 @@
+"""Fixtures shared by the reliability tests: one small build of the 64x64 test model, and a bundle of it.
+
+Session-scoped, so the safe-loading, verified-artifact, hostile-input and determinism tests share one
+build; a test that damages a file works on its own copy (`copy_build`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream-mtlora-tiny" / "checkpoint.pth"
+
+
+def invoke(cli, *args, **kwargs):
+    """Run a click command in-process; returns (exit code, stdout + stderr)."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+    output = result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # What a user would have seen: an uncaught exception is a traceback, never "one clear line".
+        import traceback
+
+        output += "".join(traceback.format_exception(result.exception))
+    return result.exit_code, output
+
+
+@pytest.fixture(scope="session")
+def ort_build(tmp_path_factory) -> Path:
+    """ONNX Runtime fp32 and int8 engines of the test model (8 calibration, 4 evaluation images)."""
+    from export.cli import main as export_cli
+
+    out = tmp_path_factory.mktemp("reliability") / "build"
+    code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
+                          "--precision", "int8", "--calib-samples", "8", "--eval-samples", "4", "--out", out)
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_bundle(ort_build, tmp_path_factory) -> Path:
+    from export.cli import main as export_cli
+
+    out = tmp_path_factory.mktemp("reliability-bundle") / "bundle"
+    code, output = invoke(export_cli, "bundle", ort_build, "--out", out)
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture
+def copy_build(tmp_path):
+    """copy_build(src) -> a private copy of a build or bundle directory, to damage."""
+
+    def copy(src: Path, name: str = "copy") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
