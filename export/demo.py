@@ -40,6 +40,8 @@ def ensure_default_model() -> Path:
 
 def main() -> int:
     from engines.registry import BACKENDS
+    from export.bench import BenchOptions, bench_build
+    from export.bench import format_table as format_bench
     from export.pipeline import BuildOptions, run_build
     from export.report import format_table
 
@@ -50,14 +52,10 @@ def main() -> int:
                            calib_samples=128, eval_samples=64, out=str(DEMO_DIR))
     outcome = run_build(options, _say)
     click.echo(format_table(outcome.report))
-    try:
-        from export.bench import bench_build
-    except ImportError:
-        bench_build = None
-    if bench_build is not None:
-        _say("[demo] benchmarking every engine (batch 1)")
-        bench = bench_build(DEMO_DIR, batch_sizes=(1,), say=_say, quick=True)
-        click.echo(bench["table"])
+    _say("[demo] benchmarking every engine and PyTorch eager (batch 1, about 3 s each)")
+    bench = bench_build(DEMO_DIR, BenchOptions(batch_sizes=(1,), runs=30, budget_s=3.0), _say,
+                        report=outcome.report, command="make demo")
+    click.echo(format_bench(bench))
     minutes = (time.perf_counter() - started) / 60
     status = "all checks passed" if outcome.passed else "SOME CHECKS FAILED"
     click.echo(f"\n[demo] {status} in {minutes:.1f} min. Open {DEMO_DIR.resolve() / 'report.html'} in a browser;"
