@@ -15,18 +15,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from engines.runner import sha256_file
 from export.errors import ExportError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "mtlora-export/manifest/1"
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
