@@ -293,15 +293,19 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     def target_row(text: str, slow: dict | None, fast: dict | None, target: float, at_least: bool) -> str:
         """One target: the ratio of p50s and of fastest runs (`slow` / `fast`), each with its verdict."""
         cells = []
+        disturbed = any(row and row.get("contended") for row in (slow, fast))
         for key in ("p50_ms", "min_ms"):
             value = _ratio(slow, fast, key) if at_least else _ratio(fast, slow, key)
-            cells += [f"{fmt(value)}x", _verdict(value, target, at_least)]
+            verdict = _verdict(value, target, at_least)
+            cells += [f"{fmt(value)}x", f"{verdict} (contended, unreliable)" if disturbed else verdict]
         return f"| {text} | " + " | ".join(cells) + " |"
 
     target_header = ["| target | p50 ratio | verdict | fastest-run ratio | verdict |", "|---|---|---|---|---|"]
     load = machine["load_average"]
     busy = [r["cpu_busy"] for r in result["rows"] if r.get("cpu_busy") is not None]
     discarded = sum(r.get("runs_discarded") or 0 for r in result["rows"])
+    retimed = [f"{r['name']} b{r['batch_size']}" for r in result["rows"] if r.get("retimed")]
+    waited = sum({r["name"]: r.get("waited_for_quiet_s") or 0.0 for r in result["rows"]}.values())
     flagged = [f"{r['name']} b{r['batch_size']}" for r in result["rows"] if r.get("contended")]
     contended_rows = (f"; these rows never got 3 quiet runs and keep contended ones (marked !): {', '.join(flagged)}"
                       if flagged else "; every row has at least 3 quiet runs")
@@ -329,8 +333,11 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
         f"{matmul['start']['gflops']:.0f} GFLOP/s at the start and {matmul['end']['gflops']:.0f} at the end; the "
         f"timed workers used {fmt(min(busy) if busy else None)} to {fmt(max(busy) if busy else None)} CPU-seconds "
         f"per second (at most {machine['threads']}). {discarded} timed runs were discarded because other processes "
-        f"took CPU time during them{contended_rows}. With a few runs per row, differences under about 10% "
-        "between rows are within the noise.",
+        f"took CPU time during them{contended_rows}"
+        + (f"; timed a second time because the first timing was contended: {', '.join(retimed)}" if retimed else "")
+        + ". Before each format the benchmark waited up to "
+        f"{result['settings']['quiet_wait_s']:g} s for the rest of the machine to go quiet ({waited:.0f} s in all). "
+        "With a few runs per row, differences under about 10% between rows are within the noise.",
         "",
         "## 1. Export: merged vs unmerged vs adapter-free (ONNX Runtime CPU, fp32, batch 1)",
         "",
@@ -434,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads per engine (default: every CPU)")
     parser.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per format and batch size")
     parser.add_argument("--no-batch-8", action="store_true", help="time batch 1 only")
+    parser.add_argument("--quiet-wait", type=float, default=45.0,
+                        help="seconds to wait, before each format, for other processes to go quiet")
     parser.add_argument("--page", type=Path, default=PAGE)
     parser.add_argument("--work", type=Path, default=WORK)
     args = parser.parse_args(argv)
@@ -458,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     unmerged_max_abs = check_against_torch(mtlora, unmerged_onnx)
 
     opts = BenchOptions(batch_sizes=(1,) if args.no_batch_8 else (1, 8), threads=args.threads, warmup=1,
-                        runs=30, budget_s=args.budget)
+                        runs=30, budget_s=args.budget, quiet_wait_s=args.quiet_wait)
     model_flops = count_flops(build_dir / "export" / "model.onnx")
     targets: list[Target] = torch_targets(mtlora)
     for t in targets:
