@@ -530,28 +530,40 @@ def _worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def profile_onnx(path: str | os.PathLike, threads: int, runs: int = 3, batch: int = 1) -> dict[str, Any]:
-    """Where an ONNX graph's time goes on ONNX Runtime's CPU provider: ms by op type.
+def profile_graphs(paths: dict[str, str | os.PathLike], threads: int, runs: int = 5,
+                   batch: int = 1) -> dict[str, dict[str, Any]]:
+    """Where each ONNX graph's time goes on ONNX Runtime's CPU provider: ms by op type and by node.
 
-    Uses ONNX Runtime's own profiler with all graph optimisations on, so the op
-    types are those of the optimised graph (fused ops included). One warm-up run
-    is left out; each node counts with its fastest of `runs` runs. Returns {"ms_per_op_type", "nodes_per_op_type", "ms_per_node": {node: [op type, ms]}, "runs"}.
+    Uses ONNX Runtime's own profiler with all graph optimisations on, so op types
+    are those of the optimised graph (fused ops included). The graphs run in turn,
+    round after round, so a busy spell of the machine hits them alike; after one
+    warm-up round each node counts with its fastest of `runs` runs (other
+    processes only ever add time). Returns {name: {"ms_per_op_type",
+    "nodes_per_op_type", "ms_per_node": {node: [op type, ms]}, "runs"}}.
     """
     import onnxruntime as ort
 
     from engines.onnxruntime.runner import session_options
 
-    options = session_options(intra_op_threads=threads)
     with tempfile.TemporaryDirectory(prefix="mtlora-profile-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        meta = session.get_inputs()[0]
-        shape = [batch if not isinstance(d, int) else d for d in meta.shape]
-        feed = {meta.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+        sessions, feeds = {}, {}
+        for i, (name, path) in enumerate(paths.items()):
+            options = session_options(intra_op_threads=threads)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / f"profile{i}")
+            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            meta = sessions[name].get_inputs()[0]
+            shape = [batch if not isinstance(d, int) else d for d in meta.shape]
+            feeds[name] = {meta.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
         for _ in range(runs + 1):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
+            for name, session in sessions.items():
+                time.sleep(0.1)  # the previous session's threads stop spinning first
+                session.run(None, feeds[name])
+        return {name: _profile_summary(json.loads(Path(session.end_profiling()).read_text()), runs)
+                for name, session in sessions.items()}
+
+
+def _profile_summary(events: list[dict], runs: int) -> dict[str, Any]:
     model_runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     after_warmup = model_runs[1] if len(model_runs) > 1 else 0
     durations: dict[str, tuple[str, list[float]]] = {}  # node -> (op type, ms in each timed run)
@@ -562,7 +574,6 @@ def profile_onnx(path: str | os.PathLike, threads: int, runs: int = 3, batch: in
         _, times = durations.setdefault(event["name"][: -len("_kernel_time")], (op, []))
         if event["ts"] >= after_warmup:
             times.append(event["dur"] / 1e3)
-    # Each node's fastest run: on a shared machine, other processes only ever add time.
     per_node = {name: [op, min(times) if times else 0.0] for name, (op, times) in durations.items()}
     ms: dict[str, float] = {}
     nodes: dict[str, int] = {}
@@ -571,6 +582,39 @@ def profile_onnx(path: str | os.PathLike, threads: int, runs: int = 3, batch: in
         nodes[op] = nodes.get(op, 0) + 1
     return {"ms_per_op_type": dict(sorted(ms.items(), key=lambda kv: -kv[1])), "nodes_per_op_type": nodes,
             "ms_per_node": per_node, "runs": runs}
+
+
+def interleaved_latency(infers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                        max_rounds: int | None = None, pause_s: float = 0.1) -> dict[str, Any]:
+    """Time several callables in turn, round after round, the order rotating each round.
+
+    A busy spell of a shared machine then slows all of them alike, so ratios of
+    their medians are steadier than ratios of timings taken minutes apart. A
+    round in which any call was contended (see `timed_call`) is dropped; rounds
+    go on until `rounds` are kept or `max_rounds` (default 3 x rounds) were run.
+    Each call is preceded by a `pause_s` sleep, so that the previous runtime's
+    worker threads have stopped spinning and do not compete with the next one.
+    Returns {"seconds": {name: [seconds per kept round]}, "rounds_kept", "rounds_dropped", "contended"};
+    if no round was quiet, every round is kept and "contended" is true.
+    """
+    names = list(infers)
+    for _ in range(warmup):
+        for name in names:
+            infers[name]()
+    quiet: list[dict[str, float]] = []
+    disturbed: list[dict[str, float]] = []
+    limit = max_rounds or 3 * rounds
+    while len(quiet) < rounds and len(quiet) + len(disturbed) < limit:
+        shift = (len(quiet) + len(disturbed)) % len(names)
+        timings = {}
+        for name in names[shift:] + names[:shift]:
+            time.sleep(pause_s)
+            timings[name] = timed_call(infers[name])
+        (disturbed if any(t.contended for t in timings.values()) else quiet).append(
+            {name: t.seconds for name, t in timings.items()})
+    kept = quiet or disturbed
+    return {"seconds": {name: [r[name] for r in kept] for name in names}, "rounds_kept": len(kept),
+            "rounds_dropped": len(disturbed) if quiet else 0, "contended": not quiet}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -877,8 +921,8 @@ def runs_cell(row: dict[str, Any]) -> str:
 def perf_rows(result: dict[str, Any]) -> list[list[str]]:
     out = []
     for row in result["rows"]:
-        executed = row["precision_executed"] or "?"
-        precision = row["precision_requested"] if executed == row["precision_requested"] else \
+        executed = row["precision_executed"]
+        precision = row["precision_requested"] if executed in ("", row["precision_requested"]) else \
             f"{row['precision_requested']} (ran {executed})"
         out.append([row["name"], precision, row["status"], _num(row["size_mib"]), _num(row["batch_size"], "d"),
                     _num(row.get("min_ms")), _num(row.get("p50_ms")), _num(row.get("p90_ms")), _num(row.get("p99_ms")),

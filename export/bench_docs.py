@@ -43,12 +43,14 @@ from export.bench import (
     build_for_bench,
     count_flops,
     engine_targets,
+    interleaved_latency,
     md_table,
     onnx_target,
     perf_rows,
-    profile_onnx,
+    profile_graphs,
     runs_cell,
     torch_targets,
+    wait_for_quiet,
     write_json,
 )
 
@@ -170,6 +172,57 @@ def check_against_torch(checkpoint: Path, onnx_path: Path) -> float:
     return max(float(np.abs(a - b).max()) for a, b in zip(got, expected, strict=True))
 
 
+INTERLEAVED_ROUNDS = 10
+# The in-turn timing's names for the rows of the separate-worker tables.
+ROW_NAMES = {"merged": "onnxruntime-fp32", "unmerged": "onnx-unmerged", "adapter-free": "onnx-adapter-free"}
+
+
+def _image(batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(batch).standard_normal((batch, 3, IMG_SIZE, IMG_SIZE), dtype=np.float32)
+
+
+def interleave_export(build_dir: Path, unmerged_onnx: Path, free_onnx: Path, threads: int) -> dict:
+    """The three fp32 graphs on ONNX Runtime, timed in turn in this process (batch 1)."""
+    from contextlib import ExitStack
+
+    from engines.onnxruntime.runner import OnnxRuntimeRunner
+
+    image = _image()
+    paths = {"merged": build_dir / "export" / "model.onnx", "unmerged": unmerged_onnx, "adapter-free": free_onnx}
+    with ExitStack() as stack:
+        runners = {name: stack.enter_context(OnnxRuntimeRunner(path, intra_op_threads=threads))
+                   for name, path in paths.items()}
+        infers = {name: (lambda r=r: r.infer({r.input_names[0]: image})) for name, r in runners.items()}
+        return interleaved_latency(infers, INTERLEAVED_ROUNDS)
+
+
+def interleave_engines(build_dir: Path, checkpoint: Path, threads: int) -> dict:
+    """PyTorch eager (unmerged), OpenVINO fp32 and OpenVINO INT8, timed in turn in this process (batch 1)."""
+    from contextlib import ExitStack
+
+    import torch
+
+    from export.engineset import EngineEntry, load_runner
+    from export.onnx_export import load_for_export
+
+    image = _image()
+    torch.set_num_threads(threads)
+    model = load_for_export(checkpoint).float().eval()
+
+    def eager():
+        with torch.inference_mode():
+            return model(torch.from_numpy(image))
+
+    infers = {"pytorch-unmerged": eager}
+    with ExitStack() as stack:
+        for name in ("openvino-fp32", "openvino-int8"):
+            directory = build_dir / "engines" / name
+            if (directory / "engine.json").is_file():
+                runner = stack.enter_context(load_runner(EngineEntry.read(directory), threads))
+                infers[name] = lambda r=runner: r.infer({"image": image})
+        return interleaved_latency(infers, INTERLEAVED_ROUNDS)
+
+
 # ----------------------------------------------------------------------------- the page
 
 
@@ -287,20 +340,36 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     merged = _row(result, "onnxruntime-fp32", 1)
     unmerged = _row(result, "onnx-unmerged", 1)
     free = _row(result, "onnx-adapter-free", 1)
-    eager = _row(result, "pytorch-unmerged", 1)
-    ov_fp32, ov_int8 = _row(result, "openvino-fp32", 1), _row(result, "openvino-int8", 1)
 
-    def target_row(text: str, slow: dict | None, fast: dict | None, target: float, at_least: bool) -> str:
-        """One target: the ratio of p50s and of fastest runs (`slow` / `fast`), each with its verdict."""
-        cells = []
-        disturbed = any(row and row.get("contended") for row in (slow, fast))
+    def turn_ratio(group: str, slow: str, fast: str) -> float | None:
+        seconds = extra["interleaved"][group]["seconds"]
+        if not seconds.get(slow) or not seconds.get(fast):
+            return None
+        return float(np.median(seconds[slow]) / np.median(seconds[fast]))
+
+    def target_row(text: str, group: str, slow: str, fast: str, target: float, at_least: bool) -> str:
+        """One target: its verdict on the in-turn timing, and the ratios from the separate workers for comparison."""
+        turn = extra["interleaved"][group]
+        value = turn_ratio(group, slow, fast) if at_least else turn_ratio(group, fast, slow)
+        verdict = _verdict(value, target, at_least) + (" (contended, unreliable)" if turn["contended"] else "")
+        cells = [f"{fmt(value)}x", verdict]
+        slow_row, fast_row = _row(result, ROW_NAMES.get(slow, slow), 1), _row(result, ROW_NAMES.get(fast, fast), 1)
         for key in ("p50_ms", "min_ms"):
-            value = _ratio(slow, fast, key) if at_least else _ratio(fast, slow, key)
-            verdict = _verdict(value, target, at_least)
-            cells += [f"{fmt(value)}x", f"{verdict} (contended, unreliable)" if disturbed else verdict]
+            ratio = _ratio(slow_row, fast_row, key) if at_least else _ratio(fast_row, slow_row, key)
+            cells.append(f"{fmt(ratio)}x")
         return f"| {text} | " + " | ".join(cells) + " |"
 
-    target_header = ["| target | p50 ratio | verdict | fastest-run ratio | verdict |", "|---|---|---|---|---|"]
+    target_header = ["| target | in turn: ratio of medians | verdict | separate workers: p50 ratio | "
+                     "separate workers: fastest-run ratio |", "|---|---|---|---|---|"]
+
+    def turn_note(group: str) -> str:
+        turn = extra["interleaved"][group]
+        medians = ", ".join(f"{name} {np.median(seconds) * 1e3:.0f} ms" for name, seconds in turn["seconds"].items())
+        return (f"In turn: the formats ran one after the other in one process, round after round (order rotating), "
+                f"so a busy spell of the machine slows them alike; {turn['rounds_kept']} rounds kept, "
+                f"{turn['rounds_dropped']} dropped as contended; medians {medians}. The verdict is on this timing; "
+                "the separate-worker ratios come from the tables.")
+
     load = machine["load_average"]
     busy = [r["cpu_busy"] for r in result["rows"] if r.get("cpu_busy") is not None]
     discarded = sum(r.get("runs_discarded") or 0 for r in result["rows"])
@@ -363,12 +432,12 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
                      fmt(row["p90_ms"], ".0f"), fmt(row["p99_ms"], ".0f"), runs_cell(row),
                      fmt(row["images_per_s"]), fmt(row.get("fraction_of_matmul"), ".0%"), fmt(row["peak_rss_mib"], ".0f")])
     lines += [md_table(header, rows), "", *target_header,
-              target_row(f"merged >= {MERGED_VS_UNMERGED}x faster than unmerged", unmerged, merged,
+              target_row(f"merged >= {MERGED_VS_UNMERGED}x faster than unmerged", "export", "unmerged", "merged",
                          MERGED_VS_UNMERGED, True),
-              target_row(f"merged <= {MERGED_VS_FREE}x slower than adapter-free", free, merged, MERGED_VS_FREE, False),
-              "",
-              "Ratios of the median and of the fastest timed run, from the same run of this page; when rows are "
-              "marked ! (contended), the fastest runs are the better estimate. For scale, the FLOP ratios are "
+              target_row(f"merged <= {MERGED_VS_FREE}x slower than adapter-free", "export", "adapter-free", "merged",
+                         MERGED_VS_FREE, False),
+              "", turn_note("export"), "",
+              "For scale, the FLOP ratios are "
               f"unmerged/merged {extra['flops']['unmerged'] / flops:.3f} and merged/adapter-free "
               f"{flops / extra['flops']['adapter-free']:.3f}: at equal FLOP rates the merged graph would be "
               f"{extra['flops']['unmerged'] / flops:.2f}x faster than the unmerged one and "
@@ -399,16 +468,18 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     header_acc, rows_acc = accuracy_rows(result)
     lines += [md_table(header_acc, [r for r in rows_acc if not r[0].startswith("onnx-")]), "",
               "Targets at batch 1:", "", *target_header,
-              target_row(f"OpenVINO INT8 >= {INT8_VS_EAGER:g}x faster than PyTorch eager", eager, ov_int8,
-                         INT8_VS_EAGER, True),
-              target_row(f"OpenVINO INT8 >= {INT8_VS_FP32}x faster than OpenVINO fp32", ov_fp32, ov_int8,
-                         INT8_VS_FP32, True), ""]
+              target_row(f"OpenVINO INT8 >= {INT8_VS_EAGER:g}x faster than PyTorch eager", "engines",
+                         "pytorch-unmerged", "openvino-int8", INT8_VS_EAGER, True),
+              target_row(f"OpenVINO INT8 >= {INT8_VS_FP32}x faster than OpenVINO fp32", "engines", "openvino-fp32",
+                         "openvino-int8", INT8_VS_FP32, True),
+              "", turn_note("engines"), ""]
     b8_fp32, b8_int8 = _row(result, "openvino-fp32", 8), _row(result, "openvino-int8", 8)
     if b8_fp32 and b8_int8 and "images_per_s" in b8_fp32 and "images_per_s" in b8_int8:
         lines += [f"At batch 8, OpenVINO INT8 gives {b8_int8['images_per_s'] / b8_fp32['images_per_s']:.2f}x "
                   "the images/s of OpenVINO fp32.", ""]
-    lines += [f"- {note}" for note in extra.get("engine_notes", [])]
-    lines += ["", "How each column is measured: " + MEASUREMENT_NOTES, ""]
+    if extra.get("engine_notes"):
+        lines += [*(f"- {note}" for note in extra["engine_notes"]), ""]
+    lines += ["How each column is measured: " + MEASUREMENT_NOTES, ""]
 
     versions = machine["versions"]
     blas = matmul["start"].get("blas") or []
@@ -480,14 +551,18 @@ def main(argv: list[str] | None = None) -> int:
                        model={"build_dir": str(build_dir), "tasks": list(TASKS), "layout": "single",
                               "checkpoint": str(mtlora)})
 
-    say("[bench-docs] profiling the three fp32 graphs with ONNX Runtime")
     threads = opts.thread_count
-    profile_runs = 5
-    profiles = {
-        "merged": profile_onnx(build_dir / "export" / "model.onnx", threads, profile_runs),
-        "unmerged": profile_onnx(unmerged_onnx, threads, profile_runs),
-        "adapter-free": profile_onnx(free_onnx, threads, profile_runs),
+    say("[bench-docs] timing the targets' formats in turn, in one process")
+    interleaved = {
+        "export": interleave_export(build_dir, unmerged_onnx, free_onnx, threads),
+        "engines": interleave_engines(build_dir, mtlora, threads),
     }
+    say("[bench-docs] profiling the three fp32 graphs with ONNX Runtime")
+    profile_runs = 5
+    if opts.quiet_wait_s > 0:
+        wait_for_quiet(opts.quiet_wait_s)
+    profiles = profile_graphs({"merged": build_dir / "export" / "model.onnx", "unmerged": unmerged_onnx,
+                               "adapter-free": free_onnx}, threads, profile_runs)
     extra = {
         "command": command,
         "minutes": (time.perf_counter() - started) / 60,
@@ -496,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "calib_samples": CALIB_SAMPLES,
         "calib_note": CALIB_NOTE,
         "profiles": profiles,
+        "interleaved": interleaved,
         "findings": profile_findings(profiles),
         "breakdown": {"merged": time_breakdown(build_dir / "export" / "model.onnx", profiles["merged"]),
                       "adapter-free": time_breakdown(free_onnx, profiles["adapter-free"])},

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from export.bench import count_flops, latency_stats, run_worker_spec, time_runs
+from export.bench import count_flops, interleaved_latency, latency_stats, run_worker_spec, time_runs
 from export.cli import main as export_cli
 from export.pipeline import BuildOptions, run_build
 
@@ -116,3 +116,14 @@ def test_percentiles_are_ordered_and_runs_respect_the_limits():
     timings = time_runs(lambda: None, warmup=0, runs=7, budget_s=60)
     assert sum(not t.contended for t in timings) == 7  # the cap on kept runs
     assert all(t.seconds >= 0 and t.own_cpu_s >= 0 for t in timings)
+
+
+def test_interleaved_timing_keeps_whole_rounds():
+    calls = []
+    timed = interleaved_latency({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3,
+                                warmup=1, pause_s=0)
+    assert set(timed["seconds"]) == {"a", "b"}
+    assert len(timed["seconds"]["a"]) == len(timed["seconds"]["b"]) == timed["rounds_kept"]
+    assert timed["rounds_kept"] == 3 or timed["contended"] or timed["rounds_dropped"] > 0
+    assert calls[:2] == ["a", "b"] and calls[2:4] == ["a", "b"]  # warm-up, then the first round in order
+    assert calls[4:6] == ["b", "a"]  # the order rotates
