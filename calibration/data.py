@@ -284,6 +284,19 @@ def as_calibration_set(data: CalibrationSet | Iterable[Mapping[str, np.ndarray]]
     return CalibrationSet.from_feeds(data, min_samples=min_samples)
 
 
+def calibration_for(model, data: CalibrationSet | Iterable[Mapping[str, np.ndarray]]) -> CalibrationSet:
+    """`as_calibration_set`, checked to feed exactly the inputs of the ONNX `model`."""
+    from engines.runner import onnx_io_metadata
+
+    calibration = as_calibration_set(data)
+    inputs, _ = onnx_io_metadata(model)
+    if set(calibration.input_names) != {m.name for m in inputs}:
+        raise CalibrationError(
+            f"calibration feeds name inputs {list(calibration.input_names)}, the model takes {[m.name for m in inputs]}"
+        )
+    return calibration
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from calibration.cache import CalibrationCache, cache_key
-from calibration.data import CalibrationSet, as_calibration_set
+from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
-from engines.runner import load_onnx, onnx_io_metadata
+from engines.runner import load_onnx
 
 # OpenVINO op types NNCF must leave in float: normalisations, softmax and GELU/erf.
 DEFAULT_IGNORED_TYPES = ("MVN", "NormalizeL2", "Softmax", "SoftMax", "LogSoftmax", "Gelu", "Erf")
@@ -105,12 +105,7 @@ def quantize_openvino(
     import openvino as ov
 
     source = load_onnx(onnx_path)
-    calibration = as_calibration_set(calibration)
-    inputs, _ = onnx_io_metadata(source)
-    if set(calibration.input_names) != {m.name for m in inputs}:
-        raise CalibrationError(
-            f"calibration feeds name inputs {list(calibration.input_names)}, the model takes {[m.name for m in inputs]}"
-        )
+    calibration = calibration_for(source, calibration)
     settings = {
         "kind": "nncf",
         "keep_fp32": list(keep_fp32),

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from calibration.cache import CalibrationCache, cache_key
-from calibration.data import CalibrationSet, as_calibration_set
+from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
 from calibration.fp16 import COMPUTE_OPS, ensure_node_names, match_nodes, output_layer_nodes
-from engines.runner import copy_atomic, load_onnx, onnx_io_metadata, write_atomic
+from engines.runner import copy_atomic, load_onnx, write_atomic
 
 DEFAULT_EXCLUDED_OP_TYPES = ("LayerNormalization", "Softmax", "Gelu", "Erf")
 # TensorRT's guidance for explicit quantization: Q/DQ on the inputs of the GEMM-like ops only;
@@ -148,12 +148,7 @@ def quantize_qdq(
     if method == "percentile" and not 90.0 <= percentile <= 100.0:
         raise CalibrationError(f"percentile must be within [90, 100], got {percentile}")
     model = load_onnx(onnx_path)
-    calibration = as_calibration_set(calibration)
-    inputs, _ = onnx_io_metadata(model)
-    if set(calibration.input_names) != {m.name for m in inputs}:
-        raise CalibrationError(
-            f"calibration feeds name inputs {list(calibration.input_names)}, the model takes {[m.name for m in inputs]}"
-        )
+    calibration = calibration_for(model, calibration)
     settings = {
         "kind": "qdq",
         "method": method,

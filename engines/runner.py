@@ -228,6 +228,22 @@ class EngineArtifact:
             raise EngineError(f"{sidecar} is incomplete ({type(exc).__name__}: {exc}); rebuild the engine") from None
 
 
+def engine_file(graph_path: Path, output_dir: str | os.PathLike, name: str | None, precision: str, suffix: str) -> Path:
+    """`<output_dir>/<name>.<precision><suffix>` (output_dir created), never the graph it is built from."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / f"{name or graph_path.stem}.{precision}{suffix}"
+    if out.resolve() == graph_path.resolve():
+        raise EngineError(f"the engine {out} would overwrite the graph it is built from; pick another output_dir or name")
+    return out
+
+
+def source_metadata(graph_path: Path, graph_sha256: str, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Where an engine came from. A prepared graph's metadata names the original ONNX and wins;
+    without it the graph is its own source."""
+    return {"source_onnx": str(graph_path), "source_sha256": graph_sha256, **dict(metadata or {})}
+
+
 def sidecar_path_for(engine_path: str | os.PathLike) -> Path:
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)

@@ -19,7 +19,7 @@ from typing import Any
 from engines.errors import EngineError
 from engines.onnxruntime.runner import _ort, create_session, io_metadata, resolve_providers, session_options
 from engines.registry import BACKENDS
-from engines.runner import EngineArtifact, copy_atomic, load_onnx, sha256_file
+from engines.runner import EngineArtifact, copy_atomic, engine_file, load_onnx, sha256_file, source_metadata
 
 INT8_KERNEL_OPS = frozenset(
     {
@@ -63,18 +63,10 @@ def build(
             f"calibration.prepare.prepare_graph('onnxruntime', onnx_path, work_dir, '{precision}', ...)"
         )
     providers = resolve_providers(providers)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = name or graph_path.stem
-    out = output_dir / f"{name}.{precision}.onnx"
-    if out.resolve() == graph_path.resolve():
-        raise EngineError(f"the engine {out} would overwrite the graph it is built from; pick another output_dir or name")
+    out = engine_file(graph_path, output_dir, name, precision, ".onnx")
     graph_sha256 = sha256_file(graph_path)
-    # The prepared graph's metadata names the original ONNX; without it the graph is its own source.
     metadata = {
-        "source_onnx": str(graph_path),
-        "source_sha256": graph_sha256,
-        **dict(metadata or {}),
+        **source_metadata(graph_path, graph_sha256, metadata),
         "onnxruntime_version": _ort().__version__,
         "providers": providers,
         "built_from": str(graph_path),

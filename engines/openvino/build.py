@@ -30,7 +30,15 @@ from engines.openvino.runner import (
     runtime_precisions,
 )
 from engines.registry import BACKENDS
-from engines.runner import EngineArtifact, load_onnx, onnx_io_metadata, sha256_file, write_atomic
+from engines.runner import (
+    EngineArtifact,
+    engine_file,
+    load_onnx,
+    onnx_io_metadata,
+    sha256_file,
+    source_metadata,
+    write_atomic,
+)
 
 # What a quantized OpenVINO model holds: FakeQuantize/FakeConvert ops, or int8/uint8 weights
 # (NNCF's compressed form: an i8 Constant, a Convert and a scale Multiply).
@@ -77,18 +85,10 @@ def build(
 
     graph_path = Path(graph_path)
     model, inputs, outputs = _read_graph(ov, core, graph_path, precision)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = name or graph_path.stem
-    xml = output_dir / f"{name}.{precision}.xml"
-    if xml.resolve() == graph_path.resolve():
-        raise EngineError(f"the engine {xml} would overwrite the graph it is built from; pick another output_dir or name")
+    xml = engine_file(graph_path, output_dir, name, precision, ".xml")
     graph_sha256 = sha256_file(graph_path)
-    # The prepared graph's metadata names the original ONNX; without it the graph is its own source.
     metadata = {
-        "source_onnx": str(graph_path),
-        "source_sha256": graph_sha256,
-        **dict(metadata or {}),
+        **source_metadata(graph_path, graph_sha256, metadata),
         "openvino_version": openvino_version(),
         "device_name": full_name,
         "capabilities": capabilities,
@@ -118,7 +118,7 @@ def build(
 
     extra = [xml.with_suffix(".bin")]
     if export_blob:
-        blob = output_dir / f"{name}.{precision}.{device}.blob"
+        blob = xml.with_suffix(f".{device}.blob")
         exported = compiled.export_model()  # bytes in older releases, io.BytesIO in newer ones
         write_atomic(blob, exported.getvalue() if hasattr(exported, "getvalue") else bytes(exported))
         extra.append(blob)

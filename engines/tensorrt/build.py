@@ -26,7 +26,15 @@ from typing import Any
 
 from engines.errors import EngineError
 from engines.registry import BACKENDS
-from engines.runner import EngineArtifact, load_onnx, onnx_io_metadata, sha256_file, write_atomic
+from engines.runner import (
+    EngineArtifact,
+    engine_file,
+    load_onnx,
+    onnx_io_metadata,
+    sha256_file,
+    source_metadata,
+    write_atomic,
+)
 from engines.tensorrt.runner import _polygraphy_trt, _trt, cuda_api
 
 TYPINGS = ("auto", "strong", "weak")
@@ -108,9 +116,7 @@ def build(
     device = cuda_api().device_info()
     features = trt_features(trt)
     plan = plan_precision(precision, features, typing)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = name or graph_path.stem
+    plan_file = engine_file(graph_path, output_dir, name, precision, ".plan")
 
     poly = _polygraphy_trt() if prefer_polygraphy else None
     if poly is not None and plan["strongly_typed"] and "strongly_typed" not in inspect.signature(poly.NetworkFromOnnxPath).parameters:
@@ -119,16 +125,13 @@ def build(
         serialized = _build_with_polygraphy(poly, trt, graph_path, plan, profile, workspace_bytes, optimization_level)
     else:
         serialized = _build_with_tensorrt(trt, graph_path, plan, profile, workspace_bytes, optimization_level)
-    plan_path = write_atomic(output_dir / f"{name}.{precision}.plan", serialized)
+    plan_path = write_atomic(plan_file, serialized)
 
     layer_precisions = inspect_precisions(trt, serialized)
     executed, note = executed_precision(precision, plan, layer_precisions)
     graph_sha256 = sha256_file(graph_path)
-    # The prepared graph's metadata names the original ONNX; without it the graph is its own source.
     metadata = {
-        "source_onnx": str(graph_path),
-        "source_sha256": graph_sha256,
-        **dict(metadata or {}),
+        **source_metadata(graph_path, graph_sha256, metadata),
         "tensorrt_version": trt.__version__,
         **device,
         "typing": "strong" if plan["strongly_typed"] else "weak",
