@@ -101,6 +101,17 @@ def residual_adds(model) -> list[str]:
     ]
 
 
+def batched_weight_matmuls(model) -> list[str]:
+    """MatMul nodes whose constant weight has more than two axes (export.fold's stacked task factors).
+
+    ONNX Runtime's integer MatMul kernels take only a 2-D weight (a per-channel zero point of a
+    stacked (T, in, r) weight is refused at run time), so these stay float; they are rank-r factors.
+    """
+    dims = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and any(dims.get(t, 0) > 2 for t in n.input)]
+
+
 def excluded_nodes(
     model,
     *,
@@ -114,6 +125,7 @@ def excluded_nodes(
     exclude_op_types = set(exclude_op_types)
     chosen = {n.name for n in model.graph.node if n.op_type in exclude_op_types}
     chosen |= set(match_nodes(model, keep_fp32))
+    chosen |= set(batched_weight_matmuls(model))
     if exclude_residual_adds:
         chosen |= set(residual_adds(model))
     if exclude_output_layers:

@@ -2,9 +2,11 @@
 
 Torch-free: it reads ONNX files only. Initializers are attributed by the names
 `export.fold` gives them: `task_branches.<task>.` and `heads.<task>.` are
-task-specific, `lora_` marks a low-rank factor, and everything in a split
-layout's `head_<task>.onnx` belongs to that task. A full-rank weight is a
-MatMul/Gemm initializer that is not a low-rank factor.
+task-specific, `task_stack.` holds every task's factors stacked (one equal
+slice per task of the graph, so its bytes are shared out evenly), `lora_` marks
+a low-rank factor, and everything in a split layout's `head_<task>.onnx`
+belongs to that task. A full-rank weight is a MatMul/Gemm initializer that is
+not a low-rank factor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from export.errors import ExportError
 
 CATEGORIES = ("full_rank", "low_rank", "downsampler", "decoder", "other")
 SHARED = "shared"
+STACKED = "task_stack."  # every task's factors of one layer in one tensor, a slice each
 
 
 def _nbytes(init) -> int:
@@ -42,13 +45,16 @@ def _category(name: str, matmul_weights: set[str]) -> str:
     return "other"
 
 
-def _owner(name: str, tasks: Sequence[str], file_task: str | None) -> str:
+def _owners(name: str, tasks: Sequence[str], file_task: str | None) -> list[str]:
+    """Who holds an initializer: one task, every task (a slice each, for stacked factors) or [SHARED]."""
     if file_task is not None:
-        return file_task
+        return [file_task]
+    if name.startswith(STACKED) and tasks:
+        return list(tasks)
     for task in tasks:
         if name.startswith((f"task_branches.{task}.", f"heads.{task}.")):
-            return task
-    return SHARED
+            return [task]
+    return [SHARED]
 
 
 def plain_swin_matmul_bytes(swin: dict[str, Any], itemsize: int = 4) -> int:
@@ -104,9 +110,11 @@ def cost_breakdown(source: str | os.PathLike | Sequence[str | os.PathLike]) -> d
         file_bytes = 0
         for init in model.graph.initializer:
             nbytes = _nbytes(init)
-            owner = _owner(init.name, tasks, file_task)
-            bucket = report["shared"] if owner == SHARED else report["tasks"][owner]
-            bucket[_category(init.name, matmul_weights)] += nbytes
+            owners = _owners(init.name, tasks, file_task)
+            category = _category(init.name, matmul_weights)
+            for owner in owners:
+                bucket = report["shared"] if owner == SHARED else report["tasks"][owner]
+                bucket[category] += nbytes // len(owners)
             file_bytes += nbytes
         report["files"][path.name] = file_bytes
         report["total"] += file_bytes

@@ -5,18 +5,28 @@ rewrites the parts that matter for deployment:
 
 - Every Linear becomes a MatMul against a stored (in, out) weight, so each
   ONNX initializer keeps a readable name instead of a folded transpose.
+  Attention's fused qkv projection becomes three (q, k, v), each reshaped
+  straight into the layout its MatMul reads, so no stacked qkv is split.
 - A task layer (proj / fc1 / fc2 of a stage's last block) becomes
   `TaskAnchorLinear` on the shared stream plus one `TaskFactors` pair per task.
   The anchor every task adds its low-rank term to is W x: W' x for `matrixv2`,
   and W' x - s B A x for `matrix`, so no task holds a full-rank weight.
+- The task streams of the whole model run stacked, (T, tokens, C), with every
+  task's factors stacked into one tensor (`StackedTaskFactors`): norm2, GELU,
+  the anchor adds and each low-rank MatMul are one node for all tasks instead
+  of one per task, and the stack goes through patch merging without a Concat.
+  The attention projection's tasks share its input, so their down factors are
+  concatenated into one (C, T r) MatMul.
 - MTL-LoRA's task terms are folded into plain (down, up) factors; the
   down-projection is shared, so A x is computed once for the attention
   projection and in one MatMul over the stacked task streams for fc1 / fc2.
 - The decoder's BatchNorm is folded into its convolution.
 
 Initializer names follow one scheme that `export.cost` reads: task-specific
-tensors live under `task_branches.<task>.` and `heads.<task>.`, every
-low-rank factor has `lora_` in its name, everything else is shared.
+tensors live under `task_branches.<task>.` and `heads.<task>.`, the stacked
+factors of all tasks under `task_stack.` (leading axis, or the proj down
+factor's column blocks, in task order), every low-rank factor has `lora_` in
+its name, everything else is shared.
 
 The same module traces three graphs (`role`): the whole model, the shared
 backbone of the split layout, or one task's head.
@@ -89,7 +99,7 @@ class TaskAnchorLinear(nn.Module):
 
 
 class TaskFactors(nn.Module):
-    """One task's low-rank term up @ (down @ x), scale folded into `lora_up`.
+    """One task's low-rank term up @ (down @ x), scale folded into `lora_up`: what a task's head graph uses.
 
     Without its own down-projection (MTL-LoRA) the input is already A x.
     """
@@ -99,10 +109,37 @@ class TaskFactors(nn.Module):
         self.register_buffer("lora_down", None if down is None else _frozen(down.t()))  # (in, r)
         self.register_buffer("lora_up", _frozen(up.t()))  # (r, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_down is not None:
-            x = torch.matmul(x, self.lora_down)
-        return torch.matmul(x, self.lora_up)
+
+def _pad_rank(factors: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """Zero-pad every task's factor to the largest rank along `dim`, so they stack; zero rank adds nothing."""
+    rank = max(f.shape[dim] for f in factors)
+    return [F.pad(f, (0, rank - f.shape[dim]) if dim == -1 else (0, 0, 0, rank - f.shape[dim])) for f in factors]
+
+
+class StackedTaskFactors(nn.Module):
+    """The factors of one task layer for all tasks, in task order, for the stacked task streams.
+
+    `lora_up` is (T, r, out). `lora_down` is (T, in, r), or, when every task reads
+    the same input (`shared_input`: the attention projection), the down factors side
+    by side as (in, T r): one MatMul whose columns are then split into the T rank-r
+    inputs. None with MTL-LoRA's shared down-projection.
+    """
+
+    def __init__(self, factors: Sequence[TaskFactors], shared_input: bool):
+        super().__init__()
+        downs = None if factors[0].lora_down is None else _pad_rank([f.lora_down for f in factors], -1)
+        if downs is not None:
+            downs = torch.cat(downs, dim=1) if shared_input else torch.stack(downs)
+        self.register_buffer("lora_down", downs)
+        self.register_buffer("lora_up", torch.stack(_pad_rank([f.lora_up for f in factors], 0)))
+        self.shared_input = shared_input
+
+
+def _split_qkv(qkv: MatMulLinear) -> tuple[MatMulLinear, MatMulLinear, MatMulLinear]:
+    """timm's fused qkv projection as three (C, C) projections."""
+    weights = qkv.weight_t.t().chunk(3)
+    biases = (None,) * 3 if qkv.bias is None else qkv.bias.chunk(3)
+    return tuple(MatMulLinear(w, b) for w, b in zip(weights, biases, strict=True))
 
 
 class ExportSwinBlock(nn.Module):
@@ -124,7 +161,8 @@ class ExportSwinBlock(nn.Module):
         self.num_heads = attn.num_heads
         self.scale = attn.scale
         self.norm1, self.norm2 = block.norm1, block.norm2
-        self.qkv, self.proj = attn.qkv, attn.proj
+        self.q, self.k, self.v = _split_qkv(attn.qkv)
+        self.proj = attn.proj
         self.mlp = block.mlp
         with torch.no_grad():
             self.register_buffer("rel_pos_bias", _frozen(attn._get_rel_pos_bias()))  # (1, heads, N, N)
@@ -147,9 +185,11 @@ class ExportSwinBlock(nn.Module):
             windows = x.reshape(-1, N, C)
         else:
             windows = x.reshape(-1, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, N, C)
-        qkv = self.qkv(windows).reshape(-1, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = (q * self.scale) @ k.transpose(-2, -1) + self.rel_pos_bias  # (B * nW, heads, N, N)
+        # q, k and v each straight into the layout their MatMul wants: no (3, ...) stack to split, copy by copy.
+        q = self.q(windows).reshape(-1, N, heads, C // heads).transpose(1, 2)  # (B * nW, heads, N, C / heads)
+        k = self.k(windows).reshape(-1, N, heads, C // heads).permute(0, 2, 3, 1)  # (B * nW, heads, C / heads, N)
+        v = self.v(windows).reshape(-1, N, heads, C // heads).transpose(1, 2)
+        scores = (q * self.scale) @ k + self.rel_pos_bias  # (B * nW, heads, N, N)
         if self.attn_mask is not None:
             scores = (scores.reshape(-1, nh * nw, heads, N, N) + self.attn_mask).reshape(-1, heads, N, N)
         mixed = scores.softmax(dim=-1) @ v  # (B * nW, heads, N, C / heads)
@@ -274,6 +314,7 @@ class ExportModel(nn.Module):
         self.shared_down = self.has_task_streams and config.adapter.task_adapter == "mtl-lora"
         self.role: tuple[str, str | None] = ("model", None)
         branches: dict[str, nn.ModuleList] = {t: nn.ModuleList() for t in self.tasks}
+        stacks = nn.ModuleList()
         if self.has_task_streams:
             for stage in model.backbone.layers:
                 last = stage.blocks[-1]
@@ -288,9 +329,14 @@ class ExportModel(nn.Module):
                     setattr(owner, child, TaskAnchorLinear(layer))
                 for t in self.tasks:
                     branches[t].append(per_task[t])
+                stacks.append(nn.ModuleDict({
+                    target: StackedTaskFactors([per_task[t][target] for t in self.tasks], target == "proj")
+                    for target in TASK_TARGETS
+                }))
         _swap_linears(model.backbone)
         self.backbone = ExportBackbone(model.backbone)
         self.task_branches = nn.ModuleDict(branches if self.has_task_streams else {})
+        self.task_stack = stacks  # used by the whole-model graph; a head graph uses its task's branch
         resolutions = config.swin.feature_resolutions()
         self.heads = nn.ModuleDict({
             t: TaskHead(model.downsamplers[t], model.decoders[t], resolutions, config.swin.img_size)
@@ -332,40 +378,66 @@ class ExportModel(nn.Module):
         attn_input = mixed if shared_down is None else torch.matmul(mixed, shared_down)
         return x_attn + out_shared, [x + proj_anchor, attn_input, fc1_anchor, fc2_anchor]
 
-    def _task_terms(self, layer: TaskAnchorLinear, s: int, target: str,
-                    inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tasks = list(inputs)
-        factors = {t: self.task_branches[t][s][target] for t in tasks}
-        if layer.lora_shared_down is None:
-            return {t: factors[t](inputs[t]) for t in tasks}
-        # MTL-LoRA: the task streams differ but A is shared: one MatMul over the stacked streams.
+    def _factors(self, s: int, target: str, tasks: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(down, up) of a task layer for the stacked streams of `tasks`: all of them, or one."""
         if len(tasks) == 1:
-            down = [torch.matmul(inputs[tasks[0]], layer.lora_shared_down)]
+            factors = self.task_branches[tasks[0]][s][target]
+        elif tuple(tasks) == self.tasks:
+            factors = self.task_stack[s][target]
         else:
-            stacked = torch.matmul(torch.stack([inputs[t] for t in tasks]), layer.lora_shared_down)
-            down = [stacked[i] for i in range(len(tasks))]
-        return {t: factors[t](d) for t, d in zip(tasks, down, strict=True)}
+            raise ExportError(f"internal: task streams are stacked for one task or all, not {list(tasks)}")
+        return factors.lora_down, factors.lora_up
 
-    def task_stage(self, s: int, anchors: Sequence[torch.Tensor], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The task streams (B, H, W, C) of stage `s` (before patch merging), from the shared anchors."""
+    def _task_terms(self, layer: TaskAnchorLinear, s: int, target: str, x: torch.Tensor,
+                    tasks: Sequence[str]) -> torch.Tensor:
+        """The low-rank terms of a task layer on the stacked streams x (T, M, in) -> (T, M, out)."""
+        down, up = self._factors(s, target, tasks)
+        # MTL-LoRA: the task streams differ but A is shared: one MatMul over the stack.
+        down = layer.lora_shared_down if down is None else down
+        return torch.matmul(torch.matmul(x, down), up)
+
+    def _proj_terms(self, s: int, attn_input: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        """The attention projection's low-rank terms (T, M, C); every task reads the same input.
+
+        attn_input: (B, H, W, C), or A x (B, H, W, r) with MTL-LoRA's shared down-projection.
+        """
+        down, up = self._factors(s, "proj", tasks)
+        if down is None:
+            low = attn_input.reshape(1, -1, attn_input.shape[-1])  # (1, M, r): broadcast over the tasks
+        else:
+            # All tasks' down factors side by side: one (C, T r) MatMul, then split into T rank-r inputs.
+            rank = up.shape[-2]
+            low = torch.matmul(attn_input, down).reshape(-1, len(tasks), rank).transpose(0, 1)  # (T, M, r)
+        return torch.matmul(low, up)
+
+    def task_stage(self, s: int, anchors: Sequence[torch.Tensor], tasks: Sequence[str]) -> torch.Tensor:
+        """The task streams of stage `s` (before patch merging), stacked: (T, B H W, C), from the shared anchors."""
         attn_anchor, attn_input, fc1_anchor, fc2_anchor = anchors
         last = self.backbone.stages[s].blocks[-1]
         mlp = last.mlp
-        attn = {t: attn_anchor + self.task_branches[t][s]["proj"](attn_input) for t in tasks}
-        fc1_terms = self._task_terms(mlp.fc1, s, "fc1", {t: last.norm2(attn[t]) for t in tasks})
-        hidden = {t: mlp.norm(mlp.act(fc1_anchor + fc1_terms[t])) for t in tasks}
-        fc2_terms = self._task_terms(mlp.fc2, s, "fc2", hidden)
-        return {t: attn[t] + (fc2_anchor + fc2_terms[t]) for t in tasks}
+        dim, hidden_dim = last.dim, mlp.fc1.linear.weight_t.shape[1]
+        # The shared anchors as (B H W, C): they broadcast over the task axis.
+        attn = attn_anchor.reshape(-1, dim) + self._proj_terms(s, attn_input, tasks)
+        fc1 = fc1_anchor.reshape(-1, hidden_dim) + self._task_terms(mlp.fc1, s, "fc1", last.norm2(attn), tasks)
+        hidden = mlp.norm(mlp.act(fc1))
+        return attn + (fc2_anchor.reshape(-1, dim) + self._task_terms(mlp.fc2, s, "fc2", hidden, tasks))
 
-    def merge_streams(self, s: int, streams: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Patch merging after stage `s`, one call for all streams stacked on the batch axis."""
+    def task_features(self, s: int, stack: torch.Tensor, num_tasks: int) -> list[torch.Tensor]:
+        """The stacked task streams of stage `s` -> one NHWC feature per task, after the stage's patch merging.
+
+        Patch merging reads the stack as T B images, so no stream is copied out first.
+        """
         merging = self.backbone.stages[s].merging
-        if len(streams) == 1:
-            return [merging(streams[0])]
-        merged = merging(torch.stack(streams).flatten(0, 1))  # (K * B, H/2, W/2, 2C)
+        if merging is None:
+            block = self.backbone.stages[s].blocks[-1]
+            shape = (*block.resolution, block.dim)
+        else:
+            stack, shape = merging(stack), merging.out_shape
         # reshape and indexing, not unflatten / unbind: the tracer bakes the batch size into those.
-        merged = merged.reshape(len(streams), -1, *merging.out_shape)
-        return [merged[i] for i in range(len(streams))]
+        if num_tasks == 1:
+            return [stack.reshape(-1, *shape)]
+        stack = stack.reshape(num_tasks, -1, *shape)
+        return [stack[i] for i in range(num_tasks)]
 
     # ------------------------------------------------------------------ the three graphs
 
@@ -385,13 +457,12 @@ class ExportModel(nn.Module):
             x, anchors = self.shared_stage(s, x)
             last_stage = s == self.num_stages - 1
             if self.has_task_streams:
-                streams = self.task_stage(s, anchors, self.tasks)
+                stack = self.task_stage(s, anchors, self.tasks)
+                # The shared stream goes on into the next stage; each task stream becomes a feature.
                 if not last_stage:
-                    # The shared stream goes on into the next stage; each task stream becomes a feature.
-                    x, *merged = self.merge_streams(s, [x] + [streams[t] for t in self.tasks])
-                    streams = dict(zip(self.tasks, merged, strict=True))
-                for t in self.tasks:
-                    features[t].append(streams[t])
+                    x = self.backbone.stages[s].merging(x)
+                for t, feature in zip(self.tasks, self.task_features(s, stack, len(self.tasks)), strict=True):
+                    features[t].append(feature)
             else:
                 if not last_stage:
                     x = self.backbone.stages[s].merging(x)
@@ -416,8 +487,6 @@ class ExportModel(nn.Module):
             return self.heads[task](list(backbone_outputs))
         features = []
         for s in range(self.num_stages):
-            stream = self.task_stage(s, backbone_outputs[4 * s: 4 * s + 4], (task,))[task]
-            if s < self.num_stages - 1:
-                (stream,) = self.merge_streams(s, [stream])
-            features.append(stream)
+            stack = self.task_stage(s, backbone_outputs[4 * s: 4 * s + 4], (task,))
+            features += self.task_features(s, stack, 1)
         return self.heads[task](features)
