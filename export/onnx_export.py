@@ -43,6 +43,29 @@ INPUT_NAME = "image"
 BATCH_DIM = "batch"
 
 
+# The modules whose code decides what an export contains: a change to any of them makes a new export,
+# even from the same checkpoint with the same options (a build's cached export step keys on this).
+EXPORTER_MODULES = ("export.fold", "export.onnx_export", "export.merge", "export.reference", "export.manifest",
+                    "mtlora.model", "mtlora.adapters", "mtlora.heads", "mtlora.config")
+
+
+def exporter_fingerprint() -> str:
+    """SHA-256 of the exporting code and of the torch, onnx and onnxslim versions."""
+    import hashlib
+    import importlib
+    import importlib.metadata
+
+    digest = hashlib.sha256()
+    for name in EXPORTER_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    for package in ("torch", "onnx", "onnxslim"):
+        try:
+            digest.update(f"{package} {importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{package} absent".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class ExportResult:
     """What `export_onnx` wrote: file names are relative to `out_dir`."""

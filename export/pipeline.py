@@ -130,15 +130,16 @@ def _publish(staging: Path, directory: Path) -> None:
 
 def export_step(opts: BuildOptions, checkpoint: Path, out: Path, say: Say, reused: list[str]) -> Path:
     from export.manifest import checkpoint_sha256
-    from export.onnx_export import export_checkpoint
+    from export.onnx_export import export_checkpoint, exporter_fingerprint
 
     target = out / EXPORT_DIR
-    key = _digest("export", checkpoint_sha256(checkpoint), opts.layout, opts.tasks, opts.img_size)
+    key = _digest("export", checkpoint_sha256(checkpoint), opts.layout, opts.tasks, opts.img_size,
+                  exporter_fingerprint())
     if _step_matches(target, key):
         try:
             verify_manifest(target)
             reused.append("export")
-            say(f"[export] reusing {target} (same checkpoint and settings)")
+            say(f"[export] reusing {target} (same checkpoint, settings and exporter)")
             return target
         except ExportError as err:
             say(f"[export] cached export is damaged ({err}); exporting again")

@@ -110,3 +110,14 @@ def test_empty_calibration_directory_is_refused(tmp_path):
     assert code == 1, output
     assert "contains no image files" in output
     assert not (tmp_path / "o" / "engines" / "onnxruntime-int8").exists()
+
+
+def test_a_changed_exporter_makes_a_new_export(fixture_build, monkeypatch):
+    """The cached export is keyed on the exporting code too: after an upgrade it is not reused."""
+    import export.onnx_export
+
+    monkeypatch.setattr(export.onnx_export, "exporter_fingerprint", lambda: "another exporter")
+    code, output = run("build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32", "--eval-samples", "8",
+                       "--out", fixture_build)
+    assert code == 0, output
+    assert "[export] reusing" not in output and "[export] " in output
