@@ -6,7 +6,8 @@ rewrites the parts that matter for deployment:
 - Every Linear becomes a MatMul against a stored (in, out) weight, so each
   ONNX initializer keeps a readable name instead of a folded transpose.
   Attention's fused qkv projection becomes three (q, k, v), each reshaped
-  straight into the layout its MatMul reads, so no stacked qkv is split.
+  straight into the layout its MatMul reads, so no stacked qkv is split;
+  the key's bias is dropped, as the softmax cancels it.
 - A task layer (proj / fc1 / fc2 of a stage's last block) becomes
   `TaskAnchorLinear` on the shared stream plus one `TaskFactors` pair per task.
   The anchor every task adds its low-rank term to is W x: W' x for `matrixv2`,
@@ -136,9 +137,14 @@ class StackedTaskFactors(nn.Module):
 
 
 def _split_qkv(qkv: MatMulLinear) -> tuple[MatMulLinear, MatMulLinear, MatMulLinear]:
-    """timm's fused qkv projection as three (C, C) projections."""
+    """timm's fused qkv projection as three (C, C) projections, the key's bias dropped.
+
+    The key bias adds q . b_k to every score of a query row, a constant per row, which the
+    softmax over that row cancels exactly; without it the graph has one Add fewer per block.
+    """
     weights = qkv.weight_t.t().chunk(3)
-    biases = (None,) * 3 if qkv.bias is None else qkv.bias.chunk(3)
+    biases = [None] * 3 if qkv.bias is None else list(qkv.bias.chunk(3))
+    biases[1] = None
     return tuple(MatMulLinear(w, b) for w, b in zip(weights, biases, strict=True))
 
 
