@@ -169,6 +169,7 @@ def count_flops(paths: str | os.PathLike | Sequence[str | os.PathLike], batch: i
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     by_op = dict.fromkeys(COUNTED_OPS, 0)
+    by_node: dict[str, int] = {}
     uncounted: list[str] = []
     from_run = 0
     for path in paths:
@@ -198,7 +199,8 @@ def count_flops(paths: str | os.PathLike | Sequence[str | os.PathLike], batch: i
                 uncounted.append(node.name or node.op_type)
             else:
                 by_op[node.op_type] += 2 * macs
-    return {"flops": sum(by_op.values()), "by_op": by_op, "uncounted": uncounted, "batch": batch,
+                by_node[node.name] = by_node.get(node.name, 0) + 2 * macs
+    return {"flops": sum(by_op.values()), "by_op": by_op, "by_node": by_node, "uncounted": uncounted, "batch": batch,
             "shapes_from_run": from_run}
 
 

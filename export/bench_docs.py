@@ -278,8 +278,8 @@ CATEGORIES = (
 )
 
 
-def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
-    """Profiled ms per run of a graph from `export.fold`, by what its nodes compute (read from initializer names)."""
+def node_categories(onnx_path: Path) -> dict[str, str]:
+    """Each node of a graph from `export.fold` -> the CATEGORIES entry it belongs to (read from initializer names)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -302,6 +302,12 @@ def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
         elif node.op_type == "Conv":
             category = CATEGORIES[5]
         category_of[node.name] = category
+    return category_of
+
+
+def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
+    """Profiled ms per run of a graph from `export.fold`, by what its nodes compute."""
+    category_of = node_categories(onnx_path)
     # ORT's fused nodes have new names: its FusedMatMul is the scaled QK^T, FusedConv a decoder conv + ReLU.
     fused = {"FusedMatMul": CATEGORIES[1], "FusedConv": CATEGORIES[5], "NchwcConv": CATEGORIES[5]}
     totals = dict.fromkeys(CATEGORIES, 0.0)
@@ -310,11 +316,35 @@ def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
     return totals
 
 
-def _breakdown_table(breakdowns: dict[str, dict[str, float]]) -> str:
+def flops_breakdown(onnx_path: Path) -> dict[str, float]:
+    """GFLOP per image of a graph from `export.fold`, by what its nodes compute."""
+    category_of = node_categories(onnx_path)
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for name, flops in count_flops(onnx_path)["by_node"].items():
+        totals[category_of.get(name, CATEGORIES[-1])] += flops / 1e9
+    return totals
+
+
+def _breakdown_table(breakdowns: dict[str, dict[str, float]], gflops: dict[str, dict[str, float]]) -> str:
     names = list(breakdowns)
-    rows = [[c, *(f"{breakdowns[n][c]:.0f}" for n in names)] for c in CATEGORIES]
-    rows.append(["all nodes", *(f"{sum(breakdowns[n].values()):.0f}" for n in names)])
-    return md_table(["what", *(f"{n} ms" for n in names)], rows)
+    rows = [[c, *(f"{breakdowns[n][c]:.0f}" for n in names), *(f"{gflops[n][c]:.1f}" for n in names)]
+            for c in CATEGORIES]
+    rows.append(["all nodes", *(f"{sum(breakdowns[n].values()):.0f}" for n in names),
+                 *(f"{sum(gflops[n].values()):.1f}" for n in names)])
+    return md_table(["what", *(f"{n} ms" for n in names), *(f"{n} GFLOP" for n in names)], rows)
+
+
+def structural_note(gflops: dict[str, dict[str, float]]) -> str:
+    """What the task streams add in FLOPs, against the merged-vs-adapter-free target."""
+    merged, free = gflops["merged"], gflops["adapter-free"]
+    extra = {c: merged[c] - free[c] for c in CATEGORIES}
+    total_free = sum(free.values())
+    parts = ", ".join(f"{c.split(' (')[0]} {extra[c]:+.1f}" for c in CATEGORIES[2:5])
+    ratio = sum(merged.values()) / total_free
+    return (f"The task streams' work the exact export must do, in GFLOP per image against the adapter-free network: "
+            f"{parts}, in all {ratio:.3f}x the adapter-free FLOPs. Meeting the {MERGED_VS_FREE}x target "
+            f"would take the merged graph running {ratio / MERGED_VS_FREE:.2f}x faster per FLOP than the adapter-free "
+            "one, whose work is in fewer, larger MatMuls.")
 
 
 def profile_findings(profiles: dict[str, dict]) -> list[str]:
@@ -454,8 +484,9 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
                   f"{machine['threads']} threads:",
                   "", _profile_table(extra["profiles"]), ""]
         lines += [f"- {finding}" for finding in extra.get("findings", [])]
-        lines += ["", "The same time by what the nodes compute (read from the exporter's initializer names):", "",
-                  _breakdown_table(extra["breakdown"]), ""]
+        lines += ["", "The same time, and the FLOPs, by what the nodes compute (read from the exporter's initializer "
+                  "names):", "", _breakdown_table(extra["breakdown"], extra["flops_breakdown"]), "",
+                  structural_note(extra["flops_breakdown"]), ""]
 
     lines += [
         "## 2. Engines",
@@ -583,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         "findings": profile_findings(profiles),
         "breakdown": {"merged": time_breakdown(build_dir / "export" / "model.onnx", profiles["merged"]),
                       "adapter-free": time_breakdown(free_onnx, profiles["adapter-free"])},
+        "flops_breakdown": {"merged": flops_breakdown(build_dir / "export" / "model.onnx"),
+                            "adapter-free": flops_breakdown(free_onnx)},
         "profile_runs": profile_runs,
         "engine_notes": [f"{k}: failed to build: {v}" for k, v in failures.items()],
     }

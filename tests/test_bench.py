@@ -84,8 +84,8 @@ def test_flops_of_a_hand_made_graph(tmp_path):
     conv_w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "conv_w")
     mm_w = numpy_helper.from_array(np.ones((6, 7), np.float32), "mm_w")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "conv_w"], ["y"], pads=[1, 1, 1, 1]),
-         helper.make_node("MatMul", ["m", "mm_w"], ["z"])],
+        [helper.make_node("Conv", ["x", "conv_w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("MatMul", ["m", "mm_w"], ["z"], name="matmul")],
         "hand_made",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
          helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", 5, 6])],
@@ -100,6 +100,7 @@ def test_flops_of_a_hand_made_graph(tmp_path):
     counted = count_flops(path)
     assert counted["by_op"] == {"MatMul": 2 * matmul_macs, "Gemm": 0, "Conv": 2 * conv_macs}
     assert counted["flops"] == 2 * (conv_macs + matmul_macs) == 14244
+    assert counted["by_node"] == {"conv": 2 * conv_macs, "matmul": 2 * matmul_macs}
     assert count_flops(path, batch=3)["flops"] == 3 * 14244
 
 
