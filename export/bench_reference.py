@@ -88,7 +88,6 @@ def bench_backbone(checkpoint: Path, work: Path, threads: int, rounds: int, cali
         engines[precision] = ov_build(prepared.path, work / f"openvino-{precision}", precision=precision,
                                       name="backbone", metadata=prepared.metadata, num_threads=threads)
 
-    torch.set_num_threads(threads)
     swin = model.backbone
     tensor = torch.from_numpy(image)
 
@@ -97,12 +96,17 @@ def bench_backbone(checkpoint: Path, work: Path, threads: int, rounds: int, cali
             return swin.forward_features(tensor)
 
     infers: dict[str, Callable[[], Any]] = {"pytorch-eager": eager}
-    with ExitStack() as stack:
-        for precision, artifact in engines.items():
-            runner = stack.enter_context(ov_load(artifact.path, num_threads=threads))
-            infers[f"openvino-{precision}"] = lambda r=runner: r.infer({"image": image})
-        say("[bench-docs] timing the reference backbone in turn")
-        turn = interleaved_latency(infers, rounds)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with ExitStack() as stack:
+            for precision, artifact in engines.items():
+                runner = stack.enter_context(ov_load(artifact.path, num_threads=threads))
+                infers[f"openvino-{precision}"] = lambda r=runner: r.infer({"image": image})
+            say("[bench-docs] timing the reference backbone in turn")
+            turn = interleaved_latency(infers, rounds)
+    finally:
+        torch.set_num_threads(torch_threads)  # the caller's setting, not ours, for whatever runs next
     return {"interleaved": turn, "img_size": size, "max_abs_vs_timm": max_abs, "flops": count_flops(onnx_path)["flops"],
             "calib_samples": calib_samples, "executed": {p: a.precision_executed for p, a in engines.items()}}
 
