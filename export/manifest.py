@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from engines.runner import sha256_file
 from export.errors import ExportError
+from mtlora import fileio
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "mtlora-export/manifest/1"
@@ -36,35 +36,9 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish_mode(path: str | os.PathLike) -> None:
-    """Give a file or directory made by tempfile (0600 / 0700) the usual permissions."""
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
-
-
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
-    """Readers see the old file or the whole new one, never half of it."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise ExportError(f"{path}: cannot write here ({err.strerror or err}); choose another output path") from None
-    try:
-        publish_mode(tmp)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Readers see the old file or the whole new one, never half of it (an unwritable place is an ExportError)."""
+    return fileio.write_bytes_atomic(path, payload, error=ExportError)
 
 
 def package_versions() -> dict[str, str]:

@@ -320,7 +320,7 @@ def export_checkpoint(
     place at the end, so a failure never leaves a half-written export. All input
     checks run before any progress line.
     """
-    from export.manifest import checkpoint_sha256, publish_mode, write_manifest
+    from export.manifest import checkpoint_sha256, write_manifest
     from export.merge import unmerge_model
     from export.reference import REFERENCE_FILE, write_reference
     from mtlora.fileio import commit_directory, staging_dir
@@ -363,8 +363,7 @@ def export_checkpoint(
             reference=reference,
             source={"checkpoint": checkpoint.name, "sha256": source_sha256},
         )
-        publish_mode(staging)
-        commit_directory(staging, out)
+        commit_directory(staging, out)  # which also gives the staging directory the usual permissions
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mtlora.errors import CheckpointError
+from mtlora.errors import CheckpointError, MTLoRAError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,22 +42,28 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> Path:
-    """Write `payload` to a temp file beside `path`, fsync it and rename it over `path`."""
+def publish_mode(path: str | os.PathLike) -> None:
+    """Give a file or directory made by tempfile (0600 / 0700) the usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes,
+                       error: type[MTLoRAError] = CheckpointError) -> Path:
+    """Write `payload` to a temp file beside `path`, fsync it and rename it over `path`: readers see
+    the old file or the whole new one, never half of it. A place that cannot be written raises `error`."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot write here ({why_not_writable(path, err)}); choose another output path") from None
+        raise error(f"{path}: cannot write here ({why_not_writable(path, err)}); choose another output path") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp made the file 0600; published results get the usual permissions.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,10 +84,7 @@ def commit_directory(staging: Path, final: Path) -> None:
     for path in Path(staging).rglob("*"):
         if path.is_file() and not path.is_symlink():
             _fsync_file(path)
-    # mkdtemp made the staging directory 0700; published results get the usual permissions.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(staging, 0o777 & ~mask)
+    publish_mode(staging)  # mkdtemp made it 0700
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
