@@ -24,7 +24,7 @@ from pathlib import Path
 from engines.runner import sha256_file, write_atomic
 from export.datasources import EVALSET_FILE
 from export.errors import ExportError
-from export.manifest import read_manifest, verify_manifest
+from export.manifest import read_json, read_manifest, verify_manifest
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "mtlora-export/bundle/1"
@@ -138,12 +138,8 @@ def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path
 def verify_bundle(bundle: Path) -> dict:
     """Check every file against bundle.json; a modified, truncated or missing file is named."""
     index = bundle / BUNDLE_FILE
-    try:
-        data = json.loads(index.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{bundle}: not a bundle (no {BUNDLE_FILE}); make one with 'mtlora-export bundle'") from None
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{index}: corrupt ({err})") from None
+    data = read_json(index, corrupt=f"{index}: corrupt",
+                     missing=f"{bundle}: not a bundle (no {BUNDLE_FILE}); make one with 'mtlora-export bundle'")
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("files"), dict):
         raise ExportError(f"{index}: not an mtlora-export bundle index")
     for rel, digest in data["files"].items():

@@ -103,14 +103,24 @@ def write_manifest(directory: str | os.PathLike, **fields: Any) -> Path:
     return write_bytes_atomic(directory / MANIFEST_FILE, payload)
 
 
+def read_json(path: Path, *, corrupt: str, missing: str | None = None) -> Any:
+    """The JSON in `path`, or one ExportError line: `missing` when there is no such file (when given),
+    else `corrupt` followed by the reason (unreadable, not UTF-8, not JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        if missing is None:
+            raise ExportError(f"{corrupt} (no such file)") from None
+        raise ExportError(missing) from None
+    except (OSError, ValueError) as err:  # ValueError: also undecodable bytes
+        raise ExportError(f"{corrupt} ({err})") from None
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise ExportError(f"{path}: no manifest; this is not an export directory, or it was not finished")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: corrupt manifest ({err})") from None
+    manifest = read_json(path, corrupt=f"{path}: corrupt manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
         raise ExportError(f"{path}: not an mtlora-export manifest (expected format {MANIFEST_FORMAT})")
     files = manifest["files"]

@@ -44,7 +44,7 @@ from export.datasources import (
 from export.engineset import ENGINES_DIR, EngineEntry, list_engines, load_runner
 from export.errors import ExportError
 from export.html_report import Sample, write_html
-from export.manifest import read_manifest, sha256_file, verify_manifest
+from export.manifest import read_json, read_manifest, sha256_file, verify_manifest
 from export.report import build_report, write_reports
 from export.tolerances import Tolerances
 
@@ -571,12 +571,8 @@ def _run_build(opts: BuildOptions, out: Path, precisions: tuple[str, ...], backe
 def read_build_record(build_dir: Path) -> dict:
     """build.json of a build directory (plain JSON; anything else is refused with one line)."""
     path = Path(build_dir) / BUILD_FILE
-    try:
-        recorded = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{build_dir}: no {BUILD_FILE}; is this a build directory from 'mtlora-export build'?") from None
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{path}: corrupt ({err})") from None
+    recorded = read_json(path, corrupt=f"{path}: corrupt",
+                         missing=f"{build_dir}: no {BUILD_FILE}; is this a build directory from 'mtlora-export build'?")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("options"), dict):
         raise ExportError(f"{path}: not a build record written by 'mtlora-export build'")
     return recorded

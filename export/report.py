@@ -14,6 +14,7 @@ from xml.etree import ElementTree as ET
 
 from engines.runner import write_atomic
 from export.errors import ExportError
+from export.manifest import read_json
 
 REPORT_FORMAT = "mtlora-export/report/1"
 REPORT_FILE, JUNIT_FILE, SUMMARY_FILE = "report.json", "junit.xml", "summary.md"
@@ -129,12 +130,8 @@ def read_report(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path}: no such report; run 'mtlora-export build' or 'check' first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: not a valid report ({err})") from None
+    data = read_json(path, corrupt=f"{path}: not a valid report",
+                     missing=f"{path}: no such report; run 'mtlora-export build' or 'check' first")
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise ExportError(f"{path}: not an mtlora-export accuracy report (format {REPORT_FORMAT})")
     return data

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.errors import ExportError
+from export.manifest import read_json
 
 PROJECT_CONFIG = "mtlora-export.json"
 # A small MTLoRA Swin trained on the synthetic data set (`make default-model` re-creates it).
@@ -25,10 +25,7 @@ def read_project_config(directory: Path | None = None) -> dict:
     path = (directory or Path.cwd()) / PROJECT_CONFIG
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, corrupt=f"{path}: not valid JSON")
     if not isinstance(data, dict):
         raise ExportError(f"{path}: must be a JSON object of build options")
     data["_path"] = str(path)
