@@ -176,8 +176,7 @@ class CalibrationSet:
 
         def digest_items() -> Iterator[bytes]:
             for name, a in columns.items():
-                yield f"{name}:{a.dtype.str}:{a.shape}".encode()
-                yield np.ascontiguousarray(a).tobytes()
+                yield from _array_digest_items(name, a)
 
         return cls(
             kind="arrays",
@@ -213,16 +212,13 @@ class CalibrationSet:
                 if not isinstance(feed, Mapping) or list(feed) != names:
                     got = list(feed) if isinstance(feed, Mapping) else type(feed).__name__
                     raise CalibrationError(f"calibration feed {i} has inputs {got}, expected {names}")
-                for name, a in feed.items():
-                    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
-                        raise CalibrationError(f"calibration feed {i}, input '{name}': expected a float32 numpy array")
+                _check_float32(i, feed)
                 yield dict(feed)
 
         def feed_bytes() -> Iterator[bytes]:
             for feed in checked():
                 for name, a in feed.items():
-                    yield f"{name}:{a.dtype.str}:{a.shape}".encode()
-                    yield np.ascontiguousarray(a).tobytes()
+                    yield from _array_digest_items(name, a)
 
         return cls(
             kind="stream",
@@ -249,9 +245,7 @@ class CalibrationSet:
                 names = list(feed)
             elif list(feed) != names:
                 raise CalibrationError(f"calibration feed {i} has inputs {list(feed)}, feed 0 has {names}")
-            for name, a in feed.items():
-                if not isinstance(a, np.ndarray) or a.dtype != np.float32:
-                    raise CalibrationError(f"calibration feed {i}, input '{name}': expected a float32 numpy array")
+            _check_float32(i, feed)
         _check_count(len(items), min_samples, "calibration feeds")
 
         def iterate() -> Iterator[Feed]:
@@ -261,8 +255,7 @@ class CalibrationSet:
         def digest_items() -> Iterator[bytes]:
             for feed in items:
                 for name, a in feed.items():
-                    yield f"{name}:{a.dtype.str}:{a.shape}".encode()
-                    yield np.ascontiguousarray(a).tobytes()
+                    yield from _array_digest_items(name, a)
 
         return cls(
             kind="feeds",
@@ -298,6 +291,18 @@ def calibration_for(model, data: CalibrationSet | Iterable[Mapping[str, np.ndarr
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _check_float32(i: int, feed: Mapping[str, Any]) -> None:
+    for name, a in feed.items():
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            raise CalibrationError(f"calibration feed {i}, input '{name}': expected a float32 numpy array")
+
+
+def _array_digest_items(name: str, a: np.ndarray) -> Iterator[bytes]:
+    """What identifies one named input array in a calibration fingerprint: name, dtype, shape and bytes."""
+    yield f"{name}:{a.dtype.str}:{a.shape}".encode()
+    yield np.ascontiguousarray(a).tobytes()
 
 
 def _image_paths(paths_or_dir, *, recursive: bool) -> list[Path]:
