@@ -179,17 +179,12 @@ def write_evalset(path: Path, images: np.ndarray, references: Mapping[str, np.nd
 
 def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     """Every array of an .npz, read without pickle: a corrupt, truncated or pickled file is one ExportError."""
-    import zipfile
-    import zlib
+    from mtlora.data.preprocess import NPZ_READ_ERRORS, open_npz
 
     try:
-        # allow_pickle stays False: a pickled file or object array is refused, never unpickled.
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("not an .npz archive")
-        with data:
+        with open_npz(path) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+    except NPZ_READ_ERRORS as err:
         raise ExportError(f"{path}: not a readable {what} ({err})") from None
 
 

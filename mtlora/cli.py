@@ -98,25 +98,21 @@ def import_upstream_cmd(checkpoint: str, out: str) -> None:
 
 
 def _read_npz_batch(path: Path, size: tuple[int, int]) -> numpy.ndarray:  # noqa: F821
-    import zipfile
-    import zlib
-
     import numpy as np
 
-    unreadable = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+    from mtlora.data.preprocess import NPZ_READ_ERRORS, open_npz
+
     try:
-        # allow_pickle stays False: an object array in the file is refused, never unpickled.
-        data = np.load(path, allow_pickle=False)
-    except unreadable as err:
-        raise DataError(f"{path}: not a readable .npz ({err})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: not an .npz archive (expected one with an 'input' array, a normalised NCHW batch)")
+        data = open_npz(path)
+    except NPZ_READ_ERRORS as err:
+        raise DataError(f"{path}: not a readable .npz ({err}); expected one with an 'input' array, "
+                        "a normalised NCHW batch") from None
     with data:
         if "input" not in data.files:
             raise DataError(f"{path}: has no 'input' array (expected a normalised NCHW batch)")
         try:
             raw = data["input"]
-        except unreadable as err:
+        except NPZ_READ_ERRORS as err:
             raise DataError(f"{path}: 'input' cannot be read ({err})") from None
     if raw.dtype.kind not in "fiu":
         raise DataError(f"{path}: 'input' has dtype {raw.dtype}, expected float32 (a normalised NCHW batch)")

@@ -1,4 +1,4 @@
-"""Image loading and THE inference preprocessing (numpy + Pillow, no torch).
+"""Image and .npz loading and THE inference preprocessing (numpy + Pillow, no torch).
 
 Every path that turns a picture into model input goes through `preprocess`:
 the engines on a device, the PyTorch reference outputs, and the validation
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +26,21 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # About 8k x 8k. Far above any camera frame we expect, far below what a crafted
 # "decompression bomb" header would make us allocate.
 MAX_IMAGE_PIXELS = 64_000_000
+
+# What reading a damaged or hostile .npz can raise: numpy, zipfile and zlib each have their own.
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    """An .npz archive opened without pickle: a pickled file or object array is refused, never unpickled.
+
+    Another numpy file raises ValueError; a damaged one raises one of NPZ_READ_ERRORS, here or
+    when an array is read.
+    """
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    return data
 
 
 def load_image(
