@@ -857,11 +857,12 @@ def bench_build(build_dir: str | os.PathLike, opts: BenchOptions, say: Say, *, r
     targets: list[Target] = []
     notes = []
     if opts.torch_eager:
-        checkpoint = _build_checkpoint(build_dir)
+        options = _build_options(build_dir)
+        checkpoint = _build_checkpoint(options)
         if checkpoint is None:
             notes.append("PyTorch eager not timed: the build does not name a checkpoint that exists here")
         else:
-            targets += torch_targets(checkpoint, _build_img_size(build_dir))
+            targets += torch_targets(checkpoint, options.get("img_size"))
     targets += engine_targets(build_dir, report, failures)
     targets += list(extra_targets)
     model = {"build_dir": str(build_dir), "tasks": list(info.tasks), "layout": info.layout,
@@ -870,15 +871,18 @@ def bench_build(build_dir: str | os.PathLike, opts: BenchOptions, say: Say, *, r
                      command=command)
 
 
-def _build_record(build_dir: Path) -> dict:
+def _build_options(build_dir: Path) -> dict:
+    """The options build.json records; {} when it is missing or unreadable (only PyTorch eager needs them)."""
+    from export.pipeline import read_build_record
+
     try:
-        return json.loads((build_dir / "build.json").read_text())
-    except (OSError, ValueError):
+        return read_build_record(build_dir)["options"]
+    except ExportError:
         return {}
 
 
-def _build_checkpoint(build_dir: Path) -> Path | None:
-    options = _build_record(build_dir).get("options", {})
+def _build_checkpoint(options: dict) -> Path | None:
+    """The checkpoint a build was made from, if it exists here (a bundle build has none)."""
     if options.get("from_bundle"):
         return None
     if options.get("checkpoint"):
@@ -887,10 +891,6 @@ def _build_checkpoint(build_dir: Path) -> Path | None:
     from export.sources import DEFAULT_MODEL
 
     return DEFAULT_MODEL if (DEFAULT_MODEL / "model.safetensors").is_file() else None
-
-
-def _build_img_size(build_dir: Path) -> int | None:
-    return _build_record(build_dir).get("options", {}).get("img_size")
 
 
 # ----------------------------------------------------------------------------- output
