@@ -288,7 +288,7 @@ class TaskHead(nn.Module):
         return F.interpolate(out, scale_factor=self.out_scale, mode="bilinear", align_corners=False)
 
 
-def _swap_linears(module: nn.Module) -> None:
+def swap_linears(module: nn.Module) -> None:
     """Replace every remaining (merged) LoRALinear and nn.Linear with a MatMulLinear."""
     for name, child in module.named_children():
         if isinstance(child, TaskLoRALinear):
@@ -300,7 +300,7 @@ def _swap_linears(module: nn.Module) -> None:
         elif type(child) is nn.Linear:
             setattr(module, name, MatMulLinear(child.weight, child.bias))
         else:
-            _swap_linears(child)
+            swap_linears(child)
 
 
 class ExportModel(nn.Module):
@@ -339,7 +339,7 @@ class ExportModel(nn.Module):
                     target: StackedTaskFactors([per_task[t][target] for t in self.tasks], target == "proj")
                     for target in TASK_TARGETS
                 }))
-        _swap_linears(model.backbone)
+        swap_linears(model.backbone)
         self.backbone = ExportBackbone(model.backbone)
         self.task_branches = nn.ModuleDict(branches if self.has_task_streams else {})
         self.task_stack = stacks  # used by the whole-model graph; a head graph uses its task's branch
