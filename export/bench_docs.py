@@ -316,11 +316,11 @@ def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
     return totals
 
 
-def flops_breakdown(onnx_path: Path) -> dict[str, float]:
-    """GFLOP per image of a graph from `export.fold`, by what its nodes compute."""
+def flops_breakdown(onnx_path: Path, counted: dict) -> dict[str, float]:
+    """GFLOP per image of a graph from `export.fold` (`counted`: its `count_flops`), by what its nodes compute."""
     category_of = node_categories(onnx_path)
     totals = dict.fromkeys(CATEGORIES, 0.0)
-    for name, flops in count_flops(onnx_path)["by_node"].items():
+    for name, flops in counted["by_node"].items():
         totals[category_of.get(name, CATEGORIES[-1])] += flops / 1e9
     return totals
 
@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = BenchOptions(batch_sizes=(1,) if args.no_batch_8 else (1, 8), threads=args.threads, warmup=1,
                         runs=30, budget_s=args.budget, quiet_wait_s=args.quiet_wait)
     model_flops = count_flops(build_dir / "export" / "model.onnx")
+    free_flops = count_flops(free_onnx)
     targets: list[Target] = torch_targets(mtlora)
     for t in targets:
         t.batch_sizes = (1,)  # PyTorch eager at batch 8 takes minutes per format on two cores
@@ -605,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "minutes": (time.perf_counter() - started) / 60,
         "unmerged_max_abs": unmerged_max_abs,
-        "flops": {"unmerged": count_flops(unmerged_onnx)["flops"], "adapter-free": count_flops(free_onnx)["flops"]},
+        "flops": {"unmerged": count_flops(unmerged_onnx)["flops"], "adapter-free": free_flops["flops"]},
         "calib_samples": CALIB_SAMPLES,
         "calib_note": CALIB_NOTE,
         "profiles": profiles,
@@ -614,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         "findings": profile_findings(profiles),
         "breakdown": {"merged": time_breakdown(build_dir / "export" / "model.onnx", profiles["merged"]),
                       "adapter-free": time_breakdown(free_onnx, profiles["adapter-free"])},
-        "flops_breakdown": {"merged": flops_breakdown(build_dir / "export" / "model.onnx"),
-                            "adapter-free": flops_breakdown(free_onnx)},
+        "flops_breakdown": {"merged": flops_breakdown(build_dir / "export" / "model.onnx", model_flops),
+                            "adapter-free": flops_breakdown(free_onnx, free_flops)},
         "profile_runs": profile_runs,
         "engine_notes": [f"{k}: failed to build: {v}" for k, v in failures.items()],
     }
