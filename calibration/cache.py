@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.errors import CalibrationError
-from engines.runner import sha256_file, write_atomic
+from engines.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "mtlora-calibration-cache/1"

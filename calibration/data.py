@@ -279,7 +279,7 @@ def as_calibration_set(data: CalibrationSet | Iterable[Mapping[str, np.ndarray]]
 
 def calibration_for(model, data: CalibrationSet | Iterable[Mapping[str, np.ndarray]]) -> CalibrationSet:
     """`as_calibration_set`, checked to feed exactly the inputs of the ONNX `model`."""
-    from engines.runner import onnx_io_metadata
+    from engines.artifact import onnx_io_metadata
 
     calibration = as_calibration_set(data)
     inputs, _ = onnx_io_metadata(model)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from calibration.errors import CalibrationError
-from engines.runner import load_onnx, write_atomic
+from engines.files import load_onnx, write_atomic
 
 # Ops whose fp16 results drift: reductions and normalisations (LayerNorm's variance, Softmax's sum),
 # powers and roots that overflow fp16's 65504, and the erf of GELU.

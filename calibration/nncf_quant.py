@@ -20,7 +20,7 @@ import numpy as np
 from calibration.cache import CalibrationCache, cache_key
 from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
-from engines.runner import load_onnx
+from engines.files import load_onnx
 
 # OpenVINO op types NNCF must leave in float: normalisations, softmax and GELU/erf.
 DEFAULT_IGNORED_TYPES = ("MVN", "NormalizeL2", "Softmax", "SoftMax", "LogSoftmax", "Gelu", "Erf")

@@ -38,8 +38,8 @@ from calibration.errors import CalibrationError
 from calibration.fp16 import KEPT_NODES_KEY, check_fp16_graph, to_fp16_graph
 from calibration.nncf_quant import quantize_openvino
 from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq
+from engines.files import load_onnx, sha256_file
 from engines.registry import BACKENDS
-from engines.runner import load_onnx, sha256_file
 
 FP16_DIR, QDQ_DIR, NNCF_DIR = "fp16", "qdq", "nncf"
 

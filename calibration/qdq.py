@@ -25,7 +25,7 @@ from calibration.cache import CalibrationCache, cache_key
 from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
 from calibration.fp16 import COMPUTE_OPS, ensure_node_names, match_nodes, output_layer_nodes
-from engines.runner import copy_atomic, load_onnx, write_atomic
+from engines.files import copy_atomic, load_onnx, write_atomic
 
 DEFAULT_EXCLUDED_OP_TYPES = ("LayerNormalization", "Softmax", "Gelu", "Erf")
 # TensorRT's guidance for explicit quantization: Q/DQ on the inputs of the GEMM-like ops only;

@@ -897,7 +897,7 @@ def _build_checkpoint(options: dict) -> Path | None:
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    from engines.runner import write_atomic
+    from engines.files import write_atomic
 
     return write_atomic(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 

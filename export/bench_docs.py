@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.runner import write_atomic
+from engines.files import write_atomic
 from export.bench import (
     MEASUREMENT_NOTES,
     PERF_HEADER,

@@ -21,7 +21,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from engines.runner import sha256_file, write_atomic
+from engines.files import sha256_file, write_atomic
 from export.datasources import EVALSET_FILE
 from export.errors import ExportError
 from export.manifest import read_json, read_manifest, verify_manifest

@@ -96,7 +96,7 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
         write_json(result, json_out)
         _say(f"[bench] wrote {json_out}")
     if markdown_out:
-        from engines.runner import write_atomic
+        from engines.files import write_atomic
 
         write_atomic(markdown_out, format_markdown(result))
         _say(f"[bench] wrote {markdown_out}")

@@ -49,7 +49,7 @@ def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> 
     import numpy as np
     from PIL import Image
 
-    from engines.runner import write_atomic
+    from engines.files import write_atomic
     from export.engineset import load_runner
     from export.visualize import render_output
     from mtlora.data.preprocess import load_image, preprocess

@@ -169,7 +169,7 @@ def write_evalset(path: Path, images: np.ndarray, references: Mapping[str, np.nd
     """A small evaluation sample for devices without PyTorch: inputs, references and labels."""
     import io
 
-    from engines.runner import write_atomic
+    from engines.files import write_atomic
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, input=images, **{f"ref_{t}": v for t, v in references.items()},

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.artifact import EngineArtifact
 from engines.registry import get_backend
-from engines.runner import EngineArtifact
 from export.errors import ExportError
 
 ENGINES_DIR = "engines"
@@ -42,7 +42,7 @@ class EngineEntry:
                 for role, f in self.files.items()}
 
     def save(self) -> None:
-        from engines.runner import write_atomic
+        from engines.files import write_atomic
 
         write_atomic(self.directory / ENGINE_INDEX,
                      json.dumps({"backend": self.backend, "precision": self.precision, "files": self.files,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.runner import write_atomic
+from engines.files import write_atomic
 from export.report import HEADER, engine_key, rows
 from export.visualize import denormalize, error_map, png_data_uri, render_label, render_output
 

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engines.runner import sha256_file
+from engines.files import sha256_file
 from export.errors import ExportError
 from mtlora import fileio
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.files import write_atomic
 from engines.registry import BACKENDS, choose_backend, get_backend
-from engines.runner import write_atomic
 from export.accuracy import EngineChecker, EvalBatch
 from export.datasources import (
     EVALSET_FILE,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from engines.runner import write_atomic
+from engines.files import write_atomic
 from export.errors import ExportError
 from export.manifest import read_json
 

@@ -18,7 +18,7 @@ from calibration.fp16 import check_fp16_graph, output_layer_nodes, to_fp16_graph
 from calibration.prepare import PreparedGraph, prepare_graph
 from calibration.qdq import RESULT_NAME, check_qdq_conventions, excluded_nodes, quantize_qdq
 from engines.errors import EngineError
-from engines.runner import sha256_file
+from engines.files import sha256_file
 from tests.engine_fixtures import relative_error, smooth_images
 
 # The shared fixtures: tiny_onnx, test_batch, reference, calibration_set, qdq_onnx.

@@ -10,8 +10,10 @@ import pytest
 from calibration.errors import CalibrationError
 from calibration.prepare import prepare_graph
 from engines import onnxruntime as ort_backend
+from engines.artifact import EngineArtifact, sidecar_path_for
 from engines.errors import BackendUnavailable, EngineError
-from engines.runner import EngineArtifact, Runner, sha256_file, sidecar_path_for
+from engines.files import sha256_file
+from engines.runner import Runner
 from tests.engine_fixtures import max_abs_error, relative_error
 
 # The shared fixtures: tiny_onnx, test_batch, reference, calibration_set, qdq_onnx.

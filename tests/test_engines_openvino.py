@@ -8,8 +8,9 @@ import pytest
 
 from calibration.errors import CalibrationError
 from calibration.prepare import prepare_graph
+from engines.artifact import EngineArtifact, sidecar_path_for
 from engines.errors import BackendUnavailable, EngineError
-from engines.runner import EngineArtifact, sha256_file, sidecar_path_for
+from engines.files import sha256_file
 from tests.engine_fixtures import max_abs_error, relative_error
 
 # The shared fixtures: tiny_onnx, test_batch, reference, calibration_set, qdq_onnx.

@@ -9,8 +9,8 @@ import pytest
 
 from calibration.prepare import prepare_graph
 from engines import registry
+from engines.artifact import EngineArtifact, TensorMeta, sidecar_path_for
 from engines.errors import BackendUnavailable, EngineError
-from engines.runner import EngineArtifact, TensorMeta, sidecar_path_for
 from engines.tensorrt.build import (
     batch_profile,
     executed_precision,

@@ -33,7 +33,7 @@ def assert_refused(code: int, output: str, *needles: str) -> None:
 
 
 def test_every_artifact_is_listed_with_its_sha256(ort_build, ort_bundle):
-    from engines.runner import sha256_file
+    from engines.files import sha256_file
 
     manifest = json.loads((ort_build / "export" / "manifest.json").read_text())
     export_files = {p.name for p in (ort_build / "export").iterdir() if not p.name.startswith(".")} - {"manifest.json"}
@@ -60,7 +60,7 @@ def test_every_artifact_is_listed_with_its_sha256(ort_build, ort_bundle):
 
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
-    from engines.runner import write_atomic
+    from engines.files import write_atomic
     from export.manifest import write_bytes_atomic
     from mtlora.fileio import write_json_atomic
 

@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engines.artifact import EngineArtifact
 from engines.errors import EngineError
+from engines.files import copy_atomic, engine_file, load_onnx, sha256_file, source_metadata
 from engines.onnxruntime.runner import _ort, create_session, io_metadata, resolve_providers, session_options
 from engines.registry import BACKENDS
-from engines.runner import EngineArtifact, copy_atomic, engine_file, load_onnx, sha256_file, source_metadata
 
 INT8_KERNEL_OPS = frozenset(
     {

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.artifact import EngineArtifact, TensorMeta
 from engines.errors import BackendUnavailable, EngineError
-from engines.runner import EngineArtifact, Runner, TensorMeta
+from engines.runner import Runner
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",

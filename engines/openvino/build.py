@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engines.artifact import EngineArtifact, onnx_io_metadata
 from engines.errors import EngineError
+from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
 from engines.openvino.runner import (
     CAPABILITY_OF,
     HINTS,
@@ -30,15 +32,6 @@ from engines.openvino.runner import (
     runtime_precisions,
 )
 from engines.registry import BACKENDS
-from engines.runner import (
-    EngineArtifact,
-    engine_file,
-    load_onnx,
-    onnx_io_metadata,
-    sha256_file,
-    source_metadata,
-    write_atomic,
-)
 
 # What a quantized OpenVINO model holds: FakeQuantize/FakeConvert ops, or int8/uint8 weights
 # (NNCF's compressed form: an i8 Constant, a Convert and a scale Multiply).

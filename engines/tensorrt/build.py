@@ -24,17 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engines.artifact import EngineArtifact, onnx_io_metadata
 from engines.errors import EngineError
+from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
 from engines.registry import BACKENDS
-from engines.runner import (
-    EngineArtifact,
-    engine_file,
-    load_onnx,
-    onnx_io_metadata,
-    sha256_file,
-    source_metadata,
-    write_atomic,
-)
 from engines.tensorrt.runner import _polygraphy_trt, _trt, cuda_api
 
 TYPINGS = ("auto", "strong", "weak")

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from engines.artifact import EngineArtifact, TensorMeta
 from engines.errors import BackendUnavailable, EngineError
-from engines.runner import EngineArtifact, Runner, TensorMeta
+from engines.runner import Runner
 
 
 def _trt():
