@@ -37,7 +37,7 @@ demo: install
 	$(PY) -m export.demo
 
 bench: install
-	$(PY) -m export.bench_docs
+	$(PY) -m export.bench.page
 
 lint: install
 	$(VENV)/bin/ruff check mtlora export engines calibration tests

@@ -102,7 +102,7 @@ def residual_adds(model) -> list[str]:
 
 
 def batched_weight_matmuls(model) -> list[str]:
-    """MatMul nodes whose constant weight has more than two axes (export.fold's stacked task factors).
+    """MatMul nodes whose constant weight has more than two axes (export.onnx.fold's stacked task factors).
 
     ONNX Runtime's integer MatMul kernels take only a 2-D weight (a per-channel zero point of a
     stacked (T, in, r) weight is refused at run time), so these stay float; they are rank-r factors.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from export.sources import DEFAULT_MODEL
+from export.pipeline.sources import DEFAULT_MODEL
 
 DEMO_DIR = Path("build") / "demo"
 
@@ -40,10 +40,10 @@ def ensure_default_model() -> Path:
 
 def main() -> int:
     from engines.registry import BACKENDS
-    from export.bench import BenchOptions, bench_build
-    from export.bench import format_table as format_bench
-    from export.pipeline import BuildOptions, run_build
-    from export.report import format_table
+    from export.bench.core import BenchOptions, bench_build
+    from export.bench.core import format_table as format_bench
+    from export.checking.report import format_table
+    from export.pipeline.build import BuildOptions, run_build
 
     started = time.perf_counter()
     checkpoint = ensure_default_model()

@@ -118,25 +118,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     state = read_state(path)
     model = MultiTaskSwin(config)
     if state.get("merged"):
-        from mtlora.adapters import adapter_layers
+        from mtlora.merge import mark_merged
 
-        for _, layer in adapter_layers(model):
-            layer.merged = True
-        model.merged = True
+        mark_merged(model)
     load_into(model, load_weights(path), str(path))
     return model.to(map_location).eval()
-
-
-def is_upstream_checkpoint(path: str | Path) -> bool:
-    """True for a single-file PyTorch checkpoint (an official MTLoRA .pth), False for our directories."""
-    path = Path(path)
-    return path.is_file() and path.name != WEIGHTS_FILE
-
-
-def load_any(path: str | Path):
-    """Our checkpoint directory, or an official MTLoRA .pth imported on the fly."""
-    if is_upstream_checkpoint(path):
-        from mtlora.upstream import import_upstream
-
-        return import_upstream(path)
-    return load_checkpoint(path)

@@ -153,8 +153,8 @@ def predict(checkpoint: str, inputs: tuple[str, ...], out: str) -> None:
     import numpy as np
     import torch
 
-    from mtlora.checkpoint import load_any
     from mtlora.fileio import why_not_writable, write_bytes_atomic
+    from mtlora.loading import load_any
 
     out_path = Path(out)
     if out_path.suffix != ".npz":

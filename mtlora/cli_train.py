@@ -176,9 +176,10 @@ def evaluate_cmd(checkpoint: str, data: str, data_root: str | None, split: str, 
     """Score CHECKPOINT on a data set split: every metric per task, and Delta_m where baselines exist."""
     import torch
 
-    from mtlora.checkpoint import load_any, write_json_atomic
+    from mtlora.checkpoint import write_json_atomic
     from mtlora.data.datasets import build_dataset
     from mtlora.evaluate import default_baselines, evaluate, format_results, json_ready, load_baselines
+    from mtlora.loading import load_any
     from mtlora.train import check_tasks
 
     if data == "synthetic" and data_root is not None:

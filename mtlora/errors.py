@@ -15,3 +15,7 @@ class CheckpointError(MTLoRAError):
 
 class DataError(MTLoRAError):
     """A data set, image or label file that cannot be used."""
+
+
+class MergeError(MTLoRAError):
+    """Adapters that cannot be merged or unmerged as asked (already merged, not finite...)."""

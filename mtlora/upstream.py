@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mtlora.checkpoint import load_into
 from mtlora.config import LORA_TARGETS, AdapterConfig, ModelConfig, SwinConfig
 from mtlora.errors import CheckpointError, ConfigError
 from mtlora.safe_pickle import load_allowlisted
@@ -176,7 +177,6 @@ def read_upstream(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 def import_upstream(path: str | Path):
     """Build our MultiTaskSwin from an official MTLoRA checkpoint (eval mode)."""
     from mtlora.adapters import LoRALinear
-    from mtlora.checkpoint import load_into
     from mtlora.model import MultiTaskSwin
 
     config, state_dict = read_upstream(path)

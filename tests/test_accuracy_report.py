@@ -7,10 +7,16 @@ from xml.etree import ElementTree as ET
 import numpy as np
 import pytest
 
-from export.accuracy import EvalBatch, check_engine
+from export.checking.accuracy import EvalBatch, check_engine
+from export.checking.report import (
+    build_report,
+    compare_with_baseline,
+    format_table,
+    read_report,
+    write_reports,
+)
+from export.checking.tolerances import Tolerances
 from export.errors import ExportError
-from export.report import build_report, compare_with_baseline, format_table, read_report, write_reports
-from export.tolerances import Tolerances
 
 CHANNELS = {"semseg": 3, "sal": 1, "normals": 3}
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from export.bench import count_flops, interleaved_latency, latency_stats, run_worker_spec, time_runs
+from export.bench.core import count_flops, interleaved_latency, latency_stats, run_worker_spec, time_runs
 from export.cli import main as export_cli
-from export.pipeline import BuildOptions, run_build
+from export.pipeline.build import BuildOptions, run_build
 
 pytest.importorskip("onnxruntime")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.bench_reference import ISSUE_MS, reference_lines
+from export.bench.plain_backbone import ISSUE_MS, reference_lines
 from mtlora.checkpoint import save_checkpoint
 from mtlora.config import AdapterConfig, ModelConfig, SwinConfig
 from mtlora.model import MultiTaskSwin
@@ -28,7 +28,7 @@ def test_backbone_alone_matches_timm_and_is_timed_in_turn(tmp_path: Path):
     script = textwrap.dedent(f"""
         import json
         from pathlib import Path
-        from export.bench_reference import bench_backbone
+        from export.bench.plain_backbone import bench_backbone
         result = bench_backbone(Path({str(checkpoint)!r}), Path({str(tmp_path / "work")!r}), threads=1, rounds=2,
                                 calib_samples=8, say=print)
         Path({str(out)!r}).write_text(json.dumps(result))

@@ -114,9 +114,9 @@ def test_empty_calibration_directory_is_refused(tmp_path):
 
 def test_a_changed_exporter_makes_a_new_export(fixture_build, monkeypatch):
     """The cached export is keyed on the exporting code too: after an upgrade it is not reused."""
-    import export.onnx_export
+    import export.onnx.exporter
 
-    monkeypatch.setattr(export.onnx_export, "exporter_fingerprint", lambda: "another exporter")
+    monkeypatch.setattr(export.onnx.exporter, "exporter_fingerprint", lambda: "another exporter")
     code, output = run("build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32", "--eval-samples", "8",
                        "--out", fixture_build)
     assert code == 0, output

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from export.bundle import verify_bundle
+from export.artifacts.bundle import verify_bundle
 from export.cli import main as export_cli
 from export.errors import ExportError
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.pipeline import BuildOptions, ModelInfo, calibration_set
+from export.pipeline.build import BuildOptions, ModelInfo, calibration_set
 from tests.conftest import FIXTURE
 
 
@@ -26,7 +26,7 @@ def qdq_parameters(path) -> dict[str, np.ndarray]:
 
 
 def test_export_is_byte_identical_across_runs(ort_build, tmp_path):
-    from export.onnx_export import export_checkpoint
+    from export.onnx.exporter import export_checkpoint
 
     # The build's export ran in another process, earlier; same checkpoint, same settings.
     export_checkpoint(FIXTURE, tmp_path / "again")

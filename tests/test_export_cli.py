@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from export.artifacts.manifest import verify_manifest
 from export.cli import main
-from export.manifest import verify_manifest
 from mtlora.checkpoint import load_checkpoint, read_state, save_checkpoint
 from tests.test_export_merge import FIXTURE, TOL, fixture_model, max_error, predict
 
@@ -132,13 +132,13 @@ def test_merge_output_is_a_file(tmp_path):
 
 def test_onnx_failure_leaves_no_output(tmp_path, monkeypatch):
     # A failure after the staging directory holds files leaves nothing behind.
-    import export.onnx_export
+    import export.onnx.exporter
 
     def failing_export(model, out_dir, **kwargs):
         (out_dir / "model.onnx").write_bytes(b"half a graph")
-        raise export.onnx_export.ExportError("exporter failed")
+        raise export.onnx.exporter.ExportError("exporter failed")
 
-    monkeypatch.setattr(export.onnx_export, "export_onnx", failing_export)
+    monkeypatch.setattr(export.onnx.exporter, "export_onnx", failing_export)
     out = tmp_path / "export"
     result = invoke("onnx", CHECKPOINT, "--out", out)
     assert result.exit_code == 1

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.errors import ExportError
-from export.fold import ExportModel
-from export.merge import is_merged, merge_model, parameter_report, unmerge_model
+from export.onnx.fold import ExportModel
 from mtlora.adapters import SHARED, adapter_layers
 from mtlora.config import AdapterConfig, ModelConfig, SwinConfig
+from mtlora.errors import MergeError
+from mtlora.merge import is_merged, merge_model, parameter_report, unmerge_model
 from mtlora.model import MultiTaskSwin
 from mtlora.upstream import import_upstream
 
@@ -128,7 +128,7 @@ def test_unmerge_restores_weights():
 
 def test_merging_twice_is_refused():
     model = merge_model(make_model("lora"))
-    with pytest.raises(ExportError, match="adapters are already merged"):
+    with pytest.raises(MergeError, match="adapters are already merged"):
         merge_model(model)
 
 
@@ -138,7 +138,7 @@ def test_non_finite_adapter_names_the_layer_and_leaves_the_model_untouched():
     with torch.no_grad():
         layer.lora_B[SHARED][0, 0] = float("inf")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ExportError, match=name.replace(".", r"\.")):
+    with pytest.raises(MergeError, match=name.replace(".", r"\.")):
         merge_model(model)
     assert not is_merged(model)
     for key, value in model.state_dict().items():

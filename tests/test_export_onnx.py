@@ -13,11 +13,11 @@ import onnx
 import pytest
 import torch
 
-from export.cost import cost_breakdown, plain_swin_matmul_bytes
+from export.artifacts.manifest import MANIFEST_FILE, verify_manifest, write_manifest
 from export.errors import ExportError
-from export.manifest import MANIFEST_FILE, verify_manifest, write_manifest
-from export.onnx_export import export_onnx
-from export.reference import REFERENCE_FILE, write_reference
+from export.onnx.cost import cost_breakdown, plain_swin_matmul_bytes
+from export.onnx.exporter import export_onnx
+from export.onnx.reference_outputs import REFERENCE_FILE, write_reference
 from tests.test_export_merge import FIXTURE, KINDS, TOL, fixture_model, images, make_model, max_error, predict
 
 ort = pytest.importorskip("onnxruntime")
@@ -195,7 +195,7 @@ def test_reference_is_the_unmerged_model_and_deterministic(tmp_path):
     assert data["input"].shape == (2, 3, 64, 64) and data["input"].dtype == np.float32
     expected = predict(model, torch.from_numpy(data["input"]))
     assert max_error({t: data[t] for t in model.tasks}, expected) == 0.0
-    from export.merge import merge_model
+    from mtlora.merge import merge_model
 
     with pytest.raises(ExportError, match="unmerged"):
         write_reference(merge_model(model), tmp_path / "c")

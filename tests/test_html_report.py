@@ -7,10 +7,10 @@ from html.parser import HTMLParser
 import numpy as np
 from PIL import Image
 
-from export.accuracy import EvalBatch, check_engine
-from export.html_report import Sample, render_html
-from export.report import build_report
-from export.visualize import error_map, render_label, render_output, voc_palette
+from export.checking.accuracy import EvalBatch, check_engine
+from export.checking.html import Sample, render_html
+from export.checking.report import build_report
+from export.checking.visualize import error_map, render_label, render_output, voc_palette
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

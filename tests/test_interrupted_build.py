@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from calibration.cache import MANIFEST, CalibrationCache
-from export.engineset import EngineEntry
-from export.manifest import verify_manifest
+from export.artifacts.engineset import EngineEntry
+from export.artifacts.manifest import verify_manifest
 from tests.conftest import FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]

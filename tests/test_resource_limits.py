@@ -57,7 +57,7 @@ CALIBRATE = textwrap.dedent("""
     import sys
     from pathlib import Path
     from calibration.prepare import prepare_graph
-    from export.pipeline import BuildOptions, ModelInfo, calibration_set
+    from export.pipeline.build import BuildOptions, ModelInfo, calibration_set
 
     export, work, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     calibration = calibration_set(BuildOptions(calib_samples=count), ModelInfo.from_manifest(export), print)
@@ -74,7 +74,7 @@ def test_calibration_streams_its_data(ort_build, tmp_path):
 
 
 def test_bench_streams_its_runs(ort_build, tmp_path):
-    from export.bench import BenchOptions, bench_build
+    from export.bench.core import BenchOptions, bench_build
 
     build = tmp_path / "build"
     shutil.copytree(ort_build, build)
@@ -91,7 +91,7 @@ def test_bench_streams_its_runs(ort_build, tmp_path):
 def test_build_calibration_set_reads_one_image_at_a_time(monkeypatch):
     """The build's calibration set is a stream: making it renders nothing, a pass holds one image at a time."""
     from calibration.data import CalibrationSet
-    from export.pipeline import BuildOptions, ModelInfo, calibration_set
+    from export.pipeline.build import BuildOptions, ModelInfo, calibration_set
     from mtlora.data.synthetic import SyntheticMultiTask
 
     rendered = []

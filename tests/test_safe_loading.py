@@ -150,8 +150,8 @@ def test_predict_input_npz_is_never_unpickled(hostile, tmp_path, name):
 
 
 def test_evalset_and_reference_readers_refuse_pickles(hostile, ort_build, copy_build, tmp_path):
-    from export.datasources import read_evalset
     from export.errors import ExportError
+    from export.pipeline.data import read_evalset
 
     files, marker = hostile
     for name in ("raw.npz", "object.npz", "object_npy.npz"):

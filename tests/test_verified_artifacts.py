@@ -61,7 +61,7 @@ def test_every_artifact_is_listed_with_its_sha256(ort_build, ort_bundle):
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     from engines.files import write_atomic
-    from export.manifest import write_bytes_atomic
+    from export.artifacts.manifest import write_bytes_atomic
     from mtlora.fileio import write_json_atomic
 
     for write in (write_atomic, write_bytes_atomic, lambda p, d: write_json_atomic(p, json.loads(d))):

@@ -26,8 +26,8 @@ from torch import nn
 from calibration.prepare import prepare_graph
 from engines.openvino.build import build as ov_build
 from engines.openvino.runner import load as ov_load
-from export.bench import count_flops, interleaved_latency
-from export.fold import ExportBackbone, swap_linears
+from export.bench.core import count_flops, interleaved_latency
+from export.onnx.fold import ExportBackbone, swap_linears
 from mtlora.checkpoint import load_checkpoint
 
 # The timings of this setup, batch 1 (ms).

@@ -33,7 +33,7 @@ def _register() -> None:
     # Each module adds its commands to `main`; importing them is cheap (no torch at import time).
     import importlib
 
-    for name in ("export.cli_export", "export.cli_build", "export.cli_deploy", "export.cli_bench"):
+    for name in ("export.cli.convert", "export.cli.build", "export.cli.deploy", "export.cli.bench"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:

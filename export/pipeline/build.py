@@ -29,8 +29,14 @@ import numpy as np
 
 from engines.files import write_atomic
 from engines.registry import BACKENDS, choose_backend, get_backend
-from export.accuracy import EngineChecker, EvalBatch
-from export.datasources import (
+from export.artifacts.engineset import ENGINES_DIR, EngineEntry, list_engines, load_runner
+from export.artifacts.manifest import read_json, read_manifest, sha256_file, verify_manifest
+from export.checking.accuracy import EngineChecker, EvalBatch
+from export.checking.html import Sample, write_html
+from export.checking.report import build_report, write_reports
+from export.checking.tolerances import Tolerances
+from export.errors import ExportError
+from export.pipeline.data import (
     EVALSET_FILE,
     DataSpec,
     batched,
@@ -41,12 +47,6 @@ from export.datasources import (
     read_npz,
     write_evalset,
 )
-from export.engineset import ENGINES_DIR, EngineEntry, list_engines, load_runner
-from export.errors import ExportError
-from export.html_report import Sample, write_html
-from export.manifest import read_json, read_manifest, sha256_file, verify_manifest
-from export.report import build_report, write_reports
-from export.tolerances import Tolerances
 
 EXPORT_DIR, GRAPHS_DIR, CACHE_DIR, BUILD_FILE, STEP_FILE = "export", "graphs", "calibration-cache", "build.json", ".step.json"
 ALL_PRECISIONS = ("fp32", "fp16", "int8")
@@ -129,8 +129,8 @@ def _publish(staging: Path, directory: Path) -> None:
 
 
 def export_step(opts: BuildOptions, checkpoint: Path, out: Path, say: Say, reused: list[str]) -> Path:
-    from export.manifest import checkpoint_sha256
-    from export.onnx_export import export_checkpoint, exporter_fingerprint
+    from export.artifacts.manifest import checkpoint_sha256
+    from export.onnx.exporter import export_checkpoint, exporter_fingerprint
 
     target = out / EXPORT_DIR
     key = _digest("export", checkpoint_sha256(checkpoint), opts.layout, opts.tasks, opts.img_size,
@@ -185,12 +185,12 @@ class TorchReference:
     def __init__(self, checkpoint: Path, img_size: int | None, tasks):
         import torch
 
-        from export.onnx_export import load_for_export
+        from mtlora.loading import load_any
 
         self.torch = torch
-        self.model = load_for_export(checkpoint, img_size)
+        self.model = load_any(checkpoint, img_size)
         if getattr(self.model, "merged", False):
-            from export.merge import unmerge_model
+            from mtlora.merge import unmerge_model
 
             unmerge_model(self.model)
         self.model.float().eval()
@@ -512,14 +512,14 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
 
 
 def _run_build(opts: BuildOptions, out: Path, precisions: tuple[str, ...], backends: list[str], say: Say) -> BuildOutcome:
-    from export.sources import resolve_model
+    from export.pipeline.sources import resolve_model
 
     reused: list[str] = []
     timings: dict[str, float] = {}
     started = time.perf_counter()
     bundle_graphs = None
     if opts.from_bundle:
-        from export.bundle import open_bundle
+        from export.artifacts.bundle import open_bundle
 
         export_dir, bundle_graphs, evalset = open_bundle(Path(opts.from_bundle), say)
         opts.eval_data = opts.eval_data or str(evalset)
@@ -616,7 +616,7 @@ def run_check(build_dir: str, say: Say, eval_data: str | None = None, tolerances
     if threads:
         opts.threads = threads
     if opts.from_bundle:
-        from export.bundle import open_bundle
+        from export.artifacts.bundle import open_bundle
 
         export_dir, _, evalset = open_bundle(Path(opts.from_bundle), say)
         opts.eval_data = eval_data or str(evalset)
@@ -628,7 +628,7 @@ def run_check(build_dir: str, say: Say, eval_data: str | None = None, tolerances
     if opts.checkpoint and _torch_available() and not opts.from_bundle and Path(opts.checkpoint).exists():
         reference = TorchReference(Path(opts.checkpoint), opts.img_size, info.tasks)
     elif not opts.from_bundle and _torch_available() and opts.checkpoint is None:
-        from export.sources import DEFAULT_MODEL
+        from export.pipeline.sources import DEFAULT_MODEL
 
         if (DEFAULT_MODEL / "model.safetensors").is_file():
             reference = TorchReference(DEFAULT_MODEL, opts.img_size, info.tasks)

@@ -2,7 +2,7 @@
 
 Each benchmark target (an engine of the build, a plain ONNX file, or the PyTorch
 model unmerged or merged) runs in a fresh worker process, `python -m
-export.bench --worker SPEC RESULT`, so that one runtime's allocations, thread
+export.bench.core --worker SPEC RESULT`, so that one runtime's allocations, thread
 pools and caches never show up in another's numbers. In the worker:
 
 - the target is loaded, then for each batch size (ascending): `warmup` untimed
@@ -451,7 +451,7 @@ def _open_target(spec: dict[str, Any], threads: int):
     """(infer(batch_array) -> outputs, precision actually executed, close, notes) for a worker's target."""
     kind, load = spec["kind"], spec["load"]
     if kind == "engine":
-        from export.engineset import EngineEntry, load_runner
+        from export.artifacts.engineset import EngineEntry, load_runner
 
         runner = load_runner(EngineEntry.read(Path(load["directory"])), threads)
         runner.__enter__()
@@ -468,11 +468,11 @@ def _open_target(spec: dict[str, Any], threads: int):
     if kind == "torch":
         import torch
 
-        from export.merge import is_merged, merge_model, unmerge_model
-        from export.onnx_export import load_for_export
+        from mtlora.loading import load_any
+        from mtlora.merge import is_merged, merge_model, unmerge_model
 
         torch.set_num_threads(threads)
-        model = load_for_export(Path(load["checkpoint"]), load.get("img_size")).float().eval()
+        model = load_any(Path(load["checkpoint"]), load.get("img_size")).float().eval()
         if load["merged"] and not is_merged(model):
             merge_model(model)
         elif not load["merged"] and is_merged(model):
@@ -646,7 +646,7 @@ def _engine_size(entry) -> int:
 
 def engine_targets(build_dir: Path, report: dict | None, failures: dict[str, str] | None = None) -> list[Target]:
     """One target per engine in the build, with its status and accuracy from report.json."""
-    from export.engineset import list_engines
+    from export.artifacts.engineset import list_engines
 
     checked = {f"{e['engine']['backend']}-{e['engine']['precision_requested']}": e
                for e in (report or {}).get("engines", [])}
@@ -698,7 +698,7 @@ def run_target(target: Target, opts: BenchOptions, input_size: int) -> dict[str,
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         try:
-            proc = subprocess.run([sys.executable, "-m", "export.bench", "--worker", str(spec_path), str(result_path)],
+            proc = subprocess.run([sys.executable, "-m", "export.bench.core", "--worker", str(spec_path), str(result_path)],
                                   env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return {"error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
@@ -810,7 +810,7 @@ def build_for_bench(checkpoint: Path, out: Path, say: Say, *, backends: Sequence
     built on its own (the export and finished engines are reused) to find which ones fail.
     """
     from engines.errors import EngineError
-    from export.pipeline import ALL_PRECISIONS, BuildOptions, resolve_backends, run_build
+    from export.pipeline.build import ALL_PRECISIONS, BuildOptions, resolve_backends, run_build
     from mtlora.errors import MTLoRAError
 
     opts = BuildOptions(checkpoint=str(checkpoint), backends=tuple(backends), precisions=tuple(precisions),
@@ -833,7 +833,7 @@ def build_for_bench(checkpoint: Path, out: Path, say: Say, *, backends: Sequence
     if not engines:
         raise ExportError(f"no engine of {checkpoint} could be built: "
                           + "; ".join(f"{k}: {v}" for k, v in failures.items()))
-    from export.report import build_report
+    from export.checking.report import build_report
 
     return build_report(engines, model), failures
 
@@ -842,8 +842,8 @@ def bench_build(build_dir: str | os.PathLike, opts: BenchOptions, say: Say, *, r
                 failures: dict[str, str] | None = None, extra_targets: Sequence[Target] = (),
                 command: str | None = None) -> dict[str, Any]:
     """Benchmark every engine of `build_dir` and, with `opts.torch_eager`, the PyTorch model it came from."""
-    from export.pipeline import EXPORT_DIR, ModelInfo
-    from export.report import read_report
+    from export.checking.report import read_report
+    from export.pipeline.build import EXPORT_DIR, ModelInfo
 
     build_dir = Path(build_dir)
     if not is_build_dir(build_dir):
@@ -873,7 +873,7 @@ def bench_build(build_dir: str | os.PathLike, opts: BenchOptions, say: Say, *, r
 
 def _build_options(build_dir: Path) -> dict:
     """The options build.json records; {} when it is missing or unreadable (only PyTorch eager needs them)."""
-    from export.pipeline import read_build_record
+    from export.pipeline.build import read_build_record
 
     try:
         return read_build_record(build_dir)["options"]
@@ -888,7 +888,7 @@ def _build_checkpoint(options: dict) -> Path | None:
     if options.get("checkpoint"):
         path = Path(options["checkpoint"])
         return path if path.exists() else None
-    from export.sources import DEFAULT_MODEL
+    from export.pipeline.sources import DEFAULT_MODEL
 
     return DEFAULT_MODEL if (DEFAULT_MODEL / "model.safetensors").is_file() else None
 
@@ -1043,4 +1043,4 @@ MEASUREMENT_NOTES = (
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m export.bench --worker SPEC.json RESULT.json (internal; use 'mtlora-export bench')")
+    sys.exit("usage: python -m export.bench.core --worker SPEC.json RESULT.json (internal; use 'mtlora-export bench')")

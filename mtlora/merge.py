@@ -14,12 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.errors import ExportError
 from mtlora.adapters import SHARED, MTLLoRALinear, TaskLoRALinear, adapter_layers
+from mtlora.errors import MergeError
 
 
 def is_merged(model: nn.Module) -> bool:
     return bool(getattr(model, "merged", False)) or any(layer.merged for _, layer in adapter_layers(model))
+
+
+def mark_merged(model: nn.Module) -> nn.Module:
+    """Flag a freshly built model as merged before merged weights are loaded into it (a merged checkpoint)."""
+    for _, layer in adapter_layers(model):
+        layer.merged = True
+    model.merged = True
+    return model
 
 
 @torch.no_grad()
@@ -30,13 +38,13 @@ def merge_model(model: nn.Module, safe: bool = True) -> nn.Module:
     before any weight is written, so a failure leaves the model untouched.
     """
     if is_merged(model):
-        raise ExportError("adapters are already merged; merge the original (unmerged) checkpoint")
+        raise MergeError("adapters are already merged; merge the original (unmerged) checkpoint")
     layers = adapter_layers(model)
     if safe:
         for name, layer in layers:
             merged = layer.base.weight.float() + layer.delta_weight(SHARED)
             if not torch.isfinite(merged).all():
-                raise ExportError(f"merging '{name}' would produce NaN or Inf weights; its adapter or base weight is not finite")
+                raise MergeError(f"merging '{name}' would produce NaN or Inf weights; its adapter or base weight is not finite")
     for _, layer in layers:
         layer.merge(safe=False)
     model.merged = True
@@ -48,7 +56,7 @@ def unmerge_model(model: nn.Module) -> nn.Module:
     """Subtract the task-agnostic updates again (exact up to fp32 rounding); returns `model`."""
     layers = adapter_layers(model)
     if not is_merged(model):
-        raise ExportError("adapters are not merged; nothing to unmerge")
+        raise MergeError("adapters are not merged; nothing to unmerge")
     for _, layer in layers:
         if layer.merged:
             layer.unmerge()

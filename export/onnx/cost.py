@@ -1,7 +1,7 @@
 """Where the bytes of an exported graph go: shared full-rank weights vs per-task extras.
 
 Torch-free: it reads ONNX files only. Initializers are attributed by the names
-`export.fold` gives them: `task_branches.<task>.` and `heads.<task>.` are
+`export.onnx.fold` gives them: `task_branches.<task>.` and `heads.<task>.` are
 task-specific, `task_stack.` holds every task's factors stacked (one equal
 slice per task of the graph, so its bytes are shared out evenly), `lora_` marks
 a low-rank factor, and everything in a split layout's `head_<task>.onnx`

@@ -22,8 +22,8 @@ def _say(line: str) -> None:
 
 def _apply_project_config(ctx: click.Context, options: dict) -> dict:
     """Fill options the user did not give from ./mtlora-export.json, if present."""
-    from export.pipeline import BuildOptions
-    from export.sources import read_project_config
+    from export.pipeline.build import BuildOptions
+    from export.pipeline.sources import read_project_config
 
     project = read_project_config()
     if not project:
@@ -75,8 +75,8 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, i
     Without CHECKPOINT: ./mtlora-export.json if present, else the embedded default model.
     Exit code 0 when every accuracy check passes, 1 when any fails.
     """
-    from export.pipeline import BuildOptions, run_build
-    from export.report import format_table
+    from export.checking.report import format_table
+    from export.pipeline.build import BuildOptions, run_build
 
     if checkpoint and from_bundle:
         raise click.BadParameter("give either CHECKPOINT or --from-bundle, not both", param_hint="--from-bundle")
@@ -102,8 +102,8 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, i
 @click.option("--threads", type=click.IntRange(min=1))
 def check(build_dir, baseline, eval_data, tolerances, threads) -> None:
     """Re-run the accuracy checks of BUILD_DIR (and compare with a baseline report: the CI gate)."""
-    from export.pipeline import run_check
-    from export.report import compare_with_baseline, format_table, read_report
+    from export.checking.report import compare_with_baseline, format_table, read_report
+    from export.pipeline.build import run_check
 
     stored = read_report(baseline) if baseline else None
     report = run_check(build_dir, _say, eval_data=eval_data, tolerances=tolerances, threads=threads)

@@ -13,8 +13,8 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from engines.files import write_atomic
+from export.artifacts.manifest import read_json
 from export.errors import ExportError
-from export.manifest import read_json
 
 REPORT_FORMAT = "mtlora-export/report/1"
 REPORT_FILE, JUNIT_FILE, SUMMARY_FILE = "report.json", "junit.xml", "summary.md"

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.artifacts.manifest import write_bytes_atomic
 from export.errors import ExportError
-from export.manifest import write_bytes_atomic
-from export.merge import is_merged
+from mtlora.merge import is_merged
 
 REFERENCE_FILE = "reference.npz"
 DEFAULT_SEED = 0

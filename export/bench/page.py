@@ -1,4 +1,4 @@
-"""`python -m export.bench_docs` (`make bench`): regenerate docs/benchmarks.md on this machine.
+"""`python -m export.bench.page` (`make bench`): regenerate docs/benchmarks.md on this machine.
 
 The model is an MTLoRA Swin-T at 448x448 with four tasks (semseg, human_parts,
 sal, normals), shared rank 64, task rank 4, scale 4. There is no model hub to
@@ -14,9 +14,9 @@ What it does, in `build/bench-docs/` (steps are reused when their inputs are unc
    `mtlora-export build` (INT8 calibrated on synthetic 448 images);
 3. exports the unmerged model to ONNX by tracing MultiTaskSwin itself (the
    exporter always merges), and the adapter-free network with the exporter;
-4. times everything with `export.bench` (one fresh worker process per format),
+4. times everything with `export.bench.core` (one fresh worker process per format),
    times the targets' reference setup (the Swin-T 448 backbone alone: PyTorch
-   eager, OpenVINO fp32 and INT8, `export.bench_reference`) and profiles the
+   eager, OpenVINO fp32 and INT8, `export.bench.plain_backbone`) and profiles the
    three fp32 graphs with ONNX Runtime's profiler;
 5. writes the page and `build/bench-docs/bench.json`.
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.files import write_atomic
-from export.bench import (
+from export.bench.core import (
     MEASUREMENT_NOTES,
     PERF_HEADER,
     BenchOptions,
@@ -55,7 +55,7 @@ from export.bench import (
     wait_for_quiet,
     write_json,
 )
-from export.bench_reference import bench_backbone, reference_lines
+from export.bench.plain_backbone import bench_backbone, reference_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -130,11 +130,11 @@ def export_unmerged(checkpoint: Path, out: Path) -> Path:
     import onnxslim
     import torch
 
-    from export.onnx_export import load_for_export
+    from mtlora.loading import load_any
 
     if out.is_file():
         return out
-    model = load_for_export(checkpoint).float().eval()
+    model = load_any(checkpoint).float().eval()
     image = torch.randn(2, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(0))
     names = list(model.tasks)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,11 +151,12 @@ def export_unmerged(checkpoint: Path, out: Path) -> Path:
 
 
 def export_adapter_free(checkpoint: Path, out_dir: Path) -> Path:
-    from export.onnx_export import export_onnx, load_for_export
+    from export.onnx.exporter import export_onnx
+    from mtlora.loading import load_any
 
     path = out_dir / "model.onnx"
     if not path.is_file():
-        export_onnx(load_for_export(checkpoint), out_dir)
+        export_onnx(load_any(checkpoint), out_dir)
     return path
 
 
@@ -164,9 +165,9 @@ def check_against_torch(checkpoint: Path, onnx_path: Path) -> float:
     import onnxruntime as ort
     import torch
 
-    from export.onnx_export import load_for_export
+    from mtlora.loading import load_any
 
-    model = load_for_export(checkpoint).float().eval()
+    model = load_any(checkpoint).float().eval()
     image = np.random.default_rng(1).standard_normal((1, 3, IMG_SIZE, IMG_SIZE), dtype=np.float32)
     with torch.inference_mode():
         expected = [t.numpy() for t in model(torch.from_numpy(image))]
@@ -205,12 +206,12 @@ def interleave_engines(build_dir: Path, checkpoint: Path, threads: int) -> dict:
 
     import torch
 
-    from export.engineset import EngineEntry, load_runner
-    from export.onnx_export import load_for_export
+    from export.artifacts.engineset import EngineEntry, load_runner
+    from mtlora.loading import load_any
 
     image = _image()
     torch.set_num_threads(threads)
-    model = load_for_export(checkpoint).float().eval()
+    model = load_any(checkpoint).float().eval()
 
     def eager():
         with torch.inference_mode():
@@ -279,7 +280,7 @@ CATEGORIES = (
 
 
 def node_categories(onnx_path: Path) -> dict[str, str]:
-    """Each node of a graph from `export.fold` -> the CATEGORIES entry it belongs to (read from initializer names)."""
+    """Each node of a graph from `export.onnx.fold` -> the CATEGORIES entry it belongs to (read from initializer names)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -306,7 +307,7 @@ def node_categories(onnx_path: Path) -> dict[str, str]:
 
 
 def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
-    """Profiled ms per run of a graph from `export.fold`, by what its nodes compute."""
+    """Profiled ms per run of a graph from `export.onnx.fold`, by what its nodes compute."""
     category_of = node_categories(onnx_path)
     # ORT's fused nodes have new names: its FusedMatMul is the scaled QK^T, FusedConv a decoder conv + ReLU.
     fused = {"FusedMatMul": CATEGORIES[1], "FusedConv": CATEGORIES[5], "NchwcConv": CATEGORIES[5]}
@@ -317,7 +318,7 @@ def time_breakdown(onnx_path: Path, profile: dict) -> dict[str, float]:
 
 
 def flops_breakdown(onnx_path: Path, counted: dict) -> dict[str, float]:
-    """GFLOP per image of a graph from `export.fold` (`counted`: its `count_flops`), by what its nodes compute."""
+    """GFLOP per image of a graph from `export.onnx.fold` (`counted`: its `count_flops`), by what its nodes compute."""
     category_of = node_categories(onnx_path)
     totals = dict.fromkeys(CATEGORIES, 0.0)
     for name, flops in counted["by_node"].items():
@@ -544,7 +545,7 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.bench_docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m export.bench.page", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="threads per engine (default: every CPU)")
     parser.add_argument("--budget", type=float, default=8.0, help="seconds of timed runs per format and batch size")
     parser.add_argument("--no-batch-8", action="store_true", help="time batch 1 only")
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", type=Path, default=PAGE)
     parser.add_argument("--work", type=Path, default=WORK)
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "export.bench_docs", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "export.bench.page", *(argv if argv is not None else sys.argv[1:])])
     started = time.perf_counter()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

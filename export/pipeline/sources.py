@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.artifacts.manifest import read_json
 from export.errors import ExportError
-from export.manifest import read_json
 
 PROJECT_CONFIG = "mtlora-export.json"
 # A small MTLoRA Swin trained on the synthetic data set (`make default-model` re-creates it).

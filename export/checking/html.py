@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from engines.files import write_atomic
-from export.report import HEADER, engine_key, rows
-from export.visualize import denormalize, error_map, png_data_uri, render_label, render_output
+from export.checking.report import HEADER, engine_key, rows
+from export.checking.visualize import denormalize, error_map, png_data_uri, render_label, render_output
 
 HTML_FILE = "report.html"
 _STYLE = """

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.tolerances import Tolerance, Tolerances
+from export.checking.tolerances import Tolerance, Tolerances
 from mtlora.metrics import TASK_METRICS, make_evaluator
 
 CLASS_TASKS = ("semseg", "human_parts")

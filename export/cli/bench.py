@@ -58,7 +58,7 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
     of this machine's fp32 matmul rate, peak RSS; then each format's accuracy
     per task from the build's report.json.
     """
-    from export.bench import (
+    from export.bench.core import (
         BenchOptions,
         bench_build,
         build_for_bench,
@@ -80,7 +80,7 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
             raise click.BadParameter(f"SOURCE is a build directory; {build_flags[0]} applies only when building "
                                      "a checkpoint", param_hint="SOURCE")
         build_dir = path
-        from export.pipeline import verify_build
+        from export.pipeline.build import verify_build
 
         # Time only what was built: a modified or truncated engine is refused, not benchmarked.
         verify_build(build_dir)

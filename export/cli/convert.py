@@ -1,4 +1,4 @@
-"""`mtlora-export merge` and `mtlora-export onnx`: thin commands over export.merge / export.onnx_export.
+"""`mtlora-export merge` and `mtlora-export onnx`: thin commands over mtlora.merge / export.onnx.exporter.
 
 torch is imported inside the commands, so registering them costs nothing on a
 device without PyTorch.
@@ -42,16 +42,16 @@ def merge(checkpoint: Path, out: Path) -> None:
     CHECKPOINT is a checkpoint directory or an official MTLoRA .pth. Task-specific
     adapters stay low-rank; the result is a checkpoint with state merged=true.
     """
-    from export.manifest import checkpoint_sha256
-    from export.merge import merge_model, parameter_report
-    from export.onnx_export import load_for_export
+    from export.artifacts.manifest import checkpoint_sha256
     from mtlora.checkpoint import save_checkpoint
+    from mtlora.loading import load_any
+    from mtlora.merge import merge_model, parameter_report
 
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another output path")
     if out.resolve() == checkpoint.resolve():
         raise ExportError(f"{out}: write the merged checkpoint beside the original, not over it")
-    model = load_for_export(checkpoint)
+    model = load_any(checkpoint)
     report = parameter_report(model)
     merge_model(model, safe=True)
     save_checkpoint(model, out, extra_state={"merged_from_sha256": checkpoint_sha256(checkpoint)})
@@ -79,8 +79,8 @@ def onnx_command(checkpoint: Path, out: Path, layout: str, tasks: str | None, op
     Writes the graph(s), reference.npz from the unmerged PyTorch model and
     manifest.json into OUT, then prints where the initializer bytes go.
     """
-    from export.cost import cost_breakdown, format_cost
-    from export.onnx_export import export_checkpoint
+    from export.onnx.cost import cost_breakdown, format_cost
+    from export.onnx.exporter import export_checkpoint
 
     result = export_checkpoint(checkpoint, out, layout=layout, tasks=_parse_tasks(tasks), opset=opset,
                                reference_samples=reference_samples, img_size=img_size, progress=_progress)

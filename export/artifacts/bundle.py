@@ -22,9 +22,9 @@ import tarfile
 from pathlib import Path
 
 from engines.files import sha256_file, write_atomic
-from export.datasources import EVALSET_FILE
+from export.artifacts.manifest import read_json, read_manifest, verify_manifest
 from export.errors import ExportError
-from export.manifest import read_json, read_manifest, verify_manifest
+from export.pipeline.data import EVALSET_FILE
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "mtlora-export/bundle/1"

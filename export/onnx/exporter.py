@@ -9,7 +9,7 @@ Layouts:
   `ExportModel.backbone_output_names` and docs/export.md for the interface.
 
 Graphs come from the TorchScript-based exporter (`dynamo=False`), which
-traces the merged, folded model (`export.fold.ExportModel`) at a fixed input
+traces the merged, folded model (`export.onnx.fold.ExportModel`) at a fixed input
 size; then onnxslim folds constants and removes dead nodes, the ONNX checker
 runs with `full_check`, and the metadata goes into `metadata_props`. The same
 checkpoint and settings give byte-identical files.
@@ -29,13 +29,13 @@ from pathlib import Path
 import onnx
 import torch
 
+from export.artifacts.manifest import write_bytes_atomic
 from export.errors import ExportError
-from export.fold import ExportModel
-from export.manifest import write_bytes_atomic
-from export.merge import is_merged, merge_model
+from export.onnx.fold import ExportModel
 from mtlora import __version__
 from mtlora.config import check_input_size
-from mtlora.errors import CheckpointError, ConfigError
+from mtlora.errors import ConfigError
+from mtlora.merge import is_merged, merge_model
 
 LAYOUTS = ("single", "split")
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on
@@ -45,7 +45,7 @@ BATCH_DIM = "batch"
 
 # The modules whose code decides what an export contains: a change to any of them makes a new export,
 # even from the same checkpoint with the same options (a build's cached export step keys on this).
-EXPORTER_MODULES = ("export.fold", "export.onnx_export", "export.merge", "export.reference", "export.manifest",
+EXPORTER_MODULES = ("export.onnx.fold", "export.onnx.exporter", "mtlora.merge", "export.onnx.reference_outputs", "export.artifacts.manifest",
                     "mtlora.model", "mtlora.adapters", "mtlora.heads", "mtlora.config")
 
 
@@ -253,56 +253,6 @@ def export_onnx(
     return result
 
 
-def load_for_export(path: str | Path, img_size: int | None = None) -> torch.nn.Module:
-    """A model from our checkpoint directory or an official MTLoRA .pth, at `img_size` if given.
-
-    A different input size rebuilds the model (attention masks depend on it) and
-    loads the same weights; sizes that change a stage's window are refused.
-    """
-    from mtlora.checkpoint import load_checkpoint, load_into
-    from mtlora.model import MultiTaskSwin
-    from mtlora.upstream import import_upstream
-
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: no such checkpoint")
-    if path.is_dir() or path.name == "model.safetensors":
-        model = load_checkpoint(path)
-    elif path.suffix in (".pth", ".pt", ".bin", ".tar") or _is_torch_file(path):
-        model = import_upstream(path)
-    else:
-        raise ExportError(f"{path}: not a checkpoint directory or an official MTLoRA .pth file")
-    if img_size is None or img_size == model.config.swin.img_size:
-        return model.eval()
-    config = copy.deepcopy(model.config)
-    try:
-        check_input_size(config.swin, img_size)
-    except ConfigError as err:
-        raise ExportError(str(err)) from None
-    config.swin.img_size = img_size
-    resized = MultiTaskSwin(config)
-    if getattr(model, "merged", False):
-        from mtlora.adapters import adapter_layers
-
-        for _, layer in adapter_layers(resized):
-            layer.merged = True
-        resized.merged = True
-    try:
-        load_into(resized, model.state_dict(), str(path))
-    except CheckpointError as err:
-        raise ExportError(
-            f"input size {img_size} does not fit this checkpoint (a stage's window size changes): {err}"
-        ) from None
-    return resized.eval()
-
-
-def _is_torch_file(path: Path) -> bool:
-    # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (protocol byte 0x80).
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
-
-
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -316,14 +266,10 @@ def export_checkpoint(
 ) -> ExportResult:
     """The `mtlora-export onnx` pipeline: checkpoint -> graphs + reference.npz + manifest.json in `out`.
 
-    Everything is written into a staging directory beside `out` and renamed into
-    place at the end, so a failure never leaves a half-written export. All input
-    checks run before any progress line.
+    All input checks run before any progress line; see `export_model` for what is written.
     """
-    from export.manifest import checkpoint_sha256, write_manifest
-    from export.merge import unmerge_model
-    from export.reference import REFERENCE_FILE, write_reference
-    from mtlora.fileio import commit_directory, staging_dir
+    from export.artifacts.manifest import checkpoint_sha256
+    from mtlora.loading import load_any
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not out.is_dir():
@@ -332,9 +278,38 @@ def export_checkpoint(
         raise ExportError(f"{out}: the output directory must not be the checkpoint itself")
     if reference_samples < 0:
         raise ExportError(f"--reference-samples must be 0 or more, got {reference_samples}")
-    model = load_for_export(checkpoint, img_size)
+    model = load_any(checkpoint, img_size)
+    return export_model(model, out, source_name=checkpoint.name, source_sha256=checkpoint_sha256(checkpoint),
+                        layout=layout, tasks=tasks, opset=opset, reference_samples=reference_samples,
+                        batch_dynamic=batch_dynamic, progress=progress)
+
+
+def export_model(
+    model: torch.nn.Module,
+    out: str | Path,
+    *,
+    source_name: str,
+    source_sha256: str,
+    layout: str = "single",
+    tasks: Sequence[str] | None = None,
+    opset: int = MIN_OPSET,
+    reference_samples: int = 2,
+    batch_dynamic: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Graphs, reference.npz (from the unmerged model) and manifest.json of a loaded model, in `out`.
+
+    `model` is not modified. Everything is written into a staging directory beside
+    `out` and renamed into place at the end, so a failure never leaves a
+    half-written export.
+    """
+    from export.artifacts.manifest import write_manifest
+    from export.onnx.reference_outputs import REFERENCE_FILE, write_reference
+    from mtlora.fileio import commit_directory, staging_dir
+    from mtlora.merge import unmerge_model
+
+    out = Path(out)
     selected = select_tasks(model.tasks, tasks)
-    source_sha256 = checkpoint_sha256(checkpoint)
     staging = staging_dir(out)
     try:
         result = export_onnx(model, staging, layout=layout, tasks=selected, opset=opset,
@@ -361,7 +336,7 @@ def export_checkpoint(
             backbone_outputs=list(result.backbone_outputs),
             graph_files=dict(result.files),
             reference=reference,
-            source={"checkpoint": checkpoint.name, "sha256": source_sha256},
+            source={"checkpoint": source_name, "sha256": source_sha256},
         )
         commit_directory(staging, out)  # which also gives the staging directory the usual permissions
     except BaseException:

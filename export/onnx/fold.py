@@ -23,7 +23,7 @@ rewrites the parts that matter for deployment:
   projection and in one MatMul over the stacked task streams for fc1 / fc2.
 - The decoder's BatchNorm is folded into its convolution.
 
-Initializer names follow one scheme that `export.cost` reads: task-specific
+Initializer names follow one scheme that `export.onnx.cost` reads: task-specific
 tensors live under `task_branches.<task>.` and `heads.<task>.`, the stacked
 factors of all tasks under `task_stack.` (leading axis, or the proj down
 factor's column blocks, in task order), every low-rank factor has `lora_` in

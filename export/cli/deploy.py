@@ -19,14 +19,14 @@ def _say(line: str) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory (a .tar.gz is written beside it).")
 def bundle(build_dir: str, out: str) -> None:
     """Write a self-contained deployment bundle (ONNX graphs, references, eval images, README)."""
-    from export.bundle import make_bundle
+    from export.artifacts.bundle import make_bundle
 
     directory, archive = make_bundle(build_dir, out, _say)
     click.echo(f"bundle: {directory}\narchive: {archive}\nsee {directory}/README.md for the commands on the device")
 
 
 def _engine_entry(engine: Path):
-    from export.engineset import ENGINE_INDEX, EngineEntry
+    from export.artifacts.engineset import ENGINE_INDEX, EngineEntry
 
     if engine.is_file():
         engine = engine.parent
@@ -50,8 +50,8 @@ def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> 
     from PIL import Image
 
     from engines.files import write_atomic
-    from export.engineset import load_runner
-    from export.visualize import render_output
+    from export.artifacts.engineset import load_runner
+    from export.checking.visualize import render_output
     from mtlora.data.preprocess import load_image, preprocess
 
     out_path = Path(out)
