@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.errors import CalibrationError
-from engines.files import sha256_file, write_atomic
+from engines.files import index_files, verify_files, write_atomic
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "mtlora-calibration-cache/1"
@@ -87,7 +87,7 @@ class CalibrationCache:
         manifest = {
             "format": CACHE_FORMAT,
             "key": key,
-            "files": {name: sha256_file(path) for name, path in stored.items()},
+            "files": index_files(entry, stored.values()),
             "info": dict(info or {}),
         }
         write_atomic(entry / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
@@ -101,10 +101,10 @@ class CalibrationCache:
             return None
         if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT or manifest.get("key") != key:
             return None
-        files = {}
-        for name, digest in manifest.get("files", {}).items():
-            path = entry / name
-            if not path.is_file() or sha256_file(path) != digest:
-                return None
-            files[name] = path
-        return files or None
+        listed = manifest.get("files")
+        if not isinstance(listed, dict) or not listed:
+            return None
+        try:
+            return verify_files(entry, listed, where=MANIFEST, remedy="rebuilding it", error=CalibrationError)
+        except CalibrationError:  # a damaged entry is a miss: the result is computed again
+            return None

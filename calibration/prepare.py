@@ -87,8 +87,8 @@ def prepare_graph(
     fp16 (onnxruntime, tensorrt): the fp16 graph, with sensitive ops, the per-task output layers
     (`keep_output_layers`) and `keep_fp32` globs in fp32, checked with `check_fp16_graph`. int8
     (onnxruntime, tensorrt): `qdq_onnx` when given (checked against the Q/DQ conventions), else a Q/DQ
-    graph calibrated on `calibration` with `calibration_method`. int8 (openvino): NNCF quantization on
-    `calibration` for `device`, saved as IR. fp32, and OpenVINO's fp16/bf16, are the ONNX itself.
+    graph calibrated on `calibration` with `calibration_method`. int8 (openvino): `qdq_onnx` when given,
+    else NNCF quantization on `calibration` for `device`, saved as IR. fp32, and OpenVINO's fp16/bf16, are the ONNX itself.
     `cache` (a CalibrationCache or its directory) reuses earlier int8 results for the same inputs.
     """
     if backend not in BACKENDS:
@@ -97,11 +97,8 @@ def prepare_graph(
             "(resolve 'auto' with engines.registry.choose_backend first)"
         )
     BACKENDS[backend].check_precision(precision)
-    if qdq_onnx is not None and (precision != "int8" or backend == "openvino"):
-        raise CalibrationError(
-            "qdq_onnx is the int8 graph of onnxruntime and tensorrt; "
-            f"{backend} {precision} does not take one"
-        )
+    if qdq_onnx is not None and precision != "int8":
+        raise CalibrationError(f"qdq_onnx is an int8 graph; {backend} {precision} does not take one")
     onnx_path = Path(onnx_path)
     load_onnx(onnx_path)  # a missing or unreadable ONNX fails here, whatever the precision
     metadata: dict[str, Any] = {
@@ -117,10 +114,12 @@ def prepare_graph(
         cache = CalibrationCache(cache)
     if precision == "fp16":
         path = _fp16_graph(onnx_path, Path(work_dir) / FP16_DIR, keep_fp32, keep_output_layers, metadata)
+    elif qdq_onnx is not None:
+        # A calibrated Q/DQ graph (from a bundle): every backend builds int8 from it as it is, OpenVINO
+        # included (it reads Q/DQ pairs as FakeQuantize), so a device needs no calibration data.
+        path = _given_qdq(Path(qdq_onnx), metadata)
     elif backend == "openvino":
         path = _nncf_ir(onnx_path, Path(work_dir) / NNCF_DIR, calibration, keep_fp32, keep_output_layers, device, cache, metadata)
-    elif qdq_onnx is not None:
-        path = _given_qdq(Path(qdq_onnx), metadata)
     else:
         path = _qdq_graph(
             onnx_path, Path(work_dir) / QDQ_DIR, calibration, keep_fp32, keep_output_layers, calibration_method, cache, metadata

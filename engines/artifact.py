@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from engines.errors import EngineError
-from engines.files import sha256_file, write_atomic
+from engines.files import check_index_names, index_files, verify_files, write_atomic
 
 SIDECAR_FORMAT = "mtlora-engine/1"
 SIDECAR_SUFFIX = ".json"
@@ -95,7 +95,7 @@ class EngineArtifact:
             "format": SIDECAR_FORMAT,
             "backend": self.backend,
             "engine": self.path.name,
-            "files": {p.relative_to(base).as_posix(): sha256_file(p) for p in self.paths},
+            "files": index_files(base, self.paths),
             "precision_requested": self.precision_requested,
             "precision_executed": self.precision_executed,
             "device": self.device,
@@ -133,18 +133,10 @@ class EngineArtifact:
         files = data.get("files")
         if not isinstance(files, dict) or not isinstance(data.get("engine"), str) or data["engine"] not in files:
             raise EngineError(f"{sidecar} does not list the engine file and its SHA-256; rebuild the engine")
-        if any(Path(rel).is_absolute() or ".." in Path(rel).parts for rel in files):
-            raise EngineError(f"{sidecar} lists files outside its directory; rebuild the engine")
+        check_index_names(files, str(sidecar))
         engine = base / data["engine"]
         if verify:
-            for rel, digest in files.items():
-                file = base / rel
-                if not file.is_file():
-                    raise EngineError(f"engine file {file} listed in {sidecar.name} is missing; rebuild the engine")
-                if sha256_file(file) != digest:
-                    raise EngineError(
-                        f"{file} does not match the SHA-256 in {sidecar.name} (corrupt or replaced); rebuild the engine"
-                    )
+            verify_files(base, files, where=sidecar.name, remedy="rebuild the engine")
         extra = tuple(base / rel for rel in files if base / rel != engine)
         try:
             return cls(

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) 
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp creates 0600; engines and caches are meant to be shared
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise EngineError(f"{path}: could not be written ({exc.strerror or exc}); free some space or choose "
+                          "another output path") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -84,3 +89,64 @@ def source_metadata(graph_path: Path, graph_sha256: str, metadata: Mapping[str, 
     """Where an engine came from. A prepared graph's metadata names the original ONNX and wins;
     without it the graph is its own source."""
     return {"source_onnx": str(graph_path), "source_sha256": graph_sha256, **dict(metadata or {})}
+
+
+# ----------------------------------------------------------------------------- hashed file indexes
+
+
+def index_files(base: str | os.PathLike, paths: Iterable[str | os.PathLike], *, sizes: bool = False) -> dict[str, Any]:
+    """{name relative to `base`: SHA-256} of `paths` (or {name: {"sha256", "size"}} with `sizes`)."""
+    base = Path(base)
+    index: dict[str, Any] = {}
+    for path in paths:
+        path = Path(path)
+        name = path.relative_to(base).as_posix()
+        digest = sha256_file(path)
+        index[name] = {"sha256": digest, "size": path.stat().st_size} if sizes else digest
+    return index
+
+
+def check_index_names(index: Mapping[str, Any], where: str, error: type[Exception] = EngineError) -> None:
+    """Refuse an index whose names leave its directory (absolute, `..`) or whose entries are malformed."""
+    for name, entry in index.items():
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise error(f"{where}: lists {name!r}, which is outside its directory")
+        digest = entry.get("sha256") if isinstance(entry, Mapping) else entry
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise error(f"{where}: the entry for {name!r} has no SHA-256")
+
+
+def verify_files(
+    base: str | os.PathLike,
+    index: Mapping[str, Any],
+    *,
+    where: str,
+    remedy: str,
+    error: type[Exception] = EngineError,
+) -> dict[str, Path]:
+    """Check every file an index lists against it: present, a plain file (no symbolic link), same size
+    when the index records one, same SHA-256. Raises `error` naming each problem; returns {name: path}.
+
+    One loop for every hashed index we write (export manifest, engine sidecars, calibration cache,
+    build record, bundle index), so each refuses damage the same way.
+    """
+    base = Path(base)
+    check_index_names(index, where, error)
+    problems, paths = [], {}
+    for name, entry in sorted(index.items()):
+        path = base / name
+        digest = entry["sha256"] if isinstance(entry, Mapping) else entry
+        size = entry.get("size") if isinstance(entry, Mapping) else None
+        if path.is_symlink() or any(p.is_symlink() for p in path.parents if base in p.parents):
+            problems.append(f"{name} is a symbolic link ({where} vouches for plain files only)")
+        elif not path.is_file():
+            problems.append(f"{name} is missing")
+        elif size is not None and path.stat().st_size < size:
+            problems.append(f"{name} is truncated ({path.stat().st_size} of {size} bytes)")
+        elif (size is not None and path.stat().st_size != size) or sha256_file(path) != digest:
+            problems.append(f"{name} was modified (SHA-256 differs from {where})")
+        else:
+            paths[name] = path
+    if problems:
+        raise error(f"{base}: {'; '.join(problems)}; {remedy}")
+    return paths

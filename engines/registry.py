@@ -14,6 +14,8 @@ from types import ModuleType
 from engines.errors import BackendUnavailable, EngineError
 
 AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
+# Every precision any backend builds; each backend's row says which of them it can.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def cuda_device_count() -> tuple[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from export.pipeline.sources import DEFAULT_MODEL
+from export.pipeline.sources import DEFAULT_MODEL, default_model_present
 
 DEMO_DIR = Path("build") / "demo"
 
@@ -23,27 +23,29 @@ def _say(line: str) -> None:
 
 
 def ensure_default_model() -> Path:
-    if (DEFAULT_MODEL / "model.safetensors").is_file():
+    if default_model_present():
         _say(f"[demo] default model: {DEFAULT_MODEL} (reused; 'make default-model' re-trains it)")
         return DEFAULT_MODEL
     _say("[demo] the default model is missing: training it on the synthetic data set (a few minutes)")
-    from click.testing import CliRunner
+    import subprocess
 
-    from mtlora.cli import main as mtlora_cli
-
-    result = CliRunner(mix_stderr=False).invoke(mtlora_cli, ["train", "--data", "synthetic", "--preset", "default",
-                                                             "--out", str(DEFAULT_MODEL)])
-    if result.exit_code != 0:
-        raise SystemExit(f"training the default model failed: {result.output or result.exception}")
+    # The training command itself, in its own process: its progress shows as it runs, and its
+    # one-line error (if any) is the user's to read.
+    command = [sys.executable, "-m", "mtlora.cli", "train", "--data", "synthetic", "--preset", "default",
+               "--out", str(DEFAULT_MODEL)]
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit("[demo] training the default model failed (see the error above)")
     return DEFAULT_MODEL
 
 
 def main() -> int:
     from engines.registry import BACKENDS
-    from export.bench.core import BenchOptions, bench_build
-    from export.bench.core import format_table as format_bench
+    from export.bench.options import BenchOptions
+    from export.bench.run import bench_build
+    from export.bench.tables import format_table as format_bench
     from export.checking.report import format_table
-    from export.pipeline.build import BuildOptions, run_build
+    from export.pipeline.build import run_build
+    from export.pipeline.options import BuildOptions
 
     started = time.perf_counter()
     checkpoint = ensure_default_model()

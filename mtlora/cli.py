@@ -12,7 +12,11 @@ from mtlora.cli_support import ErrorHandlingGroup, debug_option
 from mtlora.errors import ConfigError, DataError
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class MTLoRAGroup(ErrorHandlingGroup):
+    lazy_commands = {"train": "mtlora.cli_train:train_cmd", "evaluate": "mtlora.cli_train:evaluate_cmd"}
+
+
+@click.group(cls=MTLoRAGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mtlora")
 @debug_option
 def main() -> None:
@@ -176,15 +180,5 @@ def predict(checkpoint: str, inputs: tuple[str, ...], out: str) -> None:
     click.echo(f"wrote {out_path}: {shapes}")
 
 
-def _register() -> None:
-    import importlib
-
-    for name in ("mtlora.cli_train",):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-
-
-_register()
+if __name__ == "__main__":
+    main()

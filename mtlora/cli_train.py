@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 
-from mtlora.cli import main
 from mtlora.cli_options import MODEL_OPTION_NAMES, PRESETS, model_config_from_options, model_options
 from mtlora.data.datasets import DATASET_NAMES
 from mtlora.errors import ConfigError
@@ -64,7 +63,7 @@ def resolve_train_config(
         raise click.UsageError(str(err)) from None
 
 
-@main.command("train")
+@click.command("train")
 @model_options
 @click.option("--data", type=click.Choice(DATASET_NAMES), default=None,
               help="Data set to train on (required unless --preset or --resume gives it).")
@@ -153,7 +152,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-@main.command("evaluate")
+@click.command("evaluate")
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("--data", type=click.Choice(DATASET_NAMES), required=True, help="Data set to evaluate on.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,

@@ -11,17 +11,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mtlora.errors import ConfigError
+from mtlora.tasks import TASKS
 
 # Output channels of every task we know, as the PASCAL-Context / NYUD-v2 benchmarks define them.
 # A data set may override the number of classes (NYUD semseg has 40).
-DEFAULT_TASK_CHANNELS: dict[str, int] = {
-    "semseg": 21,
-    "human_parts": 7,
-    "sal": 1,
-    "normals": 3,
-    "edge": 1,
-    "depth": 1,
-}
+DEFAULT_TASK_CHANNELS: dict[str, int] = {t.name: t.channels for t in TASKS.values()}
 
 # Swin v1 variants as timm names them; custom sizes are built from the same fields.
 SWIN_VARIANTS: dict[str, dict[str, Any]] = {

@@ -65,6 +65,10 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes,
             os.fsync(fh.fileno())
         publish_mode(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk (ENOSPC), a quota, an I/O error
+        Path(tmp).unlink(missing_ok=True)
+        raise error(f"{path}: could not be written ({err.strerror or err}); free some space or choose "
+                    "another output path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -18,18 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.errors import ConfigError
+from mtlora.tasks import TASKS
 
 IGNORE_INDEX = 255
 
 # The loss weights of the official PASCAL-Context / NYUD configs.
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
-    "semseg": 1.0,
-    "human_parts": 2.0,
-    "sal": 5.0,
-    "normals": 10.0,
-    "edge": 50.0,
-    "depth": 1.0,
-}
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {t.name: t.loss_weight for t in TASKS.values()}
 
 # Upstream's `edge_w`: edges are rare, so positives get 95% of the weight.
 EDGE_POSITIVE_WEIGHT = 0.95
@@ -120,17 +114,19 @@ def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """The loss of one task (see the module docstring for label layouts)."""
-    if task in ("semseg", "human_parts"):
-        return segmentation_loss(pred, label)
-    if task == "sal":
-        return balanced_bce_loss(pred, label)
-    if task == "edge":
-        return balanced_bce_loss(pred, label, positive_weight=EDGE_POSITIVE_WEIGHT)
-    if task == "normals":
-        return normals_loss(pred, label)
-    if task == "depth":
-        return depth_loss(pred, label)
-    raise ConfigError(f"no loss for task {task!r}; known tasks: {', '.join(DEFAULT_LOSS_WEIGHTS)}")
+    if task not in TASKS:
+        raise ConfigError(f"no loss for task {task!r}; known tasks: {', '.join(DEFAULT_LOSS_WEIGHTS)}")
+    return _LOSSES[TASKS[task].loss](pred, label)
+
+
+# The loss functions `mtlora.tasks.TASKS` names.
+_LOSSES = {
+    "cross_entropy": segmentation_loss,
+    "balanced_bce": balanced_bce_loss,
+    "weighted_bce": lambda pred, label: balanced_bce_loss(pred, label, positive_weight=EDGE_POSITIVE_WEIGHT),
+    "unit_l1": normals_loss,
+    "l1": depth_loss,
+}
 
 
 class MultiTaskLoss(nn.Module):

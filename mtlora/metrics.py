@@ -20,19 +20,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from mtlora.errors import ConfigError, DataError
+from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, NORMALS, TASKS, get_task
 
 IGNORE_INDEX = 255
 
 # task -> (primary metric, higher is better); the primary metric is what the
 # multi-task delta compares.
-TASK_METRICS: dict[str, tuple[str, bool]] = {
-    "semseg": ("mIoU", True),
-    "human_parts": ("mIoU", True),
-    "sal": ("mIoU", True),
-    "normals": ("mean", False),
-    "depth": ("rmse", False),
-    "edge": ("odsF", True),
-}
+TASK_METRICS: dict[str, tuple[str, bool]] = {t.name: (t.metric, t.higher_is_better) for t in TASKS.values()}
 
 # Single-task Swin-T references on PASCAL-Context from the MTLoRA paper:
 # semseg / human_parts / sal mIoU in percent, normals mean angular error in degrees.
@@ -497,14 +491,16 @@ def make_evaluator(task: str, num_classes: int | None = None) -> Evaluator:
 
     Saliency and edge meters take logits, as the model heads produce them.
     """
-    if task in ("semseg", "human_parts"):
+    spec = get_task(task)
+    if spec.kind == CLASS_MAP:
         if num_classes is None:
             raise ConfigError(f"task {task!r} needs num_classes to build its evaluator")
         return SegmentationMeter(num_classes)
-    factories = {"sal": SaliencyMeter, "normals": NormalsMeter, "depth": DepthMeter, "edge": EdgeMeter}
-    if task not in factories:
-        raise ConfigError(f"no evaluator for task {task!r}; known tasks: {', '.join(TASK_METRICS)}")
-    return factories[task]()
+    return _METERS[spec.kind, spec.metric]()
+
+
+# The meter of each (kind, primary metric) that is not a class map.
+_METERS: dict[tuple[str, str], type[Evaluator]] = {}
 
 
 def multi_task_delta(
@@ -538,3 +534,11 @@ def multi_task_delta(
         relative = (float(value) - baseline) / baseline
         total += -relative if task in lower else relative
     return 100.0 * total / len(results)
+
+
+_METERS.update({
+    (BINARY_MAP, "mIoU"): SaliencyMeter,
+    (BINARY_MAP, "odsF"): EdgeMeter,
+    (NORMALS, "mean"): NormalsMeter,
+    (DEPTH, "rmse"): DepthMeter,
+})

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from export.checking.accuracy import EvalBatch, check_engine
+from export.checking.baseline import compare_with_baseline
 from export.checking.report import (
-    build_report,
-    compare_with_baseline,
     format_table,
     read_report,
     write_reports,
 )
+from export.checking.results import EngineCheck, EngineInfo, Report
 from export.checking.tolerances import Tolerances
 from export.errors import ExportError
 
@@ -48,30 +48,30 @@ def _engine(noise, batches):
 
 def test_identical_outputs_pass_fp32_with_exact_numbers():
     batches = list(_batches())
-    result = check_engine(_engine(0.0, batches), batches, CHANNELS, "fp32", engine_info={"backend": "x", "precision_requested": "fp32"})
+    result = check_engine(_engine(0.0, batches), batches, CHANNELS, "fp32", engine=EngineInfo("x", "fp32"))
     assert result.passed and bool(result)
     assert result.samples == 4 and result.labelled
     semseg = result.tasks["semseg"]
-    assert semseg["tensor"]["max_abs"] == 0.0 and semseg["tensor"]["cosine"] == pytest.approx(1.0)
-    assert semseg["argmax_agreement"] == 1.0
-    assert semseg["metrics"]["engine"]["mIoU"] == pytest.approx(100.0)
-    assert result.tasks["normals"]["angle_deg"] == pytest.approx(0.0, abs=1e-5)
+    assert semseg.tensor.max_abs == 0.0 and semseg.tensor.cosine == pytest.approx(1.0)
+    assert semseg.agreement == 1.0
+    assert semseg.metrics.engine["mIoU"] == pytest.approx(100.0)
+    assert result.tasks["normals"].angle_deg == pytest.approx(0.0, abs=1e-5)
 
 
 def test_small_offset_fails_fp32_max_abs_but_reports_value():
     batches = list(_batches())
     result = check_engine(_engine(2e-3, batches), batches, CHANNELS, "fp32")
     assert not result.passed
-    failed = {c["name"] for c in result.tasks["sal"]["checks"] if not c["passed"]}
+    failed = {c.name for c in result.tasks["sal"].failed}
     assert failed == {"max_abs"}
-    assert result.tasks["sal"]["tensor"]["max_abs"] == pytest.approx(2e-3, rel=1e-3)
+    assert result.tasks["sal"].tensor.max_abs == pytest.approx(2e-3, rel=1e-3)
 
 
 def test_non_finite_engine_output_fails():
     batches = list(_batches(1))
     result = check_engine(_engine(np.float32("nan"), batches), batches, CHANNELS, "fp16")
     assert not result.passed
-    assert math.isinf(result.tasks["semseg"]["tensor"]["max_abs"])
+    assert math.isinf(result.tasks["semseg"].tensor.max_abs)
 
 
 def test_tolerance_override_file(tmp_path):
@@ -91,15 +91,17 @@ def test_empty_evaluation_set_is_an_error():
 
 def test_reports_and_baseline_gate(tmp_path):
     batches = list(_batches())
-    info = {"backend": "onnxruntime", "precision_requested": "fp16", "precision_executed": "fp16"}
-    good = build_report([check_engine(_engine(0.0, batches), batches, CHANNELS, "fp16", engine_info=info)], {"tasks": list(CHANNELS)})
+    info = EngineInfo("onnxruntime", "fp16", "fp16")
+    good = Report({"tasks": list(CHANNELS)}, [check_engine(_engine(0.0, batches), batches, CHANNELS, "fp16", engine=info)])
     write_reports(good, tmp_path)
-    assert read_report(tmp_path)["passed"] is True
+    stored = read_report(tmp_path)
+    assert stored.passed is True and stored.to_dict() == good.to_dict()
     suites = ET.parse(tmp_path / "junit.xml").getroot()
     assert suites[0].get("name") == "onnxruntime-fp16" and suites[0].get("failures") == "0"
     assert "semseg" in (tmp_path / "summary.md").read_text()
     assert "PASS" in format_table(good)
-    assert compare_with_baseline(good, good) == []
+    gate = compare_with_baseline(good, good)
+    assert gate.passed and gate.compared == len(CHANNELS)
     # Flip a third of the class maps: mIoU and agreement collapse, so the gate must fail.
     worse = list(_batches())
     for b in worse:
@@ -109,15 +111,15 @@ def test_reports_and_baseline_gate(tmp_path):
         out = dict(next(it).reference)
         out["semseg"] = np.roll(out["semseg"], 1, axis=1)
         return out
-    bad = build_report([check_engine(infer, worse, CHANNELS, "fp16", engine_info=info)], {"tasks": list(CHANNELS)})
-    problems = compare_with_baseline(bad, good)
+    bad = Report({"tasks": list(CHANNELS)}, [check_engine(infer, worse, CHANNELS, "fp16", engine=info)])
+    problems = compare_with_baseline(bad, good).regressions
     assert any("semseg: mIoU" in p for p in problems) and any("argmax_agreement" in p for p in problems)
 
 
 def test_baseline_reports_missing_engine():
-    report = {"engines": []}
-    baseline = {"engines": [{"engine": {"backend": "openvino", "precision_requested": "int8"}, "tasks": {}}]}
-    assert compare_with_baseline(report, baseline) == ["openvino-int8: in the baseline but not built now"]
+    report = Report({}, [])
+    baseline = Report({}, [EngineCheck(EngineInfo("openvino", "int8"), 1, False, "pytorch", {})])
+    assert compare_with_baseline(report, baseline).regressions == ["openvino-int8: in the baseline but not built now"]
 
 
 def test_read_report_rejects_other_json(tmp_path):

@@ -12,7 +12,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.pipeline.build import BuildOptions, ModelInfo, calibration_set
+from export.artifacts.manifest import ExportInfo
+from export.pipeline.calibration_step import calibration_set
+from export.pipeline.options import BuildOptions
 from tests.conftest import FIXTURE
 
 
@@ -40,7 +42,7 @@ def test_export_is_byte_identical_across_runs(ort_build, tmp_path):
 def test_calibration_gives_the_same_qdq_scales(ort_build, tmp_path):
     from calibration.qdq import quantize_qdq
 
-    info = ModelInfo.from_manifest(ort_build / "export")
+    info = ExportInfo.read(ort_build / "export").interface
     opts = BuildOptions(calib_samples=8)  # what the build used: 8 synthetic training images
     calibration = calibration_set(opts, info, lambda _line: None)
     assert calibration.fingerprint() == calibration_set(opts, info, lambda _line: None).fingerprint()

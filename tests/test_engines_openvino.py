@@ -156,7 +156,7 @@ def test_blob_from_another_machine_is_refused_or_recompiled(fp32_engine, tmp_pat
 
 
 def test_threads_and_hint_are_applied(fp32_engine):
-    runner = ov_backend.load(fp32_engine.path, num_threads=1, performance_hint="THROUGHPUT", use_blob=False)
+    runner = ov_backend.load(fp32_engine.path, threads=1, performance_hint="THROUGHPUT", use_blob=False)
     with runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
         assert str(runner.compiled.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from export.checking.accuracy import EvalBatch, check_engine
 from export.checking.html import Sample, render_html
-from export.checking.report import build_report
+from export.checking.results import EngineInfo, Report
 from export.checking.visualize import error_map, render_label, render_output, voc_palette
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -41,8 +41,8 @@ def test_report_page_embeds_every_map():
     labels = {"semseg": ref["semseg"].argmax(1)}
     batch = EvalBatch(image=rng.normal(size=(1, 3, 16, 16)).astype(np.float32), reference=ref, labels=labels)
     check = check_engine(lambda feed: engine_out, [batch], {"semseg": 4, "normals": 3}, "fp16",
-                         engine_info={"backend": "onnxruntime", "precision_requested": "fp16", "precision_executed": "fp16"})
-    report = build_report([check], {"tasks": ["semseg", "normals"]})
+                         engine=EngineInfo("onnxruntime", "fp16", "fp16"))
+    report = Report({"tasks": ["semseg", "normals"]}, [check])
     sample = Sample(image=batch.image[0], reference={t: v[0] for t, v in ref.items()},
                     engines={"onnxruntime-fp16": {t: v[0] for t, v in engine_out.items()}},
                     labels={"semseg": labels["semseg"][0]})

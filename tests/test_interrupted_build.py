@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from calibration.cache import MANIFEST, CalibrationCache
-from export.artifacts.engineset import EngineEntry
+from export.artifacts.engineset import EngineSet
 from export.artifacts.manifest import verify_manifest
 from tests.conftest import FIXTURE
 
@@ -49,7 +49,7 @@ def assert_nothing_partial(out: Path) -> None:
         assert not export.exists() or not any(export.iterdir()), sorted(export.iterdir())
     engine = out / "engines" / ENGINE
     if engine.exists():
-        EngineEntry.read(engine).artifacts(verify=True)
+        EngineSet.read(engine).artifacts(verify=True)
     for entry in (out / "calibration-cache").glob("*"):
         if entry.is_dir() and (entry / MANIFEST).exists():
             assert CalibrationCache(entry.parent).lookup(entry.name) is not None, f"{entry} does not verify"
@@ -91,5 +91,5 @@ def test_a_killed_build_leaves_nothing_partial_and_resumes(tmp_path):
     assert record["reused"] == ["export"] and record["passed"]
     sidecar = json.loads((out / "engines" / ENGINE / "model.int8.onnx.json").read_text())
     assert sidecar["metadata"]["calibration_cache"] == "hit"
-    EngineEntry.read(out / "engines" / ENGINE).artifacts(verify=True)
+    EngineSet.read(out / "engines" / ENGINE).artifacts(verify=True)
     assert not list(out.glob(".*.partial")) and not list((out / "engines").glob(".*")), "staging left behind"

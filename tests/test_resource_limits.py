@@ -57,10 +57,12 @@ CALIBRATE = textwrap.dedent("""
     import sys
     from pathlib import Path
     from calibration.prepare import prepare_graph
-    from export.pipeline.build import BuildOptions, ModelInfo, calibration_set
+    from export.artifacts.manifest import ExportInfo
+    from export.pipeline.calibration_step import calibration_set
+    from export.pipeline.options import BuildOptions
 
     export, work, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    calibration = calibration_set(BuildOptions(calib_samples=count), ModelInfo.from_manifest(export), print)
+    calibration = calibration_set(BuildOptions(calib_samples=count), ExportInfo.read(export).interface, print)
     assert calibration.num_samples == count
     prepare_graph("onnxruntime", export / "model.onnx", work, "int8", calibration=calibration)
 """)
@@ -74,7 +76,8 @@ def test_calibration_streams_its_data(ort_build, tmp_path):
 
 
 def test_bench_streams_its_runs(ort_build, tmp_path):
-    from export.bench.core import BenchOptions, bench_build
+    from export.bench.options import BenchOptions
+    from export.bench.run import bench_build
 
     build = tmp_path / "build"
     shutil.copytree(ort_build, build)
@@ -91,13 +94,15 @@ def test_bench_streams_its_runs(ort_build, tmp_path):
 def test_build_calibration_set_reads_one_image_at_a_time(monkeypatch):
     """The build's calibration set is a stream: making it renders nothing, a pass holds one image at a time."""
     from calibration.data import CalibrationSet
-    from export.pipeline.build import BuildOptions, ModelInfo, calibration_set
+    from export.artifacts.interface import ModelInterface
+    from export.pipeline.calibration_step import calibration_set
+    from export.pipeline.options import BuildOptions
     from mtlora.data.synthetic import SyntheticMultiTask
 
     rendered = []
     original = SyntheticMultiTask.__getitem__
     monkeypatch.setattr(SyntheticMultiTask, "__getitem__", lambda self, i: rendered.append(i) or original(self, i))
-    info = ModelInfo(("semseg",), {"semseg": 6}, 32, (0.5,) * 3, (0.25,) * 3, "single", {"model": "model.onnx"}, [])
+    info = ModelInterface(("semseg",), {"semseg": 6}, 32, (0.5,) * 3, (0.25,) * 3)
     calibration = calibration_set(BuildOptions(calib_samples=200), info, lambda _line: None)
     assert isinstance(calibration, CalibrationSet) and calibration.kind == "stream" and len(calibration) == 200
     assert rendered == []

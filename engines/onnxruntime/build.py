@@ -44,7 +44,7 @@ def build(
     metadata: Mapping[str, Any] | None = None,
     optimize: bool = False,
     providers: str | Sequence[str] | None = None,
-    intra_op_threads: int | None = None,
+    threads: int | None = None,
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.onnx` and its sidecar from a prepared graph; returns the artifact.
 
@@ -82,7 +82,7 @@ def build(
         metadata["optimized_for"] = providers[0]
         notes.append(f"graph optimized by onnxruntime for {providers[0]}: run it with that provider only")
 
-    session = create_session(out, providers, session_options(intra_op_threads=intra_op_threads))
+    session = create_session(out, providers, session_options(intra_op_threads=threads))
     inputs, outputs = io_metadata(session.get_inputs()), io_metadata(session.get_outputs())
     del session
     executed, kernels, why = executed_precision(out, precision, providers)

@@ -143,7 +143,7 @@ def load(
     path: str | os.PathLike,
     *,
     providers: str | Sequence[str] | None = None,
-    intra_op_threads: int | None = None,
+    threads: int | None = None,
     inter_op_threads: int | None = None,
     optimization_level: str = "all",
 ) -> OnnxRuntimeRunner:
@@ -156,7 +156,7 @@ def load(
     runner = OnnxRuntimeRunner(
         artifact.path,
         providers=providers if providers is not None else built_with,
-        intra_op_threads=intra_op_threads,
+        intra_op_threads=threads,
         inter_op_threads=inter_op_threads,
         optimization_level=optimization_level,
     )

@@ -50,7 +50,7 @@ def build(
     metadata: Mapping[str, Any] | None = None,
     export_blob: bool = True,
     performance_hint: str = "LATENCY",
-    num_threads: int | None = None,
+    threads: int | None = None,
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.xml/.bin` (+ `.<device>.blob`) and the sidecar.
 
@@ -74,7 +74,7 @@ def build(
             f"{device} ({full_name}) has no {capability} support: runs f32"
             + (" with fp16-compressed weights" if precision == "fp16" else "")
         )
-    config = compile_config(inference_precision=hint, performance_hint=performance_hint, num_threads=num_threads)
+    config = compile_config(inference_precision=hint, performance_hint=performance_hint, num_threads=threads)
 
     graph_path = Path(graph_path)
     model, inputs, outputs = _read_graph(ov, core, graph_path, precision)

@@ -168,7 +168,7 @@ def load(
     path: str | os.PathLike,
     *,
     device: str | None = None,
-    num_threads: int | None = None,
+    threads: int | None = None,
     performance_hint: str | None = None,
     use_blob: bool = True,
     allow_recompile: bool = True,
@@ -188,12 +188,12 @@ def load(
     config = dict(meta.get("config") or compile_config(inference_precision=HINTS[artifact.precision_requested]))
     if performance_hint is not None:
         config.update(compile_config(inference_precision=config["INFERENCE_PRECISION_HINT"], performance_hint=performance_hint))
-    if num_threads is not None:
+    if threads is not None:
         config.update(
             compile_config(
                 inference_precision=config["INFERENCE_PRECISION_HINT"],
                 performance_hint=config.get("PERFORMANCE_HINT", "LATENCY"),
-                num_threads=num_threads,
+                num_threads=threads,
             )
         )
     blob = next((p for p in artifact.extra_paths if p.suffix == ".blob"), None)

@@ -85,6 +85,7 @@ def build(
     workspace_bytes: int | None = None,
     optimization_level: int | None = None,
     prefer_polygraphy: bool = True,
+    threads: int | None = None,
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.plan` and its sidecar from a prepared graph; returns the artifact.
 
@@ -92,7 +93,7 @@ def build(
     same graphs ONNX Runtime runs; ``calibration.prepare.prepare_graph('tensorrt', ...)`` makes them).
     Only ``typing='weak'`` fp16 also takes the fp32 ONNX, as TensorRT 10's FP16 flag did. `metadata`
     (the prepared graph's) goes into the sidecar. `batch` = (min, opt, max) for the dynamic batch
-    dimension of every input.
+    dimension of every input. `threads` is accepted like every backend's and unused: TensorRT runs on the GPU.
     """
     BACKENDS["tensorrt"].check_precision(precision)
     graph_path = Path(graph_path)

@@ -283,8 +283,10 @@ def engine_io(trt, engine) -> tuple[list[TensorMeta], list[TensorMeta]]:
     return inputs, outputs
 
 
-def load(path: str | os.PathLike, *, prefer_polygraphy: bool = True) -> TensorRTRunner:
-    """Runner for a plan built by `build`; refuses a plan built for another TensorRT or GPU."""
+def load(path: str | os.PathLike, *, prefer_polygraphy: bool = True, threads: int | None = None) -> TensorRTRunner:
+    """Runner for a plan built by `build`; refuses a plan built for another TensorRT or GPU.
+
+    `threads` is accepted like every backend's and unused: TensorRT runs on the GPU."""
     artifact = EngineArtifact.load(path, backend="tensorrt")
     problems = check_engine_compatible(artifact.metadata, current_environment())
     if problems:

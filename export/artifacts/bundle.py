@@ -15,16 +15,17 @@ on the bundled evaluation images.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from engines.files import sha256_file, write_atomic
-from export.artifacts.manifest import read_json, read_manifest, verify_manifest
+from engines.files import index_files, verify_files
+from export.artifacts.builddir import BuildDir
+from export.artifacts.files import read_json, write_json_atomic, write_text_atomic
+from export.artifacts.manifest import read_manifest, verify_manifest
 from export.errors import ExportError
-from export.pipeline.data import EVALSET_FILE
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "mtlora-export/bundle/1"
@@ -60,22 +61,41 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
-def _prepared_graphs(build_dir: Path, graph_files: dict[str, str], staging: Path, say) -> list[str]:
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle's parts: the export, the prepared graphs and the evaluation set."""
+
+    root: Path
+
+    @property
+    def export(self) -> Path:
+        return self.root / BuildDir.EXPORT
+
+    @property
+    def graphs(self) -> Path:
+        return self.root / BuildDir.GRAPHS
+
+    @property
+    def evalset(self) -> Path:
+        return self.root / BuildDir.EVALSET
+
+
+def _prepared_graphs(build: BuildDir, graph_files: dict[str, str], staging: Path, say) -> list[str]:
     """Copy the fp16 and Q/DQ graphs the build made; make the fp16 ones if the build had none."""
     from calibration.prepare import prepare_graph
 
     written = []
     for file in graph_files.values():
         stem = Path(file).stem
-        fp16 = next(iter(sorted((build_dir / "graphs").glob(f"*-fp16/fp16/{file}"))), None)
+        fp16 = next(iter(build.prepared_graphs("fp16", file)), None)
         if fp16 is None:
             say(f"[bundle] making the fp16 graph of {file}")
-            fp16 = prepare_graph("onnxruntime", build_dir / "export" / file, staging / ".work", "fp16").path
-        _copy(fp16, staging / "graphs" / f"{stem}.fp16.onnx")
+            fp16 = prepare_graph("onnxruntime", build.export / file, staging / ".work", "fp16").path
+        _copy(fp16, staging / BuildDir.GRAPHS / f"{stem}.fp16.onnx")
         written.append(f"{stem}.fp16.onnx")
-        qdq = next(iter(sorted((build_dir / "graphs").glob(f"*-int8/qdq/{file}"))), None)
+        qdq = next(iter(build.prepared_graphs("qdq", file)), None)
         if qdq is not None:
-            _copy(qdq, staging / "graphs" / f"{stem}.int8.qdq.onnx")
+            _copy(qdq, staging / BuildDir.GRAPHS / f"{stem}.int8.qdq.onnx")
             written.append(f"{stem}.int8.qdq.onnx")
     shutil.rmtree(staging / ".work", ignore_errors=True)
     return written
@@ -85,36 +105,32 @@ def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path
     """Write BUNDLE/ and BUNDLE.tar.gz from a build directory; returns both paths."""
     from mtlora.fileio import commit_directory, staging_dir
 
-    build_dir, out = Path(build_dir), Path(out)
-    export_dir = build_dir / "export"
-    if not (export_dir / "manifest.json").is_file():
-        raise ExportError(f"{build_dir}: not a build directory (no export/manifest.json); run 'mtlora-export build' first")
-    verify_manifest(export_dir)
-    evalset = build_dir / EVALSET_FILE
-    if not evalset.is_file():
-        raise ExportError(f"{build_dir}: has no {EVALSET_FILE}; re-run 'mtlora-export build' with PyTorch installed")
-    manifest = read_manifest(export_dir)
+    build, out = BuildDir(build_dir), Path(out)
+    if not (build.export / "manifest.json").is_file():
+        raise ExportError(f"{build.root}: not a build directory (no export/manifest.json); run 'mtlora-export build' first")
+    verify_manifest(build.export)
+    if not build.evalset.is_file():
+        raise ExportError(f"{build.root}: has no {BuildDir.EVALSET}; re-run 'mtlora-export build' with PyTorch installed")
+    manifest = read_manifest(build.export)
     staging = staging_dir(out)
     try:
-        say(f"[bundle] copying the export and evaluation set from {build_dir}")
-        shutil.copytree(export_dir, staging / "export", ignore=shutil.ignore_patterns(".step.json"))
-        _copy(evalset, staging / EVALSET_FILE)
-        graphs = _prepared_graphs(build_dir, manifest["graph_files"], staging, say)
+        say(f"[bundle] copying the export and evaluation set from {build.root}")
+        shutil.copytree(build.export, staging / BuildDir.EXPORT, ignore=shutil.ignore_patterns(".*"))
+        _copy(build.evalset, staging / BuildDir.EVALSET)
+        graphs = _prepared_graphs(build, manifest["graph_files"], staging, say)
         if not any(g.endswith(".int8.qdq.onnx") for g in graphs):
             say("[bundle] the build has no int8 engine: the bundle carries no Q/DQ graph "
                 "(build with --precision int8 first for TensorRT int8 on the device)")
-        if (build_dir / "calibration-cache").is_dir():
-            shutil.copytree(build_dir / "calibration-cache", staging / "calibration-cache")
+        if build.calibration_cache.is_dir():
+            shutil.copytree(build.calibration_cache, staging / BuildDir.CALIBRATION_CACHE)
         info = manifest["input"]
         source = manifest.get("source", {}).get("checkpoint", "?")
-        write_atomic(staging / "README.md", README.format(
+        write_text_atomic(staging / "README.md", README.format(
             tasks=", ".join(manifest["tasks"]), size=info["shape"][-1], mean=info["mean"], std=info["std"],
             source=source, name=out.name))
-        files = {p.relative_to(staging).as_posix(): sha256_file(p)
-                 for p in sorted(staging.rglob("*")) if p.is_file()}
-        write_atomic(staging / BUNDLE_FILE, json.dumps({"format": BUNDLE_FORMAT, "files": files,
-                                                        "tasks": manifest["tasks"], "graphs": graphs},
-                                                       indent=2, sort_keys=True) + "\n")
+        files = index_files(staging, sorted(p for p in staging.rglob("*") if p.is_file()))
+        write_json_atomic(staging / BUNDLE_FILE, {"format": BUNDLE_FORMAT, "files": files,
+                                                  "tasks": manifest["tasks"], "graphs": graphs})
         commit_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,22 +158,19 @@ def verify_bundle(bundle: Path) -> dict:
                      missing=f"{bundle}: not a bundle (no {BUNDLE_FILE}); make one with 'mtlora-export bundle'")
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("files"), dict):
         raise ExportError(f"{index}: not an mtlora-export bundle index")
-    for rel, digest in data["files"].items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise ExportError(f"{index}: lists {rel!r}, which is outside the bundle")
-        path = bundle / rel
-        if not path.is_file():
-            raise ExportError(f"{path}: listed in {BUNDLE_FILE} but missing; copy the bundle again")
-        if sha256_file(path) != digest:
-            raise ExportError(f"{path}: modified or truncated (SHA-256 differs from {BUNDLE_FILE}); copy the bundle again")
+    links = [p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_symlink()]
+    if links:
+        raise ExportError(f"{bundle}: holds symbolic link(s) {', '.join(sorted(links)[:3])}; a bundle carries plain "
+                          "files only: copy it again (tar -x without following links)")
+    verify_files(bundle, data["files"], where=BUNDLE_FILE, remedy="copy the bundle again", error=ExportError)
     return data
 
 
-def open_bundle(bundle: Path, say) -> tuple[Path, Path, Path]:
-    """Verify a bundle; returns (export dir, graphs dir, evalset path)."""
+def open_bundle(bundle: Path, say) -> Bundle:
+    """Verify a bundle and return its parts."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise ExportError(f"{bundle}: no such bundle directory (unpack the .tar.gz first)")
     verify_bundle(bundle)
     say(f"model: bundle {bundle} (all files verified)")
-    return bundle / "export", bundle / "graphs", bundle / EVALSET_FILE
+    return Bundle(bundle)

@@ -1,127 +1,235 @@
-"""The engines of one build, loaded as runners with the model's interface (no torch).
+"""The engines of one build for one backend and precision, loaded as one runner (no torch).
 
-A single-layout build has one engine per backend and precision; a split build
-has a backbone engine and one head engine per task, which `SplitRunner` chains:
-the backbone runs once and each head reads the backbone outputs it needs.
+A single-layout engine set has one engine; a split set has a backbone engine and
+one head engine per task, which `SplitRunner` chains: the backbone runs once and
+each head reads the backbone outputs it needs. `engine.json` in the set's
+directory says which graph role became which engine file and what the model's
+interface is; every engine's own sidecar is checked against it.
 """
 
 from __future__ import annotations
 
-import json
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engines.artifact import EngineArtifact
+from engines.errors import EngineError
 from engines.registry import get_backend
+from engines.runner import Runner
+from export.artifacts.files import read_json, write_json_atomic
+from export.artifacts.interface import ModelInterface
 from export.errors import ExportError
 
-ENGINES_DIR = "engines"
 ENGINE_INDEX = "engine.json"  # which graph file became which engine file, per engine directory
 
 
 @dataclass
-class EngineEntry:
+class EngineSet:
     """One built engine set: backend, precision, and its engine file per graph role."""
 
     backend: str
     precision: str
     directory: Path
     files: dict[str, str] = field(default_factory=dict)  # role ("model", "backbone", "head_<task>") -> engine file
-    # What a caller needs to feed it: tasks, output channels, input size, mean, std.
-    model: dict = field(default_factory=dict)
+    interface: ModelInterface | None = None  # what a caller feeds it and gets back
 
     @property
     def key(self) -> str:
         return f"{self.backend}-{self.precision}"
 
+    @property
+    def layout(self) -> str:
+        return "single" if "model" in self.files else "split"
+
     def artifacts(self, verify: bool = True) -> dict[str, EngineArtifact]:
-        return {role: EngineArtifact.load(self.directory / f, backend=self.backend, verify=verify)
-                for role, f in self.files.items()}
+        """Each role's engine artifact. With `verify`, every file must match its sidecar, and every
+        sidecar must describe this set: same backend and precision, and the model outputs the set's
+        interface states (a sidecar copied in from another model is refused)."""
+        artifacts = {role: EngineArtifact.load(self.directory / f, backend=self.backend, verify=verify)
+                     for role, f in self.files.items()}
+        if verify:
+            for role, artifact in artifacts.items():
+                self._check_sidecar(role, artifact)
+        return artifacts
+
+    def _check_sidecar(self, role: str, artifact: EngineArtifact) -> None:
+        where = f"{self.directory / self.files[role]}"
+        if artifact.precision_requested != self.precision:
+            raise ExportError(f"{where}: built for {artifact.precision_requested}, but {ENGINE_INDEX} says "
+                              f"{self.precision}; rebuild the engine")
+        if self.interface is None or role.startswith("backbone"):
+            return
+        tasks = [role[len("head_"):]] if role.startswith("head_") else list(self.interface.tasks)
+        outputs = {m.name: m.shape for m in artifact.outputs}
+        for task in tasks:
+            channels = self.interface.channels[task]
+            shape = outputs.get(task)
+            if shape is None or len(shape) != 4 or shape[1] != channels or shape[2:] != (self.interface.size,) * 2:
+                raise ExportError(f"{where}: its outputs {outputs} do not match the model in {ENGINE_INDEX} "
+                                  f"({task}: {channels} channels at {self.interface.size}x{self.interface.size}); "
+                                  "the engine belongs to another model: rebuild it")
 
     def save(self) -> None:
-        from engines.files import write_atomic
-
-        write_atomic(self.directory / ENGINE_INDEX,
-                     json.dumps({"backend": self.backend, "precision": self.precision, "files": self.files,
-                                 "model": self.model},
-                                indent=2, sort_keys=True) + "\n")
+        write_json_atomic(self.directory / ENGINE_INDEX, {
+            "backend": self.backend, "precision": self.precision, "files": self.files,
+            "model": self.interface.to_dict() if self.interface else {}})
 
     @classmethod
-    def read(cls, directory: Path) -> EngineEntry:
+    def read(cls, directory: str | Path) -> EngineSet:
+        directory = Path(directory)
+        index = directory / ENGINE_INDEX
+        data = read_json(index, corrupt=f"{index}: corrupt; rebuild the engine",
+                         missing=f"{directory}: no {ENGINE_INDEX}; this engine build did not finish, rebuild it")
         try:
-            data = json.loads((directory / ENGINE_INDEX).read_text())
-            entry = cls(data["backend"], data["precision"], directory, dict(data["files"]), dict(data.get("model", {})))
-        except FileNotFoundError:
-            raise ExportError(f"{directory}: no {ENGINE_INDEX}; this engine build did not finish, rebuild it") from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ExportError(f"{directory / ENGINE_INDEX}: corrupt ({err}); rebuild the engine") from None
-        if any(not isinstance(f, str) or Path(f).name != f for f in entry.files.values()):
-            raise ExportError(f"{directory / ENGINE_INDEX}: names files outside its directory; rebuild the engine")
+            entry = cls(str(data["backend"]), str(data["precision"]), directory, dict(data["files"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ExportError(f"{index}: corrupt ({type(err).__name__}: {err}); rebuild the engine") from None
+        if any(not isinstance(f, str) or Path(f).name != f for f in entry.files.values()) or not entry.files:
+            raise ExportError(f"{index}: names files outside its directory; rebuild the engine")
+        if data.get("model"):
+            entry.interface = ModelInterface.from_dict(data["model"], str(index))
         return entry
 
 
-def list_engines(build_dir: Path) -> list[EngineEntry]:
-    root = Path(build_dir) / ENGINES_DIR
-    if not root.is_dir():
-        raise ExportError(f"{build_dir}: has no engines/; run 'mtlora-export build' first")
-    entries = [EngineEntry.read(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+def list_engine_sets(build_dir) -> list[EngineSet]:
+    from export.artifacts.builddir import BuildDir
+
+    build = build_dir if isinstance(build_dir, BuildDir) else BuildDir(build_dir)
+    if not build.engines.is_dir():
+        raise ExportError(f"{build.root}: has no engines/; run 'mtlora-export build' first")
+    entries = [EngineSet.read(d) for d in build.engine_dirs()]
     if not entries:
-        raise ExportError(f"{build_dir}: engines/ is empty; run 'mtlora-export build' first")
+        raise ExportError(f"{build.root}: engines/ is empty; run 'mtlora-export build' first")
     return entries
 
 
-class SplitRunner:
-    """Backbone once, then each task head on the backbone outputs it takes."""
+class SplitRunner(Runner):
+    """Backbone once, then each task head on the backbone outputs it takes.
 
-    def __init__(self, backbone, heads: dict[str, object]):
+    A Runner like any backend's: activated as a whole (if a head fails to start, the
+    ones already started are stopped again), its feed checked against the backbone's
+    inputs, its time recorded per call.
+    """
+
+    def __init__(self, backbone: Runner, heads: Mapping[str, Runner], name: str = "split"):
+        super().__init__(name)
         self.backbone = backbone
-        self.heads = heads
-        self.timings: list[float] = []
+        self.heads = dict(heads)
 
-    def __enter__(self):
-        self.backbone.activate()
-        for head in self.heads.values():
-            head.activate()
-        return self
+    @property
+    def parts(self) -> list[Runner]:
+        return [self.backbone, *self.heads.values()]
 
-    def __exit__(self, *exc):
-        for runner in (self.backbone, *self.heads.values()):
+    def _activate(self) -> None:
+        started = []
+        try:
+            for runner in self.parts:
+                runner.activate()
+                started.append(runner)
+        except BaseException:
+            for runner in reversed(started):
+                runner.deactivate()
+            raise
+        self.inputs = list(self.backbone.inputs)
+        self.outputs = [m for head in self.heads.values() for m in head.outputs]
+        ran = {r.precision_executed for r in self.parts}
+        self.precision_executed = "/".join(sorted(r for r in ran if r)) or "?"
+        self.notes = [n for r in self.parts for n in r.notes]
+
+    def _deactivate(self) -> None:
+        for runner in reversed(self.parts):
             runner.deactivate()
 
-    @property
-    def precision_executed(self) -> str:
-        ran = {self.backbone.precision_executed, *(h.precision_executed for h in self.heads.values())}
-        return "/".join(sorted(r for r in ran if r)) or "?"
-
-    @property
-    def notes(self) -> list[str]:
-        return [n for r in (self.backbone, *self.heads.values()) for n in r.notes]
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shared = self.backbone.infer(feed)
         outputs = {}
         for head in self.heads.values():
             outputs.update(head.infer({name: shared[name] for name in head.input_names}))
-        self.timings.append(time.perf_counter() - start)
         return outputs
 
 
-def load_runner(entry: EngineEntry, threads: int | None = None):
-    """A runner for the engine set: the backend's own runner, or a SplitRunner for split builds."""
+def load_runner(entry: EngineSet, threads: int | None = None) -> Runner:
+    """A runner for the engine set: the backend's own runner, or a SplitRunner for split sets."""
     backend = get_backend(entry.backend)
-    kwargs = {}
-    if threads:
-        kwargs = {"intra_op_threads": threads} if entry.backend == "onnxruntime" else (
-            {"num_threads": threads} if entry.backend == "openvino" else {})
 
-    def load(role: str):
-        return backend.load(entry.directory / entry.files[role], **kwargs)
+    def load(role: str) -> Runner:
+        return backend.load(entry.directory / entry.files[role], threads=threads)
 
-    if "model" in entry.files:
+    if entry.layout == "single":
         return load("model")
     heads = {role[len("head_"):]: load(role) for role in entry.files if role.startswith("head_")}
-    return SplitRunner(load("backbone"), heads)
+    return SplitRunner(load("backbone"), heads, name=f"{entry.key} (split)")
+
+
+class Engine:
+    """A built engine set as an application uses it: images or batches in, per-task outputs out.
+
+    Torch-free. Use it as a context manager (the runtime is loaded on entry and released on exit)::
+
+        with open_engine("build/engines/onnxruntime-fp16") as engine:
+            outputs = engine.predict(image)      # (H, W, 3) uint8 RGB -> {task: (C, size, size)}
+            batch = engine.infer(normalised)     # (N, 3, size, size) float32 -> {task: (N, C, size, size)}
+    """
+
+    def __init__(self, entry: EngineSet, threads: int | None = None):
+        if entry.interface is None:
+            raise ExportError(f"{entry.directory}: {ENGINE_INDEX} lacks the model's interface; rebuild the engine")
+        self.entry = entry
+        self.interface = entry.interface
+        self.threads = threads
+        self.runner: Runner | None = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.interface.tasks
+
+    @property
+    def precision_executed(self) -> str:
+        return self.runner.precision_executed if self.runner is not None else ""
+
+    def __enter__(self) -> Engine:
+        self.entry.artifacts(verify=True)
+        self.runner = load_runner(self.entry, self.threads)
+        try:
+            self.runner.activate()
+        except EngineError:
+            self.runner = None
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.runner is not None:
+            self.runner.deactivate()
+            self.runner = None
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """A normalised (N, 3, size, size) float32 batch -> {task: (N, C, size, size)}, in task order."""
+        if self.runner is None:
+            raise ExportError("the engine is not open; use it as `with open_engine(...) as engine:`")
+        outputs = self.runner.infer({"image": batch})
+        return {t: np.asarray(outputs[t]) for t in self.tasks}
+
+    def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """One (H, W, 3) uint8 RGB image, preprocessed as at inference -> {task: (C, size, size)}."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ExportError(f"predict takes one (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}; "
+                              "for a normalised batch use infer()")
+        outputs = self.infer(self.interface.preprocess(image)[None])
+        return {t: v[0] for t, v in outputs.items()}
+
+    @property
+    def last_seconds(self) -> float | None:
+        return self.runner.last_inference_time() if self.runner is not None else None
+
+
+def open_engine(path: str | Path, threads: int | None = None) -> Engine:
+    """An engine set directory (BUILD/engines/<backend>-<precision>), or a file in it, as an `Engine`."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    if not (directory / ENGINE_INDEX).is_file():
+        raise ExportError(f"{path}: not an engine directory (expected BUILD/engines/<backend>-<precision>)")
+    return Engine(EngineSet.read(directory), threads)

@@ -7,38 +7,20 @@ timestamps, so the same export settings give the same manifest bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engines.files import sha256_file
+from engines.files import check_index_names, index_files, verify_files
+from export.artifacts.files import read_json, write_bytes_atomic
+from export.artifacts.interface import ModelInterface
 from export.errors import ExportError
-from mtlora import fileio
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "mtlora-export/manifest/1"
-
-
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 identifying a source checkpoint: the file itself, or for a checkpoint
-    directory a digest over the sorted `name sha256` lines of its files."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    lines = [
-        f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n"
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and not p.name.startswith(".")
-    ]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
-    """Readers see the old file or the whole new one, never half of it (an unwritable place is an ExportError)."""
-    return fileio.write_bytes_atomic(path, payload, error=ExportError)
 
 
 def package_versions() -> dict[str, str]:
@@ -85,13 +67,9 @@ def write_manifest(directory: str | os.PathLike, **fields: Any) -> Path:
     filled in here.
     """
     directory = Path(directory)
-    files = {}
-    graphs = {}
-    for path in _artifact_files(directory):
-        name = path.relative_to(directory).as_posix()
-        files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-        if path.suffix == ".onnx":
-            graphs[name] = graph_io(path)
+    artifacts = _artifact_files(directory)
+    files = index_files(directory, artifacts, sizes=True)
+    graphs = {p.relative_to(directory).as_posix(): graph_io(p) for p in artifacts if p.suffix == ".onnx"}
     manifest = {
         "format": MANIFEST_FORMAT,
         **fields,
@@ -103,19 +81,6 @@ def write_manifest(directory: str | os.PathLike, **fields: Any) -> Path:
     return write_bytes_atomic(directory / MANIFEST_FILE, payload)
 
 
-def read_json(path: Path, *, corrupt: str, missing: str | None = None) -> Any:
-    """The JSON in `path`, or one ExportError line: `missing` when there is no such file (when given),
-    else `corrupt` followed by the reason (unreadable, not UTF-8, not JSON)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        if missing is None:
-            raise ExportError(f"{corrupt} (no such file)") from None
-        raise ExportError(missing) from None
-    except (OSError, ValueError) as err:  # ValueError: also undecodable bytes
-        raise ExportError(f"{corrupt} ({err})") from None
-
-
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
@@ -124,12 +89,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
         raise ExportError(f"{path}: not an mtlora-export manifest (expected format {MANIFEST_FORMAT})")
     files = manifest["files"]
-    if not isinstance(files, dict) or not all(
-        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
-        and not Path(name).is_absolute() and ".." not in Path(name).parts
-        for name, e in files.items()
-    ):
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("size"), int)
+                                              for e in files.values()):
         raise ExportError(f"{path}: corrupt manifest (every file needs a relative name, a sha256 and a size)")
+    check_index_names(files, str(path), ExportError)
     return manifest
 
 
@@ -140,16 +103,32 @@ def verify_manifest(directory: str | os.PathLike) -> None:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    problems = []
-    for name, entry in sorted(manifest["files"].items()):
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        size = path.stat().st_size
-        if size < entry["size"]:
-            problems.append(f"{name} is truncated ({size} of {entry['size']} bytes)")
-        elif size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{name} was modified (SHA-256 does not match the manifest)")
-    if problems:
-        raise ExportError(f"{directory}: {'; '.join(problems)}; re-run the export")
+    verify_files(directory, manifest["files"], where=MANIFEST_FILE, remedy="re-run the export", error=ExportError)
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export directory's manifest says about the model and its graphs."""
+
+    interface: ModelInterface
+    layout: str
+    graph_files: dict[str, str]  # role ("model", "backbone", "head_<task>") -> file
+    backbone_outputs: tuple[str, ...]
+    source_sha256: str
+    source_name: str
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> ExportInfo:
+        manifest = read_manifest(directory)
+        where = str(Path(directory) / MANIFEST_FILE)
+        try:
+            inputs = manifest["input"]
+            interface = ModelInterface.from_dict(
+                {"tasks": manifest["tasks"], "output_channels": manifest["output_channels"],
+                 "input_size": inputs["shape"][-1], "mean": inputs["mean"], "std": inputs["std"]}, where)
+            graph_files = {str(k): str(v) for k, v in dict(manifest["graph_files"]).items()}
+            source = manifest.get("source") or {}
+            return cls(interface, str(manifest["layout"]), graph_files, tuple(manifest.get("backbone_outputs") or ()),
+                       str(source.get("sha256", "")), str(source.get("checkpoint", "")))
+        except (KeyError, TypeError, IndexError) as err:
+            raise ExportError(f"{where}: the manifest lacks {err}; re-run the export") from None

@@ -14,7 +14,7 @@ What it does, in `build/bench-docs/` (steps are reused when their inputs are unc
    `mtlora-export build` (INT8 calibrated on synthetic 448 images);
 3. exports the unmerged model to ONNX by tracing MultiTaskSwin itself (the
    exporter always merges), and the adapter-free network with the exporter;
-4. times everything with `export.bench.core` (one fresh worker process per format),
+4. times everything with `export.bench.run` (one fresh worker process per format),
    times the targets' reference setup (the Swin-T 448 backbone alone: PyTorch
    eager, OpenVINO fp32 and INT8, `export.bench.plain_backbone`) and profiles the
    three fp32 graphs with ONNX Runtime's profiler;
@@ -35,29 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from engines.files import write_atomic
-from export.bench.core import (
-    MEASUREMENT_NOTES,
-    PERF_HEADER,
-    BenchOptions,
-    Target,
-    accuracy_rows,
-    benchmark,
-    build_for_bench,
-    count_flops,
-    engine_targets,
-    interleaved_latency,
-    md_table,
-    onnx_target,
-    perf_rows,
-    profile_graphs,
-    runs_cell,
-    torch_targets,
-    wait_for_quiet,
-    write_json,
-)
+from export.bench.options import BenchOptions
 from export.bench.plain_backbone import bench_backbone, reference_lines
+from export.bench.profile import profile_graphs
+from export.bench.run import benchmark, build_for_bench, write_json
+from export.bench.tables import MEASUREMENT_NOTES, PERF_HEADER, accuracy_rows, md_table, perf_rows, runs_cell
+from export.bench.targets import Target, engine_targets, onnx_target, torch_targets
+from export.bench.timing import interleaved_latency, wait_for_quiet
+from export.onnx.flops import count_flops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "benchmarks.md"
 WORK = ROOT / "build" / "bench-docs"
 TASKS = ("semseg", "human_parts", "sal", "normals")
@@ -206,7 +193,7 @@ def interleave_engines(build_dir: Path, checkpoint: Path, threads: int) -> dict:
 
     import torch
 
-    from export.artifacts.engineset import EngineEntry, load_runner
+    from export.artifacts.engineset import EngineSet, load_runner
     from mtlora.loading import load_any
 
     image = _image()
@@ -222,7 +209,7 @@ def interleave_engines(build_dir: Path, checkpoint: Path, threads: int) -> dict:
         for name in ("openvino-fp32", "openvino-int8"):
             directory = build_dir / "engines" / name
             if (directory / "engine.json").is_file():
-                runner = stack.enter_context(load_runner(EngineEntry.read(directory), threads))
+                runner = stack.enter_context(load_runner(EngineSet.read(directory), threads))
                 infers[name] = lambda r=runner: r.infer({"image": image})
         return interleaved_latency(infers, INTERLEAVED_ROUNDS)
 

@@ -26,7 +26,8 @@ from torch import nn
 from calibration.prepare import prepare_graph
 from engines.openvino.build import build as ov_build
 from engines.openvino.runner import load as ov_load
-from export.bench.core import count_flops, interleaved_latency
+from export.bench.timing import interleaved_latency
+from export.onnx.flops import count_flops
 from export.onnx.fold import ExportBackbone, swap_linears
 from mtlora.checkpoint import load_checkpoint
 
@@ -88,7 +89,7 @@ def bench_backbone(checkpoint: Path, work: Path, threads: int, rounds: int, cali
         prepared = prepare_graph("openvino", onnx_path, work / "graphs", precision,
                                  calibration=calibration if precision == "int8" else None, cache=work / "cache")
         engines[precision] = ov_build(prepared.path, work / f"openvino-{precision}", precision=precision,
-                                      name="backbone", metadata=prepared.metadata, num_threads=threads)
+                                      name="backbone", metadata=prepared.metadata, threads=threads)
 
     swin = model.backbone
     tensor = torch.from_numpy(image)
@@ -103,7 +104,7 @@ def bench_backbone(checkpoint: Path, work: Path, threads: int, rounds: int, cali
     try:
         with ExitStack() as stack:
             for precision, artifact in engines.items():
-                runner = stack.enter_context(ov_load(artifact.path, num_threads=threads))
+                runner = stack.enter_context(ov_load(artifact.path, threads=threads))
                 infers[f"openvino-{precision}"] = lambda r=runner: r.infer({"image": image})
             say("[bench-docs] timing the reference backbone in turn")
             turn = interleaved_latency(infers, rounds)

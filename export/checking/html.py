@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.files import write_atomic
-from export.checking.report import HEADER, engine_key, rows
+from export.artifacts.files import write_text_atomic
+from export.checking.report import HEADER, rows
+from export.checking.results import Report
 from export.checking.visualize import denormalize, error_map, png_data_uri, render_label, render_output
 
 HTML_FILE = "report.html"
@@ -38,7 +39,7 @@ def _figure(rgb: np.ndarray, caption: str, scale: int) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _table(report: dict) -> str:
+def _table(report: Report) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
     body = []
     for row in rows(report):
@@ -49,20 +50,20 @@ def _table(report: dict) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def render_html(report: dict, samples: list[Sample], mean, std, curves_png: Path | None = None) -> str:
-    status = "passed" if report["passed"] else "FAILED"
-    css_status = "pass" if report["passed"] else "fail"
+def render_html(report: Report, samples: list[Sample], mean, std, curves_png: Path | None = None) -> str:
+    status = "passed" if report.passed else "FAILED"
+    css_status = "pass" if report.passed else "fail"
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mtlora-export accuracy report</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>Accuracy report: <span class='{css_status}'>{status}</span></h1>",
-        f"<p>Tasks: {html.escape(', '.join(report['model'].get('tasks', [])))}. Created {html.escape(report['created'])}.</p>",
+        f"<p>Tasks: {html.escape(', '.join(report.tasks))}. Created {html.escape(report.created)}.</p>",
         _table(report),
     ]
-    for engine in report["engines"]:
-        parts.append(f"<p>{html.escape(engine_key(engine['engine']))}: {engine['samples']} samples, "
-                     f"reference from {html.escape(engine['reference'])}, precision that ran: "
-                     f"{html.escape(str(engine['engine'].get('precision_executed', '?')))}</p>")
+    for engine in report.engines:
+        parts.append(f"<p>{html.escape(engine.key)}: {engine.samples} samples, "
+                     f"reference from {html.escape(engine.reference_source)}, precision that ran: "
+                     f"{html.escape(engine.engine.precision_executed or '?')}</p>")
     for index, sample in enumerate(samples):
         size = sample.image.shape[-1]
         scale = max(1, 160 // max(size, 1))
@@ -86,5 +87,6 @@ def render_html(report: dict, samples: list[Sample], mean, std, curves_png: Path
     return "\n".join(parts)
 
 
-def write_html(report: dict, samples: list[Sample], out_dir: str | Path, mean, std, curves_png: Path | None = None) -> Path:
-    return write_atomic(Path(out_dir) / HTML_FILE, render_html(report, samples, mean, std, curves_png))
+def write_html(report: Report, samples: list[Sample], out_dir: str | Path, mean, std,
+               curves_png: Path | None = None) -> Path:
+    return write_text_atomic(Path(out_dir) / HTML_FILE, render_html(report, samples, mean, std, curves_png))

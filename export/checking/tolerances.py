@@ -1,6 +1,6 @@
-"""Accuracy tolerances per precision, overridable per task from a JSON file.
+"""Accuracy tolerances per precision and kind of task, overridable per task from a JSON file.
 
-fp32 engines are judged on the tensors themselves; fp16 and int8 engines are
+fp32 engines are judged on the tensors themselves; 16-bit and int8 engines are
 judged by what a user of the task would notice (mIoU drop, angle of normals,
 argmax agreement with the PyTorch reference).
 
@@ -10,17 +10,24 @@ Override file format (JSON)::
      "int8": {"*": {"min_argmax_agreement": 0.9}}}
 
 Keys are precisions, then task names (`*` for every task), then limit names.
+The file is checked against this schema, and against the model's tasks once
+they are known: a misspelt task or limit, a negative, NaN or boolean limit, or a
+limit that cannot apply to the task (an angle for a class map) is an error, so a
+tighter CI limit can never silently vanish.
 """
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from export.errors import ExportError
+from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, KINDS, NORMALS, TASKS
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+EVERY_TASK = "*"
 
 
 @dataclass(frozen=True)
@@ -42,82 +49,119 @@ class Tolerance:
     max_metric_drop: float | None = None
 
 
-_SEGMENTATION = ("semseg", "human_parts")
-
-DEFAULTS: dict[str, dict[str, Tolerance]] = {
-    "fp32": {"*": Tolerance(max_abs=1e-3, min_cosine=0.99999)},
-    "fp16": {
-        "*": Tolerance(min_cosine=0.999, max_metric_drop=0.5),
-        "semseg": Tolerance(min_cosine=0.999, min_argmax_agreement=0.99, max_metric_drop=0.5),
-        "human_parts": Tolerance(min_cosine=0.999, min_argmax_agreement=0.99, max_metric_drop=0.5),
-        "sal": Tolerance(min_cosine=0.999, min_argmax_agreement=0.99, max_metric_drop=0.5),
-        "normals": Tolerance(min_cosine=0.999, max_angle_deg=0.5, max_metric_drop=0.5),
-    },
-    "bf16": {
-        "*": Tolerance(min_cosine=0.99, max_metric_drop=0.5),
-        "semseg": Tolerance(min_cosine=0.99, min_argmax_agreement=0.97, max_metric_drop=0.5),
-        "human_parts": Tolerance(min_cosine=0.99, min_argmax_agreement=0.97, max_metric_drop=0.5),
-        "normals": Tolerance(min_cosine=0.99, max_angle_deg=1.5, max_metric_drop=0.5),
-    },
-    # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error
-    # <= 0.5 degrees worse); the cosine and angle floors only catch an engine that is broken outright,
-    # and are what remains when the evaluation set has no labels.
-    "int8": {
-        "*": Tolerance(min_cosine=0.95, max_metric_drop=1.0),
-        "normals": Tolerance(min_cosine=0.95, max_angle_deg=5.0, max_metric_drop=0.5),
-    },
+LIMIT_NAMES = tuple(f.name for f in fields(Tolerance))
+# The range each limit may take: cosine is in [-1, 1], agreement a fraction, the rest non-negative.
+LIMIT_RANGES = {"min_cosine": (-1.0, 1.0), "min_argmax_agreement": (0.0, 1.0)}
+# Which limits a kind of task has a measurement for (`export.checking.accuracy` measures these).
+_TENSOR_LIMITS = ("max_abs", "mean_abs", "min_cosine", "max_metric_drop")
+KIND_LIMITS: dict[str, tuple[str, ...]] = {
+    kind: _TENSOR_LIMITS + {"argmax": ("min_argmax_agreement",), "sign": ("min_argmax_agreement",),
+                            "angle": ("max_angle_deg",)}.get(spec.agreement, ())
+    for kind, spec in KINDS.items()
 }
 
 
-def _parse_limits(raw: dict, where: str) -> dict[str, float]:
-    names = {f.name for f in fields(Tolerance)}
+def _defaults(cosine: float, drop: float, agreement: float | None, angle: float) -> dict[str, Tolerance]:
+    return {
+        CLASS_MAP: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
+        BINARY_MAP: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
+        NORMALS: Tolerance(min_cosine=cosine, max_angle_deg=angle, max_metric_drop=0.5),
+        DEPTH: Tolerance(min_cosine=cosine, max_metric_drop=drop),
+    }
+
+
+# precision -> kind of task -> limits.
+DEFAULTS: dict[str, dict[str, Tolerance]] = {
+    "fp32": dict.fromkeys(KINDS, Tolerance(max_abs=1e-3, min_cosine=0.99999)),
+    "fp16": _defaults(cosine=0.999, drop=0.5, agreement=0.99, angle=0.5),
+    "bf16": _defaults(cosine=0.99, drop=0.5, agreement=0.97, angle=1.5),
+    # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error
+    # <= 0.5 degrees worse); the cosine and angle floors only catch an engine that is broken outright,
+    # and are what remains when the evaluation set has no labels.
+    "int8": _defaults(cosine=0.95, drop=1.0, agreement=None, angle=5.0),
+}
+
+
+def _parse_limits(raw, where: str) -> dict[str, float | None]:
     if not isinstance(raw, dict):
-        raise ExportError(f"{where}: expected an object of limits")
-    unknown = sorted(set(raw) - names)
+        raise ExportError(f"{where}: expected an object of limits, e.g. {{\"max_metric_drop\": 0.8}}")
+    unknown = sorted(set(raw) - set(LIMIT_NAMES))
     if unknown:
-        raise ExportError(f"{where}: unknown limit(s) {unknown}; known: {', '.join(sorted(names))}")
-    try:
-        return {k: None if v is None else float(v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise ExportError(f"{where}: limits must be numbers or null") from None
+        raise ExportError(f"{where}: unknown limit(s) {unknown}; known: {', '.join(LIMIT_NAMES)}")
+    limits: dict[str, float | None] = {}
+    for name, value in raw.items():
+        if value is None:
+            limits[name] = None
+            continue
+        # bool is an int to Python; `true` is never a limit.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ExportError(f"{where}.{name}: {value!r} is not a finite number (or null to switch the check off)")
+        low, high = LIMIT_RANGES.get(name, (0.0, math.inf))
+        if not low <= value <= high:
+            raise ExportError(f"{where}.{name}: {value} is outside [{low}, {high}]")
+        limits[name] = float(value)
+    return limits
 
 
 class Tolerances:
-    """Defaults per precision, with per-task overrides."""
+    """Defaults per precision and kind of task, with per-task overrides."""
 
-    def __init__(self, overrides: dict | None = None):
-        self.overrides: dict[str, dict[str, dict[str, float]]] = {}
-        for precision, per_task in (overrides or {}).items():
+    def __init__(self, overrides=None, source: str = "tolerances"):
+        self.source = source
+        self.overrides: dict[str, dict[str, dict[str, float | None]]] = {}
+        if overrides is None:
+            return
+        if not isinstance(overrides, dict):
+            raise ExportError(f"{source}: must be a JSON object of precisions, e.g. "
+                              "{\"fp16\": {\"semseg\": {\"max_metric_drop\": 0.8}}}")
+        for precision, per_task in overrides.items():
             if precision not in PRECISIONS:
-                raise ExportError(f"tolerances: unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
+                raise ExportError(f"{source}: unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
             if not isinstance(per_task, dict):
-                raise ExportError(f"tolerances: '{precision}' must map task names to limits")
+                raise ExportError(f"{source}: '{precision}' must map task names (or \"*\") to limits")
+            for task in per_task:
+                if task != EVERY_TASK and task not in TASKS:
+                    raise ExportError(f"{source}: {precision}.{task}: unknown task; known: *, {', '.join(TASKS)}")
             self.overrides[precision] = {
-                task: _parse_limits(limits, f"tolerances.{precision}.{task}") for task, limits in per_task.items()
+                task: _parse_limits(limits, f"{source}: {precision}.{task}") for task, limits in per_task.items()
             }
+            for task, limits in self.overrides[precision].items():
+                if task == EVERY_TASK:
+                    continue
+                kind = TASKS[task].kind
+                wrong = sorted(set(limits) - set(KIND_LIMITS[kind]))
+                if wrong:
+                    raise ExportError(f"{source}: {precision}.{task}: {', '.join(wrong)} cannot apply to a "
+                                      f"{kind.replace('_', ' ')} task; it takes {', '.join(KIND_LIMITS[kind])}")
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> Tolerances:
         if path is None:
             return cls()
+        from export.artifacts.files import read_json
+
         path = Path(path)
-        try:
-            return cls(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise ExportError(f"{path}: tolerance file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ExportError(f"{path}: tolerance file is not valid JSON ({err})") from None
+        data = read_json(path, corrupt=f"{path}: tolerance file is not valid JSON",
+                         missing=f"{path}: tolerance file not found")
+        return cls(data, source=str(path))
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        """Refuse overrides for a task the model does not have: a typo must not drop a CI limit."""
+        tasks = set(tasks)
+        for precision, per_task in self.overrides.items():
+            missing = sorted(t for t in per_task if t != EVERY_TASK and t not in tasks)
+            if missing:
+                raise ExportError(f"{self.source}: {precision} sets limits for {', '.join(missing)}, which the "
+                                  f"model does not have; its tasks: {', '.join(sorted(tasks))}")
 
     def for_task(self, precision: str, task: str) -> Tolerance:
         if precision not in DEFAULTS:
             raise ExportError(f"no tolerances for precision '{precision}'; use {', '.join(PRECISIONS)}")
-        defaults = DEFAULTS[precision]
-        tolerance = defaults.get(task, defaults["*"])
+        kind = TASKS[task].kind
+        tolerance = DEFAULTS[precision][kind]
         override = self.overrides.get(precision, {})
-        for key in ("*", task):
+        for key in (EVERY_TASK, task):
             if key in override:
-                tolerance = replace(tolerance, **override[key])
+                applicable = {k: v for k, v in override[key].items() if k in KIND_LIMITS[kind]}
+                tolerance = replace(tolerance, **applicable)
         return tolerance
-
-    def to_dict(self) -> dict:
-        return self.overrides

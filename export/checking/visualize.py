@@ -13,7 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
-CLASS_TASKS = ("semseg", "human_parts")
+from mtlora.tasks import CLASS_MAP, KINDS, NORMALS, kind_of
+
 HEAT_STOPS = np.array(
     [[0.05, 0.03, 0.2], [0.35, 0.1, 0.55], [0.75, 0.2, 0.45], [0.98, 0.55, 0.2], [0.99, 0.95, 0.6]]
 )
@@ -60,11 +61,12 @@ def unit_normals(normals: np.ndarray) -> np.ndarray:
 
 def render_output(task: str, output: np.ndarray) -> np.ndarray:
     """A model output (C, H, W) as RGB (H, W, 3)."""
-    if task in CLASS_TASKS:
+    palette = KINDS[kind_of(task)].palette
+    if palette == "voc":
         return _PALETTE[output.argmax(0) % 256]
-    if task == "normals":
+    if palette == "normals":
         return (255 * (unit_normals(output) + 1) / 2).clip(0, 255).astype(np.uint8)
-    if task in ("sal", "edge"):
+    if palette == "grey":
         grey = (255 * _sigmoid(output[0])).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     return heat(output[0])
@@ -72,19 +74,20 @@ def render_output(task: str, output: np.ndarray) -> np.ndarray:
 
 def render_label(task: str, label: np.ndarray) -> np.ndarray:
     """A label map as RGB; ignored pixels (255, zero normals) are drawn white."""
-    if task in CLASS_TASKS:
+    palette = KINDS[kind_of(task)].palette
+    if palette == "voc":
         label = np.asarray(label).astype(np.int64)
         rgb = _PALETTE[np.clip(label, 0, 255)]
         rgb[label == 255] = 255
         return rgb
-    if task == "normals":
+    if palette == "normals":
         label = np.asarray(label)
         hwc = label if label.shape[-1] == 3 else np.moveaxis(label, 0, -1)
         rgb = (255 * (hwc + 1) / 2).clip(0, 255).astype(np.uint8)
         rgb[np.linalg.norm(hwc, axis=-1) == 0] = 255
         return rgb
     plane = np.asarray(label, dtype=np.float64).reshape(np.asarray(label).shape[-2:])
-    if task in ("sal", "edge"):
+    if palette == "grey":
         grey = (255 * np.clip(plane, 0, 1)).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     return heat(plane)
@@ -92,12 +95,13 @@ def render_label(task: str, label: np.ndarray) -> np.ndarray:
 
 def error_map(task: str, engine: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
     """Where the engine differs from the reference, and what the colours mean."""
-    if task in CLASS_TASKS:
+    kind = kind_of(task)
+    if kind == CLASS_MAP:
         disagree = engine.argmax(0) != reference.argmax(0)
         rgb = np.full(disagree.shape + (3,), 20, np.uint8)
         rgb[disagree] = (255, 60, 60)
         return rgb, f"class disagreement ({100 * disagree.mean():.2f}% of pixels)"
-    if task == "normals":
+    if kind == NORMALS:
         e, r = unit_normals(engine), unit_normals(reference)
         angle = np.degrees(2 * np.arctan2(np.linalg.norm(e - r, axis=-1), np.linalg.norm(e + r, axis=-1)))
         return heat(angle, vmax=10.0), f"angular error, 0-10 deg (mean {angle.mean():.3f} deg)"

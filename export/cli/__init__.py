@@ -1,8 +1,9 @@
 """`mtlora-export`: merge, export ONNX, build engines, check them, bundle and benchmark.
 
-Commands are thin; the work lives in library functions. Heavy imports (torch,
-backend SDKs) happen inside the commands, so the torch-free commands run on a
-device without PyTorch.
+Commands are thin; the work lives in library functions. Commands are listed in
+`COMMANDS` and imported only when invoked, so `--help` and the torch-free
+commands run on a device without PyTorch. `./mtlora-export.json`, when present,
+gives `build` its defaults through click's `default_map`.
 """
 
 from __future__ import annotations
@@ -14,31 +15,32 @@ from mtlora import __version__
 from mtlora.cli_support import ErrorHandlingGroup, debug_option
 from mtlora.errors import MTLoRAError
 
+# command name -> "module:function"; adding a command means adding a row.
+COMMANDS = {
+    "build": "export.cli.build:build",
+    "check": "export.cli.build:check",
+    "merge": "export.cli.convert:merge",
+    "onnx": "export.cli.convert:onnx_command",
+    "bundle": "export.cli.deploy:bundle",
+    "run": "export.cli.deploy:run",
+    "bench": "export.cli.bench:bench",
+}
+
 
 class ExportGroup(ErrorHandlingGroup):
     handled = (MTLoRAError, EngineError)
+    lazy_commands = COMMANDS
 
 
 @click.group(cls=ExportGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mtlora-export")
 @debug_option
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Compile MTLoRA multi-task models into verified engines for TensorRT, OpenVINO and ONNX Runtime.
 
     Typical use: mtlora-export build CKPT --precision fp16
     """
+    from export.cli.options import project_default_map
 
-
-def _register() -> None:
-    # Each module adds its commands to `main`; importing them is cheap (no torch at import time).
-    import importlib
-
-    for name in ("export.cli.convert", "export.cli.build", "export.cli.deploy", "export.cli.bench"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-
-
-_register()
+    ctx.default_map = project_default_map(ctx.default_map)

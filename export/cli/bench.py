@@ -8,11 +8,7 @@ from pathlib import Path
 import click
 
 from engines.registry import BACKENDS
-from export.cli import main
-
-
-def _say(line: str) -> None:
-    click.echo(line, err=True)
+from export.cli.options import backend_option, precision_option, say, threads_option
 
 
 def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
@@ -25,11 +21,11 @@ def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
-@main.command("bench")
+@click.command("bench")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--batch-sizes", default="1,8", show_default=True, callback=_batch_sizes,
               help="Comma-separated batch sizes.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine [default: every CPU available].")
+@threads_option
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Most timed runs per format and batch size.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs first.")
@@ -40,11 +36,8 @@ def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="Write the results as Markdown.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Build directory when SOURCE is a checkpoint [default: a new temporary directory].")
-@click.option("--backend", "backends", multiple=True, default=("all",), show_default=True,
-              type=click.Choice(["all", *BACKENDS]), help="Backends to build when SOURCE is a checkpoint.")
-@click.option("--precision", "precisions", multiple=True, default=("all",), show_default=True,
-              type=click.Choice(["fp32", "fp16", "bf16", "int8", "all"]),
-              help="Precisions to build when SOURCE is a checkpoint.")
+@backend_option(default=("all",), choices=["all", *BACKENDS], help_text="Backends to build when SOURCE is a checkpoint.")
+@precision_option(default=("all",), help_text="Precisions to build when SOURCE is a checkpoint.")
 @click.option("--calib-data", default="synthetic", show_default=True, help="INT8 calibration data (as for build).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True)
@@ -58,15 +51,11 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
     of this machine's fp32 matmul rate, peak RSS; then each format's accuracy
     per task from the build's report.json.
     """
-    from export.bench.core import (
-        BenchOptions,
-        bench_build,
-        build_for_bench,
-        format_markdown,
-        format_table,
-        is_build_dir,
-        write_json,
-    )
+    from export.artifacts.builddir import BuildDir
+    from export.artifacts.files import write_text_atomic
+    from export.bench.options import BenchOptions
+    from export.bench.run import bench_build, build_for_bench, write_json
+    from export.bench.tables import format_markdown, format_table
 
     path = Path(source)
     opts = BenchOptions(batch_sizes=batch_sizes, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s,
@@ -75,28 +64,26 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
                    if p.name in ("out", "backends", "precisions", "calib_data", "calib_samples", "eval_samples")
                    and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
     report, failures = None, None
-    if is_build_dir(path):
+    if BuildDir.is_build(path):
         if build_flags:
             raise click.BadParameter(f"SOURCE is a build directory; {build_flags[0]} applies only when building "
                                      "a checkpoint", param_hint="SOURCE")
         build_dir = path
-        from export.pipeline.build import verify_build
+        from export.pipeline.check import verify_build
 
         # Time only what was built: a modified or truncated engine is refused, not benchmarked.
-        verify_build(build_dir)
+        verify_build(BuildDir(build_dir))
     else:
         build_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="mtlora-bench-build-"))
-        _say(f"[bench] building {path} into {build_dir}")
-        report, failures = build_for_bench(path, build_dir, _say, backends=backends, precisions=precisions,
+        say(f"[bench] building {path} into {build_dir}")
+        report, failures = build_for_bench(path, build_dir, say, backends=backends, precisions=precisions,
                                            calib_data=calib_data, calib_samples=calib_samples,
                                            eval_samples=eval_samples, threads=threads)
-    result = bench_build(build_dir, opts, _say, report=report, failures=failures)
+    result = bench_build(build_dir, opts, say, report=report, failures=failures)
     click.echo(format_table(result))
     if json_out:
         write_json(result, json_out)
-        _say(f"[bench] wrote {json_out}")
+        say(f"[bench] wrote {json_out}")
     if markdown_out:
-        from engines.files import write_atomic
-
-        write_atomic(markdown_out, format_markdown(result))
-        _say(f"[bench] wrote {markdown_out}")
+        write_text_atomic(markdown_out, format_markdown(result))
+        say(f"[bench] wrote {markdown_out}")

@@ -3,59 +3,28 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
-from pathlib import Path
 
 import click
 
-from engines.registry import BACKENDS
-from export.cli import main
-from export.errors import ExportError
-
-BACKEND_CHOICES = ["auto", "all", *BACKENDS]
-PRECISION_CHOICES = ["fp32", "fp16", "bf16", "int8", "all"]
-
-
-def _say(line: str) -> None:
-    click.echo(line, err=True)
-
-
-def _apply_project_config(ctx: click.Context, options: dict) -> dict:
-    """Fill options the user did not give from ./mtlora-export.json, if present."""
-    from export.pipeline.build import BuildOptions
-    from export.pipeline.sources import read_project_config
-
-    project = read_project_config()
-    if not project:
-        return options
-    known = {f.name for f in fields(BuildOptions)}
-    aliases = {"precision": "precisions", "backend": "backends"}
-    for raw_key, value in project.items():
-        if raw_key == "_path":
-            continue
-        key = aliases.get(raw_key, raw_key)
-        if key not in known:
-            raise ExportError(f"{project['_path']}: unknown option '{raw_key}'")
-        source = ctx.get_parameter_source(raw_key if raw_key in ctx.params else key)
-        if key == "checkpoint" and options.get("checkpoint") is None:
-            options["checkpoint"] = str(Path(project["_path"]).parent / value)
-        elif source in (None, click.core.ParameterSource.DEFAULT):
-            options[key] = tuple(value) if isinstance(value, list) else value
-    _say(f"using options from {project['_path']}")
-    return options
+from export.cli.options import (
+    backend_option,
+    from_project_config,
+    parse_tasks,
+    precision_option,
+    say,
+    threads_option,
+    tolerances_option,
+)
 
 
-@main.command("build")
+@click.command("build")
 @click.argument("checkpoint", required=False, type=click.Path())
-@click.option("--precision", "precisions", multiple=True, default=("fp16",), show_default=True,
-              type=click.Choice(PRECISION_CHOICES), help="Engine precision; repeat for several, or 'all'.")
-@click.option("--backend", "backends", multiple=True, default=("auto",), show_default=True,
-              type=click.Choice(BACKEND_CHOICES),
-              help="auto = TensorRT if usable, else OpenVINO, else ONNX Runtime; repeat for several, or 'all'.")
+@precision_option()
+@backend_option()
 @click.option("--layout", type=click.Choice(["single", "split"]), default="single", show_default=True,
               help="One graph, or a shared backbone plus one head per task.")
 @click.option("--tasks", help="Comma-separated subset of the model's tasks.")
-@click.option("--img-size", type=int, help="Input size (default: the model's).")
+@click.option("--img-size", type=click.IntRange(min=1), help="Input size (default: the model's).")
 @click.option("--calib-data", help="INT8 calibration data: synthetic[:split], pascal:ROOT[:split], nyud:ROOT, or an image directory.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--calib-method", type=click.Choice(["percentile", "minmax", "entropy"]), default="percentile", show_default=True)
@@ -63,8 +32,8 @@ def _apply_project_config(ctx: click.Context, options: dict) -> dict:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--keep-fp32", multiple=True, help="Glob over node names or op types to keep in fp32 (repeatable).")
-@click.option("--tolerances", type=click.Path(dir_okay=False), help="JSON file of per-precision, per-task limits.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the engines.")
+@tolerances_option
+@threads_option
 @click.option("--from-bundle", type=click.Path(file_okay=False), help="Build on a device from a bundle (no PyTorch needed).")
 @click.option("--out", default="build", show_default=True, type=click.Path(), help="Build directory.")
 @click.pass_context
@@ -76,44 +45,53 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, i
     Exit code 0 when every accuracy check passes, 1 when any fails.
     """
     from export.checking.report import format_table
-    from export.pipeline.build import BuildOptions, run_build
+    from export.pipeline.build import run_build
+    from export.pipeline.options import BuildOptions
 
+    project = from_project_config(ctx)
+    if from_bundle and ctx.get_parameter_source("checkpoint") == click.core.ParameterSource.DEFAULT_MAP:
+        checkpoint = None  # a bundle carries its model; the project's checkpoint is for workstation builds
     if checkpoint and from_bundle:
         raise click.BadParameter("give either CHECKPOINT or --from-bundle, not both", param_hint="--from-bundle")
-    options = dict(checkpoint=checkpoint, precisions=precisions, backends=backends, layout=layout,
-                   tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else None, img_size=img_size,
-                   calib_data=calib_data, calib_samples=calib_samples, calib_method=calib_method,
-                   eval_data=eval_data, eval_samples=eval_samples, batch_size=batch_size, keep_fp32=keep_fp32,
-                   tolerances=tolerances, threads=threads, from_bundle=from_bundle, out=out)
-    if not from_bundle:
-        options = _apply_project_config(ctx, options)
-    outcome = run_build(BuildOptions(**options), _say)
+    if project:
+        say(f"using options from {project}")
+    options = BuildOptions(checkpoint=checkpoint, precisions=tuple(precisions), backends=tuple(backends),
+                           layout=layout, tasks=parse_tasks(tasks), img_size=img_size, calib_data=calib_data,
+                           calib_samples=calib_samples, calib_method=calib_method, eval_data=eval_data,
+                           eval_samples=eval_samples, batch_size=batch_size, keep_fp32=tuple(keep_fp32),
+                           tolerances=tolerances, threads=threads, from_bundle=from_bundle, out=out)
+    outcome = run_build(options, say)
     click.echo(format_table(outcome.report))
     status = "PASSED" if outcome.passed else "FAILED"
     click.echo(f"\n{status}: reports in {outcome.out}/report.json, junit.xml, summary.md, report.html")
     sys.exit(0 if outcome.passed else 1)
 
 
-@main.command("check")
+@click.command("check")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A stored report.json; fail on any regression against it.")
 @click.option("--eval-data", help="Evaluation data to use instead of the build's.")
-@click.option("--tolerances", type=click.Path(dir_okay=False), help="JSON file of per-precision, per-task limits.")
-@click.option("--threads", type=click.IntRange(min=1))
+@tolerances_option
+@threads_option
 def check(build_dir, baseline, eval_data, tolerances, threads) -> None:
-    """Re-run the accuracy checks of BUILD_DIR (and compare with a baseline report: the CI gate)."""
-    from export.checking.report import compare_with_baseline, format_table, read_report
-    from export.pipeline.build import run_check
+    """Re-run the accuracy checks of BUILD_DIR (and compare with a baseline report: the CI gate).
+
+    Exit code 0 when every check passes (and nothing regressed), 1 when any fails.
+    """
+    from export.checking.baseline import compare_with_baseline
+    from export.checking.report import format_table, read_report
+    from export.pipeline.check import run_check
 
     stored = read_report(baseline) if baseline else None
-    report = run_check(build_dir, _say, eval_data=eval_data, tolerances=tolerances, threads=threads)
+    report = run_check(build_dir, say, eval_data=eval_data, tolerances=tolerances, threads=threads)
     click.echo(format_table(report))
-    passed = report["passed"]
+    passed = report.passed
     if stored is not None:
-        problems = compare_with_baseline(report, stored)
-        for line in problems:
+        gate = compare_with_baseline(report, stored)
+        for line in gate.regressions:
             click.echo(f"REGRESSION {line}")
-        passed = passed and not problems
-        click.echo(f"baseline {baseline}: {'no regressions' if not problems else f'{len(problems)} regression(s)'}")
+        passed = passed and gate.passed
+        click.echo(f"baseline {baseline}: {gate.compared} task result(s) compared, "
+                   + ("no regressions" if gate.passed else f"{len(gate.regressions)} regression(s)"))
     click.echo(f"\n{'PASSED' if passed else 'FAILED'}: reports in {build_dir}")
     sys.exit(0 if passed else 1)

@@ -10,30 +10,17 @@ from pathlib import Path
 
 import click
 
-from export.cli import main
+from export.cli.options import parse_tasks, say
 from export.errors import ExportError
 
 LAYOUT_CHOICES = ("single", "split")
-
-
-def _progress(line: str) -> None:
-    click.echo(line, err=True)
-
-
-def _parse_tasks(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    tasks = [t.strip() for t in value.split(",")]
-    if not all(tasks):
-        raise ExportError(f"--tasks '{value}' has an empty task name; give a comma-separated list like semseg,sal")
-    return tasks
 
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
 
-@main.command()
+@click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the merged checkpoint.")
 def merge(checkpoint: Path, out: Path) -> None:
@@ -42,7 +29,7 @@ def merge(checkpoint: Path, out: Path) -> None:
     CHECKPOINT is a checkpoint directory or an official MTLoRA .pth. Task-specific
     adapters stay low-rank; the result is a checkpoint with state merged=true.
     """
-    from export.artifacts.manifest import checkpoint_sha256
+    from export.artifacts.files import checkpoint_sha256
     from mtlora.checkpoint import save_checkpoint
     from mtlora.loading import load_any
     from mtlora.merge import merge_model, parameter_report
@@ -62,7 +49,7 @@ def merge(checkpoint: Path, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
-@main.command("onnx")
+@click.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the export.")
 @click.option("--layout", type=click.Choice(LAYOUT_CHOICES), default="single", show_default=True,
@@ -82,7 +69,7 @@ def onnx_command(checkpoint: Path, out: Path, layout: str, tasks: str | None, op
     from export.onnx.cost import cost_breakdown, format_cost
     from export.onnx.exporter import export_checkpoint
 
-    result = export_checkpoint(checkpoint, out, layout=layout, tasks=_parse_tasks(tasks), opset=opset,
-                               reference_samples=reference_samples, img_size=img_size, progress=_progress)
+    result = export_checkpoint(checkpoint, out, layout=layout, tasks=parse_tasks(tasks), opset=opset,
+                               reference_samples=reference_samples, img_size=img_size, progress=say)
     click.echo(format_cost(cost_breakdown(result.paths)))
     click.echo(f"wrote {out} ({', '.join(result.files.values())}, manifest.json)")

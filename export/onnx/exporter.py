@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.artifacts.manifest import write_bytes_atomic
+from export.artifacts.files import write_bytes_atomic
 from export.errors import ExportError
 from export.onnx.fold import ExportModel
 from mtlora import __version__
@@ -268,7 +268,7 @@ def export_checkpoint(
 
     All input checks run before any progress line; see `export_model` for what is written.
     """
-    from export.artifacts.manifest import checkpoint_sha256
+    from export.artifacts.files import checkpoint_sha256
     from mtlora.loading import load_any
 
     checkpoint, out = Path(checkpoint), Path(out)

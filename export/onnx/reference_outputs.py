@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.artifacts.manifest import write_bytes_atomic
+from export.artifacts.files import write_bytes_atomic
 from export.errors import ExportError
 from mtlora.merge import is_merged
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from export.artifacts.evalset import EvalSet
 from export.errors import ExportError
 from mtlora.data.preprocess import load_image, preprocess
 from mtlora.data.transforms import ValTransform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
-DATASETS = ("synthetic", "pascal", "nyud")
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,7 @@ def count_samples(spec: DataSpec, *, limit: int, default_split: str) -> int:
     if spec.kind == "images":
         return min(limit, len(image_files(spec.root)))
     if spec.kind == "evalset":
-        images, _, _ = read_evalset(spec.root)
-        return min(limit, len(images))
+        return min(limit, len(EvalSet.read(spec.root)))
     if spec.kind == "synthetic":
         return limit
     source, _ = _source(spec, default_split, [], 0, limit)
@@ -128,7 +127,7 @@ def iter_samples(
             yield Sample(preprocess(load_image(path), size=(size, size), mean=mean, std=std), {}, path.name)
         return
     if spec.kind == "evalset":
-        raise ExportError("an evalset .npz carries its own references; use read_evalset")
+        raise ExportError("an evalset .npz carries its own references; read it with EvalSet.read")
     source, dataset_tasks = _source(spec, default_split, list(task_channels), size, limit)
     if len(source) == 0:
         raise ExportError(f"{spec.describe()}: the split is empty")
@@ -159,40 +158,3 @@ def _stack(chunk: list[Sample]):
     common = set.intersection(*(set(s.labels) for s in chunk)) if chunk else set()
     labels = {t: np.stack([s.labels[t] for s in chunk]) for t in sorted(common)}
     return images, labels, [s.name for s in chunk]
-
-
-EVALSET_FILE = "evalset.npz"
-
-
-def write_evalset(path: Path, images: np.ndarray, references: Mapping[str, np.ndarray],
-                  labels: Mapping[str, np.ndarray]) -> None:
-    """A small evaluation sample for devices without PyTorch: inputs, references and labels."""
-    import io
-
-    from engines.files import write_atomic
-
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, input=images, **{f"ref_{t}": v for t, v in references.items()},
-                        **{f"label_{t}": v for t, v in labels.items()})
-    write_atomic(path, buffer.getvalue())
-
-
-def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Every array of an .npz, read without pickle: a corrupt, truncated or pickled file is one ExportError."""
-    from mtlora.data.preprocess import NPZ_READ_ERRORS, open_npz
-
-    try:
-        with open_npz(path) as data:
-            return {k: data[k] for k in data.files}
-    except NPZ_READ_ERRORS as err:
-        raise ExportError(f"{path}: not a readable {what} ({err})") from None
-
-
-def read_evalset(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    data = read_npz(path, "evaluation set")
-    if "input" not in data:
-        raise ExportError(f"{path}: not a readable evaluation set (no 'input' array)")
-    images = data["input"]
-    references = {k[4:]: v for k, v in data.items() if k.startswith("ref_")}
-    labels = {k[6:]: v for k, v in data.items() if k.startswith("label_")}
-    return images, references, labels

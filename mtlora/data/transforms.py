@@ -40,10 +40,11 @@ from PIL import Image
 
 from mtlora.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from mtlora.errors import ConfigError
+from mtlora.tasks import BINARY_MAP, CLASS_MAP, tasks_of_kind
 
 IGNORE_INDEX = 255
-CLASS_MAPS = ("semseg", "human_parts")
-BINARY_MAPS = ("sal", "edge")
+CLASS_MAPS = tasks_of_kind(CLASS_MAP)
+BINARY_MAPS = tasks_of_kind(BINARY_MAP)
 _KNOWN_KEYS = {"image", "meta", "normals", "depth", *CLASS_MAPS, *BINARY_MAPS}
 
 

@@ -1,0 +1,96 @@
+"""Facts about the machine a benchmark ran on: CPU model and flags, library versions, load, and its
+fp32 matrix-multiply rate (the yardstick for achieved FLOP rates)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                                      "amx_bf16", "amx_int8")) -> dict[str, bool]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {f: f in flags for f in wanted}
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "onnx", "onnxruntime", "openvino", "nncf", "torch"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def matmul_rate(size: int = 2048, threads: int | None = None, repeats: int = 5) -> dict[str, Any]:
+    """fp32 GFLOP/s of numpy's BLAS on a (size x size) @ (size x size) product: best and median of `repeats`.
+
+    The BLAS thread pool is limited to `threads` (threadpoolctl, when installed),
+    and the BLAS library it used is recorded.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty((size, size), dtype=np.float32)
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    limit = threadpoolctl.threadpool_limits(limits=threads, user_api="blas") if threadpoolctl and threads \
+        else contextlib.nullcontext()
+    with limit:
+        np.matmul(a, b, out=out)  # warm-up: thread pool start, page faults
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.matmul(a, b, out=out)
+            times.append(time.perf_counter() - start)
+        blas = [{k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                for info in (threadpoolctl.threadpool_info() if threadpoolctl else []) if info.get("user_api") == "blas"]
+    flops = 2.0 * size**3
+    return {"size": size, "threads": threads, "gflops": flops / min(times) / 1e9,
+            "gflops_median": flops / float(np.median(times)) / 1e9, "repeats": repeats, "blas": blas}
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cpus_available": available_cpus(), "cpus_total": os.cpu_count(),
+            "threads": threads, "flags": cpu_flags(), "platform": platform.platform(),
+            "versions": library_versions()}

@@ -1,0 +1,88 @@
+"""INT8 calibration data for a build: which images, how many, and the feeds of a split head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engines.files import sha256_file
+from export.artifacts.evalset import EvalSet
+from export.artifacts.interface import ModelInterface
+from export.errors import ExportError
+from export.pipeline.data import DataSpec, count_samples, iter_samples, parse_spec
+from export.pipeline.options import BuildOptions, Say
+
+
+def calibration_spec(opts: BuildOptions) -> DataSpec:
+    spec = parse_spec(opts.calib_data or opts.eval_data or "synthetic")
+    if spec.kind in ("evalset", "images"):
+        return spec
+    return DataSpec(spec.kind, spec.root, spec.split or "train")
+
+
+def check_calibration_data(opts: BuildOptions) -> int:
+    """The number of calibration samples the build will use; refuses too few before any work is done."""
+    from calibration.data import MIN_SAMPLES
+
+    spec = calibration_spec(opts)
+    count = count_samples(spec, limit=opts.calib_samples, default_split="train")
+    if count < MIN_SAMPLES:
+        more = (f"--calib-samples {opts.calib_samples}" if count == opts.calib_samples
+                else f"{spec.describe()} holds {count}")
+        raise ExportError(f"int8 calibration needs at least {MIN_SAMPLES} samples, got {count} ({more}); "
+                          "int8 ranges from fewer swing with every image")
+    return count
+
+
+def calibration_set(opts: BuildOptions, interface: ModelInterface, say: Say):
+    """The calibration images as a re-iterable stream of feeds: one image is in memory at a time."""
+    from calibration.data import CalibrationSet
+
+    spec = calibration_spec(opts)
+    if spec.kind == "evalset":
+        images = EvalSet.read(spec.root).images
+        return CalibrationSet.from_arrays(images[: opts.calib_samples].astype(np.float32), input_name="image")
+    count = check_calibration_data(opts)
+    say(f"[calibrate] {count} samples from {spec.describe()}")
+
+    def iterate():
+        for sample in iter_samples(spec, task_channels={}, size=interface.size, mean=interface.mean,
+                                   std=interface.std, limit=opts.calib_samples, default_split="train"):
+            yield {"image": sample.image[None].astype(np.float32)}
+
+    return CalibrationSet.from_source(iterate, num_samples=count, input_names=["image"])
+
+
+def graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def head_calibration(backbone_onnx: Path, calibration, head_inputs: list[str]):
+    """Feeds for a split head: the backbone's real outputs on the calibration images (ONNX Runtime fp32),
+    computed on the fly, one image at a time."""
+    import onnxruntime as ort
+
+    from calibration.data import CalibrationSet
+
+    session = ort.InferenceSession(str(backbone_onnx), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def iterate():
+        for feed in calibration:
+            outputs = dict(zip(names, session.run(None, feed), strict=True))
+            yield {n: outputs[n].astype(np.float32) for n in head_inputs}
+
+    def digest_items():
+        # The feeds are a pure function of the backbone and its calibration images.
+        yield calibration.fingerprint().encode()
+        yield sha256_file(backbone_onnx).encode()
+        yield f"onnxruntime {ort.__version__}".encode()
+
+    return CalibrationSet.from_source(iterate, num_samples=len(calibration), input_names=head_inputs,
+                                      settings={"head_inputs": head_inputs}, digest_items=digest_items,
+                                      min_samples=1)

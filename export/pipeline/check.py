@@ -1,0 +1,195 @@
+"""Check engines against the original PyTorch model, task by task, and publish the records.
+
+One pass over the evaluation data with every engine open: reference.npz first,
+then the evaluation set, with references from the original model (or, without
+PyTorch, the ones stored in evalset.npz).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.artifacts.builddir import BuildDir
+from export.artifacts.engineset import EngineSet, list_engine_sets, load_runner
+from export.artifacts.evalset import EvalSet, read_npz
+from export.artifacts.manifest import ExportInfo, verify_manifest
+from export.artifacts.records import publish_records, read_build_record, recover_records, verify_records
+from export.checking.accuracy import EngineChecker, EvalBatch
+from export.checking.html import Sample, render_html
+from export.checking.report import format_junit, format_markdown
+from export.checking.results import EngineInfo, Report
+from export.checking.tolerances import Tolerances
+from export.errors import ExportError
+from export.pipeline.data import batched, iter_samples, parse_spec
+from export.pipeline.options import BuildOptions, Say
+from export.pipeline.original_model import OriginalModel, torch_available
+from export.pipeline.sources import DEFAULT_MODEL, ModelSource, default_model_present
+
+# The evaluation sample a build keeps for devices without PyTorch: 16 images, fewer where outputs
+# are large (at 448x448 four tasks take 26 MB an image).
+EVALSET_IMAGES, EVALSET_BYTES = 16, 64 << 20
+
+
+def eval_batches(opts: BuildOptions, info: ExportInfo, export_dir: Path, build: BuildDir, reference, say: Say,
+                 keep_evalset: bool = True) -> Iterator[EvalBatch]:
+    """reference.npz first, then the evaluation set: references from PyTorch, or the stored evalset.
+
+    With `keep_evalset` (a build, not a check) a small labelled sample is saved as evalset.npz."""
+    tasks = info.interface.tasks
+    ref_file = export_dir / "reference.npz"
+    if ref_file.is_file():
+        data = read_npz(ref_file, "reference file")
+        missing = [k for k in ("input", *tasks) if k not in data]
+        if missing:
+            raise ExportError(f"{ref_file}: lacks the array(s) {', '.join(missing)}; re-run the export")
+        yield EvalBatch(image=data["input"].astype(np.float32), reference={t: data[t] for t in tasks})
+    spec = parse_spec(opts.eval_data or "synthetic")
+    if reference is None or spec.kind == "evalset":
+        path = spec.root if spec.kind == "evalset" else build.evalset
+        if not path.is_file():
+            raise ExportError(f"no PyTorch here and no stored evaluation set at {path}; "
+                              "build from a bundle or install the 'train' extra")
+        if reference is None:
+            say(f"[check] PyTorch not available: using the stored references in {path}")
+        for images, refs, labels in EvalSet.read(path).batches(opts.batch_size, tasks):
+            yield EvalBatch(images, refs, labels or None)
+        return
+    interface = info.interface
+    samples = iter_samples(spec, task_channels=interface.channels, size=interface.size, mean=interface.mean,
+                           std=interface.std, limit=opts.eval_samples, default_split="val")
+    kept_images, kept_refs, kept_labels = [], {t: [] for t in tasks}, {}
+    for images, labels, _names in batched(samples, opts.batch_size):
+        refs = reference(images)
+        kept_bytes = sum(x.nbytes for x in kept_images) + sum(v.nbytes for vs in kept_refs.values() for v in vs)
+        if sum(len(x) for x in kept_images) < EVALSET_IMAGES and kept_bytes < EVALSET_BYTES:
+            kept_images.append(images)
+            for t in tasks:
+                kept_refs[t].append(refs[t])
+            for t, v in labels.items():
+                kept_labels.setdefault(t, []).append(v)
+        yield EvalBatch(images, refs, labels or None)
+    if kept_images and keep_evalset:
+        EvalSet.collect(kept_images, kept_refs, kept_labels).write(build.evalset)
+
+
+@dataclass
+class CheckOutcome:
+    report: Report
+    html: str
+
+
+def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo, export_dir: Path, build: BuildDir,
+                  reference, say: Say, tolerances: Tolerances, model: dict, keep_evalset: bool = True,
+                  curves_png: Path | None = None) -> CheckOutcome:
+    """One pass over the evaluation data with every engine open; returns the report and its HTML page."""
+    interface = info.interface
+    tolerances.check_tasks(interface.tasks)
+    runners, checkers, infos = {}, {}, {}
+    html_samples: list[Sample] = []
+    with ExitStack() as stack:
+        for entry in entries:
+            runner = stack.enter_context(load_runner(entry, opts.threads))
+            runners[entry.key] = runner
+            checkers[entry.key] = EngineChecker(interface.channels, entry.precision, tolerances)
+            artifacts = entry.artifacts(verify=False)
+            first = next(iter(artifacts.values()))
+            notes = sorted(set(runner.notes) | {n for a in artifacts.values() for n in a.notes})
+            infos[entry.key] = EngineInfo(entry.backend, entry.precision,
+                                          runner.precision_executed or first.precision_executed, first.device,
+                                          dict(entry.files), str(entry.directory), tuple(notes))
+        source = "pytorch" if reference is not None else "stored"
+        count = 0
+        for batch in eval_batches(opts, info, export_dir, build, reference, say, keep_evalset):
+            results = {}
+            for key, runner in runners.items():
+                outputs = runner.infer({"image": batch.image})
+                checkers[key].update(outputs, batch)
+                results[key] = outputs
+            count += batch.image.shape[0]
+            if batch.labels is not None:
+                for i in range(batch.image.shape[0]):
+                    if len(html_samples) >= opts.report_samples:
+                        break
+                    html_samples.append(Sample(
+                        image=batch.image[i], reference={t: batch.reference[t][i] for t in interface.tasks},
+                        engines={k: {t: np.asarray(o[t])[i] for t in interface.tasks} for k, o in results.items()},
+                        labels={t: v[i] for t, v in batch.labels.items()}))
+            say(f"[check] {count} images checked on {len(runners)} engine(s)")
+    report = Report(model, [checkers[k].finish(infos[k], source) for k in runners])
+    html = render_html(report, html_samples, interface.mean, interface.std, curves_png)
+    return CheckOutcome(report, html)
+
+
+def write_records(build: BuildDir, outcome: CheckOutcome, record: dict) -> None:
+    """The reports and build.json, as one set (see `export.artifacts.records`)."""
+    import json
+
+    report = outcome.report
+    records = {
+        BuildDir.REPORT: (json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n").encode(),
+        BuildDir.JUNIT: format_junit(report).encode(),
+        BuildDir.SUMMARY: format_markdown(report).encode(),
+        BuildDir.HTML: outcome.html.encode(),
+    }
+    publish_records(build, records, {**record, "passed": report.passed}, {BuildDir.EVALSET: build.evalset})
+
+
+def verify_build(build: BuildDir, export_dir: Path | None = None, recorded: dict | None = None) -> list[EngineSet]:
+    """Check every file of a build against its SHA-256 before anything uses it: the export against
+    manifest.json, each engine against its sidecar and engine.json, the evaluation set and reports
+    against build.json. Raises (naming the file) on a missing, truncated or modified one."""
+    verify_manifest(export_dir if export_dir is not None else build.export)
+    entries = list_engine_sets(build)
+    for entry in entries:
+        entry.artifacts(verify=True)
+    if recorded is None and build.record.is_file():
+        recorded = read_build_record(build)
+    verify_records(build, recorded or {})
+    return entries
+
+
+def _reference_for_check(opts: BuildOptions, tasks) -> OriginalModel | None:
+    """The original model a check compares with, when PyTorch and the checkpoint are here."""
+    if opts.from_bundle or not torch_available():
+        return None
+    if opts.checkpoint:
+        path = Path(opts.checkpoint)
+        return OriginalModel(ModelSource(path, "", opts.img_size), tasks) if path.exists() else None
+    return OriginalModel(ModelSource(DEFAULT_MODEL, "", opts.img_size), tasks) if default_model_present() else None
+
+
+def run_check(build_dir: str | Path, say: Say, eval_data: str | None = None, tolerances: str | None = None,
+              threads: int | None = None) -> Report:
+    """Re-run the accuracy checks of an existing build (with PyTorch if present, else stored references)."""
+    build = BuildDir(build_dir)
+    tolerance_limits = Tolerances.from_file(tolerances) if tolerances else None
+    with build.locked("check"):
+        recover_records(build, say)
+        recorded = read_build_record(build)
+        opts = BuildOptions.from_record(recorded["options"], str(build.record))
+        opts.out = str(build.root)
+        opts.eval_data = eval_data or opts.eval_data
+        opts.tolerances = tolerances or opts.tolerances
+        opts.threads = threads or opts.threads
+        export_dir = build.export
+        if opts.from_bundle:
+            from export.artifacts.bundle import open_bundle
+
+            bundle = open_bundle(Path(opts.from_bundle), say)
+            export_dir = bundle.export
+            opts.eval_data = eval_data or str(bundle.evalset)
+        entries = verify_build(build, export_dir, recorded)
+        info = ExportInfo.read(export_dir)
+        reference = _reference_for_check(opts, info.interface.tasks)
+        model = {**info.interface.to_dict(), "layout": info.layout, "source": recorded.get("source", "")}
+        limits = tolerance_limits or Tolerances.from_file(opts.tolerances)
+        # A check reads the build; it does not rewrite its evaluation set (build.json vouches for that one).
+        outcome = check_engines(entries, opts, info, export_dir, build, reference, say, limits, model,
+                                keep_evalset=False)
+        write_records(build, outcome, {k: v for k, v in recorded.items() if k not in ("files", "passed")})
+    return outcome.report
