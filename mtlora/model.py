@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import (
-    SwinTransformer,
-    SwinTransformerBlock,
-    window_partition,
-    window_reverse,
-)
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
 from mtlora.adapters import LoRALinear, MTLLoRALinear, TaskLoRALinear, check_adaptable, is_adapter_parameter
+from mtlora.attention import block_attention
 from mtlora.config import TASK_SPECIFIC_TARGETS, ModelConfig
 from mtlora.errors import ConfigError
 from mtlora.heads import FeatureDownsampler, HRNetHead
@@ -95,36 +91,6 @@ def inject_adapters(backbone: SwinTransformer, config: ModelConfig) -> None:
             _replace(merging, "reduction", lambda base, r=rank, sc=scale: LoRALinear(base, r, sc, adapter.dropout))
 
 
-def _attention_mix(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
-    """Shifted-window attention of timm's block up to, not including, the output projection.
-
-    x: (B, H, W, C) after norm1; returns (B, H, W, C) in image layout. The output
-    projection is a per-token Linear, so applying it after the window reverse is
-    the same as applying it inside the window.
-    """
-    attn = block.attn
-    B, H, W, C = x.shape
-    shift = block.shift_size
-    has_shift = any(shift)
-    if has_shift:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    windows = window_partition(x, block.window_size).reshape(-1, block.window_area, C)
-    B_, N, _ = windows.shape
-    qkv = attn.qkv(windows).reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    scores = (q * attn.scale) @ k.transpose(-2, -1) + attn._get_rel_pos_bias()
-    if block.attn_mask is not None:
-        num_win = block.attn_mask.shape[0]
-        scores = scores.view(-1, num_win, attn.num_heads, N, N) + block.attn_mask.unsqueeze(1).unsqueeze(0)
-        scores = scores.view(-1, attn.num_heads, N, N)
-    probs = attn.attn_drop(scores.softmax(dim=-1))
-    mixed = (probs @ v).transpose(1, 2).reshape(B_, N, -1)
-    mixed = window_reverse(mixed.view(-1, *block.window_size, C), block.window_size, H, W)
-    if has_shift:
-        mixed = torch.roll(mixed, shifts=shift, dims=(1, 2))
-    return mixed
-
-
 def task_block_forward(
     block: SwinTransformerBlock, x: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -133,7 +99,7 @@ def task_block_forward(
     x: (B, H, W, C). Returns the shared stream and {task: (B, H, W, C)}.
     """
     attn, mlp = block.attn, block.mlp
-    mixed = _attention_mix(block, block.norm1(x))
+    mixed = block_attention(block, block.norm1(x))
     shared, tasks = attn.proj.forward_tasks(mixed)
     x_attn = x + block.drop_path1(attn.proj_drop(shared))
     task_attn = {t: x + block.drop_path1(attn.proj_drop(v)) for t, v in tasks.items()}

@@ -45,6 +45,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from export.errors import ExportError
 from mtlora.adapters import SHARED, LoRALinear, MTLLoRALinear, TaskLoRALinear
+from mtlora.attention import relative_position_bias, window_attention
 from mtlora.heads import FeatureDownsampler, HRNetHead
 from mtlora.model import TARGET_PATHS, MultiTaskSwin
 
@@ -171,43 +172,23 @@ class ExportSwinBlock(nn.Module):
         self.proj = attn.proj
         self.mlp = block.mlp
         with torch.no_grad():
-            self.register_buffer("rel_pos_bias", _frozen(attn._get_rel_pos_bias()))  # (1, heads, N, N)
+            self.register_buffer("rel_pos_bias", _frozen(relative_position_bias(attn)))  # (1, heads, N, N)
             mask = None if block.attn_mask is None else _frozen(block.attn_mask.unsqueeze(1))  # (nW, 1, N, N)
         self.register_buffer("attn_mask", mask)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """Shifted-window attention up to, not including, the output projection.
-
-        x: (B, H, W, C) after norm1 -> (B, H, W, C). The projection is per token, so it
-        can run after the window reverse (as `mtlora.model._attention_mix` does).
-        """
-        (H, W), (wh, ww), C = self.resolution, self.window_size, self.dim
-        nh, nw, N = H // wh, W // ww, wh * ww
-        heads = self.num_heads
-        if any(self.shift_size):
-            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        one_window = nh == 1 and nw == 1  # the window covers the grid: partition is a plain reshape
-        if one_window:
-            windows = x.reshape(-1, N, C)
-        else:
-            windows = x.reshape(-1, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, N, C)
-        # q, k and v each straight into the layout their MatMul wants: no (3, ...) stack to split, copy by copy.
+    def _qkv(self, windows: torch.Tensor):
+        """q, k^T and v each straight into the layout their MatMul wants: no (3, ...) stack to split."""
+        N, C, heads = self.window_size[0] * self.window_size[1], self.dim, self.num_heads
         q = self.q(windows).reshape(-1, N, heads, C // heads).transpose(1, 2)  # (B * nW, heads, N, C / heads)
         k = self.k(windows).reshape(-1, N, heads, C // heads).permute(0, 2, 3, 1)  # (B * nW, heads, C / heads, N)
         v = self.v(windows).reshape(-1, N, heads, C // heads).transpose(1, 2)
-        scores = (q * self.scale) @ k + self.rel_pos_bias  # (B * nW, heads, N, N)
-        if self.attn_mask is not None:
-            scores = (scores.reshape(-1, nh * nw, heads, N, N) + self.attn_mask).reshape(-1, heads, N, N)
-        mixed = scores.softmax(dim=-1) @ v  # (B * nW, heads, N, C / heads)
-        # Heads back to channels; with one head that is a reshape, which is what the simplifier would make of it.
-        mixed = mixed.reshape(-1, N, C) if heads == 1 else mixed.transpose(1, 2)
-        if one_window:
-            mixed = mixed.reshape(-1, H, W, C)
-        else:
-            mixed = mixed.reshape(-1, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
-        if any(self.shift_size):
-            mixed = torch.roll(mixed, shifts=self.shift_size, dims=(1, 2))
-        return mixed
+        return q, k, v
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Shifted-window attention up to, not including, the output projection (`mtlora.attention`)."""
+        return window_attention(x, dim=self.dim, resolution=self.resolution, window=self.window_size, shift=self.shift_size,
+                                heads=self.num_heads, scale=self.scale, qkv=self._qkv, bias=self.rel_pos_bias,
+                                mask=self.attn_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.proj(self.mix(self.norm1(x)))
