@@ -1,30 +1,36 @@
 """Read the Python API names a TensorRT bindings wheel defines, without importing it.
 
-    python tools/tensorrt_api_names.py WHEEL [--out tests/data/tensorrt_api/tensorrt-11.4.json]
+    python tools/tensorrt_api_names.py WHEEL [--out tests/data/tensorrt_api/tensorrt-11.4.0.106.json]
 
 The compiled module (``tensorrt_bindings/tensorrt.so``) cannot be imported without libnvinfer and a
 GPU driver, and the wheels ship no ``.pyi`` stubs. Its names can still be read, because pybind11
 keeps every Python name as a C string and the module keeps its symbol table:
 
 - every ``lea reg, [rip+disp32]`` in ``.text`` that points at an identifier string in ``.rodata`` is
-  a name being registered (the address points at the name itself even where the linker stored it as
-  the tail of a longer string, e.g. ``INT8`` inside ``UINT8``);
-- the pybind11 call it belongs to says whose name it is: either the function holding the
-  instruction (``pybind11::class_<nvinfer1::IBuilder>::def<...>`` clones with the name folded in) or
-  the first pybind11 ``class_<T>`` / ``enum_<T>`` / ``module_::def`` symbol the code reaches after
-  loading it (``enum_<BuilderFlag>::value``, ``class_<T>::dealloc`` of an inlined constructor);
-- a constructor's name (``enum_<T>::enum_``, ``class_<T>::class_``, ``class_<T>::init_instance``...)
-  is T's Python name; any other method's is a member of T; ``module_::def``'s is a module function.
+  a name being loaded (the address points at the name itself even where the linker stored it as the
+  tail of a longer string, e.g. ``INT8`` inside ``UINT8``);
+- the first pybind11 call after it (a ``class_<T>`` / ``enum_<T>`` / ``module_`` symbol, read from the
+  symbol table) gives the name its role: a constructor's (``enum_<T>::enum_``,
+  ``class_<T>::init_instance``, ``dealloc``...) is a class name, ``module_::def``'s a module
+  function, any other a member; names folded into a pybind11 clone count where it is called;
+- membership comes from order, not from the call's type: the registration functions
+  (``tensorrt::bindCore`` and friends) register a class's members right after its class_/enum_, and
+  identical code folding merges ``class_<A>::def_property`` with ``class_<B>::def_property``.
 
 The wheel's pure-Python ``__init__.py`` adds module functions (``nptype``), ``__version__`` and a few
 members (``Logger.WARNING`` is copied there from ``ILogger.Severity``); those are read with ``ast``.
 
-Members can include a few extra identifiers (pybind11 ``py::arg`` keyword names loaded just before a
-``def``), so a name's presence is slightly generous; its absence is exact: a class or member that is
-not found is not registered by that wheel. x86-64 ELF wheels only (the manylinux x86_64 ones).
-Nothing is downloaded or built; only the named wheel is read. `--classes` limits the stored members
-to the classes the TensorRT backend uses (``engines.tensorrt.api_contract.used_classes``) unless
-``--all-classes`` is given; the list of every class name is always stored.
+How close it is: against a parse of the ``.def``/``.value`` chains of pyCore.cpp, pyGraph.cpp,
+pyOnnx.cpp, pyPlugin.cpp and pyFoundationalTypes.cpp at the matching NVIDIA/TensorRT tags it finds
+927 of 934 members for 10.3.0, 1088 of 1110 for 10.16 and 1054 of 1073 for 11.0. What it misses are
+names the compiler loaded once and reused for a second class (``set_input`` of several layers);
+what it adds are ``py::arg`` keyword names. So a name that is found is there; one that is not found
+is very likely, not certainly, absent -- check such a name by hand before relying on its absence.
+
+x86-64 ELF wheels with a symbol table only (the manylinux x86_64 ones). Nothing is downloaded or
+built; only the named wheel is read. The stored data keeps the members of the classes the TensorRT
+backend uses (``engines.tensorrt.api_contract.used_classes``) unless ``--all-classes`` is given; the
+list of every module-level name is always stored.
 """
 
 from __future__ import annotations
