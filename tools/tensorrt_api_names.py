@@ -24,8 +24,9 @@ How close it is: against a parse of the ``.def``/``.value`` chains of pyCore.cpp
 pyOnnx.cpp, pyPlugin.cpp and pyFoundationalTypes.cpp at the matching NVIDIA/TensorRT tags it finds
 927 of 934 members for 10.3.0, 1088 of 1110 for 10.16 and 1054 of 1073 for 11.0. What it misses are
 names the compiler loaded once and reused for a second class (``set_input`` of several layers);
-what it adds are ``py::arg`` keyword names. So a name that is found is there; one that is not found
-is very likely, not certainly, absent -- check such a name by hand before relying on its absence.
+what it adds are mostly ``py::arg`` keyword names of the class's own methods (``Builder.network``).
+So neither direction is certain: check a name by hand before relying on its absence, and do not
+rely on a keyword-like member name (``config``, ``index``) as proof of an attribute.
 
 x86-64 ELF wheels with a symbol table only (the manylinux x86_64 ones). Nothing is downloaded or
 built; only the named wheel is read. The stored data keeps the members of the classes the TensorRT
