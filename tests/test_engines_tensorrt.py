@@ -209,6 +209,24 @@ def test_auto_falls_back_when_cuda_is_present_but_unusable(monkeypatch):
         registry.choose_backend("tensorrt")
 
 
+def test_real_cuda_python_without_a_usable_gpu_makes_auto_fall_back(monkeypatch):
+    """cuda-python itself, on a machine whose driver cannot serve it (none here): its error must come
+    out as BackendUnavailable, and 'auto' must move on. Only tensorrt's import and the driver's GPU
+    count are stood in for; skipped where cuda-python is not installed or a GPU is usable."""
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="needs cuda-python (pip install cuda-python)")
+    err, count = cudart.cudaGetDeviceCount()
+    if err == cudart.cudaError_t.cudaSuccess and count > 0:
+        pytest.skip("this machine has a usable CUDA GPU; the unusable-driver path cannot be seen here")
+    with pytest.raises(BackendUnavailable, match="cudaGetDeviceCount") as unusable:
+        trt_runner._CudaPython().device_info()
+    assert "\n" not in str(unusable.value)
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(registry, "cuda_device_count", lambda: (1, "1 CUDA GPU(s)"))
+    trt_runner.cuda_api.cache_clear()
+    name, notice = registry.choose_backend("auto")
+    assert name in ("openvino", "onnxruntime") and "CUDA is not usable" in notice and str(unusable.value) in notice
+
+
 def test_cuda_versions_are_formatted_alike_for_both_bindings():
     assert format_cuda_version(12060) == "12.6" and format_cuda_version(13000) == "13.0"  # cuda-python, pycuda driver
     assert format_cuda_version((12, 2, 0)) == "12.2" and format_cuda_version("12.6.85") == "12.6"  # pycuda get_version

@@ -139,11 +139,13 @@ DRIVER_HINT = (
 )
 
 
-def cuda_error(code: int, name: str, message: str, what: str) -> EngineError:
-    """The exception for a failed CUDA call: BackendUnavailable for the UNUSABLE_CUDA_ERRORS, else EngineError."""
+def cuda_error(code: int, name: str, message: str, what: str, detail: str = "") -> EngineError:
+    """The exception for a failed CUDA call: BackendUnavailable for the UNUSABLE_CUDA_ERRORS, else EngineError.
+    `detail` (e.g. which CUDA the driver and the bindings have) is added to the reason."""
     if code in UNUSABLE_CUDA_ERRORS:
+        reason = f"{UNUSABLE_CUDA_ERRORS[code]}{f' ({detail})' if detail else ''}"
         hint = f"; {DRIVER_HINT}" if code in (35, 36) else ""
-        return BackendUnavailable(f"{UNUSABLE_CUDA_ERRORS[code]} ({what}: {name} {code}: {message}){hint}")
+        return BackendUnavailable(f"{reason} ({what}: {name} {code}: {message}){hint}")
     return EngineError(f"CUDA {what} failed: {name} {code}: {message}")
 
 
@@ -170,8 +172,18 @@ class _CudaPython:
         if err != self.cudart.cudaError_t.cudaSuccess:
             _, message = self.cudart.cudaGetErrorString(err)
             message = message.decode() if isinstance(message, bytes) else str(message)
-            raise cuda_error(int(err), getattr(err, "name", "cudaError"), message, what)
+            detail = self._versions() if int(err) in (35, 36) else ""
+            raise cuda_error(int(err), getattr(err, "name", "cudaError"), message, what, detail)
         return rest[0] if len(rest) == 1 else rest
+
+    def _versions(self) -> str:
+        """What the driver and the bindings have, for the 'driver too old' errors (0: no driver loaded)."""
+        driver_err, driver = self.cudart.cudaDriverGetVersion()
+        runtime_err, runtime = self.cudart.cudaRuntimeGetVersion()
+        if driver_err != self.cudart.cudaError_t.cudaSuccess or runtime_err != self.cudart.cudaError_t.cudaSuccess:
+            return ""
+        have = "no NVIDIA driver is loaded" if driver == 0 else f"the driver supports CUDA {format_cuda_version(driver)}"
+        return f"{have}; {_distribution('cuda-python', 'cuda-bindings')} needs CUDA {format_cuda_version(runtime)}"
 
     def device_info(self, device: int = 0) -> dict[str, str]:
         count = self._check(self.cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
@@ -186,7 +198,7 @@ class _CudaPython:
             "compute_capability": f"{props.major}.{props.minor}",
             "cuda_driver_version": format_cuda_version(driver),
             "cuda_bindings_runtime_version": format_cuda_version(runtime),
-            "cuda_bindings": f"cuda-python {_distribution_version('cuda-python', 'cuda-bindings')}",
+            "cuda_bindings": _distribution("cuda-python", "cuda-bindings"),
         }
 
     def stream(self):
@@ -251,7 +263,7 @@ class _PyCuda:
             "compute_capability": f"{major}.{minor}",
             "cuda_driver_version": format_cuda_version(self.cuda.get_driver_version()),
             "cuda_bindings_runtime_version": format_cuda_version(self.cuda.get_version()),
-            "cuda_bindings": f"pycuda {_distribution_version('pycuda')}",
+            "cuda_bindings": _distribution("pycuda"),
         }
 
     def stream(self):
@@ -303,15 +315,16 @@ def cuda_api():
         ) from None
 
 
-def _distribution_version(*names: str) -> str:
+def _distribution(*names: str) -> str:
+    """'cuda-python 12.9.2': the first of `names` that is installed, with its version."""
     from importlib import metadata
 
     for name in names:
         try:
-            return metadata.version(name)
+            return f"{name} {metadata.version(name)}"
         except metadata.PackageNotFoundError:
             continue
-    return "(version unknown)"
+    return f"{names[0]} (version unknown)"
 
 
 def current_environment() -> dict[str, str]:
