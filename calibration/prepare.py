@@ -13,11 +13,16 @@ takes its path and never imports this package, so the dependency points calibrat
 | backend            | fp32 | fp16                         | bf16 | int8                           |
 |--------------------|------|------------------------------|------|--------------------------------|
 | onnxruntime        | ONNX | fp16 graph                   | -    | Q/DQ ONNX                      |
-| tensorrt           | ONNX | fp16 graph (strongly typed)  | -    | Q/DQ ONNX                      |
+| tensorrt           | ONNX | fp16 graph (strongly typed)  | -    | fp16 Q/DQ ONNX (`qdq_fp16`)    |
 | openvino           | ONNX | ONNX (OpenVINO compresses)   | ONNX | NNCF IR (`.xml` + `.bin`)      |
 
-Prepared files go to ``<work_dir>/fp16/``, ``<work_dir>/qdq/`` or ``<work_dir>/nncf/`` under the source
-ONNX's own file name, so an engine built from one is named after the model, not after the step.
+TensorRT's int8 graph is the Q/DQ ONNX with everything outside the Q/DQ pairs in fp16
+(`calibration.qdq_fp16`): a strongly typed network has no fallback, so from the fp32 Q/DQ graph it
+would run LayerNorm, Softmax, GELU and the residual adds in fp32.
+
+Prepared files go to ``<work_dir>/fp16/``, ``<work_dir>/qdq/``, ``<work_dir>/qdq_fp16/`` or
+``<work_dir>/nncf/`` under the source ONNX's own file name, so an engine built from one is named after
+the model, not after the step.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ from calibration.errors import CalibrationError
 from calibration.fp16 import KEPT_NODES_KEY, check_fp16_graph, to_fp16_graph
 from calibration.nncf_quant import quantize_openvino
 from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq
+from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
 from engines.files import load_onnx, sha256_file
 from engines.registry import BACKENDS
 
-FP16_DIR, QDQ_DIR, NNCF_DIR = "fp16", "qdq", "nncf"
+FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "nncf"
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,10 @@ def prepare_graph(
     fp16 (onnxruntime, tensorrt): the fp16 graph, with sensitive ops, the per-task output layers
     (`keep_output_layers`) and `keep_fp32` globs in fp32, checked with `check_fp16_graph`. int8
     (onnxruntime, tensorrt): `qdq_onnx` when given (checked against the Q/DQ conventions), else a Q/DQ
-    graph calibrated on `calibration` with `calibration_method`. int8 (openvino): `qdq_onnx` when given,
-    else NNCF quantization on `calibration` for `device`, saved as IR. fp32, and OpenVINO's fp16/bf16, are the ONNX itself.
+    graph calibrated on `calibration` with `calibration_method`; for tensorrt that Q/DQ graph is then
+    made the fp16 Q/DQ graph (`keep_fp32` and the output layers in fp32). int8 (openvino): `qdq_onnx` when
+    given, else NNCF quantization on `calibration` for `device`, saved as IR. fp32, and OpenVINO's fp16/bf16,
+    are the ONNX itself.
     `cache` (a CalibrationCache or its directory) reuses earlier int8 results for the same inputs.
     """
     if backend not in BACKENDS:
@@ -124,6 +132,8 @@ def prepare_graph(
         path = _qdq_graph(
             onnx_path, Path(work_dir) / QDQ_DIR, calibration, keep_fp32, keep_output_layers, calibration_method, cache, metadata
         )
+    if backend == "tensorrt" and precision == "int8":
+        path = _qdq_fp16_graph(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
     metadata["prepared_sha256"] = sha256_file(path)
     return PreparedGraph(path, precision, backend, metadata)
 
@@ -175,6 +185,23 @@ def _qdq_graph(
         calibration_cache="off" if cache is None else ("hit" if cache.hits > hits else "miss"),
         keep_fp32=list(keep_fp32),
         excluded_nodes=_recorded_list(load_onnx(path), EXCLUDED_NODES_KEY),
+    )
+    return path
+
+
+def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool, metadata: dict) -> Path:
+    """TensorRT's int8 graph: the Q/DQ graph with the unquantized rest in fp16 (see calibration.qdq_fp16)."""
+    path = to_qdq_fp16_graph(
+        qdq_path, _output_path(onnx_path, out_dir / onnx_path.name), keep_fp32=keep_fp32, keep_output_layers=keep_output_layers
+    )
+    metadata.update(
+        qdq_fp32_onnx=str(qdq_path),
+        qdq_fp32_sha256=sha256_file(qdq_path),
+        int8_graph="qdq_fp16",
+        qdq_fp16_opset=QDQ_FP16_OPSET,
+        keep_fp32=list(keep_fp32),
+        keep_output_layers=keep_output_layers,
+        fp32_nodes=_recorded_list(load_onnx(path), KEPT_NODES_KEY),
     )
     return path
 

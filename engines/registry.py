@@ -18,6 +18,17 @@ AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
+# cuInit results worth naming (CUresult); any other nonzero one is reported by its number.
+CU_INIT_ERRORS = {
+    3: "the CUDA driver failed to initialise",
+    34: "the CUDA driver found is a stub library, not a real driver",
+    46: "every CUDA device is busy or unavailable",
+    100: "the CUDA driver reports no GPU",
+    803: "the NVIDIA kernel driver and its user-mode library have different versions",
+    804: "this GPU does not support the installed forward-compatibility driver",
+}
+
+
 def cuda_device_count() -> tuple[int, str]:
     """Number of CUDA GPUs the driver reports, and why it is 0 when it is; no torch, no CUDA toolkit."""
     lib = None
@@ -29,8 +40,9 @@ def cuda_device_count() -> tuple[int, str]:
             continue
     if lib is None:
         return 0, "no CUDA driver (libcuda) found"
-    if lib.cuInit(0) != 0:
-        return 0, "the CUDA driver failed to initialise (no usable GPU)"
+    result = lib.cuInit(0)
+    if result != 0:
+        return 0, f"{CU_INIT_ERRORS.get(result, 'the CUDA driver failed to initialise')} (cuInit error {result})"
     count = ctypes.c_int(0)
     if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
         return 0, "the CUDA driver reports no GPU"
@@ -47,7 +59,15 @@ def _probe_tensorrt() -> tuple[bool, str]:
     gpus, why = cuda_device_count()
     if gpus == 0:
         return False, f"tensorrt {tensorrt.__version__} is installed but {why}"
-    return True, f"tensorrt {tensorrt.__version__} with {why}"
+    # The driver may see a GPU that the CUDA bindings the backend uses cannot (cuda-python 13 on a
+    # CUDA 12 driver, no bindings at all): ask them, so that 'auto' falls back instead of failing later.
+    from engines.tensorrt.runner import cuda_api
+
+    try:
+        device = cuda_api().device_info()
+    except EngineError as exc:  # BackendUnavailable for "no usable GPU", EngineError for any other CUDA failure
+        return False, f"tensorrt {tensorrt.__version__} is installed but CUDA is not usable: {exc}"
+    return True, f"tensorrt {tensorrt.__version__} with {why} ({device['gpu_name']}, CUDA driver {device['cuda_driver_version']})"
 
 
 def _probe_openvino() -> tuple[bool, str]:

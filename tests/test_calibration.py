@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -320,9 +321,10 @@ def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qd
     assert meta["calibration_fingerprint"] == calibration_set.fingerprint() and meta["calibration_samples"] == 16
     assert meta["calibration_method"] == "percentile" and meta["calibration_cache"] == "miss"
     assert {"/Add_1", "/Add_2", "/heads.0/Conv", "/Softmax"} <= set(meta["excluded_nodes"])
-    # TensorRT takes the very same Q/DQ graph; from the cache this time.
+    # TensorRT starts from the very same Q/DQ graph (from the cache this time) and builds its fp16 Q/DQ graph.
     trt = prepare_graph("tensorrt", tiny_onnx, tmp_path / "b", "int8", calibration=calibration_set, cache=cache)
-    assert trt.metadata["calibration_cache"] == "hit" and trt.path.read_bytes() == first.path.read_bytes()
+    assert trt.metadata["calibration_cache"] == "hit" and trt.path == tmp_path / "b" / "qdq_fp16" / "tiny_mtl.onnx"
+    assert Path(trt.metadata["qdq_fp32_onnx"]).read_bytes() == first.path.read_bytes()
     # Feed dicts work as well as a CalibrationSet, and the method and exclusions are passed on.
     feeds = [{"image": image[None]} for image in smooth_images(8, seed=6)]
     minmax = prepare_graph(
@@ -330,14 +332,17 @@ def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qd
     )
     assert minmax.metadata["calibration_method"] == "minmax" and minmax.metadata["calibration_cache"] == "off"
     assert minmax.metadata["calibration_samples"] == 8 and "/heads.0/Conv" not in minmax.metadata["excluded_nodes"]
-    assert check_qdq_conventions(onnx.load(str(minmax.path))) == []
+    assert check_qdq_conventions(onnx.load(minmax.metadata["qdq_fp32_onnx"])) == []
 
 
 def test_prepare_int8_from_a_given_qdq_onnx(tiny_onnx, qdq_onnx, tmp_path):
-    prepared = prepare_graph("tensorrt", tiny_onnx, tmp_path, "int8", qdq_onnx=qdq_onnx)
+    prepared = prepare_graph("onnxruntime", tiny_onnx, tmp_path, "int8", qdq_onnx=qdq_onnx)
     assert prepared.path == qdq_onnx and list(tmp_path.iterdir()) == []
     assert prepared.metadata["qdq_onnx"] == str(qdq_onnx) and prepared.metadata["source_onnx"] == str(tiny_onnx)
     assert "/Softmax" in prepared.metadata["excluded_nodes"]
+    # TensorRT builds its fp16 Q/DQ graph from the given one (tests/test_tensorrt_qdq_fp16.py checks it).
+    trt = prepare_graph("tensorrt", tiny_onnx, tmp_path, "int8", qdq_onnx=qdq_onnx)
+    assert trt.path == tmp_path / "qdq_fp16" / "tiny_mtl.onnx" and trt.metadata["qdq_fp32_onnx"] == str(qdq_onnx)
 
 
 def test_prepare_errors(tiny_onnx, qdq_onnx, calibration_set, tmp_path):

@@ -1,22 +1,27 @@
 """Build TensorRT plans (TensorRT 10 and 11) from a prepared ONNX graph.
 
 The graph comes prepared (``calibration.prepare.prepare_graph('tensorrt', ...)``): the fp32 ONNX, the
-fp16 graph (explicit Casts, sensitive ops in fp32) or the Q/DQ int8 graph. Precision is decided by
+fp16 graph (explicit Casts, sensitive ops in fp32) or the fp16 Q/DQ int8 graph (the Q/DQ graph with
+everything outside the Q/DQ pairs in fp16, `calibration.qdq_fp16`). Precision is decided by
 feature detection, not by version numbers:
 
 - strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` exists): the graph's types are
-  the precision: fp16 builds the fp16 graph, int8 the Q/DQ graph. TensorRT 11 knows nothing else.
+  the precision: fp16 builds the fp16 graph, int8 the fp16 Q/DQ graph. There is no fallback, which
+  is why int8 is not built from the fp32 Q/DQ graph: its LayerNorm, Softmax, GELU and residual adds
+  would run in fp32. TensorRT 11 knows nothing else.
 - weakly typed (``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` exist, TensorRT 10): the FP16 flag on the
-  fp32 ONNX (``typing='weak'`` takes it as is) or on the fp16 graph, or the INT8 flag on the Q/DQ
-  graph; TensorRT picks each layer's precision.
+  fp32 ONNX (``typing='weak'`` takes it as is) or on the fp16 graph; INT8 together with FP16 on a
+  Q/DQ graph, so that TensorRT may run what is not quantized in fp16.
 
-fp32 engines clear TF32 so "fp32" means fp32. Polygraphy's loaders do the building when installed;
-otherwise the same steps run on the raw TensorRT API. Nothing here runs without an NVIDIA GPU.
+TF32 is cleared in every plan: it is on by default in a builder config, and would make the fp32
+parts (fp32 plans, and the ops an fp16 or int8 graph keeps in fp32) compute in TF32.
+
+Polygraphy's loaders do the building when installed and new enough for this TensorRT; otherwise the
+same steps run on the raw TensorRT API. Nothing here runs without an NVIDIA GPU.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -28,34 +33,28 @@ from engines.artifact import EngineArtifact, onnx_io_metadata
 from engines.errors import EngineError
 from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
 from engines.registry import BACKENDS
-from engines.tensorrt.runner import _polygraphy_trt, _trt, cuda_api
+from engines.tensorrt.runner import _trt, cuda_api, trt_features, trt_logger, usable_polygraphy
 
 TYPINGS = ("auto", "strong", "weak")
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+DEFAULT_BATCH = (1, 1, 8)
 
-
-def trt_features(trt) -> dict[str, Any]:
-    """What this TensorRT offers, by feature detection."""
-    return {
-        "version": trt.__version__,
-        "strongly_typed": hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
-        "fp16_flag": hasattr(trt.BuilderFlag, "FP16"),
-        "int8_flag": hasattr(trt.BuilderFlag, "INT8"),
-        "tf32_flag": hasattr(trt.BuilderFlag, "TF32"),
-    }
+__all__ = ["DEFAULT_BATCH", "TYPINGS", "batch_range", "build", "plan_precision", "trt_features"]
 
 
 def plan_precision(precision: str, features: Mapping[str, Any], typing: str = "auto") -> dict[str, Any]:
-    """How to build `precision` with these features: which graph ('source', 'fp16', 'qdq'), whether
-    the network is strongly typed, and which builder flags to set. Pure, so it is testable anywhere."""
+    """How to build `precision` with these features: which graph ('source', 'fp16', 'qdq_fp16', 'qdq'),
+    whether the network is strongly typed, which builder flags to set, and whether to clear TF32.
+    Pure, so it is testable anywhere."""
     if typing not in TYPINGS:
         raise EngineError(f"unknown typing '{typing}'; choose one of {', '.join(TYPINGS)}")
     strong_ok = bool(features.get("strongly_typed"))
+    clear_tf32 = bool(features.get("tf32_flag"))
     if typing == "strong" and not strong_ok:
         raise EngineError(f"TensorRT {features.get('version')} has no strongly typed networks; use typing='weak'")
     if precision == "fp32":
-        return {"graph": "source", "strongly_typed": strong_ok, "flags": [], "clear_tf32": bool(features.get("tf32_flag"))}
+        return {"graph": "source", "strongly_typed": strong_ok, "flags": [], "clear_tf32": clear_tf32}
     if precision not in ("fp16", "int8"):
         raise EngineError(f"tensorrt cannot build precision '{precision}'; choose one of fp32, fp16, int8")
     flag = "fp16_flag" if precision == "fp16" else "int8_flag"
@@ -68,9 +67,27 @@ def plan_precision(precision: str, features: Mapping[str, Any], typing: str = "a
     strong = typing == "strong" or (typing == "auto" and strong_ok)
     if not strong and not weak_ok:
         raise EngineError(f"TensorRT {features.get('version')} can build {precision} neither strongly nor weakly typed")
-    graph = "fp16" if precision == "fp16" and strong else ("qdq" if precision == "int8" else "source")
-    flags = [] if strong else [precision.upper()]
-    return {"graph": graph, "strongly_typed": strong, "flags": flags, "clear_tf32": False}
+    if strong:
+        return {"graph": "fp16" if precision == "fp16" else "qdq_fp16", "strongly_typed": True, "flags": [], "clear_tf32": clear_tf32}
+    # Weakly typed int8 without FP16 would run every unquantized layer in fp32.
+    flags = ["FP16"] if precision == "fp16" else (["FP16", "INT8"] if features.get("fp16_flag") else ["INT8"])
+    return {"graph": "source" if precision == "fp16" else "qdq", "strongly_typed": False, "flags": flags, "clear_tf32": clear_tf32}
+
+
+def batch_range(batch: tuple[int, int, int] | None = None, max_batch: int | None = None) -> tuple[int, int, int]:
+    """The (min, opt, max) batch of the optimisation profile: `batch` as given, or (1, 1, max_batch)
+    for `max_batch` (opt 1: on a Jetson the latency of one image is what is tuned for), else
+    DEFAULT_BATCH."""
+    if batch is not None and max_batch is not None:
+        raise EngineError("give batch=(min, opt, max) or max_batch, not both")
+    if max_batch is not None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise EngineError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+        return (1, 1, max_batch)
+    chosen = tuple(batch) if batch is not None else DEFAULT_BATCH
+    if len(chosen) != 3 or not all(isinstance(b, int) and not isinstance(b, bool) for b in chosen) or not 1 <= chosen[0] <= chosen[1] <= chosen[2]:
+        raise EngineError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}")
+    return chosen
 
 
 def build(
@@ -81,21 +98,28 @@ def build(
     name: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     typing: str = "auto",
-    batch: tuple[int, int, int] = (1, 1, 8),
+    batch: tuple[int, int, int] | None = None,
+    max_batch: int | None = None,
+    threads: int | None = None,
     workspace_bytes: int | None = None,
     optimization_level: int | None = None,
     prefer_polygraphy: bool = True,
-    threads: int | None = None,
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.plan` and its sidecar from a prepared graph; returns the artifact.
 
-    `graph_path` already has the precision: the fp32 ONNX, the fp16 graph or the Q/DQ int8 ONNX (the
-    same graphs ONNX Runtime runs; ``calibration.prepare.prepare_graph('tensorrt', ...)`` makes them).
-    Only ``typing='weak'`` fp16 also takes the fp32 ONNX, as TensorRT 10's FP16 flag did. `metadata`
-    (the prepared graph's) goes into the sidecar. `batch` = (min, opt, max) for the dynamic batch
-    dimension of every input. `threads` is accepted like every backend's and unused: TensorRT runs on the GPU.
+    `graph_path` already has the precision: the fp32 ONNX, the fp16 graph or the fp16 Q/DQ int8
+    graph (``calibration.prepare.prepare_graph('tensorrt', ...)`` makes them). Only ``typing='weak'``
+    also takes the fp32 ONNX for fp16, and the fp32 Q/DQ graph for int8, as TensorRT 10's builder
+    flags did. `metadata` (the prepared graph's) goes into the sidecar.
+
+    The optimisation profile of the dynamic batch dimension of every input is `batch` = (min, opt,
+    max), or (1, 1, `max_batch`) -- what ``mtlora-export build --max-batch N`` passes -- or (1, 1, 8);
+    the sidecar records it as ``metadata["batch"]`` and the runner names it when a batch is outside.
+    `threads` is the CPU thread count every backend's build takes; TensorRT builds and runs on the
+    GPU, so it is recorded in the sidecar and not used.
     """
     BACKENDS["tensorrt"].check_precision(precision)
+    batch = batch_range(batch, max_batch)
     graph_path = Path(graph_path)
     source = load_onnx(graph_path)
     problem = graph_precision_problem(source, precision, typing)
@@ -112,17 +136,20 @@ def build(
     plan = plan_precision(precision, features, typing)
     plan_file = engine_file(graph_path, output_dir, name, precision, ".plan")
 
-    poly = _polygraphy_trt() if prefer_polygraphy else None
-    if poly is not None and plan["strongly_typed"] and "strongly_typed" not in inspect.signature(poly.NetworkFromOnnxPath).parameters:
-        poly = None  # a Polygraphy older than strongly typed networks: build on the TensorRT API directly
+    notes: list[str] = []
+    poly, poly_note = usable_polygraphy(trt, prefer_polygraphy)
+    if poly_note:
+        notes.append(poly_note)
     if poly is not None:
         serialized = _build_with_polygraphy(poly, trt, graph_path, plan, profile, workspace_bytes, optimization_level)
     else:
         serialized = _build_with_tensorrt(trt, graph_path, plan, profile, workspace_bytes, optimization_level)
     plan_path = write_atomic(plan_file, serialized)
 
-    layer_precisions = inspect_precisions(trt, serialized)
-    executed, note = executed_precision(precision, plan, layer_precisions)
+    layer_precisions, opaque_layers = inspect_precisions(trt, serialized)
+    executed, note = executed_precision(precision, plan, layer_precisions, opaque_layers)
+    if note:
+        notes.append(note)
     graph_sha256 = sha256_file(graph_path)
     metadata = {
         **source_metadata(graph_path, graph_sha256, metadata),
@@ -134,8 +161,10 @@ def build(
         "built_from": graph_path.name,
         "built_from_sha256": graph_sha256,
         "batch": list(batch),
+        "threads": threads,
         "builder": "polygraphy" if poly is not None else "tensorrt",
         "layer_precisions": layer_precisions,
+        "opaque_layers": opaque_layers,
     }
     artifact = EngineArtifact(
         backend="tensorrt",
@@ -146,7 +175,7 @@ def build(
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         metadata=metadata,
-        notes=(note,) if note else (),
+        notes=tuple(notes),
     )
     artifact.save()
     return artifact
@@ -155,21 +184,26 @@ def build(
 def graph_precision_problem(model, precision: str, typing: str = "auto") -> str:
     """Why `model` is not a graph of `precision` ('' when it looks like one): a cheap look, not a check.
 
-    int8 needs QuantizeLinear/DequantizeLinear nodes; fp16 needs float16 weights, except with
-    ``typing='weak'``, where the FP16 builder flag lowers an fp32 ONNX too.
+    int8 needs QuantizeLinear/DequantizeLinear nodes and, unless ``typing='weak'``, float16 around
+    them (the fp16 Q/DQ graph); fp16 needs float16 weights, except with ``typing='weak'``, where the
+    FP16 builder flag lowers an fp32 ONNX too.
     """
+    has_fp16 = any(i.data_type == FLOAT16 for i in model.graph.initializer)
     if precision == "int8" and not any(node.op_type in QDQ_OPS for node in model.graph.node):
         return "has no QuantizeLinear/DequantizeLinear nodes: it is not a Q/DQ int8 graph"
-    if precision == "fp16" and typing != "weak" and not any(i.data_type == FLOAT16 for i in model.graph.initializer):
+    if precision == "int8" and typing != "weak" and not has_fp16:
+        return (
+            "is an fp32 Q/DQ graph: a strongly typed int8 engine built from it would run everything "
+            "outside the Q/DQ pairs in fp32; it needs the fp16 Q/DQ graph"
+        )
+    if precision == "fp16" and typing != "weak" and not has_fp16:
         return "has no float16 weights: it is not an fp16 graph"
     return ""
 
 
 def batch_profile(inputs, batch: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
     """(min, opt, max) shapes per input: the dynamic batch dimension spans `batch`; nothing else may be dynamic."""
-    low, opt, high = batch
-    if not 1 <= low <= opt <= high:
-        raise EngineError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}")
+    low, opt, high = batch_range(tuple(batch))
     shapes = {}
     for meta in inputs:
         if any(d is None for d in meta.shape[1:]):
@@ -183,14 +217,15 @@ def batch_profile(inputs, batch: tuple[int, int, int]) -> dict[str, tuple[tuple[
 
 
 def _build_with_polygraphy(poly, trt, graph_path: Path, plan, profile, workspace_bytes, optimization_level) -> bytes:
-    shapes = poly.Profile()
+    poly_profile = poly.Profile()
     for name, (low, opt, high) in profile.items():
-        shapes.add(name, min=low, opt=opt, max=high)
+        poly_profile.add(name, min=low, opt=opt, max=high)
     config_args: dict[str, Any] = {
-        "profiles": [shapes],
+        "profiles": [poly_profile],
         "tf32": not plan["clear_tf32"],
         "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,
     }
+    # The plan names only flags this TensorRT has (plan_precision checks fp16_flag / int8_flag).
     if "FP16" in plan["flags"]:
         config_args["fp16"] = True
     if "INT8" in plan["flags"]:
@@ -200,16 +235,16 @@ def _build_with_polygraphy(poly, trt, graph_path: Path, plan, profile, workspace
     if optimization_level is not None:
         config_args["builder_optimization_level"] = int(optimization_level)
     network_args = {"strongly_typed": True} if plan["strongly_typed"] else {}
-    network = poly.NetworkFromOnnxPath(str(graph_path), **network_args)
+    network_loader = poly.NetworkFromOnnxPath(str(graph_path), **network_args)
     try:
-        serialized = poly.engine_bytes_from_network(network, config=poly.CreateConfig(**config_args))
+        serialized = poly.engine_bytes_from_network(network_loader, config=poly.CreateConfig(**config_args))
     except Exception as exc:
         raise EngineError(f"TensorRT could not build {graph_path.name}: {exc}") from exc
     return bytes(serialized)
 
 
 def _build_with_tensorrt(trt, graph_path: Path, plan, profile, workspace_bytes, optimization_level) -> bytes:
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan["strongly_typed"] else 0
     network = builder.create_network(flags)
@@ -218,13 +253,13 @@ def _build_with_tensorrt(trt, graph_path: Path, plan, profile, workspace_bytes, 
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT's ONNX parser rejected {graph_path.name}: {errors}")
     config = builder.create_builder_config()
-    shapes = builder.create_optimization_profile()
+    optimization_profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.items():
-        shapes.set_shape(name, low, opt, high)
-    config.add_optimization_profile(shapes)
+        optimization_profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimization_profile)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    for flag in plan["flags"]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in builder_flags(trt, plan):
+        config.set_flag(flag)
     if plan["clear_tf32"]:
         config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_bytes is not None:
@@ -235,6 +270,11 @@ def _build_with_tensorrt(trt, graph_path: Path, plan, profile, workspace_bytes, 
     if serialized is None:
         raise EngineError(f"TensorRT could not build {graph_path.name}; see the TensorRT log above")
     return bytes(serialized)
+
+
+def builder_flags(trt, plan: Mapping[str, Any]) -> list:
+    """The BuilderFlag members the plan names; plan_precision only names flags whose feature exists."""
+    return [getattr(trt.BuilderFlag, flag) for flag in plan["flags"]]
 
 
 # Data-type words of the inspector's format strings ("Row major linear FP32", "... Int8 format") and
@@ -249,13 +289,14 @@ _TYPE_WORDS = (
 )
 
 
-def inspect_precisions(trt, serialized: bytes) -> dict[str, int]:
-    """How many layer inputs/outputs the built engine holds in each data type (engine inspector).
+def inspect_precisions(trt, serialized: bytes) -> tuple[dict[str, int], int]:
+    """How many layer inputs/outputs the built engine holds in each data type (engine inspector), and
+    how many of its layers are opaque regions (see `opaque_layer_count`).
 
     The inspector's JSON changed between releases (TensorRT 11 split 'Format/Datatype' into two
     fields), so only the fields whose key mentions a format or type are read, for data-type words.
     """
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = trt.Runtime(trt_logger(trt))
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
         raise EngineError("TensorRT built a plan it cannot deserialize; see the TensorRT log")
@@ -263,8 +304,21 @@ def inspect_precisions(trt, serialized: bytes) -> dict[str, int]:
     try:
         info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     except (ValueError, AttributeError):
-        return {}
-    return layer_precision_counts(info)
+        return {}, 0
+    return layer_precision_counts(info), opaque_layer_count(info)
+
+
+def opaque_layer_count(info: Mapping[str, Any]) -> int:
+    """Layers whose inside the inspector does not show: Myelin regions ("LayerType": "Myelin", named
+    "{ForeignNode[first...last]}"), where TensorRT puts whole transformer blocks. Their listed inputs
+    and outputs are only the region's boundary tensors, so the precision inside is not observable."""
+    count = 0
+    for layer in info.get("Layers", []) if isinstance(info, dict) else []:
+        if isinstance(layer, dict) and (
+            str(layer.get("LayerType", "")).lower() == "myelin" or "ForeignNode" in str(layer.get("Name", ""))
+        ):
+            count += 1
+    return count
 
 
 def layer_precision_counts(info: Mapping[str, Any]) -> dict[str, int]:
@@ -284,13 +338,27 @@ def layer_precision_counts(info: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
-def executed_precision(precision: str, plan: Mapping[str, Any], layer_precisions: Mapping[str, int]) -> tuple[str, str]:
+def executed_precision(
+    precision: str, plan: Mapping[str, Any], layer_precisions: Mapping[str, int], opaque_layers: int = 0
+) -> tuple[str, str]:
+    """(the precision the engine is claimed to run, a note): the request, unless the inspector shows otherwise.
+
+    Seeing reduced-precision tensors in an fp32 plan is evidence ('mixed'). Not seeing int8 or fp16
+    tensors is evidence only when every layer is visible: inside Myelin regions the inspector lists
+    boundary tensors only, so there the claim stays and the note says it is not observable.
+    """
     if not layer_precisions:
         return precision, "layer precisions could not be read from the engine inspector"
-    if precision == "int8" and not layer_precisions.get("int8"):
-        return "fp16" if layer_precisions.get("fp16") else "fp32", "TensorRT chose no int8 layer"
-    if precision == "fp16" and not layer_precisions.get("fp16"):
-        return "fp32", "TensorRT chose no fp16 layer"
     if precision == "fp32" and (layer_precisions.get("fp16") or layer_precisions.get("int8")):
         return "mixed", "the fp32 engine has reduced-precision layers"
-    return precision, ""
+    wanted = {"int8": "int8", "fp16": "fp16"}.get(precision)
+    if wanted is None or layer_precisions.get(wanted):
+        return precision, ""
+    if opaque_layers:
+        return precision, (
+            f"no {wanted} tensor is visible, but {opaque_layers} layer(s) are Myelin regions whose inside the engine "
+            f"inspector does not show; whether they run in {wanted} is not observable"
+        )
+    if precision == "int8":
+        return ("fp16" if layer_precisions.get("fp16") else "fp32"), "TensorRT chose no int8 layer"
+    return "fp32", "TensorRT chose no fp16 layer"

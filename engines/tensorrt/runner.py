@@ -1,14 +1,29 @@
-"""TensorRT runner (TensorRT 10 and 11): Polygraphy's TrtRunner when installed, else a thin
-name-based runner on cuda-python (pycuda as the last resort).
+"""TensorRT runner (TensorRT 10 and 11): Polygraphy's TrtRunner when installed (and new enough for
+this TensorRT), else a thin name-based runner on cuda-python (pycuda as the last resort).
 
 An engine plan only runs on the TensorRT version and GPU compute capability it was built for, so
 `load` compares the sidecar with this machine and refuses a mismatch before deserializing anything.
+
+The CUDA facts an engine records (`device_info`), and what each one is:
+
+- ``cuda_driver_version``: the newest CUDA version the installed NVIDIA driver supports
+  (cudaDriverGetVersion / cuDriverGetVersion), e.g. "12.6" on JetPack 6.2.
+- ``cuda_bindings_runtime_version``: the CUDA runtime the Python CUDA bindings carry (cuda-python
+  links its own static runtime; pycuda reports the CUDA it was compiled with). It is *not*
+  TensorRT's CUDA, which the Python API does not report.
+- ``cuda_bindings``: which bindings and their version ("cuda-python 12.9.2", "pycuda 2025.1").
+
+CUDA errors that mean "no usable GPU here" (no device, a driver older than the bindings need, a stub
+driver...) are `BackendUnavailable`, so ``auto`` moves on to the next backend and says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +55,106 @@ def _polygraphy_trt():
     return poly_trt
 
 
+def _polygraphy_version() -> str:
+    try:
+        import polygraphy
+    except ImportError:
+        return ""
+    return str(getattr(polygraphy, "__version__", ""))
+
+
+# What a TensorRT may lack, and the Polygraphy required without it. Polygraphy 0.49.0's network loader
+# sets NetworkDefinitionCreationFlag.EXPLICIT_BATCH unconditionally, and TensorRT 11 removed the flag
+# (0.49.9 to 0.50.3 already set it only below TensorRT 10). 0.53.x is the line released alongside
+# TensorRT 11 -- NVIDIA/TensorRT 11.3 moved its tools to 0.53.6 -- so 0.53.4 is what is required.
+POLYGRAPHY_NEEDS = (
+    ("explicit_batch_flag", "0.53.4", "TensorRT 11 has no NetworkDefinitionCreationFlag.EXPLICIT_BATCH"),
+)
+
+
+def polygraphy_problem(poly_version: str, features: Mapping[str, Any]) -> str:
+    """Why this Polygraphy must not drive this TensorRT ('' when it may); pure, so testable anywhere."""
+    for feature, minimum, why in POLYGRAPHY_NEEDS:
+        if not features.get(feature, True) and version_tuple(poly_version) < version_tuple(minimum):
+            return f"Polygraphy {poly_version or '(unknown version)'} is older than {minimum} ({why})"
+    return ""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(0, 53, 4) for '0.53.4', (10, 13, 3, 9) for '10.13.3.9'; non-numeric tails are ignored."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:4])
+
+
+def trt_features(trt) -> dict[str, Any]:
+    """What this TensorRT offers, by feature detection (never by version number)."""
+    return {
+        "version": trt.__version__,
+        "strongly_typed": hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+        "explicit_batch_flag": hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"),
+        "fp16_flag": hasattr(trt.BuilderFlag, "FP16"),
+        "int8_flag": hasattr(trt.BuilderFlag, "INT8"),
+        "tf32_flag": hasattr(trt.BuilderFlag, "TF32"),
+    }
+
+
+def usable_polygraphy(trt, prefer_polygraphy: bool = True):
+    """(polygraphy.backend.trt or None, note): None when not installed, not wanted or too old for `trt`."""
+    poly = _polygraphy_trt() if prefer_polygraphy else None
+    if poly is None:
+        return None, ""
+    problem = polygraphy_problem(_polygraphy_version(), trt_features(trt))
+    if problem:
+        return None, f"{problem}; used the TensorRT API directly (pip install 'polygraphy>=0.53.4' to use Polygraphy)"
+    return poly, ""
+
+
+@cache
+def trt_logger(trt):
+    """One logger per process, with TensorRT's own plugins registered (as Polygraphy does) before any
+    engine is parsed or deserialized: a plan that uses a plugin layer cannot be loaded otherwise."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
+    return logger
+
+
 # ----------------------------------------------------------------------------- CUDA access
+
+
+# cudaError_t values that mean "no usable GPU on this machine", not "this call went wrong": they make
+# the backend unavailable, so 'auto' picks the next one and prints the reason.
+UNUSABLE_CUDA_ERRORS: dict[int, str] = {
+    3: "CUDA failed to initialise",
+    34: "the CUDA driver found is a stub library, not a real driver",
+    35: "the NVIDIA driver is older than these CUDA bindings need",
+    36: "the NVIDIA driver is older than this CUDA call needs",
+    46: "every CUDA device is busy or unavailable",
+    100: "no CUDA-capable GPU is present",
+    803: "the NVIDIA kernel driver and its user-mode library have different versions",
+    804: "this GPU does not support the installed forward-compatibility driver",
+}
+DRIVER_HINT = (
+    "cuda-python must match the driver's CUDA major: 12.x for CUDA 12 (JetPack 6, drivers < 580), "
+    "13.x for CUDA 13 (JetPack 7, drivers >= 580); see README 'Deploying on Jetson'"
+)
+
+
+def cuda_error(code: int, name: str, message: str, what: str, detail: str = "") -> EngineError:
+    """The exception for a failed CUDA call: BackendUnavailable for the UNUSABLE_CUDA_ERRORS, else EngineError.
+    `detail` (e.g. which CUDA the driver and the bindings have) is added to the reason."""
+    if code in UNUSABLE_CUDA_ERRORS:
+        reason = f"{UNUSABLE_CUDA_ERRORS[code]}{f' ({detail})' if detail else ''}"
+        hint = f"; {DRIVER_HINT}" if code in (35, 36) else ""
+        return BackendUnavailable(f"{reason} ({what}: {name} {code}: {message}){hint}")
+    return EngineError(f"CUDA {what} failed: {name} {code}: {message}")
+
+
+def format_cuda_version(version) -> str:
+    """'12.6' for CUDA's encoded 12060, for pycuda's (12, 6, 0) and for '12.6.85'; one format for both bindings."""
+    if isinstance(version, int):
+        return f"{version // 1000}.{(version % 1000) // 10}"
+    parts = list(version) if isinstance(version, (tuple, list)) else str(version).split(".")
+    return ".".join(str(int(p)) for p in parts[:2])
 
 
 class _CudaPython:
@@ -57,8 +171,19 @@ class _CudaPython:
         err, *rest = result if isinstance(result, tuple) else (result,)
         if err != self.cudart.cudaError_t.cudaSuccess:
             _, message = self.cudart.cudaGetErrorString(err)
-            raise EngineError(f"CUDA {what} failed: {message.decode() if isinstance(message, bytes) else message}")
+            message = message.decode() if isinstance(message, bytes) else str(message)
+            detail = self._versions() if int(err) in (35, 36) else ""
+            raise cuda_error(int(err), getattr(err, "name", "cudaError"), message, what, detail)
         return rest[0] if len(rest) == 1 else rest
+
+    def _versions(self) -> str:
+        """What the driver and the bindings have, for the 'driver too old' errors (0: no driver loaded)."""
+        driver_err, driver = self.cudart.cudaDriverGetVersion()
+        runtime_err, runtime = self.cudart.cudaRuntimeGetVersion()
+        if driver_err != self.cudart.cudaError_t.cudaSuccess or runtime_err != self.cudart.cudaError_t.cudaSuccess:
+            return ""
+        have = "no NVIDIA driver is loaded" if driver == 0 else f"the driver supports CUDA {format_cuda_version(driver)}"
+        return f"{have}; {_distribution('cuda-python', 'cuda-bindings')} needs CUDA {format_cuda_version(runtime)}"
 
     def device_info(self, device: int = 0) -> dict[str, str]:
         count = self._check(self.cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
@@ -71,8 +196,9 @@ class _CudaPython:
         return {
             "gpu_name": name,
             "compute_capability": f"{props.major}.{props.minor}",
-            "cuda_runtime_version": _cuda_version(runtime),
-            "cuda_driver_version": _cuda_version(driver),
+            "cuda_driver_version": format_cuda_version(driver),
+            "cuda_bindings_runtime_version": format_cuda_version(runtime),
+            "cuda_bindings": _distribution("cuda-python", "cuda-bindings"),
         }
 
     def stream(self):
@@ -103,16 +229,31 @@ class _CudaPython:
 
 
 class _PyCuda:
-    """Fallback for machines with pycuda and no cuda-python."""
+    """Fallback for machines with pycuda and no cuda-python.
+
+    It works in the device's primary context, the one the CUDA runtime (and so TensorRT) uses, and
+    makes it current only around each call: pycuda aborts the interpreter at exit when a context it
+    pushed is still on the stack, so every push here is popped before the call returns.
+    """
 
     def __init__(self):
         import pycuda.driver as cuda
 
-        cuda.init()
+        try:
+            cuda.init()
+            self._primary = cuda.Device(0).retain_primary_context()
+        except cuda.Error as exc:
+            raise BackendUnavailable(f"pycuda found no usable GPU ({exc}); {DRIVER_HINT}") from exc
         self.cuda = cuda
-        self._context = cuda.Device(0).retain_primary_context()
-        self._context.push()
         self._allocations: dict[int, Any] = {}
+
+    @contextlib.contextmanager
+    def _current(self):
+        self._primary.push()
+        try:
+            yield
+        finally:
+            self.cuda.Context.pop()
 
     def device_info(self, device: int = 0) -> dict[str, str]:
         dev = self.cuda.Device(device)
@@ -120,39 +261,48 @@ class _PyCuda:
         return {
             "gpu_name": dev.name(),
             "compute_capability": f"{major}.{minor}",
-            "cuda_runtime_version": ".".join(map(str, self.cuda.get_version())),
-            "cuda_driver_version": _cuda_version(self.cuda.get_driver_version()),
+            "cuda_driver_version": format_cuda_version(self.cuda.get_driver_version()),
+            "cuda_bindings_runtime_version": format_cuda_version(self.cuda.get_version()),
+            "cuda_bindings": _distribution("pycuda"),
         }
 
     def stream(self):
-        return self.cuda.Stream()
+        with self._current():
+            return self.cuda.Stream()
 
     def stream_handle(self, stream) -> int:
         return stream.handle
 
     def synchronize(self, stream) -> None:
-        stream.synchronize()
+        with self._current():
+            stream.synchronize()
 
     def destroy_stream(self, stream) -> None:
-        pass
+        pass  # pycuda frees a Stream when it is garbage-collected
 
     def malloc(self, nbytes: int) -> int:
-        allocation = self.cuda.mem_alloc(max(nbytes, 1))
+        with self._current():
+            allocation = self.cuda.mem_alloc(max(nbytes, 1))
         self._allocations[int(allocation)] = allocation
         return int(allocation)
 
     def free(self, ptr: int) -> None:
-        self._allocations.pop(ptr).free()
+        with self._current():
+            self._allocations.pop(ptr).free()
 
     def to_device(self, ptr: int, array: np.ndarray, stream) -> None:
-        self.cuda.memcpy_htod_async(ptr, array, stream)
+        with self._current():
+            self.cuda.memcpy_htod_async(ptr, array, stream)
 
     def to_host(self, array: np.ndarray, ptr: int, stream) -> None:
-        self.cuda.memcpy_dtoh_async(array, ptr, stream)
+        with self._current():
+            self.cuda.memcpy_dtoh_async(array, ptr, stream)
 
 
+@cache
 def cuda_api():
-    """cuda-python if installed, else pycuda; BackendUnavailable when neither is."""
+    """cuda-python if installed, else pycuda; BackendUnavailable when neither is, or when CUDA has no
+    usable GPU. One per process: pycuda's retains the primary context once."""
     try:
         return _CudaPython()
     except ImportError:
@@ -160,11 +310,21 @@ def cuda_api():
     try:
         return _PyCuda()
     except ImportError:
-        raise BackendUnavailable("neither cuda-python nor pycuda is installed; pip install cuda-python") from None
+        raise BackendUnavailable(
+            "neither cuda-python nor pycuda is installed; pip install 'mtlora-export[tensorrt]' (see README)"
+        ) from None
 
 
-def _cuda_version(encoded: int) -> str:
-    return f"{encoded // 1000}.{(encoded % 1000) // 10}"
+def _distribution(*names: str) -> str:
+    """'cuda-python 12.9.2': the first of `names` that is installed, with its version."""
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return f"{names[0]} (version unknown)"
 
 
 def current_environment() -> dict[str, str]:
@@ -190,6 +350,37 @@ def check_engine_compatible(built: Mapping[str, Any], here: Mapping[str, Any]) -
     return problems
 
 
+# ----------------------------------------------------------------------------- batch range
+
+
+def batch_problem(name: str, shape, batch_range: tuple[int, int, int] | None) -> str:
+    """Why an input of `shape` is outside the engine's optimisation profile ('' when it is inside).
+
+    `batch_range` is (min, opt, max) of the batch dimension the plan was built for; TensorRT
+    refuses any other batch, and only says so through set_input_shape's return value.
+    """
+    if batch_range is None or not len(shape):
+        return ""
+    low, opt, high = batch_range
+    if low <= shape[0] <= high:
+        return ""
+    return (
+        f"input '{name}' has batch {shape[0]}, but this engine was built for batch {low} to {high} (opt {opt}); "
+        f"run it in batches of at most {high}, or rebuild it with max_batch={shape[0]} (mtlora-export build --max-batch)"
+    )
+
+
+def profile_batch_ranges(engine, input_names) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) batch of each dynamic-batch input in the engine's first optimisation profile."""
+    ranges = {}
+    for name in input_names:
+        if engine.get_tensor_shape(name)[0] >= 0:
+            continue  # a fixed batch: the shape check of Runner.check_feed covers it
+        low, opt, high = engine.get_tensor_profile_shape(name, 0)
+        ranges[name] = (int(low[0]), int(opt[0]), int(high[0]))
+    return ranges
+
+
 # ----------------------------------------------------------------------------- runners
 
 
@@ -200,6 +391,7 @@ class TensorRTRunner(Runner):
         super().__init__(name or f"tensorrt:{Path(plan_path).name}")
         self.plan_path = Path(plan_path)
         self.prefer_polygraphy = prefer_polygraphy
+        self.batch_ranges: dict[str, tuple[int, int, int]] = {}
         self._poly_runner = None
         self._engine = None
         self._context = None
@@ -210,14 +402,16 @@ class TensorRTRunner(Runner):
     def _activate(self) -> None:
         trt = _trt()
         plan = self.plan_path.read_bytes()
-        poly = _polygraphy_trt() if self.prefer_polygraphy else None
+        poly, note = usable_polygraphy(trt, self.prefer_polygraphy)
+        if note:
+            self.notes.append(note)
         if poly is not None:
             self._poly_runner = poly.TrtRunner(poly.EngineFromBytes(plan))
             self._poly_runner.activate()
             engine = self._poly_runner.context.engine
         else:
             self._cuda = cuda_api()
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            runtime = trt.Runtime(trt_logger(trt))
             self._engine = runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
                 raise EngineError(f"TensorRT could not deserialize {self.plan_path.name}; rebuild it on this machine")
@@ -225,6 +419,7 @@ class TensorRTRunner(Runner):
             self._stream = self._cuda.stream()
             engine = self._engine
         self.inputs, self.outputs = engine_io(trt, engine)
+        self.batch_ranges = profile_batch_ranges(engine, [m.name for m in self.inputs])
 
     def _deactivate(self) -> None:
         if self._poly_runner is not None:
@@ -239,13 +434,23 @@ class TensorRTRunner(Runner):
         self._context = self._engine = self._stream = None
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in feed.items():
+            problem = batch_problem(name, array.shape, self.batch_ranges.get(name))
+            if problem:
+                raise EngineError(f"{self.name}: {problem}")
         if self._poly_runner is not None:
             outputs = self._poly_runner.infer(feed)
             # Polygraphy hands out views of buffers it reuses on the next call.
             return {meta.name: np.array(outputs[meta.name], copy=True) for meta in self.outputs}
         trt = _trt()
         for name, array in feed.items():
-            self._context.set_input_shape(name, array.shape)
+            # False means the shape is outside the optimisation profile; TensorRT's next error would
+            # be about something else, so say it here.
+            if not self._context.set_input_shape(name, array.shape):
+                raise EngineError(
+                    f"{self.name}: TensorRT refused input '{name}' of shape {tuple(array.shape)}; "
+                    f"the engine's profile allows batch {self.batch_ranges.get(name, '(fixed)')} (min, opt, max)"
+                )
             ptr = self._buffer(name, array.nbytes)
             self._cuda.to_device(ptr, array, self._stream)
             self._context.set_tensor_address(name, ptr)
@@ -286,7 +491,9 @@ def engine_io(trt, engine) -> tuple[list[TensorMeta], list[TensorMeta]]:
 def load(path: str | os.PathLike, *, prefer_polygraphy: bool = True, threads: int | None = None) -> TensorRTRunner:
     """Runner for a plan built by `build`; refuses a plan built for another TensorRT or GPU.
 
-    `threads` is accepted like every backend's and unused: TensorRT runs on the GPU."""
+    `threads` is the CPU thread count every backend's `load` takes; TensorRT computes on the GPU, so
+    it is accepted and not used.
+    """
     artifact = EngineArtifact.load(path, backend="tensorrt")
     problems = check_engine_compatible(artifact.metadata, current_environment())
     if problems:

@@ -1,0 +1,235 @@
+"""engines.tensorrt.lint: ONNX graphs checked against TensorRT's parser tables and strongly typed rules,
+without TensorRT. Bad graphs are built node by node; the tiny model's real graphs must lint clean."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration.fp16 import KEPT_OP_TYPES_KEY, SENSITIVE_FP16_OPS
+from calibration.prepare import prepare_graph
+from engines.errors import EngineError
+from engines.tensorrt.lint import (
+    FP16_KEPT_OP_TYPES_KEY,
+    TARGETS,
+    Finding,
+    format_findings,
+    lint_graph,
+    lint_targets,
+    operator_table,
+    summary,
+)
+from engines.tensorrt.lint import SENSITIVE_FP16_OPS as LINT_SENSITIVE_OPS
+
+# The shared fixtures: tiny_onnx, test_batch, reference, calibration_set, qdq_onnx.
+pytest_plugins = ("tests.engine_fixtures",)
+
+
+def model(nodes, inputs, outputs, initializers=(), opset=17, metadata=None):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto
+
+
+def tensor(name, elem_type=TensorProto.FLOAT, shape=(1, 4)):
+    return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
+
+
+def rules(findings):
+    return [(f.node, f.rule) for f in findings]
+
+
+# ----------------------------------------------------------------------------- the three findings of the issue
+
+
+def test_an_unsupported_op_is_reported():
+    graph = model(
+        [helper.make_node("Unique", ["x"], ["y"], name="unique"), helper.make_node("Relu", ["y"], ["z"], name="relu")],
+        [tensor("x")],
+        [tensor("z", shape=None)],
+    )
+    for target in TARGETS:
+        findings = lint_graph(graph, target)
+        assert ("unique", "operator") in rules(findings)
+        unique = next(f for f in findings if f.rule == "operator")
+        assert unique.op == "Unique" and "is not supported by the TensorRT" in unique.message
+        assert ("unique", "data-dependent") in rules(findings)  # its output shape depends on the values
+        assert not any(f.node == "relu" for f in findings)
+    custom = model([helper.make_node("FusedGelu", ["x"], ["y"], name="gelu", domain="com.microsoft")], [tensor("x")], [tensor("y")])
+    assert rules(lint_graph(custom, "tensorrt-11")) == [("gelu", "operator")]
+
+
+def test_an_asymmetric_qdq_pair_is_reported():
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(5, np.int8), "zero")
+    graph = model(
+        [
+            helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"], name="q"),
+            helper.make_node("DequantizeLinear", ["xq", "scale", "zero"], ["y"], name="dq"),
+        ],
+        [tensor("x")],
+        [tensor("y")],
+        [scale, zero],
+    )
+    for target in TARGETS:
+        findings = lint_graph(graph, target)
+        assert rules(findings) == [("q", "quantization"), ("dq", "quantization")], format_findings(findings)
+        assert all("not 0 (asymmetric quantization)" in f.message for f in findings)
+    # uint8 (ONNX's default when the zero point is left out) is not a type TensorRT quantizes to.
+    unsigned = model([helper.make_node("QuantizeLinear", ["x", "scale"], ["xq"], name="q")], [tensor("x")],
+                     [tensor("xq", TensorProto.UINT8)], [scale])
+    assert any("quantizes to UINT8" in f.message for f in lint_graph(unsigned, "tensorrt-10.3"))
+
+
+def test_an_int64_tensor_where_tensorrt_refuses_one_is_reported():
+    graph = model(
+        [helper.make_node("MatMul", ["a", "b"], ["c"], name="matmul")],
+        [tensor("a", TensorProto.INT64, (2, 3)), tensor("b", TensorProto.INT64, (3, 2))],
+        [tensor("c", TensorProto.INT64, (2, 2))],
+    )
+    for target in TARGETS:
+        findings = lint_graph(graph, target)
+        assert rules(findings) == [("matmul", "type"), ("matmul", "type")]
+        assert "input 0 'a' is INT64" in findings[0].message and "FP32, FP16, BF16" in findings[0].message
+    # Per release: integer Pow came with TensorRT 10.8 (the 10.13 and 11 tables list INT64, 10.3's does not).
+    power = model(
+        [helper.make_node("Pow", ["a", "b"], ["c"], name="pow")],
+        [tensor("a", TensorProto.INT64), tensor("b", TensorProto.INT64)],
+        [tensor("c", TensorProto.INT64)],
+    )
+    assert {t: bool(f) for t, f in lint_targets(power).items()} == {
+        "tensorrt-10.3": True, "tensorrt-10.13": False, "tensorrt-11": False}
+    # DOUBLE is clamped to FP32 by every parser; it is a finding wherever it appears.
+    double = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x", TensorProto.DOUBLE)],
+                   [tensor("y", TensorProto.DOUBLE)])
+    assert ("relu", "type") in rules(lint_graph(double, "tensorrt-11"))
+
+
+# ----------------------------------------------------------------------------- the other rules
+
+
+def test_per_channel_scales_only_on_weights_along_the_output_channels():
+    weight = numpy_helper.from_array(np.ones((4, 3), np.int8), "w")  # MatMul (K, N): channels on axis 1
+    per_channel = numpy_helper.from_array(np.full(3, 0.1, np.float32), "s3")
+    per_row = numpy_helper.from_array(np.full(4, 0.1, np.float32), "s4")
+    zero3 = numpy_helper.from_array(np.zeros(3, np.int8), "z3")
+    zero4 = numpy_helper.from_array(np.zeros(4, np.int8), "z4")
+
+    def matmul(axis, scale, zero):
+        return model(
+            [helper.make_node("DequantizeLinear", ["w", scale, zero], ["wf"], name="dq_w", axis=axis),
+             helper.make_node("MatMul", ["x", "wf"], ["y"], name="matmul")],
+            [tensor("x", shape=(2, 4))], [tensor("y", shape=(2, 3))], [weight, per_channel, per_row, zero3, zero4],
+        )
+
+    assert lint_graph(matmul(1, "s3", "z3"), "tensorrt-10.3") == []
+    wrong = lint_graph(matmul(0, "s4", "z4"), "tensorrt-10.3")
+    assert rules(wrong) == [("dq_w", "quantization")] and "not the output-channel axis 1" in wrong[0].message
+    activation = model(
+        [helper.make_node("QuantizeLinear", ["x", "s4", "z4"], ["xq"], name="q_x", axis=1),
+         helper.make_node("DequantizeLinear", ["xq", "s4", "z4"], ["y"], name="dq_x", axis=1)],
+        [tensor("x", shape=(2, 4))], [tensor("y", shape=(2, 4))], [per_row, zero4],
+    )
+    findings = lint_graph(activation, "tensorrt-11")
+    assert rules(findings) == [("q_x", "quantization"), ("dq_x", "quantization")]
+    assert all("per-channel scales (4) on activation" in f.message for f in findings)
+
+
+def test_computed_scales_and_fp4_per_release():
+    computed = model(
+        [helper.make_node("Abs", ["x"], ["s"], name="abs"),
+         helper.make_node("QuantizeLinear", ["x", "s"], ["xq"], name="q", output_dtype=TensorProto.INT8)],
+        [tensor("x", shape=())], [tensor("xq", TensorProto.INT8, ())], opset=21,
+    )
+    findings = lint_graph(computed, "tensorrt-11")
+    assert rules(findings) == [("q", "quantization")] and "computed" in findings[0].message
+    assert ("", "opset") in rules(lint_graph(computed, "tensorrt-10.3"))  # opset 21 > 20
+    assert operator_table("tensorrt-10.3")["quantized_types"] == ["INT8", "FP8", "INT4"]
+    assert "FP4" in operator_table("tensorrt-10.13")["quantized_types"]
+
+
+def test_control_flow_and_data_dependent_shapes():
+    graph = model([helper.make_node("NonZero", ["x"], ["idx"], name="nonzero")], [tensor("x")],
+                  [tensor("idx", TensorProto.INT64, None)])
+    findings = lint_graph(graph, "tensorrt-10.13")
+    assert rules(findings) == [("nonzero", "data-dependent")] and "depends on the input values" in findings[0].message
+
+
+def test_strongly_typed_rules():
+    exponent = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    mixed = model([helper.make_node("Pow", ["x", "two"], ["y"], name="pow")], [tensor("x", TensorProto.FLOAT16)],
+                  [tensor("y", TensorProto.FLOAT16)], [exponent])
+    findings = lint_graph(mixed, "tensorrt-11")
+    assert ("pow", "strong-typing") in rules(findings)
+    assert any("different types (FP16, FP32)" in f.message for f in findings)
+    # An fp16 graph whose LayerNormalization computes in fp16: a strongly typed network runs it so.
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float16), "w")
+    scale = numpy_helper.from_array(np.ones(4, np.float16), "gamma")
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xh"], name="cast_in", to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["xh", "w"], ["h"], name="matmul"),
+        helper.make_node("LayerNormalization", ["h", "gamma"], ["n"], name="norm", axis=-1),
+        helper.make_node("Cast", ["n"], ["y"], name="cast_out", to=TensorProto.FLOAT),
+    ]
+    half_norm = model(nodes, [tensor("x")], [tensor("y")], [weight, scale])
+    findings = lint_graph(half_norm, "tensorrt-10.3")
+    assert rules(findings) == [("norm", "strong-typing")] and "Cast its inputs to FP32" in findings[0].message
+    # What the graph records as kept in fp32 is what is checked: not kept, not a finding.
+    recorded = model(nodes, [tensor("x")], [tensor("y")], [weight, scale], metadata={FP16_KEPT_OP_TYPES_KEY: json.dumps(["Softmax"])})
+    assert lint_graph(recorded, "tensorrt-10.3") == []
+
+
+def test_attribute_rules_and_opset_range():
+    sizes = numpy_helper.from_array(np.array([1, 4, 8, 8], np.int64), "sizes")
+    cubic = model([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], name="resize", mode="cubic")],
+                  [tensor("x", shape=(1, 4, 4, 4))], [tensor("y", shape=(1, 4, 8, 8))], [sizes], opset=19)
+    findings = lint_graph(cubic, "tensorrt-11")
+    assert rules(findings) == [("resize", "attribute")] and "mode=cubic" in findings[0].message
+    new = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")], opset=26)
+    assert all(rules(f) == [("", "opset")] for f in lint_targets(new).values())
+
+
+def test_findings_format_one_line_each():
+    finding = Finding("/blocks.0/MatMul", "MatMul", "type", "input 0 'a' is INT64")
+    assert finding.line() == "/blocks.0/MatMul (MatMul) [type] input 0 'a' is INT64"
+    assert finding.line("tensorrt-11") == "tensorrt-11: /blocks.0/MatMul (MatMul) [type] input 0 'a' is INT64"
+    assert Finding("", "", "opset", "x").line() == "<graph> (-) [opset] x"
+    assert format_findings([finding, finding], "tensorrt-10.3").count("\n") == 1 and format_findings([]) == ""
+    assert summary({"tensorrt-11": [finding], "tensorrt-10.3": []}) == {
+        "tensorrt-11": {"clean": False, "findings": [finding.to_dict()]}, "tensorrt-10.3": {"clean": True, "findings": []}}
+    with pytest.raises(EngineError, match="unknown lint target 'tensorrt-9'.*tensorrt-10.3"):
+        lint_graph(model([], [tensor("x")], [tensor("x")]), "tensorrt-9")
+
+
+def test_tables_and_rules_agree_with_the_graph_preparation():
+    # The lint may not import calibration (engines imports nothing of ours); the lists must stay equal.
+    assert LINT_SENSITIVE_OPS == SENSITIVE_FP16_OPS and FP16_KEPT_OP_TYPES_KEY == KEPT_OP_TYPES_KEY
+    for target in TARGETS:
+        table = operator_table(target)
+        low, high = table["opset"]
+        assert low == 9 and 20 <= high <= 25 and table["sources"]
+        assert {"LayerNormalization", "MatMul", "Softmax", "Erf", "QuantizeLinear", "DequantizeLinear"} <= set(table["supported"])
+        assert not set(table["supported"]) & set(table["unsupported"])
+    assert "Attention" in operator_table("tensorrt-11")["supported"] and "Attention" not in operator_table("tensorrt-10.13")["supported"]
+
+
+# ----------------------------------------------------------------------------- the tiny model's real graphs
+
+
+def test_the_tiny_models_graphs_lint_clean_for_every_target(tiny_onnx, qdq_onnx, tmp_path):
+    fp16 = prepare_graph("tensorrt", tiny_onnx, tmp_path, "fp16")
+    int8 = prepare_graph("tensorrt", tiny_onnx, tmp_path, "int8", qdq_onnx=qdq_onnx)
+    for graph in (tiny_onnx, fp16.path, qdq_onnx, int8.path):
+        for target, findings in lint_targets(graph).items():
+            assert findings == [], f"{graph.name} {target}:\n{format_findings(findings, target)}"
+    # and the same graphs, made wrong in one place each, do not
+    broken = onnx.load(str(int8.path))
+    zero = next(i for i in broken.graph.initializer if i.data_type == TensorProto.INT8 and not i.dims)
+    zero.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zero.name))
+    assert any(f.rule == "quantization" for f in lint_graph(broken, "tensorrt-11"))

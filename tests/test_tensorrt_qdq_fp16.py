@@ -1,0 +1,92 @@
+"""TensorRT's int8 graph: the Q/DQ graph with everything outside the Q/DQ pairs in fp16 (calibration.qdq_fp16).
+
+Checked without TensorRT: valid ONNX (onnx.checker, full check), the structure a strongly typed
+network needs (float16 scales, symmetric int8, sensitive ops behind Casts to fp32), clean for the
+lint, and close to the fp32 model when ONNX Runtime runs it on the CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from calibration.errors import CalibrationError
+from calibration.fp16 import check_fp16_graph
+from calibration.prepare import prepare_graph
+from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
+from engines.tensorrt.lint import lint_targets
+from tests.engine_fixtures import relative_error
+
+# The shared fixtures: tiny_onnx, test_batch, reference, calibration_set, qdq_onnx.
+pytest_plugins = ("tests.engine_fixtures",)
+
+
+@pytest.fixture(scope="module")
+def qdq_fp16(qdq_onnx, tmp_path_factory):
+    return to_qdq_fp16_graph(qdq_onnx, tmp_path_factory.mktemp("qdq_fp16") / "tiny.qdq_fp16.onnx")
+
+
+def run(path, batch):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"image": batch}), strict=True))
+
+
+def test_it_is_valid_onnx_at_opset_19_with_float16_scales(qdq_fp16, qdq_onnx):
+    model = onnx.load(str(qdq_fp16))
+    onnx.checker.check_model(model, full_check=True)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == QDQ_FP16_OPSET
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    before = [n for n in onnx.load(str(qdq_onnx)).graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) == len(before) > 0  # the same Q/DQ pairs: quantization is not redone
+    for node in qdq:
+        assert initializers[node.input[1]].dtype == np.float16, node.name
+        assert initializers[node.input[2]].dtype == np.int8 and not initializers[node.input[2]].any(), node.name
+    # The graph's inputs and outputs stay float32, like the fp32 model's.
+    assert {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} == {TensorProto.FLOAT}
+
+
+def test_sensitive_ops_stay_fp32_and_the_rest_is_fp16(qdq_fp16):
+    model = onnx.load(str(qdq_fp16))
+    assert check_fp16_graph(model) == []  # LayerNorm, Softmax, Erf and the output layers in fp32, behind Casts
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    kinds = collections.Counter()
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Add", "LayerNormalization", "Softmax", "Erf"):
+            kinds[node.op_type, types.get(node.input[0])] += 1
+    assert kinds["LayerNormalization", TensorProto.FLOAT] == 2 and kinds["Softmax", TensorProto.FLOAT] == 1
+    assert kinds["Erf", TensorProto.FLOAT] == 1
+    assert kinds["MatMul", TensorProto.FLOAT16] >= 4  # the quantized projections compute in fp16 around int8
+    assert kinds["Add", TensorProto.FLOAT16] >= 2  # the residual adds too (the fp32 Q/DQ graph kept them fp32)
+
+
+def test_it_lints_clean_and_matches_the_fp32_model(qdq_fp16, qdq_onnx, test_batch, reference):
+    for target, findings in lint_targets(qdq_fp16).items():
+        assert findings == [], (target, findings)
+    outputs = run(qdq_fp16, test_batch)
+    fp32_qdq = run(qdq_onnx, test_batch)
+    assert max(relative_error(outputs, reference).values()) < 0.06  # what the TensorRT int8 engine test allows
+    # fp16 around the same int8 pairs changes the result by about fp16's rounding, not int8's.
+    assert max(relative_error(outputs, fp32_qdq).values()) < 0.02
+
+
+def test_prepare_graph_makes_it_for_tensorrt_int8(tiny_onnx, calibration_set, tmp_path, test_batch, reference):
+    prepared = prepare_graph("tensorrt", tiny_onnx, tmp_path, "int8", calibration=calibration_set, keep_fp32=["*/fc2/*"])
+    assert prepared.path == tmp_path / "qdq_fp16" / "tiny_mtl.onnx"
+    meta = prepared.metadata
+    assert meta["int8_graph"] == "qdq_fp16" and meta["qdq_fp32_onnx"] == str(tmp_path / "qdq" / "tiny_mtl.onnx")
+    assert meta["calibration_samples"] == 16 and "/fc2/MatMul" in meta["fp32_nodes"]
+    assert max(relative_error(run(prepared.path, test_batch), reference).values()) < 0.06
+
+
+def test_a_graph_without_qdq_is_refused(tiny_onnx, tmp_path):
+    with pytest.raises(CalibrationError, match="has no QuantizeLinear/DequantizeLinear nodes"):
+        to_qdq_fp16_graph(tiny_onnx, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
