@@ -103,6 +103,8 @@ class BackendSpec:
     suffix: str  # the engine file's suffix; its sidecar is <engine><suffix>.json
     module: str
     probe: Callable[[], tuple[bool, str]]
+    # Build options only this backend takes (passed to its `build` when the user gives them).
+    build_options: tuple[str, ...] = ()
 
     def available(self) -> tuple[bool, str]:
         """(usable here, one-line reason)."""
@@ -124,6 +126,7 @@ BACKENDS: dict[str, BackendSpec] = {
         suffix=".plan",
         module="engines.tensorrt",
         probe=_probe_tensorrt,
+        build_options=("max_batch",),
     ),
     "openvino": BackendSpec(
         name="openvino",

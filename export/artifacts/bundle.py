@@ -128,9 +128,13 @@ def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path
         write_text_atomic(staging / "README.md", README.format(
             tasks=", ".join(manifest["tasks"]), size=info["shape"][-1], mean=info["mean"], std=info["std"],
             source=source, name=out.name))
+        from export.checking.graph_lint import build_graphs, lint_graphs
+
+        tensorrt_lint = lint_graphs(staging, build_graphs(staging), say)
         files = index_files(staging, sorted(p for p in staging.rglob("*") if p.is_file()))
         write_json_atomic(staging / BUNDLE_FILE, {"format": BUNDLE_FORMAT, "files": files,
-                                                  "tasks": manifest["tasks"], "graphs": graphs})
+                                                  "tasks": manifest["tasks"], "graphs": graphs,
+                                                  "tensorrt_lint": tensorrt_lint})
         commit_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,6 +21,7 @@ COMMANDS = {
     "check": "export.cli.build:check",
     "merge": "export.cli.convert:merge",
     "onnx": "export.cli.convert:onnx_command",
+    "lint": "export.cli.lint:lint",
     "bundle": "export.cli.deploy:bundle",
     "run": "export.cli.deploy:run",
     "bench": "export.cli.bench:bench",

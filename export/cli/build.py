@@ -34,11 +34,14 @@ from export.cli.options import (
 @click.option("--keep-fp32", multiple=True, help="Glob over node names or op types to keep in fp32 (repeatable).")
 @tolerances_option
 @threads_option
+@click.option("--max-batch", type=click.IntRange(min=1),
+              help="TensorRT: the largest batch the engine takes (its optimisation profile is 1 to this) [default: 8].")
 @click.option("--from-bundle", type=click.Path(file_okay=False), help="Build on a device from a bundle (no PyTorch needed).")
 @click.option("--out", default="build", show_default=True, type=click.Path(), help="Build directory.")
 @click.pass_context
 def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, img_size, calib_data, calib_samples,
-          calib_method, eval_data, eval_samples, batch_size, keep_fp32, tolerances, threads, from_bundle, out) -> None:
+          calib_method, eval_data, eval_samples, batch_size, keep_fp32, tolerances, threads, max_batch, from_bundle,
+          out) -> None:
     """Merge, export, calibrate, build engines and check them against PyTorch, reusing finished steps.
 
     Without CHECKPOINT: ./mtlora-export.json if present, else the embedded default model.
@@ -59,7 +62,8 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, i
                            layout=layout, tasks=parse_tasks(tasks), img_size=img_size, calib_data=calib_data,
                            calib_samples=calib_samples, calib_method=calib_method, eval_data=eval_data,
                            eval_samples=eval_samples, batch_size=batch_size, keep_fp32=tuple(keep_fp32),
-                           tolerances=tolerances, threads=threads, from_bundle=from_bundle, out=out)
+                           tolerances=tolerances, threads=threads, max_batch=max_batch, from_bundle=from_bundle,
+                           out=out)
     outcome = run_build(options, say)
     click.echo(format_table(outcome.report))
     status = "PASSED" if outcome.passed else "FAILED"

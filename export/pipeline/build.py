@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engines.files import sha256_file
-from engines.registry import get_backend
+from engines.registry import BACKENDS, get_backend
 from export.artifacts.builddir import BuildDir
 from export.artifacts.engineset import EngineSet
 from export.artifacts.evalset import EvalSet
 from export.artifacts.manifest import ExportInfo, verify_manifest
 from export.artifacts.records import recover_records
+from export.checking.graph_lint import build_graphs, lint_graphs
 from export.checking.results import Report
 from export.checking.tolerances import Tolerances
 from export.errors import ExportError
@@ -81,8 +82,9 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportIn
     # From a bundle every int8 engine is built from the bundled Q/DQ graph, calibrated on the
     # workstation: a device needs no calibration data.
     calibration = calib() if precision == "int8" and bundle_graphs is None else None
+    extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options}
     key = step_key("engine", backend, precision, graph_hashes, list(opts.keep_fp32), opts.calib_method,
-                   calibration.fingerprint() if calibration is not None else None, str(bundle_graphs))
+                   calibration.fingerprint() if calibration is not None else None, str(bundle_graphs), extra)
     if step_matches(target, key):
         try:
             entry = EngineSet.read(target)
@@ -128,9 +130,10 @@ def _build_engine_set(backend, precision, opts, info, export_dir, build, calibra
                                  keep_fp32=opts.keep_fp32, calibration_method=opts.calib_method,
                                  cache=build.calibration_cache)
         say(f"[{name}] building engine for {file}")
+        extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options if getattr(opts, k) is not None}
         artifact = get_backend(backend).build(prepared.path, staging, precision=precision,
                                               metadata=dict(prepared.metadata), name=Path(file).stem,
-                                              threads=opts.threads)
+                                              threads=opts.threads, **extra)
         entry.files[role] = artifact.path.name
     entry.save()
     say(f"[{name}] built in {time.perf_counter() - started:.1f} s")
@@ -217,6 +220,7 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
         entries.append(engine_step(backend, precision, opts, info, export_dir, build, calib, say, reused,
                                    bundle_graphs))
         timings[f"{backend}-{precision}"] = round(time.perf_counter() - t0, 2)
+    tensorrt_lint = lint_graphs(build.root, build_graphs(build.root), say)
     t0 = time.perf_counter()
     model = {**info.interface.to_dict(), "layout": info.layout, "source": source_line}
     outcome = check_engines(entries, opts, info, export_dir, build, reference, say,
@@ -226,5 +230,6 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
     write_records(build, outcome, {
         "options": asdict(opts), "backends": list(dict.fromkeys(b for b, _ in pairs)),
         "precisions": list(dict.fromkeys(p for _, p in pairs)),
-        "source": source_line, "engines": [e.key for e in entries], "reused": reused, "seconds": timings})
+        "source": source_line, "engines": [e.key for e in entries], "reused": reused, "seconds": timings,
+        "tensorrt_lint": tensorrt_lint})
     return BuildOutcome(build.root, outcome.report, reused)

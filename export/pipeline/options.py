@@ -38,6 +38,7 @@ class BuildOptions:
     keep_fp32: tuple[str, ...] = ()
     tolerances: str | None = None
     threads: int | None = None
+    max_batch: int | None = None  # TensorRT: the largest batch of the optimisation profile
     report_samples: int = 3
     out: str = "build"
 
