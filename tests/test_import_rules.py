@@ -1,0 +1,64 @@
+"""The package layout's import rules, read from the source with `ast` (so lazy imports inside
+functions count too): `export -> mtlora, calibration, engines`; `calibration -> engines`; `engines`
+and `mtlora` import nothing of ours; torch only where the PyTorch side lives."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("mtlora", "export", "calibration", "engines")
+ALLOWED = {"mtlora": {"mtlora"}, "engines": {"engines"}, "calibration": {"calibration", "engines"},
+           "export": set(OURS)}
+# The only modules of export/, engines/ and calibration/ that may import torch (all of mtlora may).
+TORCH_MODULES = ("export/onnx/", "export/pipeline/original_model.py", "export/pipeline/sources.py",
+                 "export/bench/plain_backbone.py", "export/bench/page.py", "export/bench/worker.py")
+TORCH_PACKAGES = ("torch", "torchvision", "timm", "safetensors")
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+    return found
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", OURS)
+def test_imports_point_one_way(package):
+    wrong = []
+    for path in sources(package):
+        for name, line in imports(path):
+            top = name.split(".")[0]
+            if top in OURS and top not in ALLOWED[package]:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("package", ("engines", "calibration", "export"))
+def test_torch_only_on_the_pytorch_side(package):
+    wrong = []
+    for path in sources(package):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(TORCH_MODULES):
+            continue
+        for name, line in imports(path):
+            if name.split(".")[0] in TORCH_PACKAGES:
+                wrong.append(f"{rel}:{line} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_rules_catch_a_wrong_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from export.errors import ExportError\n    import torch.nn\n")
+    assert imports(bad) == [("export.errors", 2), ("torch.nn", 3)]
