@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from calibration.errors import CalibrationError
-from engines.files import load_onnx, write_atomic
+from engines.files import load_onnx, set_onnx_metadata, write_atomic
 
 # Ops whose fp16 results drift: reductions and normalisations (LayerNorm's variance, Softmax's sum),
 # powers and roots that overflow fp16's 65504, and the erf of GELU.
@@ -149,8 +149,8 @@ def to_fp16_graph(
     except Exception as exc:
         raise CalibrationError(f"fp16 conversion of {onnx_path} failed: {exc}") from exc
     _drop_fp16_round_trips(converted)
-    _set_metadata(converted, KEPT_NODES_KEY, json.dumps(kept_nodes))
-    _set_metadata(converted, KEPT_OP_TYPES_KEY, json.dumps(list(keep_op_types)))
+    set_onnx_metadata(converted, KEPT_NODES_KEY, json.dumps(kept_nodes))
+    set_onnx_metadata(converted, KEPT_OP_TYPES_KEY, json.dumps(list(keep_op_types)))
     return write_atomic(out_path, converted.SerializeToString())
 
 
@@ -191,14 +191,6 @@ def _drop_fp16_round_trips(model) -> None:
     keep_vi = [vi for vi in model.graph.value_info if vi.name in produced]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep_vi)
-
-
-def _set_metadata(model, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
 
 
 def _get_metadata(model, key: str) -> str | None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +212,8 @@ def _nncf_ir(
         raise CalibrationError("int8 needs calibration data (calibration=CalibrationSet or a list of feed dicts)")
     import openvino as ov
 
+    from engines.openvino.build import save_ir
+
     calibration = as_calibration_set(calibration)
     model, info = quantize_openvino(
         onnx_path,
@@ -223,7 +224,7 @@ def _nncf_ir(
         cache=cache,
     )
     xml = _output_path(onnx_path, out_dir / f"{onnx_path.stem}.xml")
-    _save_ir(ov, model, xml)
+    save_ir(ov, model, xml)
     metadata.update(
         nncf=info,
         calibration_method="nncf",
@@ -233,19 +234,6 @@ def _nncf_ir(
         prepared_bin_sha256=sha256_file(xml.with_suffix(".bin")),
     )
     return xml
-
-
-def _save_ir(ov, model, xml: Path) -> None:
-    """save_model into a temp dir beside the target, then move bin before xml into place."""
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ir-", dir=xml.parent) as tmp:
-        staged = Path(tmp) / xml.name
-        ov.save_model(model, str(staged), compress_to_fp16=False)
-        for suffix in (".bin", ".xml"):
-            part = staged.with_suffix(suffix)
-            with open(part, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(part, xml.with_suffix(suffix))
 
 
 def _output_path(onnx_path: Path, out: Path) -> Path:

@@ -25,7 +25,7 @@ from calibration.cache import CalibrationCache, cache_key
 from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
 from calibration.fp16 import COMPUTE_OPS, ensure_node_names, match_nodes, output_layer_nodes
-from engines.files import copy_atomic, load_onnx, write_atomic
+from engines.files import copy_atomic, load_onnx, set_onnx_metadata, write_atomic
 
 DEFAULT_EXCLUDED_OP_TYPES = ("LayerNormalization", "Softmax", "Gelu", "Erf")
 # TensorRT's guidance for explicit quantization: Q/DQ on the inputs of the GEMM-like ops only;
@@ -197,9 +197,9 @@ def quantize_qdq(
             prepared, quantized_path, calibration, method, percentile, exclude, op_types_to_quantize, per_channel, providers
         )
         quantized = load_onnx(quantized_path)
-    _set_metadata(quantized, EXCLUDED_NODES_KEY, json.dumps(exclude))
-    _set_metadata(quantized, EXCLUDED_OP_TYPES_KEY, json.dumps(list(exclude_op_types)))
-    _set_metadata(quantized, SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    set_onnx_metadata(quantized, EXCLUDED_NODES_KEY, json.dumps(exclude))
+    set_onnx_metadata(quantized, EXCLUDED_OP_TYPES_KEY, json.dumps(list(exclude_op_types)))
+    set_onnx_metadata(quantized, SETTINGS_KEY, json.dumps(settings, sort_keys=True))
     problems = check_qdq_conventions(quantized)
     if problems:
         raise CalibrationError(f"the Q/DQ model breaks TensorRT's conventions: {'; '.join(problems[:5])}")
@@ -280,14 +280,6 @@ def _quantize_static(
         raise
     except Exception as exc:
         raise CalibrationError(f"int8 calibration failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _set_metadata(model, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
 
 
 # ----------------------------------------------------------------------------- structural check

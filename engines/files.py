@@ -91,6 +91,15 @@ def source_metadata(graph_path: Path, graph_sha256: str, metadata: Mapping[str, 
     return {"source_onnx": str(graph_path), "source_sha256": graph_sha256, **dict(metadata or {})}
 
 
+def set_onnx_metadata(model, key: str, value: str) -> None:
+    """Set one `metadata_props` entry of an onnx.ModelProto (replacing an earlier value)."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
 # ----------------------------------------------------------------------------- hashed file indexes
 
 

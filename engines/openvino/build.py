@@ -91,7 +91,7 @@ def build(
     if graph_path.suffix == ".xml":
         metadata["built_from_bin_sha256"] = sha256_file(graph_path.with_suffix(".bin"))
 
-    _save_ir(ov, model, xml, compress_to_fp16=precision == "fp16")
+    save_ir(ov, model, xml, compress_to_fp16=precision == "fp16")
     try:
         compiled = core.compile_model(str(xml), device, config)
     except Exception as exc:
@@ -174,8 +174,9 @@ def is_quantized(model) -> bool:
     return False
 
 
-def _save_ir(ov, model, xml: Path, *, compress_to_fp16: bool) -> None:
+def save_ir(ov, model, xml: Path, *, compress_to_fp16: bool = False) -> None:
     """save_model into a temp dir beside the target, then move bin before xml into place."""
+    xml.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ir-", dir=xml.parent) as tmp:
         staged = Path(tmp) / xml.name
         ov.save_model(model, str(staged), compress_to_fp16=compress_to_fp16)
