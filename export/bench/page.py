@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.files import write_atomic
+from export.artifacts.builddir import BuildDir
 from export.bench.options import BenchOptions
 from export.bench.plain_backbone import bench_backbone, reference_lines
 from export.bench.profile import profile_graphs
@@ -179,7 +180,7 @@ def interleave_export(build_dir: Path, unmerged_onnx: Path, free_onnx: Path, thr
     from engines.onnxruntime.runner import OnnxRuntimeRunner
 
     image = _image()
-    paths = {"merged": build_dir / "export" / "model.onnx", "unmerged": unmerged_onnx, "adapter-free": free_onnx}
+    paths = {"merged": BuildDir(build_dir).export / "model.onnx", "unmerged": unmerged_onnx, "adapter-free": free_onnx}
     with ExitStack() as stack:
         runners = {name: stack.enter_context(OnnxRuntimeRunner(path, intra_op_threads=threads))
                    for name, path in paths.items()}
@@ -207,7 +208,7 @@ def interleave_engines(build_dir: Path, checkpoint: Path, threads: int) -> dict:
     infers = {"pytorch-unmerged": eager}
     with ExitStack() as stack:
         for name in ("openvino-fp32", "openvino-int8"):
-            directory = build_dir / "engines" / name
+            directory = BuildDir(build_dir).engine(name)
             if (directory / "engine.json").is_file():
                 runner = stack.enter_context(load_runner(EngineSet.read(directory), threads))
                 infers[name] = lambda r=runner: r.infer({"image": image})

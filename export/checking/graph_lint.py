@@ -36,5 +36,7 @@ def lint_graphs(root: Path, graphs: list[Path], say: Say) -> dict[str, dict]:
 
 def build_graphs(root: Path) -> list[Path]:
     """The ONNX graphs of a build or bundle directory: the export and every prepared graph."""
-    return sorted(p for sub in ("export", "graphs") for p in (root / sub).rglob("*.onnx")
+    from export.artifacts.builddir import BuildDir
+
+    return sorted(p for sub in (BuildDir.EXPORT, BuildDir.GRAPHS) for p in (root / sub).rglob("*.onnx")
                   if not any(part.startswith(".") for part in p.relative_to(root).parts))

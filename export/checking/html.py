@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.artifacts.files import write_text_atomic
 from export.checking.report import HEADER, rows
 from export.checking.results import Report
 from export.checking.visualize import denormalize, error_map, png_data_uri, render_label, render_output
 
-HTML_FILE = "report.html"
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
 table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .5rem;font-size:.85rem}
@@ -85,8 +83,3 @@ def render_html(report: Report, samples: list[Sample], mean, std, curves_png: Pa
         parts.append(f"<h2>Training curves</h2><img src='data:image/png;base64,{data}' alt='training curves' style='max-width:100%'>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def write_html(report: Report, samples: list[Sample], out_dir: str | Path, mean, std,
-               curves_png: Path | None = None) -> Path:
-    return write_text_atomic(Path(out_dir) / HTML_FILE, render_html(report, samples, mean, std, curves_png))

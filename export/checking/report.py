@@ -7,10 +7,9 @@ import math
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from export.artifacts.files import read_json, write_json_atomic, write_text_atomic
+from export.artifacts.builddir import BuildDir
+from export.artifacts.files import read_json
 from export.checking.results import Report
-
-REPORT_FILE, JUNIT_FILE, SUMMARY_FILE = "report.json", "junit.xml", "summary.md"
 
 
 def _fmt(value) -> str:
@@ -83,19 +82,20 @@ def format_junit(report: Report) -> str:
     return ET.tostring(suites, encoding="unicode") + "\n"
 
 
-def write_reports(report: Report, out_dir: str | Path) -> list[Path]:
-    out_dir = Path(out_dir)
-    return [
-        write_json_atomic(out_dir / REPORT_FILE, report.to_dict()),
-        write_text_atomic(out_dir / JUNIT_FILE, format_junit(report)),
-        write_text_atomic(out_dir / SUMMARY_FILE, format_markdown(report)),
-    ]
+def report_files(report: Report) -> dict[str, bytes]:
+    """The machine- and CI-readable records of a report, by file name (the HTML page comes from
+    `export.checking.html`, which needs the sample images)."""
+    return {
+        BuildDir.REPORT: (json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n").encode(),
+        BuildDir.JUNIT: format_junit(report).encode(),
+        BuildDir.SUMMARY: format_markdown(report).encode(),
+    }
 
 
 def read_report(path: str | Path) -> Report:
     path = Path(path)
     if path.is_dir():
-        path = path / REPORT_FILE
+        path = path / BuildDir.REPORT
     data = read_json(path, corrupt=f"{path}: not a valid report",
                      missing=f"{path}: no such report; run 'mtlora-export build' or 'check' first")
     return Report.from_dict(data, str(path))

@@ -21,7 +21,7 @@ from export.artifacts.manifest import ExportInfo, verify_manifest
 from export.artifacts.records import publish_records, read_build_record, recover_records, verify_records
 from export.checking.accuracy import EngineChecker, EvalBatch
 from export.checking.html import Sample, render_html
-from export.checking.report import format_junit, format_markdown
+from export.checking.report import report_files
 from export.checking.results import EngineInfo, Report
 from export.checking.tolerances import Tolerances
 from export.errors import ExportError
@@ -127,16 +127,8 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
 
 def write_records(build: BuildDir, outcome: CheckOutcome, record: dict) -> None:
     """The reports and build.json, as one set (see `export.artifacts.records`)."""
-    import json
-
-    report = outcome.report
-    records = {
-        BuildDir.REPORT: (json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n").encode(),
-        BuildDir.JUNIT: format_junit(report).encode(),
-        BuildDir.SUMMARY: format_markdown(report).encode(),
-        BuildDir.HTML: outcome.html.encode(),
-    }
-    publish_records(build, records, {**record, "passed": report.passed}, {BuildDir.EVALSET: build.evalset})
+    records = {**report_files(outcome.report), BuildDir.HTML: outcome.html.encode()}
+    publish_records(build, records, {**record, "passed": outcome.report.passed}, {BuildDir.EVALSET: build.evalset})
 
 
 def verify_build(build: BuildDir, export_dir: Path | None = None, recorded: dict | None = None) -> list[EngineSet]:
