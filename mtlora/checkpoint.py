@@ -81,6 +81,41 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+# safetensors element sizes by dtype name, to check a header's offsets against the shapes it states.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def weights_header(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from model.safetensors' header, checked against the file without reading
+    the tensor data: a truncated, padded or garbled file is a CheckpointError."""
+    import json
+    import struct
+
+    weights = resolve_checkpoint_dir(path) / WEIGHTS_FILE
+    size = weights.stat().st_size
+    try:
+        with open(weights, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if not 2 <= length <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(fh.read(length))
+        shapes, end = {}, 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = entry["data_offsets"]
+            expected = _DTYPE_BYTES[entry["dtype"]] * int(torch.tensor(entry["shape"], dtype=torch.int64).prod())
+            if stop - start != expected or start < 0:
+                raise ValueError(f"{name}: {stop - start} bytes for shape {entry['shape']} {entry['dtype']}")
+            shapes[name] = tuple(entry["shape"])
+            end = max(end, stop)
+        if 8 + length + end != size:
+            raise ValueError(f"the tensors end at byte {8 + length + end}, the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise CheckpointError(f"{weights}: corrupt or truncated weights ({err})") from None
+    return shapes
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     weights = resolve_checkpoint_dir(path) / WEIGHTS_FILE
     try:

@@ -81,11 +81,37 @@ def info(source: str | None, as_json: bool, **options) -> None:
     from mtlora.params import count_parameters
 
     config = _config_for_info(source, options)
-    counts = count_parameters(MultiTaskSwin(config))
+    model = MultiTaskSwin(config)
+    counts = count_parameters(model)
+    weights = _check_weights(source, model)
     if as_json:
-        click.echo(json.dumps({"config": config.to_dict(), "parameters": counts.to_dict()}, indent=2, sort_keys=True))
+        click.echo(json.dumps({"config": config.to_dict(), "parameters": counts.to_dict(), "weights": weights},
+                              indent=2, sort_keys=True))
     else:
         click.echo(_format_info(config, counts))
+        click.echo(f"weights       {weights}")
+
+
+def _check_weights(source: str | None, model) -> str:
+    """What `info` checked of a checkpoint's weights, in one line (a damaged file is an error)."""
+    from mtlora.checkpoint import WEIGHTS_FILE, resolve_checkpoint_dir, weights_header
+
+    if source is None:
+        return "none (a model described by options)"
+    path = Path(source)
+    if path.is_file() and path.suffix != ".json":
+        return "read in full (official .pth)"
+    if path.suffix == ".json":
+        return "not checked (a config file; no weights)"
+    shapes = weights_header(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes != expected:
+        missing = sorted(set(expected) - set(shapes))
+        odd = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+        what = f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{odd[0]} has shape {shapes[odd[0]]}" \
+            if odd else f"{len(set(shapes) - set(expected))} unexpected"
+        raise ConfigError(f"{resolve_checkpoint_dir(path) / WEIGHTS_FILE}: does not fit config.json ({what})")
+    return f"{WEIGHTS_FILE}: header checked, {len(shapes)} tensors of the shapes config.json implies (values not read)"
 
 
 @main.command("import-upstream")

@@ -38,16 +38,44 @@ class ErrorHandlingGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context):
+        debug = bool(ctx.obj and ctx.obj.get("debug") or os.environ.get("MTLORA_DEBUG"))
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors (exit 2) and explicit exits are click's to report
         except self.handled as err:
-            if ctx.obj and ctx.obj.get("debug") or os.environ.get("MTLORA_DEBUG"):
+            if debug:
                 raise
-            click.echo(f"Error: {err}", err=True)
+            click.echo(f"Error: {_one_line(err)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except Exception as err:  # noqa: BLE001 - the promise: one line, never a traceback
+            if debug:
+                raise
+            click.echo(f"Error: {describe_unexpected(err)}", err=True)
+            sys.exit(1)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def describe_unexpected(err: BaseException) -> str:
+    """One line for an error no library code turned into ours: what the system said, or an internal error."""
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        what = err.strerror or _one_line(err)
+        hint = {28: "free some space or choose another output path", 13: "check the permissions or choose "
+                "another path", 30: "the file system is read-only: choose another path"}.get(err.errno or 0,
+                                                                                             "check the path")
+        return f"{where}{what}; {hint}"
+    if isinstance(err, MemoryError):
+        return "out of memory; use a smaller batch, input size or model, or a machine with more memory"
+    return (f"internal error ({type(err).__name__}: {_one_line(err)[:300]}); re-run with --debug for the "
+            "traceback and report it")
 
 
 def debug_option(func):

@@ -102,10 +102,34 @@ class SwinConfig:
         return cls(**{**SWIN_VARIANTS[name], **overrides})
 
 
+# What building a model may allocate for its shifted-window attention masks before it refuses:
+# a config that asks for more is a mistake (or hostile), and would otherwise fail deep inside timm.
+MAX_MASK_BYTES = 2 << 30
+
+
+def attention_mask_bytes(swin: SwinConfig, img_size: int) -> int:
+    """Bytes of the float32 shift masks timm builds, (windows, N, N) per shifted block, for `img_size`."""
+    total = 0
+    for stage, depth in enumerate(swin.depths):
+        tokens = img_size // swin.patch_size // 2**stage
+        window = min(swin.window_size, tokens)
+        if tokens > window:  # a window covering the grid is not shifted
+            total += (depth // 2) * tokens**2 * window**2 * 4
+    return total
+
+
 def check_input_size(swin: SwinConfig, img_size: int) -> None:
-    """Refuse an input size that does not fit the patch size, merging and window partition."""
+    """Refuse an input size that does not fit the patch size, merging and window partition, or whose
+    attention masks alone would take more memory than any real input needs."""
     stride = swin.patch_size * 2 ** (swin.num_stages - 1)
-    if img_size <= 0 or img_size % stride:
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+        raise ConfigError(f"input size {img_size!r} must be a positive whole number of pixels, e.g. {stride * 16}")
+    masks = attention_mask_bytes(swin, img_size)
+    if masks > MAX_MASK_BYTES:
+        raise ConfigError(f"input size {img_size} is far too large: its attention masks alone would take "
+                          f"{masks / 2**30:,.0f} GiB (at most {MAX_MASK_BYTES >> 30} GiB); use the size the model "
+                          f"was trained at, e.g. {stride * 16}")
+    if img_size % stride:
         raise ConfigError(
             f"input size {img_size} does not fit the backbone: it must be a multiple of "
             f"{stride} (patch {swin.patch_size} x 2^{swin.num_stages - 1} merges)"

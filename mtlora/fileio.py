@@ -88,6 +88,7 @@ def commit_directory(staging: Path, final: Path) -> None:
     for path in Path(staging).rglob("*"):
         if path.is_file() and not path.is_symlink():
             _fsync_file(path)
+            publish_mode(path)  # some writers (safetensors, tempfile) leave 0600
     publish_mode(staging)  # mkdtemp made it 0700
     old = None
     if final.exists():

@@ -117,6 +117,12 @@ class ExportInfo:
     source_sha256: str
     source_name: str
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What identifies the model for a baseline comparison: its interface and its weights."""
+        return {"tasks": list(self.interface.tasks), "output_channels": dict(self.interface.channels),
+                "input_size": self.interface.size, "source_sha256": self.source_sha256}
+
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExportInfo:
         manifest = read_manifest(directory)

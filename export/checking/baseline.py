@@ -21,14 +21,40 @@ DEFAULT_METRIC_SLACK = 0.5
 
 @dataclass
 class GateResult:
-    """What the gate found: regressions (one line each), and how many task results it compared."""
+    """What the gate found: regressions (one line each), how many task results it compared, and why the
+    baseline does not apply to this report at all (another model, or nothing to compare), if it does not."""
 
     regressions: list[str] = field(default_factory=list)
     compared: int = 0
+    mismatch: str = ""
+
+    @property
+    def applies(self) -> bool:
+        return not self.mismatch and self.compared > 0
 
     @property
     def passed(self) -> bool:
-        return not self.regressions
+        return self.applies and not self.regressions
+
+
+def identity_mismatch(report: Report, baseline: Report) -> str:
+    """Why `baseline` was made from another model than `report` ('' when it was the same model).
+
+    A model is its tasks, their output channels, its input size and its weights (the source
+    checkpoint's SHA-256, which every export records)."""
+    new, old = report.identity, baseline.identity
+    if not old:
+        return "the baseline does not say which model it was made from (written by an older version)"
+    if not new:
+        return "the new report does not say which model it was made from"
+    for key, what in (("tasks", "tasks"), ("output_channels", "output channels per task"),
+                      ("input_size", "input size")):
+        if new.get(key) != old.get(key):
+            return f"other {what}: {new.get(key)} now, {old.get(key)} in the baseline"
+    if new.get("source_sha256") != old.get("source_sha256"):
+        return (f"other weights: checkpoint SHA-256 {str(new.get('source_sha256'))[:12]} now, "
+                f"{str(old.get('source_sha256'))[:12]} in the baseline")
+    return ""
 
 
 def _metric_regression(key: str, task: str, old: TaskResult, new: TaskResult, slack: float | None) -> str | None:
@@ -45,13 +71,18 @@ def _metric_regression(key: str, task: str, old: TaskResult, new: TaskResult, sl
     return None
 
 
-def compare_with_baseline(report: Report, baseline: Report, metric_slack: dict[str, float] | None = None) -> GateResult:
+def compare_with_baseline(report: Report, baseline: Report, metric_slack: dict[str, float] | None = None,
+                          allow_other_model: bool = False) -> GateResult:
     """Regressions of `report` against `baseline`.
 
-    `metric_slack` maps an engine key (e.g. 'openvino-int8') to how many points its
-    primary task metrics may lose; the default is each check's own metric-drop limit.
+    A baseline of another model (see `identity_mismatch`) does not apply: the result says so and
+    does not pass, unless `allow_other_model` (then tasks are compared by name). `metric_slack`
+    maps an engine key (e.g. 'openvino-int8') to how many points its primary task metrics may
+    lose; the default is each check's own metric-drop limit.
     """
-    gate = GateResult()
+    gate = GateResult(mismatch="" if allow_other_model else identity_mismatch(report, baseline))
+    if gate.mismatch:
+        return gate
     for stored in baseline.engines:
         engine = report.engine(stored.key)
         if engine is None:
@@ -74,4 +105,6 @@ def compare_with_baseline(report: Report, baseline: Report, metric_slack: dict[s
                 if not math.isfinite(after) or worse > slack:
                     gate.regressions.append(f"{stored.key}/{task}: {name} {after:.4f} vs baseline {before:.4f} "
                                             f"(worse by {worse:.4f} > {slack})")
+    if gate.compared == 0 and not gate.regressions:
+        gate.mismatch = "the baseline holds no engine task results, so nothing was compared"
     return gate

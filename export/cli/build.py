@@ -71,16 +71,23 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, i
     sys.exit(0 if outcome.passed else 1)
 
 
+# `check --baseline`: the baseline is of another model, or compares nothing (distinct from a regression).
+BASELINE_DOES_NOT_APPLY = 3
+
+
 @click.command("check")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A stored report.json; fail on any regression against it.")
+@click.option("--allow-other-model", is_flag=True,
+              help="Compare with a baseline made from another model (other weights or classes) by task name.")
 @click.option("--eval-data", help="Evaluation data to use instead of the build's.")
 @tolerances_option
 @threads_option
-def check(build_dir, baseline, eval_data, tolerances, threads) -> None:
+def check(build_dir, baseline, eval_data, tolerances, threads, allow_other_model) -> None:
     """Re-run the accuracy checks of BUILD_DIR (and compare with a baseline report: the CI gate).
 
-    Exit code 0 when every check passes (and nothing regressed), 1 when any fails.
+    Exit code 0 when every check passes (and nothing regressed), 1 when any fails, 3 when the
+    baseline does not apply: it was made from another model, or it compares nothing.
     """
     from export.checking.baseline import compare_with_baseline
     from export.checking.report import format_table, read_report
@@ -91,7 +98,12 @@ def check(build_dir, baseline, eval_data, tolerances, threads) -> None:
     click.echo(format_table(report))
     passed = report.passed
     if stored is not None:
-        gate = compare_with_baseline(report, stored)
+        gate = compare_with_baseline(report, stored, allow_other_model=allow_other_model)
+        if not gate.applies:
+            hint = "" if allow_other_model or "nothing" in gate.mismatch else " (or pass --allow-other-model)"
+            click.echo(f"\nBASELINE DOES NOT APPLY: {baseline}: {gate.mismatch}; make a baseline from this model "
+                       f"with 'mtlora-export build' (or 'make baseline'){hint}")
+            sys.exit(BASELINE_DOES_NOT_APPLY)
         for line in gate.regressions:
             click.echo(f"REGRESSION {line}")
         passed = passed and gate.passed

@@ -139,10 +139,15 @@ def _trace(module: ExportModel, args: tuple[torch.Tensor, ...], input_names: lis
         # The TorchScript exporter is deprecated but traces Swin's window reshapes with a symbolic batch;
         # its deprecation and tracer warnings are not actionable for a user.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                module, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        except (RuntimeError, ValueError, TypeError) as err:  # the tracer's and the exporter's own errors
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"the model could not be exported to ONNX opset {opset} ({first}); "
+                              "re-run with --debug for the traceback and report it") from err
     return onnx.load_from_string(buffer.getvalue())
 
 

@@ -68,8 +68,13 @@ def head_calibration(backbone_onnx: Path, calibration, head_inputs: list[str]):
     import onnxruntime as ort
 
     from calibration.data import CalibrationSet
+    from engines.errors import EngineError
 
-    session = ort.InferenceSession(str(backbone_onnx), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(backbone_onnx), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime's own error types: a graph it cannot load
+        raise EngineError(f"{backbone_onnx}: ONNX Runtime cannot load the backbone to calibrate the heads "
+                          f"({type(err).__name__}); re-run the export") from None
     names = [o.name for o in session.get_outputs()]
 
     def iterate():

@@ -120,7 +120,7 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
                         engines={k: {t: np.asarray(o[t])[i] for t in interface.tasks} for k, o in results.items()},
                         labels={t: v[i] for t, v in batch.labels.items()}))
             say(f"[check] {count} images checked on {len(runners)} engine(s)")
-    report = Report(model, [checkers[k].finish(infos[k], source) for k in runners])
+    report = Report(model, [checkers[k].finish(infos[k], source) for k in runners], identity=info.identity)
     html = render_html(report, html_samples, interface.mean, interface.std, curves_png)
     return CheckOutcome(report, html)
 
