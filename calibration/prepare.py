@@ -41,12 +41,12 @@ from calibration.data import CalibrationSet, as_calibration_set
 from calibration.errors import CalibrationError
 from calibration.fp16 import KEPT_NODES_KEY, check_fp16_graph, to_fp16_graph
 from calibration.nncf_quant import quantize_openvino
-from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq
+from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq, to_uint8_activations
 from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
-from engines.files import load_onnx, sha256_file
+from engines.files import load_onnx, sha256_file, write_atomic
 from engines.registry import BACKENDS
 
-FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "nncf"
+FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, QDQ_U8_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "qdq_u8", "nncf"
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,8 @@ def prepare_graph(
         )
     if backend == "tensorrt" and precision == "int8":
         path = _qdq_fp16_graph(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
+    if backend == "onnxruntime" and precision == "int8":
+        path = _qdq_u8_graph(path, onnx_path, Path(work_dir) / QDQ_U8_DIR, metadata)
     metadata["prepared_sha256"] = sha256_file(path)
     return PreparedGraph(path, precision, backend, metadata)
 
@@ -203,6 +205,16 @@ def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, k
         fp32_nodes=_recorded_list(load_onnx(path), KEPT_NODES_KEY),
     )
     return path
+
+
+def _qdq_u8_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, metadata: dict) -> Path:
+    """ONNX Runtime's int8 graph: the calibrated Q/DQ graph with uint8 activations (`to_uint8_activations`)."""
+    out = _output_path(onnx_path, out_dir / onnx_path.name)
+    converted = to_uint8_activations(load_onnx(qdq_path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, converted.SerializeToString())
+    metadata.update(activation_type="uint8", signed_qdq_onnx=str(qdq_path))
+    return out
 
 
 def _nncf_ir(

@@ -313,10 +313,16 @@ def test_prepare_fp16_is_the_checked_fp16_graph_for_ort_and_tensorrt(tiny_onnx, 
 
 def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qdq_onnx, tmp_path):
     cache = tmp_path / "cache"
-    first = prepare_graph("onnxruntime", tiny_onnx, tmp_path / "a", "int8", calibration=calibration_set, cache=cache)
-    assert first.path == tmp_path / "a" / "qdq" / "tiny_mtl.onnx"
-    assert check_qdq_conventions(onnx.load(str(first.path))) == []
-    assert first.path.read_bytes() == qdq_onnx.read_bytes()  # same settings as quantize_qdq's defaults
+    ort_graph = prepare_graph("onnxruntime", tiny_onnx, tmp_path / "a", "int8", calibration=calibration_set,
+                              cache=cache)
+    # ONNX Runtime runs the calibrated graph with uint8 activations (its fast U8S8 kernels) ...
+    assert ort_graph.path == tmp_path / "a" / "qdq_u8" / "tiny_mtl.onnx"
+    first = ort_graph
+    signed = Path(ort_graph.metadata["signed_qdq_onnx"])
+    assert signed == tmp_path / "a" / "qdq" / "tiny_mtl.onnx"
+    # ... made from the one signed Q/DQ graph TensorRT takes, calibrated once.
+    assert check_qdq_conventions(onnx.load(str(signed))) == []
+    assert signed.read_bytes() == qdq_onnx.read_bytes()  # same settings as quantize_qdq's defaults
     meta = first.metadata
     assert meta["calibration_fingerprint"] == calibration_set.fingerprint() and meta["calibration_samples"] == 16
     assert meta["calibration_method"] == "percentile" and meta["calibration_cache"] == "miss"
@@ -324,7 +330,7 @@ def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qd
     # TensorRT starts from the very same Q/DQ graph (from the cache this time) and builds its fp16 Q/DQ graph.
     trt = prepare_graph("tensorrt", tiny_onnx, tmp_path / "b", "int8", calibration=calibration_set, cache=cache)
     assert trt.metadata["calibration_cache"] == "hit" and trt.path == tmp_path / "b" / "qdq_fp16" / "tiny_mtl.onnx"
-    assert Path(trt.metadata["qdq_fp32_onnx"]).read_bytes() == first.path.read_bytes()
+    assert Path(trt.metadata["qdq_fp32_onnx"]).read_bytes() == signed.read_bytes()
     # Feed dicts work as well as a CalibrationSet, and the method and exclusions are passed on.
     feeds = [{"image": image[None]} for image in smooth_images(8, seed=6)]
     minmax = prepare_graph(
@@ -337,7 +343,8 @@ def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qd
 
 def test_prepare_int8_from_a_given_qdq_onnx(tiny_onnx, qdq_onnx, tmp_path):
     prepared = prepare_graph("onnxruntime", tiny_onnx, tmp_path, "int8", qdq_onnx=qdq_onnx)
-    assert prepared.path == qdq_onnx and list(tmp_path.iterdir()) == []
+    # ONNX Runtime's uint8-activation graph, made from the given (bundled) signed one.
+    assert prepared.path == tmp_path / "qdq_u8" / "tiny_mtl.onnx" and [p.name for p in tmp_path.iterdir()] == ["qdq_u8"]
     assert prepared.metadata["qdq_onnx"] == str(qdq_onnx) and prepared.metadata["source_onnx"] == str(tiny_onnx)
     assert "/Softmax" in prepared.metadata["excluded_nodes"]
     # TensorRT builds its fp16 Q/DQ graph from the given one (tests/test_tensorrt_qdq_fp16.py checks it).
@@ -372,3 +379,24 @@ def test_prepare_errors(tiny_onnx, qdq_onnx, calibration_set, tmp_path):
     with pytest.raises(CalibrationError, match="would overwrite it"):
         prepare_graph("onnxruntime", inside, tmp_path, "fp16")
     assert inside.read_bytes() == tiny_onnx.read_bytes()
+
+
+def test_uint8_activations_give_the_same_outputs(qdq_onnx, test_batch):
+    """ONNX Runtime's flavour of the Q/DQ graph (uint8 activations, zero point 128) is the same quantization."""
+    from calibration.qdq import to_uint8_activations
+
+    signed = onnx.load(str(qdq_onnx))
+    unsigned = to_uint8_activations(signed)
+    zero_points = {i.name: i for i in unsigned.graph.initializer}
+    activation_q = [n for n in unsigned.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_q and all(zero_points[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in activation_q)
+    weights = [i for i in unsigned.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert weights  # weights stay signed int8
+    import onnxruntime
+
+    run = {}
+    for name, model in (("signed", signed), ("unsigned", unsigned)):
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        run[name] = session.run(None, {session.get_inputs()[0].name: test_batch})
+    for a, b in zip(run["signed"], run["unsigned"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

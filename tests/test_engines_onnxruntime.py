@@ -104,9 +104,14 @@ def test_fp16_graph_is_close_and_reports_what_ran(tiny_onnx, work_dir, out_dir, 
 
 
 def test_int8_runs_int8_kernels_and_is_close(int8_engine, tiny_onnx, calibration_set, test_batch, reference):
-    from calibration.qdq import check_qdq_conventions
+    import onnx
 
-    assert check_qdq_conventions(int8_engine.path) == []
+    from calibration.qdq import ACTIVATION_TYPE_KEY, check_qdq_conventions
+
+    # ONNX Runtime's flavour: uint8 activations (its U8S8 kernels) around the signed, TensorRT-style graph.
+    engine_graph = onnx.load(str(int8_engine.path))
+    assert {p.key: p.value for p in engine_graph.metadata_props}[ACTIVATION_TYPE_KEY] == "uint8"
+    assert check_qdq_conventions(EngineArtifact.load(int8_engine.path).metadata["signed_qdq_onnx"]) == []
     assert int8_engine.path.name == "tiny_mtl.int8.onnx"
     # The prepared graph's metadata reached the sidecar; the engine's own facts sit beside it.
     meta = EngineArtifact.load(int8_engine.path).metadata
@@ -123,9 +128,11 @@ def test_int8_runs_int8_kernels_and_is_close(int8_engine, tiny_onnx, calibration
 
 def test_int8_from_existing_qdq_onnx(tiny_onnx, qdq_onnx, tmp_path, test_batch, reference):
     prepared = prepare_graph("onnxruntime", tiny_onnx, tmp_path / "work", "int8", qdq_onnx=qdq_onnx)
-    assert prepared.path == qdq_onnx and not (tmp_path / "work").exists()  # checked, used as is
+    # Checked, then given uint8 activations for ONNX Runtime's kernels: the only file written.
+    assert [p.relative_to(tmp_path / "work").as_posix() for p in (tmp_path / "work").rglob("*.onnx")] == \
+        ["qdq_u8/tiny_mtl.onnx"]
     artifact = ort_backend.build(prepared.path, tmp_path, precision="int8", metadata=prepared.metadata)
-    assert artifact.path.read_bytes() == qdq_onnx.read_bytes()
+    assert artifact.path.read_bytes() == prepared.path.read_bytes()
     assert artifact.metadata["qdq_onnx"] == str(qdq_onnx) and artifact.metadata["source_onnx"] == str(tiny_onnx)
     with ort_backend.load(artifact.path) as runner:
         assert max(relative_error(runner.infer({"image": test_batch}), reference).values()) < 0.05
