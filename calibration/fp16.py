@@ -27,6 +27,7 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _PASS_THROUGH_OPS = (
     "Resize", "Upsample", "Reshape", "Transpose", "Identity", "Cast", "Sigmoid", "Relu", "Squeeze",
     "Unsqueeze", "Flatten", "Clip", "Tanh", "Add", "Sub", "Mul", "Div", "BatchNormalization",
+    "ArgMax",  # in-graph post-processing: class ids
 )  # fmt: skip
 _BINARY_OPS = ("Add", "Sub", "Mul", "Div")
 
@@ -80,7 +81,9 @@ def output_layer_nodes(model, max_depth: int = 8) -> list[str]:
                 break
             if node.op_type not in _PASS_THROUGH_OPS:
                 break
-            if node.op_type in _BINARY_OPS:
+            if node.op_type == "Div" and node.input[0] not in constants:
+                tensor = node.input[0]  # x / scale, or x / |x| (in-graph unit normalisation): follow x
+            elif node.op_type in _BINARY_OPS:
                 variable = [t for t in node.input if t and t not in constants]
                 if len(variable) != 1:  # a residual sum, not a bias or a scale: the head ends here
                     break
@@ -219,7 +222,8 @@ def check_fp16_graph(model, *, keep_op_types: Sequence[str] | None = None, kept_
     keep_types, keep_names = set(keep_op_types), set(kept_nodes)
 
     for vi in [*model.graph.input, *model.graph.output]:
-        if vi.type.tensor_type.elem_type != FLOAT:
+        # Float I/O stays float32 for the caller; integer outputs (post-processed class ids) are what they are.
+        if vi.type.tensor_type.elem_type in (FLOAT16, 11, 16):  # fp16, double, bf16
             problems.append(f"graph input/output '{vi.name}' is not float32")
 
     types = tensor_types(model)

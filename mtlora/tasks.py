@@ -19,6 +19,9 @@ CLASS_MAP = "class_map"  # (C, H, W) logits, one channel per class; label (H, W)
 BINARY_MAP = "binary_map"  # (1, H, W) logits of one binary map; label (1, H, W) in [0, 1]
 NORMALS = "normals"  # (3, H, W) surface normal vectors, compared as unit vectors
 DEPTH = "depth"  # (1, H, W) metric depth
+# What an export with in-graph post-processing outputs instead (what a device application wants).
+CLASS_IDS = "class_ids"  # (H, W) uint8: the arg-max class of a class map
+PROBABILITY = "probability"  # (1, H, W) float: the sigmoid of a binary map's logits
 
 
 @dataclass(frozen=True)
@@ -27,23 +30,38 @@ class TaskKind:
 
     agreement: how an engine's map is compared with the reference's beyond tensor error:
       "argmax" (same class per pixel), "sign" (same side of the logit threshold 0),
+      "equal" (same class id), "half" (same side of probability 0.5),
       "angle" (degrees between unit normals) or None.
     activation: what a device application applies to the raw output ("softmax",
       "sigmoid", "normalize" to unit length, or "none").
     palette: how a map is drawn ("voc" class colours, "grey" probability, "normals" xyz->rgb, "heat").
+    postprocess: what in-graph post-processing does to it ("argmax", "sigmoid", "normalize" or
+      "none"), and `postprocessed` the kind of the result.
+    tensor_checks: whether max abs / cosine limits mean anything for it (not for class ids).
     """
 
     name: str
     agreement: str | None
     activation: str
     palette: str
+    postprocess: str = "none"
+    postprocessed: str = ""
+    tensor_checks: bool = True
+
+    @property
+    def after_postprocess(self) -> str:
+        return self.postprocessed or self.name
 
 
 KINDS: dict[str, TaskKind] = {
-    CLASS_MAP: TaskKind(CLASS_MAP, agreement="argmax", activation="softmax", palette="voc"),
-    BINARY_MAP: TaskKind(BINARY_MAP, agreement="sign", activation="sigmoid", palette="grey"),
-    NORMALS: TaskKind(NORMALS, agreement="angle", activation="normalize", palette="normals"),
+    CLASS_MAP: TaskKind(CLASS_MAP, agreement="argmax", activation="softmax", palette="voc", postprocess="argmax",
+                        postprocessed=CLASS_IDS),
+    BINARY_MAP: TaskKind(BINARY_MAP, agreement="sign", activation="sigmoid", palette="grey", postprocess="sigmoid",
+                         postprocessed=PROBABILITY),
+    NORMALS: TaskKind(NORMALS, agreement="angle", activation="normalize", palette="normals", postprocess="normalize"),
     DEPTH: TaskKind(DEPTH, agreement=None, activation="none", palette="heat"),
+    CLASS_IDS: TaskKind(CLASS_IDS, agreement="equal", activation="none", palette="voc_ids", tensor_checks=False),
+    PROBABILITY: TaskKind(PROBABILITY, agreement="half", activation="none", palette="grey_probability"),
 }
 
 
@@ -89,9 +107,33 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
-def kind_of(name: str) -> str:
-    return get_task(name).kind
+def kind_of(name: str, postprocessed: bool = False) -> str:
+    """The kind of a task's output: as trained, or after in-graph post-processing."""
+    kind = get_task(name).kind
+    return KINDS[kind].after_postprocess if postprocessed else kind
 
 
 def tasks_of_kind(kind: str) -> tuple[str, ...]:
     return tuple(t.name for t in TASKS.values() if t.kind == kind)
+
+
+# The epsilon of unit normalisation, in the graph (torch.nn.functional.normalize) and here alike.
+NORMALIZE_EPS = 1e-12
+
+
+def postprocess(task: str, output):
+    """A task's raw output batch (N, C, H, W) as in-graph post-processing makes it, in numpy:
+    class maps -> (N, H, W) uint8 arg-max ids, binary maps -> sigmoid probabilities, normals ->
+    unit vectors; anything else unchanged. The reference side of checking a post-processed engine."""
+    import numpy as np
+
+    op = KINDS[get_task(task).kind].postprocess
+    x = np.asarray(output)
+    if op == "argmax":
+        return x.argmax(axis=1).astype(np.uint8)
+    if op == "sigmoid":
+        return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(np.float32)
+    if op == "normalize":
+        norm = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+        return (x / np.maximum(norm, NORMALIZE_EPS)).astype(np.float32)
+    return x

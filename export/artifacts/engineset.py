@@ -64,13 +64,13 @@ class EngineSet:
             return
         tasks = [role[len("head_"):]] if role.startswith("head_") else list(self.interface.tasks)
         outputs = {m.name: m.shape for m in artifact.outputs}
+        expected = self.interface.output_shapes
         for task in tasks:
-            channels = self.interface.channels[task]
             shape = outputs.get(task)
-            if shape is None or len(shape) != 4 or shape[1] != channels or shape[2:] != (self.interface.size,) * 2:
+            if shape is None or tuple(shape[1:]) != expected[task]:
                 raise ExportError(f"{where}: its outputs {outputs} do not match the model in {ENGINE_INDEX} "
-                                  f"({task}: {channels} channels at {self.interface.size}x{self.interface.size}); "
-                                  "the engine belongs to another model: rebuild it")
+                                  f"({task}: {expected[task]} per image); the engine belongs to another model: "
+                                  "rebuild it")
 
     def save(self) -> None:
         write_json_atomic(self.directory / ENGINE_INDEX, {

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError
-from mtlora.tasks import TASKS
+from mtlora.tasks import CLASS_IDS, TASKS, kind_of
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,14 @@ class ModelInterface:
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    postprocessed: bool = False  # outputs post-processed in the graph (class ids, probabilities, unit normals)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tasks": list(self.tasks), "output_channels": dict(self.channels), "input_size": self.size,
-                "mean": list(self.mean), "std": list(self.std)}
+        out = {"tasks": list(self.tasks), "output_channels": dict(self.channels), "input_size": self.size,
+               "mean": list(self.mean), "std": list(self.std)}
+        if self.postprocessed:
+            out["postprocessed"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ModelInterface:
@@ -39,7 +43,7 @@ class ModelInterface:
             tasks = tuple(data["tasks"])
             channels = {str(t): int(c) for t, c in dict(data["output_channels"]).items()}
             interface = cls(tasks, channels, int(data["input_size"]), tuple(float(v) for v in data["mean"]),
-                            tuple(float(v) for v in data["std"]))
+                            tuple(float(v) for v in data["std"]), bool(data.get("postprocessed", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise ExportError(f"{where}: the model description is incomplete ({type(err).__name__}: {err}); "
                               "rebuild it with this version") from None
@@ -54,10 +58,15 @@ class ModelInterface:
         if any(c < 1 for c in self.channels.values()) or self.size < 1 or len(self.mean) != 3 or len(self.std) != 3:
             raise ExportError(f"{where}: the model description has impossible sizes; rebuild it")
 
+    def kind(self, task: str) -> str:
+        """The kind of a task's output here (`mtlora.tasks`): as trained, or post-processed."""
+        return kind_of(task, self.postprocessed)
+
     @property
-    def output_shapes(self) -> dict[str, tuple[int, int, int]]:
-        """task -> (C, H, W) of one image's output."""
-        return {t: (self.channels[t], self.size, self.size) for t in self.tasks}
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """task -> shape of one image's output: (C, H, W), or (H, W) for post-processed class ids."""
+        return {t: (self.size, self.size) if self.kind(t) == CLASS_IDS else (self.channels[t], self.size, self.size)
+                for t in self.tasks}
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """An (H, W, 3) uint8 RGB image -> the (3, size, size) float32 input, exactly as at inference."""

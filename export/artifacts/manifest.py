@@ -120,8 +120,11 @@ class ExportInfo:
     @property
     def identity(self) -> dict[str, Any]:
         """What identifies the model for a baseline comparison: its interface and its weights."""
-        return {"tasks": list(self.interface.tasks), "output_channels": dict(self.interface.channels),
-                "input_size": self.interface.size, "source_sha256": self.source_sha256}
+        identity = {"tasks": list(self.interface.tasks), "output_channels": dict(self.interface.channels),
+                    "input_size": self.interface.size, "source_sha256": self.source_sha256}
+        if self.interface.postprocessed:
+            identity["postprocessed"] = True
+        return identity
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExportInfo:
@@ -131,7 +134,8 @@ class ExportInfo:
             inputs = manifest["input"]
             interface = ModelInterface.from_dict(
                 {"tasks": manifest["tasks"], "output_channels": manifest["output_channels"],
-                 "input_size": inputs["shape"][-1], "mean": inputs["mean"], "std": inputs["std"]}, where)
+                 "input_size": inputs["shape"][-1], "mean": inputs["mean"], "std": inputs["std"],
+                 "postprocessed": bool(manifest.get("postprocess", False))}, where)
             graph_files = {str(k): str(v) for k, v in dict(manifest["graph_files"]).items()}
             source = manifest.get("source") or {}
             return cls(interface, str(manifest["layout"]), graph_files, tuple(manifest.get("backbone_outputs") or ()),

@@ -26,7 +26,7 @@ from export.checking.results import (
 from export.checking.tolerances import Tolerance, Tolerances
 from export.errors import ExportError
 from mtlora.metrics import TASK_METRICS, make_evaluator
-from mtlora.tasks import CLASS_MAP, KINDS, kind_of
+from mtlora.tasks import CLASS_IDS, CLASS_MAP, KINDS, PROBABILITY, kind_of, postprocess
 
 
 @dataclass
@@ -79,19 +79,25 @@ def _unit(v: np.ndarray) -> np.ndarray:
 class TaskCheck:
     """Everything measured for one task of one engine."""
 
-    def __init__(self, task: str, channels: int):
+    def __init__(self, task: str, channels: int, postprocessed: bool = False):
         self.task = task
         self.channels = channels
+        self.postprocessed = postprocessed
         self.tensor = _TensorMeter()
         self.agree = 0
         self.pixels = 0
         self.angle_sum = 0.0
-        self.kind = kind_of(task)
+        # The kind of the engine's output: the task's own, or what in-graph post-processing makes of it.
+        self.kind = kind_of(task, postprocessed)
         self.agreement = KINDS[self.kind].agreement
         self.engine_meter = None
         self.reference_meter = None
 
     def update(self, engine: np.ndarray, reference: np.ndarray, label: np.ndarray | None) -> None:
+        """`reference` is always the original model's raw output; a post-processed engine is compared
+        with the same post-processing of it."""
+        if self.postprocessed:
+            reference = postprocess(self.task, reference)
         if engine.shape != reference.shape:
             raise ExportError(
                 f"engine output '{self.task}' has shape {engine.shape}, the reference has {reference.shape}"
@@ -103,6 +109,12 @@ class TaskCheck:
         elif self.agreement == "sign":
             self.agree += int(((engine > 0) == (reference > 0)).sum())
             self.pixels += engine.size
+        elif self.agreement == "equal":
+            self.agree += int((engine == reference).sum())
+            self.pixels += engine.size
+        elif self.agreement == "half":
+            self.agree += int(((engine > 0.5) == (reference > 0.5)).sum())
+            self.pixels += engine.size
         elif self.agreement == "angle":
             e, r = _unit(engine.astype(np.float64)), _unit(reference.astype(np.float64))
             angle = np.degrees(2 * np.arctan2(np.linalg.norm(e - r, axis=1), np.linalg.norm(e + r, axis=1)))
@@ -110,14 +122,21 @@ class TaskCheck:
             self.pixels += angle.size
         if label is not None and self.task in TASK_METRICS:
             if self.engine_meter is None:
-                classes = self.channels if self.kind == CLASS_MAP else None
+                classes = self.channels if self.kind in (CLASS_MAP, CLASS_IDS) else None
                 self.engine_meter = make_evaluator(self.task, classes)
                 self.reference_meter = make_evaluator(self.task, classes)
-            self.engine_meter.update(engine, label)
-            self.reference_meter.update(reference, label)
+            self.engine_meter.update(self._for_meter(engine), label)
+            self.reference_meter.update(self._for_meter(reference), label)
+
+    def _for_meter(self, output: np.ndarray) -> np.ndarray:
+        """The meters take what the model outputs (logits); probabilities go back through the logit."""
+        if self.kind != PROBABILITY:
+            return output
+        p = np.clip(output.astype(np.float64), 1e-7, 1 - 1e-7)
+        return np.log(p) - np.log1p(-p)
 
     def result(self, tolerance: Tolerance) -> TaskResult:
-        agreement = self.agree / max(self.pixels, 1) if self.agreement in ("argmax", "sign") else None
+        agreement = self.agree / max(self.pixels, 1) if self.agreement in ("argmax", "sign", "equal", "half") else None
         angle = self.angle_sum / max(self.pixels, 1) if self.agreement == "angle" else None
         metrics = None
         if self.engine_meter is not None:
@@ -152,10 +171,12 @@ def _limits(tolerance: Tolerance, metrics: MetricComparison | None) -> list[tupl
 class EngineChecker:
     """Accumulates one engine's outputs batch by batch; `finish` judges every task."""
 
-    def __init__(self, task_channels: Mapping[str, int], precision: str, tolerances: Tolerances | None = None):
+    def __init__(self, task_channels: Mapping[str, int], precision: str, tolerances: Tolerances | None = None,
+                 postprocessed: bool = False):
         self.precision = precision
         self.tolerances = tolerances or Tolerances()
-        self.checks = {t: TaskCheck(t, c) for t, c in task_channels.items()}
+        self.postprocessed = postprocessed
+        self.checks = {t: TaskCheck(t, c, postprocessed) for t, c in task_channels.items()}
         self.samples = 0
         self.labelled = False
 
@@ -171,7 +192,7 @@ class EngineChecker:
     def finish(self, engine: EngineInfo, reference_source: str = "pytorch") -> EngineCheck:
         if self.samples == 0:
             raise ExportError("the evaluation set is empty; give --eval-data with at least one image")
-        tasks = {task: check.result(self.tolerances.for_task(self.precision, task))
+        tasks = {task: check.result(self.tolerances.for_task(self.precision, task, check.kind))
                  for task, check in self.checks.items()}
         return EngineCheck(engine, self.samples, self.labelled, reference_source, tasks)
 

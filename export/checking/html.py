@@ -30,6 +30,9 @@ class Sample:
     reference: dict[str, np.ndarray]  # task -> (C, H, W)
     engines: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # engine key -> task -> (C, H, W)
     labels: dict[str, np.ndarray] | None = None
+    # task -> the kind of the engines' outputs when they are post-processed in the graph (the reference
+    # is then shown post-processed too); empty: raw outputs.
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 def _figure(rgb: np.ndarray, caption: str, scale: int) -> str:
@@ -71,11 +74,12 @@ def render_html(report: Report, samples: list[Sample], mean, std, curves_png: Pa
             parts.append(f"<h3>{html.escape(task)}</h3><div>")
             if sample.labels is not None and task in sample.labels:
                 parts.append(_figure(render_label(task, sample.labels[task]), "ground truth", scale))
-            parts.append(_figure(render_output(task, reference), "PyTorch", scale))
+            kind = sample.kinds.get(task)
+            parts.append(_figure(render_output(task, reference, kind), "PyTorch", scale))
             for key, outputs in sample.engines.items():
                 if task in outputs:
-                    parts.append(_figure(render_output(task, outputs[task]), key, scale))
-                    err, legend = error_map(task, outputs[task], reference)
+                    parts.append(_figure(render_output(task, outputs[task], kind), key, scale))
+                    err, legend = error_map(task, outputs[task], reference, kind)
                     parts.append(_figure(err, f"{key} error: {legend}", scale))
             parts.append("</div>")
     if curves_png is not None and Path(curves_png).is_file():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from export.errors import ExportError
-from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, KINDS, NORMALS, TASKS
+from mtlora.tasks import BINARY_MAP, CLASS_IDS, CLASS_MAP, DEPTH, KINDS, NORMALS, PROBABILITY, TASKS
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EVERY_TASK = "*"
@@ -54,31 +54,39 @@ LIMIT_NAMES = tuple(f.name for f in fields(Tolerance))
 LIMIT_RANGES = {"min_cosine": (-1.0, 1.0), "min_argmax_agreement": (0.0, 1.0)}
 # Which limits a kind of task has a measurement for (`export.checking.accuracy` measures these).
 _TENSOR_LIMITS = ("max_abs", "mean_abs", "min_cosine", "max_metric_drop")
+_AGREEMENT_LIMITS = {"argmax": ("min_argmax_agreement",), "sign": ("min_argmax_agreement",),
+                     "equal": ("min_argmax_agreement",), "half": ("min_argmax_agreement",),
+                     "angle": ("max_angle_deg",)}
 KIND_LIMITS: dict[str, tuple[str, ...]] = {
-    kind: _TENSOR_LIMITS + {"argmax": ("min_argmax_agreement",), "sign": ("min_argmax_agreement",),
-                            "angle": ("max_angle_deg",)}.get(spec.agreement, ())
+    kind: (_TENSOR_LIMITS if spec.tensor_checks else ("max_metric_drop",)) + _AGREEMENT_LIMITS.get(spec.agreement, ())
     for kind, spec in KINDS.items()
 }
 
 
-def _defaults(cosine: float, drop: float, agreement: float | None, angle: float) -> dict[str, Tolerance]:
+def _defaults(cosine: float, drop: float, agreement: float | None, angle: float, ids: float) -> dict[str, Tolerance]:
+    """One precision's limits per kind. Post-processed class ids have no tensor to compare: their floor is
+    the fraction of pixels with the reference's class (`ids`)."""
     return {
         CLASS_MAP: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
         BINARY_MAP: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
         NORMALS: Tolerance(min_cosine=cosine, max_angle_deg=angle, max_metric_drop=0.5),
         DEPTH: Tolerance(min_cosine=cosine, max_metric_drop=drop),
+        CLASS_IDS: Tolerance(min_argmax_agreement=max(agreement or 0.0, ids), max_metric_drop=drop),
+        PROBABILITY: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
     }
 
 
 # precision -> kind of task -> limits.
 DEFAULTS: dict[str, dict[str, Tolerance]] = {
-    "fp32": dict.fromkeys(KINDS, Tolerance(max_abs=1e-3, min_cosine=0.99999)),
-    "fp16": _defaults(cosine=0.999, drop=0.5, agreement=0.99, angle=0.5),
-    "bf16": _defaults(cosine=0.99, drop=0.5, agreement=0.97, angle=1.5),
+    # fp32 is judged on the tensors; class ids (post-processed) may differ only where two classes tie.
+    "fp32": {**dict.fromkeys(KINDS, Tolerance(max_abs=1e-3, min_cosine=0.99999)),
+             CLASS_IDS: Tolerance(min_argmax_agreement=0.9999)},
+    "fp16": _defaults(cosine=0.999, drop=0.5, agreement=0.99, angle=0.5, ids=0.99),
+    "bf16": _defaults(cosine=0.99, drop=0.5, agreement=0.97, angle=1.5, ids=0.97),
     # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error
-    # <= 0.5 degrees worse); the cosine and angle floors only catch an engine that is broken outright,
-    # and are what remains when the evaluation set has no labels.
-    "int8": _defaults(cosine=0.95, drop=1.0, agreement=None, angle=5.0),
+    # <= 0.5 degrees worse); the cosine, angle and class-id floors only catch an engine that is broken
+    # outright, and are what remains when the evaluation set has no labels.
+    "int8": _defaults(cosine=0.95, drop=1.0, agreement=None, angle=5.0, ids=0.9),
 }
 
 
@@ -154,10 +162,11 @@ class Tolerances:
                 raise ExportError(f"{self.source}: {precision} sets limits for {', '.join(missing)}, which the "
                                   f"model does not have; its tasks: {', '.join(sorted(tasks))}")
 
-    def for_task(self, precision: str, task: str) -> Tolerance:
+    def for_task(self, precision: str, task: str, kind: str | None = None) -> Tolerance:
+        """The limits of `task` at `precision`; `kind` is its output's kind (post-processed or not)."""
         if precision not in DEFAULTS:
             raise ExportError(f"no tolerances for precision '{precision}'; use {', '.join(PRECISIONS)}")
-        kind = TASKS[task].kind
+        kind = kind or TASKS[task].kind
         tolerance = DEFAULTS[precision][kind]
         override = self.overrides.get(precision, {})
         for key in (EVERY_TASK, task):

@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from mtlora.tasks import CLASS_MAP, KINDS, NORMALS, kind_of
+from mtlora.tasks import CLASS_IDS, CLASS_MAP, KINDS, NORMALS, kind_of
 
 HEAT_STOPS = np.array(
     [[0.05, 0.03, 0.2], [0.35, 0.1, 0.55], [0.75, 0.2, 0.45], [0.98, 0.55, 0.2], [0.99, 0.95, 0.6]]
@@ -59,11 +59,16 @@ def unit_normals(normals: np.ndarray) -> np.ndarray:
     return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
 
 
-def render_output(task: str, output: np.ndarray) -> np.ndarray:
-    """A model output (C, H, W) as RGB (H, W, 3)."""
-    palette = KINDS[kind_of(task)].palette
+def render_output(task: str, output: np.ndarray, kind: str | None = None) -> np.ndarray:
+    """A model output (C, H, W), or a post-processed one of `kind` ((H, W) class ids, probabilities), as RGB."""
+    palette = KINDS[kind or kind_of(task)].palette
     if palette == "voc":
         return _PALETTE[output.argmax(0) % 256]
+    if palette == "voc_ids":
+        return _PALETTE[np.asarray(output).astype(np.int64) % 256]
+    if palette == "grey_probability":
+        grey = (255 * np.clip(output[0], 0, 1)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
     if palette == "normals":
         return (255 * (unit_normals(output) + 1) / 2).clip(0, 255).astype(np.uint8)
     if palette == "grey":
@@ -93,11 +98,11 @@ def render_label(task: str, label: np.ndarray) -> np.ndarray:
     return heat(plane)
 
 
-def error_map(task: str, engine: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
-    """Where the engine differs from the reference, and what the colours mean."""
-    kind = kind_of(task)
-    if kind == CLASS_MAP:
-        disagree = engine.argmax(0) != reference.argmax(0)
+def error_map(task: str, engine: np.ndarray, reference: np.ndarray, kind: str | None = None) -> tuple[np.ndarray, str]:
+    """Where the engine differs from the reference (both of `kind`, default the task's), and what the colours mean."""
+    kind = kind or kind_of(task)
+    if kind in (CLASS_MAP, CLASS_IDS):
+        disagree = (engine.argmax(0) != reference.argmax(0)) if kind == CLASS_MAP else (engine != reference)
         rgb = np.full(disagree.shape + (3,), 20, np.uint8)
         rgb[disagree] = (255, 60, 60)
         return rgb, f"class disagreement ({100 * disagree.mean():.2f}% of pixels)"

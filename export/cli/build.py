@@ -23,6 +23,8 @@ from export.cli.options import (
 @backend_option()
 @click.option("--layout", type=click.Choice(["single", "split"]), default="single", show_default=True,
               help="One graph, or a shared backbone plus one head per task.")
+@click.option("--postprocess", is_flag=True,
+              help="Post-process in the graph: class ids (uint8), probabilities, unit normals, instead of raw maps.")
 @click.option("--tasks", help="Comma-separated subset of the model's tasks.")
 @click.option("--img-size", type=click.IntRange(min=1), help="Input size (default: the model's).")
 @click.option("--calib-data", help="INT8 calibration data: synthetic[:split], pascal:ROOT[:split], nyud:ROOT, or an image directory.")
@@ -39,7 +41,7 @@ from export.cli.options import (
 @click.option("--from-bundle", type=click.Path(file_okay=False), help="Build on a device from a bundle (no PyTorch needed).")
 @click.option("--out", default="build", show_default=True, type=click.Path(), help="Build directory.")
 @click.pass_context
-def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, img_size, calib_data, calib_samples,
+def build(ctx: click.Context, checkpoint, precisions, backends, layout, postprocess, tasks, img_size, calib_data, calib_samples,
           calib_method, eval_data, eval_samples, batch_size, keep_fp32, tolerances, threads, max_batch, from_bundle,
           out) -> None:
     """Merge, export, calibrate, build engines and check them against PyTorch, reusing finished steps.
@@ -59,7 +61,7 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, tasks, i
     if project:
         say(f"using options from {project}")
     options = BuildOptions(checkpoint=checkpoint, precisions=tuple(precisions), backends=tuple(backends),
-                           layout=layout, tasks=parse_tasks(tasks), img_size=img_size, calib_data=calib_data,
+                           layout=layout, postprocess=postprocess, tasks=parse_tasks(tasks), img_size=img_size, calib_data=calib_data,
                            calib_samples=calib_samples, calib_method=calib_method, eval_data=eval_data,
                            eval_samples=eval_samples, batch_size=batch_size, keep_fp32=tuple(keep_fp32),
                            tolerances=tolerances, threads=threads, max_batch=max_batch, from_bundle=from_bundle,

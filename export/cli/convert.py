@@ -59,8 +59,10 @@ def merge(checkpoint: Path, out: Path) -> None:
 @click.option("--reference-samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Seeded samples for reference.npz (0: no reference file).")
 @click.option("--img-size", type=int, default=None, help="Input size to export at (default: the checkpoint's).")
+@click.option("--postprocess", is_flag=True,
+              help="Post-process in the graph: class ids (uint8), probabilities, unit normals, instead of raw maps.")
 def onnx_command(checkpoint: Path, out: Path, layout: str, tasks: str | None, opset: int,
-                 reference_samples: int, img_size: int | None) -> None:
+                 reference_samples: int, img_size: int | None, postprocess: bool) -> None:
     """Export CHECKPOINT (a checkpoint directory or an official .pth) to ONNX.
 
     Writes the graph(s), reference.npz from the unmerged PyTorch model and
@@ -70,6 +72,7 @@ def onnx_command(checkpoint: Path, out: Path, layout: str, tasks: str | None, op
     from export.onnx.exporter import export_checkpoint
 
     result = export_checkpoint(checkpoint, out, layout=layout, tasks=parse_tasks(tasks), opset=opset,
-                               reference_samples=reference_samples, img_size=img_size, progress=say)
+                               reference_samples=reference_samples, img_size=img_size, progress=say,
+                               postprocess=postprocess)
     click.echo(format_cost(cost_breakdown(result.paths)))
     click.echo(f"wrote {out} ({', '.join(result.files.values())}, manifest.json)")

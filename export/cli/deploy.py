@@ -87,7 +87,7 @@ def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> 
     for i, image in enumerate(images):
         for task, value in outputs.items():
             png = io.BytesIO()
-            Image.fromarray(render_output(task, value[i])).save(png, format="PNG")
+            Image.fromarray(render_output(task, value[i], model.interface.kind(task))).save(png, format="PNG")
             write_bytes_atomic(out_path.with_name(f"{out_path.stem}_{safe_stem(image)}_{task}.png"), png.getvalue())
     shapes = ", ".join(f"{t} {tuple(v.shape)}" for t, v in outputs.items())
     click.echo(f"{model.entry.key}: {len(images)} image(s) in {1000 * seconds:.1f} ms -> {out_path} ({shapes})")

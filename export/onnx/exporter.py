@@ -100,14 +100,15 @@ def select_tasks(model_tasks: Sequence[str], tasks: Sequence[str] | None) -> tup
     return tuple(t for t in model_tasks if t in tasks)
 
 
-def prepare_export_model(model: torch.nn.Module, tasks: Sequence[str] | None = None) -> ExportModel:
+def prepare_export_model(model: torch.nn.Module, tasks: Sequence[str] | None = None,
+                         postprocess: bool = False) -> ExportModel:
     """A merged, folded fp32 copy of `model` for the selected tasks; `model` itself is not touched."""
     selected = select_tasks(model.tasks, tasks)
     work = copy.deepcopy(model).float().eval()
     if not is_merged(work):
         merge_model(work, safe=True)
     with torch.no_grad():
-        return ExportModel(work, selected).eval()
+        return ExportModel(work, selected, postprocess=postprocess).eval()
 
 
 def _metadata(model: torch.nn.Module, tasks: tuple[str, ...], layout: str, graph: str,
@@ -197,6 +198,7 @@ def export_onnx(
     source_sha256: str | None = None,
     simplify: bool = True,
     progress: Callable[[str], None] | None = None,
+    postprocess: bool = False,
 ) -> ExportResult:
     """Write the ONNX graph(s) of `model` (merged or not; it is not modified) into `out_dir`.
 
@@ -207,6 +209,8 @@ def export_onnx(
         batch_dynamic: make the batch dimension symbolic (`batch`); H and W are always fixed.
         source_sha256: SHA-256 of the source checkpoint, recorded in the metadata.
         progress: called with one line before each long step.
+        postprocess: outputs as a device application wants them (`mtlora.tasks` post-processing:
+            class ids as uint8, probabilities, unit normals) instead of raw logits.
     """
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
@@ -226,7 +230,7 @@ def export_onnx(
     say = progress or (lambda _line: None)
 
     say("merging and folding adapters")
-    folded = prepare_export_model(model, selected)
+    folded = prepare_export_model(model, selected, postprocess)
     generator = torch.Generator().manual_seed(0)
     # Batch 2, so that no reshape is specialised to a batch of one.
     image = torch.randn(2, config.swin.in_chans, img, img, generator=generator)
@@ -237,6 +241,8 @@ def export_onnx(
         folded.role = role
         proto = _trace(folded, args, input_names, output_names, opset, batch_dynamic)
         meta = _metadata(model, selected, layout, graph, source_sha256)
+        if postprocess:
+            meta["postprocess"] = "true"
         if role[0] == "backbone":
             meta["backbone_outputs"] = json.dumps(output_names)
         payload = _finish(proto, file, meta, batch_dynamic, simplify)
@@ -268,6 +274,7 @@ def export_checkpoint(
     img_size: int | None = None,
     batch_dynamic: bool = True,
     progress: Callable[[str], None] | None = None,
+    postprocess: bool = False,
 ) -> ExportResult:
     """The `mtlora-export onnx` pipeline: checkpoint -> graphs + reference.npz + manifest.json in `out`.
 
@@ -286,6 +293,7 @@ def export_checkpoint(
     model = load_any(checkpoint, img_size)
     return export_model(model, out, source_name=checkpoint.name, source_sha256=checkpoint_sha256(checkpoint),
                         layout=layout, tasks=tasks, opset=opset, reference_samples=reference_samples,
+                        postprocess=postprocess,
                         batch_dynamic=batch_dynamic, progress=progress)
 
 
@@ -301,6 +309,7 @@ def export_model(
     reference_samples: int = 2,
     batch_dynamic: bool = True,
     progress: Callable[[str], None] | None = None,
+    postprocess: bool = False,
 ) -> ExportResult:
     """Graphs, reference.npz (from the unmerged model) and manifest.json of a loaded model, in `out`.
 
@@ -318,7 +327,8 @@ def export_model(
     staging = staging_dir(out)
     try:
         result = export_onnx(model, staging, layout=layout, tasks=selected, opset=opset,
-                             batch_dynamic=batch_dynamic, source_sha256=source_sha256, progress=progress)
+                             batch_dynamic=batch_dynamic, source_sha256=source_sha256, progress=progress,
+                             postprocess=postprocess)
         reference = None
         if reference_samples:
             if progress:
@@ -339,6 +349,7 @@ def export_model(
                    "mean": list(config.mean), "std": list(config.std)},
             output_channels={t: config.task_channels[t] for t in selected},
             backbone_outputs=list(result.backbone_outputs),
+            **({"postprocess": True} if postprocess else {}),
             graph_files=dict(result.files),
             reference=reference,
             source={"checkpoint": source_name, "sha256": source_sha256},

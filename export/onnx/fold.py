@@ -48,6 +48,7 @@ from mtlora.adapters import SHARED, LoRALinear, MTLLoRALinear, TaskLoRALinear
 from mtlora.attention import relative_position_bias, window_attention
 from mtlora.heads import FeatureDownsampler, HRNetHead
 from mtlora.model import TARGET_PATHS, MultiTaskSwin
+from mtlora.tasks import KINDS, NORMALIZE_EPS, get_task
 
 TASK_TARGETS = ("proj", "fc1", "fc2")
 
@@ -292,10 +293,13 @@ class ExportModel(nn.Module):
         tasks: the tasks whose branches and heads to keep.
     """
 
-    def __init__(self, model: MultiTaskSwin, tasks: Sequence[str]):
+    def __init__(self, model: MultiTaskSwin, tasks: Sequence[str], postprocess: bool = False):
         super().__init__()
         config = model.config
         self.tasks = tuple(tasks)
+        # In-graph post-processing (`mtlora.tasks.KINDS[...].postprocess`): what a device application wants,
+        # and far less to copy out than full-resolution logits.
+        self.postprocess = {t: KINDS[get_task(t).kind].postprocess if postprocess else "none" for t in self.tasks}
         self.num_stages = config.swin.num_stages
         self.has_task_streams = model.has_task_streams
         self.shared_down = self.has_task_streams and config.adapter.task_adapter == "mtl-lora"
@@ -455,7 +459,7 @@ class ExportModel(nn.Module):
                     x = self.backbone.stages[s].merging(x)
                 for t in self.tasks:
                     features[t].append(x)
-        return tuple(self.heads[t](features[t]) for t in self.tasks)
+        return tuple(self._finish(t, self.heads[t](features[t])) for t in self.tasks)
 
     def forward_backbone(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """image -> the tensors named by `backbone_output_names`, all NHWC."""
@@ -471,9 +475,20 @@ class ExportModel(nn.Module):
     def forward_head(self, task: str, *backbone_outputs: torch.Tensor) -> torch.Tensor:
         """The backbone outputs -> this task's map (B, C_task, H, W)."""
         if not self.has_task_streams:
-            return self.heads[task](list(backbone_outputs))
+            return self._finish(task, self.heads[task](list(backbone_outputs)))
         features = []
         for s in range(self.num_stages):
             stack = self.task_stage(s, backbone_outputs[4 * s: 4 * s + 4], (task,))
             features += self.task_features(s, stack, 1)
-        return self.heads[task](features)
+        return self._finish(task, self.heads[task](features))
+
+    def _finish(self, task: str, output: torch.Tensor) -> torch.Tensor:
+        """A head's (B, C, H, W) output, post-processed when the export asks for it."""
+        op = self.postprocess[task]
+        if op == "argmax":
+            return output.argmax(dim=1).to(torch.uint8)  # (B, H, W) class ids
+        if op == "sigmoid":
+            return torch.sigmoid(output)
+        if op == "normalize":
+            return F.normalize(output, dim=1, eps=NORMALIZE_EPS)
+        return output

@@ -55,7 +55,8 @@ def export_step(opts: BuildOptions, source: ModelSource, build: BuildDir, say: S
     from export.onnx.exporter import export_model, exporter_fingerprint
 
     target = build.export
-    key = step_key("export", source.sha256, opts.layout, opts.tasks, opts.img_size, exporter_fingerprint())
+    key = step_key("export", source.sha256, opts.layout, opts.tasks, opts.img_size, exporter_fingerprint(),
+                   *(["postprocess"] if opts.postprocess else []))
     if step_matches(target, key):
         try:
             verify_manifest(target)
@@ -66,7 +67,8 @@ def export_step(opts: BuildOptions, source: ModelSource, build: BuildDir, say: S
             say(f"[export] cached export is damaged ({err}); exporting again")
     say(f"[export] {source.checkpoint} -> {target} ({opts.layout} layout)")
     export_model(source.model(), target, source_name=source.checkpoint.name, source_sha256=source.sha256,
-                 layout=opts.layout, tasks=opts.tasks, progress=lambda line: say(f"[export] {line}"))
+                 layout=opts.layout, tasks=opts.tasks, progress=lambda line: say(f"[export] {line}"),
+                 postprocess=opts.postprocess)
     mark_step(target, key, checkpoint=str(source.checkpoint))
     return target
 

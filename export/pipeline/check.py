@@ -29,6 +29,7 @@ from export.pipeline.data import batched, iter_samples, parse_spec
 from export.pipeline.options import BuildOptions, Say
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import DEFAULT_MODEL, ModelSource, default_model_present
+from mtlora.tasks import postprocess
 
 # The evaluation sample a build keeps for devices without PyTorch: 16 images, fewer where outputs
 # are large (at 448x448 four tasks take 26 MB an image).
@@ -95,7 +96,8 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
         for entry in entries:
             runner = stack.enter_context(load_runner(entry, opts.threads))
             runners[entry.key] = runner
-            checkers[entry.key] = EngineChecker(interface.channels, entry.precision, tolerances)
+            checkers[entry.key] = EngineChecker(interface.channels, entry.precision, tolerances,
+                                                postprocessed=interface.postprocessed)
             artifacts = entry.artifacts(verify=False)
             first = next(iter(artifacts.values()))
             notes = sorted(set(runner.notes) | {n for a in artifacts.values() for n in a.notes})
@@ -115,10 +117,14 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
                 for i in range(batch.image.shape[0]):
                     if len(html_samples) >= opts.report_samples:
                         break
+                    reference = {t: batch.reference[t][i:i + 1] for t in interface.tasks}
+                    if interface.postprocessed:
+                        reference = {t: postprocess(t, v) for t, v in reference.items()}
                     html_samples.append(Sample(
-                        image=batch.image[i], reference={t: batch.reference[t][i] for t in interface.tasks},
+                        image=batch.image[i], reference={t: v[0] for t, v in reference.items()},
                         engines={k: {t: np.asarray(o[t])[i] for t in interface.tasks} for k, o in results.items()},
-                        labels={t: v[i] for t, v in batch.labels.items()}))
+                        labels={t: v[i] for t, v in batch.labels.items()},
+                        kinds={t: interface.kind(t) for t in interface.tasks} if interface.postprocessed else {}))
             say(f"[check] {count} images checked on {len(runners)} engine(s)")
     report = Report(model, [checkers[k].finish(infos[k], source) for k in runners], identity=info.identity)
     html = render_html(report, html_samples, interface.mean, interface.std, curves_png)

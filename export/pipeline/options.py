@@ -27,6 +27,7 @@ class BuildOptions:
     precisions: tuple[str, ...] = ("fp16",)
     backends: tuple[str, ...] = ("auto",)
     layout: str = "single"
+    postprocess: bool = False  # outputs post-processed in the graph (class ids, probabilities, unit normals)
     tasks: tuple[str, ...] | None = None
     img_size: int | None = None
     calib_data: str | None = None
