@@ -253,6 +253,9 @@ class ExportBackbone(nn.Module):
         super().__init__()
         embed = backbone.patch_embed
         self.patch_embed = nn.ModuleDict({"proj": embed.proj, "norm": embed.norm})
+        ape = getattr(backbone, "absolute_pos_embed", None)  # (1, h w, C), official APE
+        self.register_buffer("absolute_pos_embed", None if ape is None else _frozen(
+            ape.reshape(1, *embed.grid_size, ape.shape[-1])))
         stages = []
         for s, stage in enumerate(backbone.layers):
             blocks = [ExportSwinBlock(b) for b in stage.blocks]
@@ -265,7 +268,8 @@ class ExportBackbone(nn.Module):
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W) -> tokens (B, H/p, W/p, C)."""
-        return self.patch_embed["norm"](self.patch_embed["proj"](image).permute(0, 2, 3, 1))
+        x = self.patch_embed["norm"](self.patch_embed["proj"](image).permute(0, 2, 3, 1))
+        return x if self.absolute_pos_embed is None else x + self.absolute_pos_embed
 
 
 class TaskHead(nn.Module):

@@ -78,6 +78,11 @@ class SwinConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
+    # The official MODEL.SWIN.QK_SCALE (None: head_dim ** -0.5), PATCH_NORM and APE (a learnt absolute
+    # position embedding added after the patch embedding).
+    qk_scale: float | None = None
+    patch_norm: bool = True
+    ape: bool = False
 
     def __post_init__(self) -> None:
         self.depths = tuple(int(d) for d in self.depths)
@@ -91,6 +96,10 @@ class SwinConfig:
                 raise ConfigError(f"stage {i}: dim {self.embed_dim * 2**i} is not divisible by {heads} heads")
         if self.patch_size <= 0 or self.window_size <= 0 or self.embed_dim <= 0:
             raise ConfigError("patch_size, window_size and embed_dim must be positive")
+        if self.qk_scale is not None:
+            self.qk_scale = float(self.qk_scale)
+            if self.qk_scale <= 0:
+                raise ConfigError(f"qk_scale must be positive, got {self.qk_scale}")
         check_input_size(self, self.img_size)
 
     @property
@@ -305,7 +314,7 @@ class ModelConfig:
         data = asdict(self)
         # Options added after the first release are written only when set, so a config without them
         # (and every export's metadata) reads exactly as before.
-        for section, defaults in (("adapter", _ADAPTER_OPTIONAL), (None, _MODEL_OPTIONAL)):
+        for section, defaults in (("swin", _SWIN_OPTIONAL), ("adapter", _ADAPTER_OPTIONAL), (None, _MODEL_OPTIONAL)):
             fields_ = data[section] if section else data
             for name, default in defaults.items():
                 if fields_[name] == default:
@@ -342,6 +351,7 @@ class ModelConfig:
 
 
 # Later fields and their defaults; `ModelConfig.to_dict` leaves them out at these values.
+_SWIN_OPTIONAL: dict[str, Any] = {"qk_scale": None, "patch_norm": True, "ape": False}
 _ADAPTER_OPTIONAL: dict[str, Any] = {
     "shared_scale_trainable": False, "intermediate_specialization": False, "bias": "none", "freeze": (),
     "freeze_pretrained": True,

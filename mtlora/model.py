@@ -51,7 +51,24 @@ def build_swin(config: ModelConfig) -> SwinTransformer:
     )
     # MTLoRA's decoders read the stage outputs directly; timm's final norm is unused.
     backbone.norm = nn.Identity()
+    if not swin.patch_norm:
+        backbone.patch_embed.norm = nn.Identity()
+    if swin.qk_scale is not None:
+        for stage in backbone.layers:
+            for block in stage.blocks:
+                block.attn.scale = swin.qk_scale
+                block.attn.fused_attn = False  # PyTorch's fused attention would use head_dim ** -0.5
+    if swin.ape:
+        tokens = swin.stage_resolution(0) ** 2
+        backbone.absolute_pos_embed = nn.Parameter(torch.zeros(1, tokens, swin.embed_dim))
     return backbone
+
+
+def embed_patches(backbone: SwinTransformer, image: torch.Tensor) -> torch.Tensor:
+    """Patch embedding (and the absolute position embedding, if any): (B, 3, H, W) -> (B, h, w, C)."""
+    x = backbone.patch_embed(image)
+    ape = getattr(backbone, "absolute_pos_embed", None)
+    return x if ape is None else x + ape.view(1, *x.shape[1:])
 
 
 def _replace(parent: nn.Module, child: str, make) -> None:
@@ -193,7 +210,7 @@ class MultiTaskSwin(nn.Module):
     def forward_features(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Per-task multi-scale features, NHWC, one per stage (after that stage's patch merging)."""
         stages = self.backbone.layers
-        x = self.backbone.patch_embed(image)
+        x = embed_patches(self.backbone, image)
         features: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
         adapter = self.config.adapter
         # With task adapters in every block and `addition`, a block's shared output depends on its task

@@ -79,6 +79,14 @@ def _adapter_config(cfg: dict, tasks: tuple[str, ...]) -> AdapterConfig:
                 "cannot build (its MTLoRALinear passes the per-task scale dict to torch.FloatTensor and raises "
                 "'must be real number, not dict'), so no trained checkpoint can have it; set it to False"
             )
+    targets = tuple(t for t in LORA_TARGETS if _get(mt, f"{t.upper()}_ENABLED", True))
+    off = [f"{t.upper()}_ENABLED" for t in ("proj", "fc1", "fc2") if t not in targets]
+    if kind != "lora" and off:
+        raise CheckpointError(
+            f"upstream config sets MTLORA.{', '.join(off)} False with task adapters, which is not supported: the "
+            "official model then forms task streams differently (without PROJ the task streams lose their "
+            "residual, without FC2 no stream leaves the block); keep proj, fc1 and fc2 enabled"
+        )
     train = _get(cfg, "TRAIN", {})
     return AdapterConfig(
         kind=kind,
@@ -87,7 +95,7 @@ def _adapter_config(cfg: dict, tasks: tuple[str, ...]) -> AdapterConfig:
         task_rank={t: _per_stage_dicts(ranks, t) for t in tasks} if kind != "lora" else {},
         task_scale={t: _per_stage_dicts(scales, t) for t in tasks} if kind != "lora" else {},
         shared_mode="matrix" if mode == "lora_only" else mode,
-        targets=tuple(t for t in LORA_TARGETS if _get(mt, f"{t.upper()}_ENABLED", True)),
+        targets=targets,
         shared_scale_trainable=bool(_get(mt, "TRAINABLE_SCALE_SHARED", False)),
         intermediate_specialization=kind != "lora" and bool(_get(mt, "INTERMEDIATE_SPECIALIZATION", False)),
         bias=str(_get(mt, "BIAS", "none")),
@@ -102,12 +110,6 @@ def upstream_config(cfg: dict, state_dict: dict[str, torch.Tensor]) -> ModelConf
     if _get(model, "TYPE", "swin") != "swin":
         raise CheckpointError(f"unsupported upstream backbone type '{_get(model, 'TYPE')}'; only Swin v1 is supported")
     swin_cfg = _get(model, "SWIN", {})
-    if _get(swin_cfg, "APE", False):
-        raise CheckpointError("upstream model uses absolute position embeddings, which timm's Swin does not have")
-    if _get(swin_cfg, "QK_SCALE") not in (None, ""):
-        raise CheckpointError("upstream model overrides the attention qk scale, which is not supported")
-    if not _get(swin_cfg, "PATCH_NORM", True):
-        raise CheckpointError("upstream model has no patch-embedding norm (PATCH_NORM False), which is not supported")
     tasks = tuple(_get(cfg, "TASKS", ()))
     if not tasks:
         raise CheckpointError("upstream config names no TASKS")
@@ -139,6 +141,9 @@ def upstream_config(cfg: dict, state_dict: dict[str, torch.Tensor]) -> ModelConf
         window_size=int(_get(swin_cfg, "WINDOW_SIZE", 7)),
         mlp_ratio=float(_get(swin_cfg, "MLP_RATIO", 4.0)),
         qkv_bias=bool(_get(swin_cfg, "QKV_BIAS", True)),
+        qk_scale=None if _get(swin_cfg, "QK_SCALE") in (None, "") else float(_get(swin_cfg, "QK_SCALE")),
+        patch_norm=bool(_get(swin_cfg, "PATCH_NORM", True)),
+        ape=bool(_get(swin_cfg, "APE", False)),
     )
     try:
         return ModelConfig(

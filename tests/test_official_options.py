@@ -32,7 +32,7 @@ ort = pytest.importorskip("onnxruntime")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 NAMES = ("addition", "addition_intermediate", "intermediate", "lora_only", "trainable_scale", "decoders",
-         "no_downsampler", "full_finetune", "train_options")
+         "no_downsampler", "full_finetune", "train_options", "swin_options", "lora_targets")
 TOL = 1e-4
 
 
@@ -145,6 +145,7 @@ def test_the_options_of_each_fixture_are_read_from_its_config():
     assert adapter["addition"].shared_mode == adapter["addition_intermediate"].shared_mode == "addition"
     assert adapter["intermediate"].intermediate_specialization and adapter["addition_intermediate"].intermediate_specialization
     assert adapter["lora_only"].kind == "lora" and adapter["lora_only"].shared_scale_trainable
+    assert (adapter["lora_targets"].kind, adapter["lora_targets"].targets) == ("lora", ("fc1",))
     assert adapter["trainable_scale"].kind == "mtlora+" and adapter["trainable_scale"].shared_scale_trainable
     assert adapter["full_finetune"].kind == "full"
     assert (adapter["train_options"].bias, adapter["train_options"].freeze) == (
@@ -153,6 +154,8 @@ def test_the_options_of_each_fixture_are_read_from_its_config():
                                                          "normals": "aspp"}
     assert not imported("no_downsampler").config.decoder_downsampler
     assert not imported("full_finetune").config.per_task_downsampler
+    swin = imported("swin_options").config.swin
+    assert (swin.ape, swin.qk_scale, swin.patch_norm, swin.qkv_bias, swin.mlp_ratio) == (True, 0.3, False, False, 2.0)
 
 
 def test_learnt_shared_scales_are_the_checkpoints_not_the_configs():
@@ -242,6 +245,13 @@ def _edited(tmp_path, name: str, edit) -> Path:
 def test_what_the_official_code_cannot_produce_is_refused(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
         import_upstream(_edited(tmp_path, "train_options", edit))
+
+
+def test_task_adapters_without_lora_on_proj_fc1_or_fc2_are_refused_as_unsupported(tmp_path):
+    # The official code builds this; we do not support it (see the README), and say so.
+    path = _edited(tmp_path, "train_options", lambda c: c["MODEL"]["MTLORA"].update(FC2_ENABLED=False))
+    with pytest.raises(CheckpointError, match="MTLORA.FC2_ENABLED False with task adapters, which is not supported"):
+        import_upstream(path)
 
 
 def test_trainable_scale_per_task_without_task_adapters_is_what_the_official_code_builds():
