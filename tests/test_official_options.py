@@ -140,6 +140,16 @@ def test_every_bias_and_freeze_option_counts_as_the_official_code_does(name):
         assert (counts.trainable, counts.total) == (row["trainable"], row["total"]), row
 
 
+def test_freeze_backbone_trains_the_decoders_only_as_the_official_code_does(tmp_path):
+    # main.py's --freeze-backbone (MODEL.FREEZE_BACKBONE, MTLoRA off) freezes the whole backbone.
+    path = _edited(tmp_path, "full_finetune", lambda c: c["MODEL"].update(FREEZE_BACKBONE=True))
+    model = import_upstream(path)
+    assert model.config.adapter.kind == "decoders-only"
+    counts = count_parameters(model)
+    expected = official("full_finetune")["official_counts_freeze_backbone"]
+    assert (counts.trainable, counts.total) == (expected["trainable"], expected["total"])
+
+
 def test_the_options_of_each_fixture_are_read_from_its_config():
     adapter = {name: imported(name).config.adapter for name in NAMES}
     assert adapter["addition"].shared_mode == adapter["addition_intermediate"].shared_mode == "addition"
