@@ -42,9 +42,11 @@ class LoRALinear(nn.Module):
         rank: r of the update B A.
         scale: plain multiplier s of the update (MTLoRA's convention, not alpha / r).
         dropout: dropout on the adapter input.
+        scale_trainable: learn s as the parameter `lora_shared_scale` (shape [1]), as the official
+            MTLORA.TRAINABLE_SCALE_SHARED does.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0, scale_trainable: bool = False):
         super().__init__()
         if rank <= 0:
             raise ConfigError(f"LoRA rank must be a positive integer, got {rank}")
@@ -56,17 +58,32 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         _kaiming(self.lora_A[SHARED])
+        if scale_trainable:
+            self.lora_shared_scale = nn.Parameter(base.weight.new_tensor([float(scale)]))
 
     def extra_repr(self) -> str:
-        return f"rank={self.lora_A[SHARED].shape[0]}, scale={self.scaling[SHARED]}, merged={self.merged}"
+        rank = self.lora_A[SHARED].shape[0] if self.has_shared_adapter else 0
+        return f"rank={rank}, scale={self.scaling[SHARED]}, merged={self.merged}"
+
+    @property
+    def has_shared_adapter(self) -> bool:
+        return SHARED in self.lora_A
+
+    def scale_of(self, name: str = SHARED) -> float | torch.Tensor:
+        """The multiplier of adapter `name`: a number, or the learnt [1] tensor for a trainable shared scale."""
+        if name == SHARED and isinstance(getattr(self, "lora_shared_scale", None), nn.Parameter):
+            return self.lora_shared_scale
+        return self.scaling[name]
 
     def delta_weight(self, name: str = SHARED) -> torch.Tensor:
         """s * B @ A in fp32, the amount `merge` adds to the frozen weight."""
-        return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+        if name == SHARED and not self.has_shared_adapter:
+            return self.base.weight.new_zeros(self.out_features, self.in_features, dtype=torch.float32)
+        return self.scale_of(name) * (self.lora_B[name].float() @ self.lora_A[name].float())
 
     def shared_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The task-agnostic low-rank term s * B (A x), without forming B A."""
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A[SHARED]), self.lora_B[SHARED]) * self.scaling[SHARED]
+        return F.linear(F.linear(self.lora_dropout(x), self.lora_A[SHARED]), self.lora_B[SHARED]) * self.scale_of(SHARED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -83,6 +100,9 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("adapter is already merged")
+        if not self.has_shared_adapter:  # an `addition` task layer: nothing task-agnostic to fold
+            self.merged = True
+            return
         weight = self.base.weight
         merged = weight.float() + self.delta_weight(SHARED)
         if safe and not torch.isfinite(merged).all():
@@ -95,6 +115,9 @@ class LoRALinear(nn.Module):
         """Restore the frozen weight (within fp32 rounding)."""
         if not self.merged:
             raise RuntimeError("adapter is not merged")
+        if not self.has_shared_adapter:
+            self.merged = False
+            return
         weight = self.base.weight
         weight.copy_((weight.float() - self.delta_weight(SHARED)).to(weight.dtype))
         self.merged = False
@@ -105,7 +128,9 @@ class TaskLoRALinear(LoRALinear):
 
     In `matrix` mode a task's output is W x_shared + b + s_t B_t A_t x_task: the frozen
     projection sees the shared stream and the task adds its own term on its own
-    stream. `matrixv2` adds the shared LoRA term to every task as well.
+    stream. `matrixv2` adds the shared LoRA term to every task as well. In `addition`
+    mode there is no task-agnostic LoRA: the shared output is W x + b + LayerNorm of
+    the sum of the task outputs (`lora_norm`), so it depends on every task.
     """
 
     def __init__(
@@ -117,10 +142,14 @@ class TaskLoRALinear(LoRALinear):
         task_scales: dict[str, float],
         shared_mode: str = "matrix",
         dropout: float = 0.0,
+        scale_trainable: bool = False,
     ):
-        super().__init__(base, rank, scale, dropout)
+        super().__init__(base, rank, scale, dropout, scale_trainable)
         self.tasks = tuple(task_ranks)
         self.shared_mode = shared_mode
+        if shared_mode == "addition":
+            del self.lora_A[SHARED], self.lora_B[SHARED]
+            self.lora_norm = nn.LayerNorm(self.out_features, device=base.weight.device, dtype=base.weight.dtype)
         for task, task_rank in task_ranks.items():
             if task_rank <= 0:
                 raise ConfigError(f"task rank for '{task}' must be a positive integer, got {task_rank}")
@@ -136,6 +165,12 @@ class TaskLoRALinear(LoRALinear):
         """(down, up) with the scale folded into up, so that delta_t(x) = up @ (down @ x)."""
         return self.lora_A[task], self.lora_B[task] * self.scaling[task]
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared output alone, every task reading `x` (a block without task streams)."""
+        if self.shared_mode == "addition":
+            return self.forward_tasks(x)[0]
+        return super().forward(x)
+
     def forward_tasks(
         self, x: torch.Tensor, x_tasks: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -145,6 +180,12 @@ class TaskLoRALinear(LoRALinear):
             x: shared stream (..., in_features).
             x_tasks: each task's own stream; None means every task reads `x`.
         """
+        if self.shared_mode == "addition":
+            # Nothing task-agnostic to merge: W x + b is the anchor, merged or not.
+            frozen = self.base(x)
+            outputs = {t: frozen + self.task_delta(t, x if x_tasks is None else x_tasks[t]) for t in self.tasks}
+            shared = frozen + self.lora_norm(torch.stack(list(outputs.values()), dim=0).sum(dim=0))
+            return shared, outputs
         if self.merged:
             shared = self.base(x)
             # After merging, W x is recovered with a low-rank correction instead of a
@@ -180,8 +221,9 @@ class MTLLoRALinear(TaskLoRALinear):
         dropout: float = 0.0,
         num_up: int = 3,
         temperature: float = 0.5,
+        scale_trainable: bool = False,
     ):
-        LoRALinear.__init__(self, base, rank, scale, dropout)
+        LoRALinear.__init__(self, base, rank, scale, dropout, scale_trainable)
         self.tasks = tuple(task_ranks)
         self.shared_mode = shared_mode
         self.temperature = float(temperature)

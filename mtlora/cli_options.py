@@ -13,7 +13,15 @@ from typing import Any
 
 import click
 
-from mtlora.config import ADAPTER_KINDS, SHARED_MODES, SWIN_VARIANTS, AdapterConfig, ModelConfig, SwinConfig
+from mtlora.config import (
+    ADAPTER_KINDS,
+    DECODER_HEADS,
+    SHARED_MODES,
+    SWIN_VARIANTS,
+    AdapterConfig,
+    ModelConfig,
+    SwinConfig,
+)
 from mtlora.errors import ConfigError
 
 # The official recipe (scale-lab/MTLoRA, configs/mtlora/tiny_448/mtlora_tiny_448_r16_scale4_pertask.yaml):
@@ -32,6 +40,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.05,
     "drop_path": 0.2,
     "decoder_channels": (18, 36, 72, 144),
+    "decoder_heads": (),  # (task, head) pairs; a task not named gets the HRNet head
+    "segformer_channels": 256,
 }
 MODEL_OPTION_NAMES = tuple(MODEL_DEFAULTS)
 
@@ -108,6 +118,20 @@ def _tasks_callback(_ctx, param, value):
     return tasks
 
 
+def _decoder_heads_callback(_ctx, param, value):
+    """Click callback: "semseg=segformer,sal=aspp" -> (("semseg", "segformer"), ("sal", "aspp"))."""
+    if value is None:
+        return None
+    pairs = []
+    for part in _split(value):
+        task, sep, head = (p.strip() for p in part.partition("="))
+        if not sep or not task or head not in DECODER_HEADS:
+            raise click.BadParameter(f"{part!r} is not TASK=HEAD with HEAD one of {', '.join(DECODER_HEADS)}",
+                                     param=param)
+        pairs.append((task, head))
+    return tuple(pairs)
+
+
 def _default_text(name: str) -> str:
     value = MODEL_DEFAULTS[name]
     if isinstance(value, tuple):
@@ -145,6 +169,11 @@ def model_options(func: Callable) -> Callable:
                      help=f"Stochastic depth rate of the backbone. {_default_text('drop_path')}"),
         click.option("--decoder-channels", default=None, callback=_numbers(int, "a channel count"),
                      help=f"HRNet decoder channels, one per stage. {_default_text('decoder_channels')}"),
+        click.option("--decoder-heads", default=None, callback=_decoder_heads_callback,
+                     help=f"Decoder head per task, e.g. 'semseg=segformer,sal=aspp' ({', '.join(DECODER_HEADS)}); "
+                          "tasks not named get the HRNet head."),
+        click.option("--segformer-channels", type=click.IntRange(min=1), default=None,
+                     help=f"Embedding width of SegFormer heads. {_default_text('segformer_channels')}"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -192,4 +221,5 @@ def model_config_from_options(
     decoder = tuple(values["decoder_channels"])
     if len(decoder) == 1:
         decoder = decoder * swin.num_stages
-    return ModelConfig(swin=swin, adapter=adapter, tasks=tasks, task_channels=channels, decoder_channels=decoder)
+    return ModelConfig(swin=swin, adapter=adapter, tasks=tasks, task_channels=channels, decoder_channels=decoder,
+                       decoder_heads=dict(values["decoder_heads"]), segformer_channels=int(values["segformer_channels"]))

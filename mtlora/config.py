@@ -28,7 +28,16 @@ SWIN_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 ADAPTER_KINDS = ("mtlora", "mtlora+", "mtl-lora", "lora", "full", "decoders-only", "single-task")
-SHARED_MODES = ("matrix", "matrixv2")
+# How a task layer's shared output relates to its task outputs (the official MTLORA.SHARED_MODE; its
+# `lora_only` is our kind "lora"). `addition`: the shared output is W x + b + LayerNorm(sum of task outputs).
+SHARED_MODES = ("matrix", "matrixv2", "addition")
+# The official MTLORA.BIAS: which biases train besides the adapters (`lora_only` unfreezes the bias of
+# LoRA layers that have one of their own; the official LoRA layers keep theirs in `linear`, so it frees none).
+BIAS_MODES = ("none", "all", "lora_only")
+# The official TRAIN.FREEZE_* flags: backbone parameter groups that MTLoRA training otherwise trains.
+FREEZE_GROUPS = ("patch_embed", "norm", "relative_position_bias", "downsample_reduction")
+# Decoder heads of the official MODEL.DECODER_HEAD, per task.
+DECODER_HEADS = ("hrnet", "segformer", "updecoder", "aspp")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 # The layers of the last block of each stage that carry task-specific adapters (qkv stays shared).
 TASK_SPECIFIC_TARGETS = ("proj", "fc1", "fc2")
@@ -63,6 +72,11 @@ class SwinConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
+    # The official MODEL.SWIN.QK_SCALE (None: head_dim ** -0.5), PATCH_NORM and APE (a learnt absolute
+    # position embedding added after the patch embedding).
+    qk_scale: float | None = None
+    patch_norm: bool = True
+    ape: bool = False
 
     def __post_init__(self) -> None:
         self.depths = tuple(int(d) for d in self.depths)
@@ -76,6 +90,10 @@ class SwinConfig:
                 raise ConfigError(f"stage {i}: dim {self.embed_dim * 2**i} is not divisible by {heads} heads")
         if self.patch_size <= 0 or self.window_size <= 0 or self.embed_dim <= 0:
             raise ConfigError("patch_size, window_size and embed_dim must be positive")
+        if self.qk_scale is not None:
+            self.qk_scale = float(self.qk_scale)
+            if self.qk_scale <= 0:
+                raise ConfigError(f"qk_scale must be positive, got {self.qk_scale}")
         check_input_size(self, self.img_size)
 
     @property
@@ -163,6 +181,14 @@ class AdapterConfig:
     # MTL-LoRA (Yang et al. 2024): number of up-projections and the softmax temperature.
     mtl_num_up: int = 3
     mtl_temperature: float = 0.5
+    # The official MTLORA.TRAINABLE_SCALE_SHARED: every LoRA layer learns its shared scale.
+    shared_scale_trainable: bool = False
+    # The official MTLORA.INTERMEDIATE_SPECIALIZATION: task adapters in every block, not only the last of a stage.
+    intermediate_specialization: bool = False
+    # What trains besides the adapters (official MTLORA.BIAS, TRAIN.FREEZE_*, MTLORA.FREEZE_PRETRAINED).
+    bias: str = "none"
+    freeze: tuple[str, ...] = ()
+    freeze_pretrained: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -177,6 +203,18 @@ class AdapterConfig:
             raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout}")
         if self.mtl_num_up <= 0 or self.mtl_temperature <= 0:
             raise ConfigError("MTL-LoRA needs mtl_num_up > 0 and mtl_temperature > 0")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"unknown bias mode '{self.bias}'; choose one of {', '.join(BIAS_MODES)}")
+        self.freeze = tuple(self.freeze)
+        bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
+        if bad:
+            raise ConfigError(f"unknown freeze group(s) {bad}; choose from {', '.join(FREEZE_GROUPS)}")
+        self.freeze = tuple(g for g in FREEZE_GROUPS if g in self.freeze)
+        independent_tasks = self.kind in ("mtlora", "mtlora+")
+        if self.shared_mode == "addition" and not independent_tasks:
+            raise ConfigError(f"shared mode 'addition' needs task adapters of kind mtlora or mtlora+, not '{self.kind}'")
+        if self.intermediate_specialization and not independent_tasks:
+            raise ConfigError(f"intermediate specialization needs task adapters of kind mtlora or mtlora+, not '{self.kind}'")
 
     @property
     def has_adapters(self) -> bool:
@@ -193,6 +231,10 @@ class AdapterConfig:
     @property
     def task_adapter(self) -> str:
         return "mtl-lora" if self.kind == "mtl-lora" else "lora"
+
+    def has_task_adapters(self, block: int, depth: int) -> bool:
+        """Whether block `block` of a stage with `depth` blocks carries task adapters."""
+        return self.has_task_streams and (self.intermediate_specialization or block == depth - 1)
 
     def resolve(self, num_stages: int, tasks: tuple[str, ...]) -> None:
         """Expand scalars to per-stage tuples and fill per-task values from the shared ones."""
@@ -225,6 +267,13 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] = (18, 36, 72, 144)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # task -> decoder head other than HRNet (the official MODEL.DECODER_HEAD); SegFormer's embedding width.
+    decoder_heads: dict[str, str] = field(default_factory=dict)
+    segformer_channels: int = 256
+    # The official MODEL.DECODER_DOWNSAMPLER (1x1 convs to `decoder_channels`; off: decoders read the
+    # backbone's channels) and MODEL.PER_TASK_DOWNSAMPLER (off: one downsampler for all tasks).
+    decoder_downsampler: bool = True
+    per_task_downsampler: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.swin, dict):
@@ -256,12 +305,39 @@ class ModelConfig:
                 f"decoder_channels needs one value per stage ({self.swin.num_stages}), got {len(self.decoder_channels)}"
             )
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+        heads = dict(self.decoder_heads)
+        unknown = sorted(set(heads) - set(self.tasks))
+        if unknown:
+            raise ConfigError(f"decoder_heads names task(s) {unknown} that the model does not have")
+        bad = {t: h for t, h in heads.items() if h not in DECODER_HEADS}
+        if bad:
+            raise ConfigError(f"unknown decoder head(s) {bad}; choose from {', '.join(DECODER_HEADS)}")
+        # HRNet is the default head, so only the other heads are kept (in task order).
+        self.decoder_heads = {t: heads[t] for t in self.tasks if heads.get(t, "hrnet") != "hrnet"}
+        self.segformer_channels = int(self.segformer_channels)
+        if self.segformer_channels <= 0:
+            raise ConfigError(f"segformer_channels must be positive, got {self.segformer_channels}")
         if self.adapter.kind == "single-task" and len(self.tasks) != 1:
             raise ConfigError(f"a single-task model has exactly one task, got {list(self.tasks)}")
         self.adapter.resolve(self.swin.num_stages, self.tasks)
 
+    def decoder_head(self, task: str) -> str:
+        return self.decoder_heads.get(task, "hrnet")
+
+    def decoder_input_channels(self) -> list[int]:
+        """Channels of the per-stage maps the decoders read: `decoder_channels`, or the backbone's without downsampler."""
+        return list(self.decoder_channels) if self.decoder_downsampler else self.swin.stage_dims()
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Options added after the first release are written only when set, so a config without them
+        # (and every export's metadata) reads exactly as before.
+        for section, defaults in (("swin", _SWIN_OPTIONAL), ("adapter", _ADAPTER_OPTIONAL), (None, _MODEL_OPTIONAL)):
+            fields_ = data[section] if section else data
+            for name, default in defaults.items():
+                if fields_[name] == default:
+                    del fields_[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
@@ -290,3 +366,14 @@ class ModelConfig:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as err:
             raise ConfigError(f"model config is not valid JSON: {err}") from None
+
+
+# Later fields and their defaults; `ModelConfig.to_dict` leaves them out at these values.
+_SWIN_OPTIONAL: dict[str, Any] = {"qk_scale": None, "patch_norm": True, "ape": False}
+_ADAPTER_OPTIONAL: dict[str, Any] = {
+    "shared_scale_trainable": False, "intermediate_specialization": False, "bias": "none", "freeze": (),
+    "freeze_pretrained": True,
+}
+_MODEL_OPTIONAL: dict[str, Any] = {
+    "decoder_heads": {}, "segformer_channels": 256, "decoder_downsampler": True, "per_task_downsampler": True,
+}

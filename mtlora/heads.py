@@ -46,3 +46,10 @@ class HRNetHead(nn.Module):
         size = features[0].shape[-2:]
         upsampled = [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
         return self.last_layer(torch.cat(upsampled, dim=1))
+
+
+class FeatureLayout(nn.Module):
+    """No downsampler (the official MODEL.DECODER_DOWNSAMPLER off): NHWC features to NCHW, channels unchanged."""
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [f.permute(0, 3, 1, 2) for f in features]

@@ -82,7 +82,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
     layers = adapter_layers(model)
     for _, layer in layers:
         dropped = []
-        if not (isinstance(layer, TaskLoRALinear) and layer.shared_mode == "matrix"):
+        if layer.has_shared_adapter and not (isinstance(layer, TaskLoRALinear) and layer.shared_mode == "matrix"):
             dropped += [layer.lora_A[SHARED], layer.lora_B[SHARED]]
         if isinstance(layer, MTLLoRALinear):
             dropped += [layer.lora_mtl_B, *layer.lora_mtl_transform.values(), *layer.lora_mtl_mix.values()]

@@ -24,7 +24,8 @@ class ParameterCount:
 
 
 def _task_adapter_sizes(model: nn.Module, tasks: tuple[str, ...]) -> tuple[dict[str, int], int]:
-    """Per-task adapter parameters, and those shared by all tasks in task layers (MTL-LoRA's A and B bank)."""
+    """Per-task adapter parameters, and those shared by all tasks in task layers (MTL-LoRA's A and B bank,
+    the `addition` mode's LayerNorm)."""
     per_task = dict.fromkeys(tasks, 0)
     common = 0
     for module in model.modules():
@@ -35,11 +36,14 @@ def _task_adapter_sizes(model: nn.Module, tasks: tuple[str, ...]) -> tuple[dict[
         elif isinstance(module, TaskLoRALinear):
             for t in module.tasks:
                 per_task[t] += module.lora_A[t].numel() + module.lora_B[t].numel()
+            if hasattr(module, "lora_norm"):
+                common += sum(p.numel() for p in module.lora_norm.parameters())
     return per_task, common
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Totals and groups: shared adapters, task adapters, decoders (+downsamplers), other trainable."""
+    """Totals and groups: shared adapters (with learnt shared scales), task adapters, decoders (+downsamplers),
+    other trainable."""
     tasks = tuple(model.tasks)
     count = ParameterCount()
     for name, param in model.named_parameters():
@@ -48,11 +52,14 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if not param.requires_grad:
             continue
         count.trainable += n
-        if name.startswith(("decoders.", "downsamplers.")):
+        if name.startswith(("decoders.", "downsamplers.", "shared_downsampler.")):
             count.decoders += n
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            count.shared_adapters += sum(p.numel() for p in (module.lora_A[SHARED], module.lora_B[SHARED]))
+            if module.has_shared_adapter:
+                count.shared_adapters += module.lora_A[SHARED].numel() + module.lora_B[SHARED].numel()
+            if isinstance(getattr(module, "lora_shared_scale", None), nn.Parameter):
+                count.shared_adapters += module.lora_shared_scale.numel()
     per_task, common = _task_adapter_sizes(model, tasks)
     count.per_task_adapters = per_task
     count.task_adapters = sum(per_task.values()) + common

@@ -1,11 +1,16 @@
 """Import checkpoints written by the official MTLoRA code (scale-lab/MTLoRA).
 
 An upstream checkpoint is a `torch.save` dict with `model` (state dict) and
-`config` (a pickled yacs CfgNode). It is read with the allow-listed unpickler,
-its config is translated into our `ModelConfig`, and its parameter names are
-mapped onto timm's layout (patch merging moves from the end of stage s to the
-start of timm's stage s + 1; `linear` becomes `base`; `lora_shared_*` and
-`lora_tasks_*` become the `shared` and task entries of `lora_A` / `lora_B`).
+`config` (a pickled yacs CfgNode), and usually the optimizer, scheduler and
+grad-scaler state, which are read (through the allow-list) and not used. It is
+read with the allow-listed unpickler, its config is translated into our
+`ModelConfig`, and its parameter names are mapped onto timm's layout (patch
+merging moves from the end of stage s to the start of timm's stage s + 1;
+`linear` becomes `base`; `lora_shared_*` and `lora_tasks_*` become the `shared`
+and task entries of `lora_A` / `lora_B`; `lora_norm` and a learnt
+`lora_shared_scale` keep their names; the one shared `downsampler` becomes
+`shared_downsampler`). The README lists every official option and what is
+done with it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 
 from mtlora.checkpoint import load_into
-from mtlora.config import LORA_TARGETS, AdapterConfig, ModelConfig, SwinConfig
+from mtlora.config import DECODER_HEADS, LORA_TARGETS, AdapterConfig, ModelConfig, SwinConfig
 from mtlora.errors import CheckpointError, ConfigError
 from mtlora.safe_pickle import load_allowlisted
 
@@ -37,31 +42,94 @@ def _per_stage_dicts(values: list[dict], key: str) -> tuple:
     return tuple(stage[key] for stage in values)
 
 
+# Where each official decoder head keeps its final conv, whose rows are the task's output channels.
+_OUTPUT_LAYER = {"hrnet": "last_layer.3", "segformer": "linear_pred", "updecoder": "conv_layers.0", "aspp": "4"}
+# The official TRAIN.FREEZE_* flags and our freeze groups.
+_FREEZE_FLAGS = {
+    "FREEZE_PATCH_EMBED": "patch_embed",
+    "FREEZE_LAYER_NORM": "norm",
+    "FREEZE_RELATIVE_POSITION_BIAS": "relative_position_bias",
+    "FREEZE_DOWNSAMPLE_REDUCTION": "downsample_reduction",
+}
+
+
+def _adapter_config(cfg: dict, tasks: tuple[str, ...]) -> AdapterConfig:
+    """The official MODEL.MTLORA (and the options of main.py that decide what trains) as an AdapterConfig."""
+    model = _get(cfg, "MODEL", {})
+    mt = _get(model, "MTLORA", {})
+    if not _get(mt, "ENABLED", False):
+        # The official Swin without MTLoRA: full fine-tuning, or decoders only with --freeze-backbone.
+        return AdapterConfig(kind="decoders-only" if _get(model, "FREEZE_BACKBONE", False) else "full")
+    mode = _get(mt, "SHARED_MODE", "matrix")
+    mode = "addition" if mode == "add" else mode
+    if mode not in ("matrix", "matrixv2", "addition", "lora_only"):
+        raise CheckpointError(f"upstream shared mode '{mode}' is unknown (the official code knows matrix, matrixv2, "
+                              "add/addition and lora_only)")
+    ranks = _get(mt, "R_PER_TASK_LIST")
+    scales = _get(mt, "SCALE_PER_TASK_LIST")
+    if not ranks or not scales:
+        raise CheckpointError("upstream config lacks R_PER_TASK_LIST / SCALE_PER_TASK_LIST")
+    if mode == "lora_only":
+        # The official layers then get no tasks: no task adapters, in any block, whatever else is set.
+        kind = "lora"
+    else:
+        kind = "mtlora+" if _get(mt, "DOWNSAMPLER_ENABLED", False) else "mtlora"
+        if _get(mt, "TRAINABLE_SCALE_PER_TASK", False):
+            raise CheckpointError(
+                "upstream config sets MTLORA.TRAINABLE_SCALE_PER_TASK with task adapters, which the official code "
+                "cannot build (its MTLoRALinear passes the per-task scale dict to torch.FloatTensor and raises "
+                "'must be real number, not dict'), so no trained checkpoint can have it; set it to False"
+            )
+    targets = tuple(t for t in LORA_TARGETS if _get(mt, f"{t.upper()}_ENABLED", True))
+    off = [f"{t.upper()}_ENABLED" for t in ("proj", "fc1", "fc2") if t not in targets]
+    if kind != "lora" and off:
+        raise CheckpointError(
+            f"upstream config sets MTLORA.{', '.join(off)} False with task adapters, which is not supported: the "
+            "official model then forms task streams differently (without PROJ the task streams lose their "
+            "residual, without FC2 no stream leaves the block); keep proj, fc1 and fc2 enabled"
+        )
+    train = _get(cfg, "TRAIN", {})
+    return AdapterConfig(
+        kind=kind,
+        shared_rank=_per_stage_dicts(ranks, "shared"),
+        shared_scale=tuple(float(s) for s in _get(mt, "SHARED_SCALE")),
+        task_rank={t: _per_stage_dicts(ranks, t) for t in tasks} if kind != "lora" else {},
+        task_scale={t: _per_stage_dicts(scales, t) for t in tasks} if kind != "lora" else {},
+        shared_mode="matrix" if mode == "lora_only" else mode,
+        targets=targets,
+        shared_scale_trainable=bool(_get(mt, "TRAINABLE_SCALE_SHARED", False)),
+        intermediate_specialization=kind != "lora" and bool(_get(mt, "INTERMEDIATE_SPECIALIZATION", False)),
+        bias=str(_get(mt, "BIAS", "none")),
+        freeze=tuple(group for flag, group in _FREEZE_FLAGS.items() if _get(train, flag, False)),
+        freeze_pretrained=bool(_get(mt, "FREEZE_PRETRAINED", True)),
+    )
+
+
 def upstream_config(cfg: dict, state_dict: dict[str, torch.Tensor]) -> ModelConfig:
     """Translate the official yacs config into our ModelConfig."""
     model = _get(cfg, "MODEL", {})
     if _get(model, "TYPE", "swin") != "swin":
         raise CheckpointError(f"unsupported upstream backbone type '{_get(model, 'TYPE')}'; only Swin v1 is supported")
     swin_cfg = _get(model, "SWIN", {})
-    if _get(swin_cfg, "APE", False):
-        raise CheckpointError("upstream model uses absolute position embeddings, which timm's Swin does not have")
-    if _get(swin_cfg, "QK_SCALE") not in (None, ""):
-        raise CheckpointError("upstream model overrides the attention qk scale, which is not supported")
     tasks = tuple(_get(cfg, "TASKS", ()))
     if not tasks:
         raise CheckpointError("upstream config names no TASKS")
-    heads = _get(model, "DECODER_HEAD", {}) or {}
-    for task in tasks:
-        if heads.get(task, "hrnet") != "hrnet":
-            raise CheckpointError(f"task '{task}' uses a '{heads[task]}' decoder; only the HRNet head is supported")
-    if not _get(model, "DECODER_DOWNSAMPLER", True):
-        raise CheckpointError("upstream model has no decoder downsampler, which is not supported")
+    mt_enabled = bool(_get(model, "MTLORA.ENABLED", False))
+    if mt_enabled and not _get(model, "PER_TASK_DOWNSAMPLER", True):
+        raise CheckpointError(
+            "upstream config sets PER_TASK_DOWNSAMPLER False with MTLoRA enabled, which the official model cannot "
+            "run (its forward indexes the one shared Downsampler by task: \"'Downsampler' object is not "
+            "subscriptable\"), so no trained checkpoint can have it"
+        )
+    all_heads = _get(model, "DECODER_HEAD", {}) or {}
+    # The official get_head builds ASPP for any name it does not know.
+    heads = {t: all_heads.get(t, "hrnet") if all_heads.get(t, "hrnet") in DECODER_HEADS else "aspp" for t in tasks}
 
     channels = {}
     for task in tasks:
-        key = f"decoders.decoders.{task}.last_layer.3.weight"
+        key = f"decoders.decoders.{task}.{_OUTPUT_LAYER[heads[task]]}.weight"
         if key not in state_dict:
-            raise CheckpointError(f"upstream checkpoint has no decoder for task '{task}'")
+            raise CheckpointError(f"upstream checkpoint has no {heads[task]} decoder for task '{task}'")
         channels[task] = int(state_dict[key].shape[0])
 
     swin = SwinConfig(
@@ -74,43 +142,21 @@ def upstream_config(cfg: dict, state_dict: dict[str, torch.Tensor]) -> ModelConf
         window_size=int(_get(swin_cfg, "WINDOW_SIZE", 7)),
         mlp_ratio=float(_get(swin_cfg, "MLP_RATIO", 4.0)),
         qkv_bias=bool(_get(swin_cfg, "QKV_BIAS", True)),
+        qk_scale=None if _get(swin_cfg, "QK_SCALE") in (None, "") else float(_get(swin_cfg, "QK_SCALE")),
+        patch_norm=bool(_get(swin_cfg, "PATCH_NORM", True)),
+        ape=bool(_get(swin_cfg, "APE", False)),
     )
-    mt = _get(model, "MTLORA", {})
-    if not _get(mt, "ENABLED", False):
-        adapter = AdapterConfig(kind="full")
-    else:
-        if _get(mt, "TRAINABLE_SCALE_SHARED") or _get(mt, "TRAINABLE_SCALE_PER_TASK"):
-            raise CheckpointError("upstream model uses trainable LoRA scales, which are not supported")
-        if _get(mt, "INTERMEDIATE_SPECIALIZATION"):
-            raise CheckpointError("upstream model uses INTERMEDIATE_SPECIALIZATION, which is not supported")
-        mode = _get(mt, "SHARED_MODE", "matrix")
-        if mode not in ("matrix", "matrixv2", "lora_only"):
-            raise CheckpointError(f"upstream shared mode '{mode}' is not supported (matrix, matrixv2, lora_only are)")
-        ranks = _get(mt, "R_PER_TASK_LIST")
-        scales = _get(mt, "SCALE_PER_TASK_LIST")
-        if not ranks or not scales:
-            raise CheckpointError("upstream config lacks R_PER_TASK_LIST / SCALE_PER_TASK_LIST")
-        targets = tuple(t for t in LORA_TARGETS if _get(mt, f"{t.upper()}_ENABLED", True))
-        if mode == "lora_only":
-            kind = "lora"
-        else:
-            kind = "mtlora+" if _get(mt, "DOWNSAMPLER_ENABLED", False) else "mtlora"
-        adapter = AdapterConfig(
-            kind=kind,
-            shared_rank=_per_stage_dicts(ranks, "shared"),
-            shared_scale=tuple(float(s) for s in _get(mt, "SHARED_SCALE")),
-            task_rank={t: _per_stage_dicts(ranks, t) for t in tasks} if kind != "lora" else {},
-            task_scale={t: _per_stage_dicts(scales, t) for t in tasks} if kind != "lora" else {},
-            shared_mode="matrix" if mode == "lora_only" else mode,
-            targets=targets,
-        )
     try:
         return ModelConfig(
             swin=swin,
-            adapter=adapter,
+            adapter=_adapter_config(cfg, tasks),
             tasks=tasks,
             task_channels=channels,
             decoder_channels=tuple(_get(model, "DECODER_CHANNELS", (18, 36, 72, 144))),
+            decoder_heads=heads,
+            segformer_channels=int(_get(model, "SEGFORMER_CHANNELS", 256)),
+            decoder_downsampler=bool(_get(model, "DECODER_DOWNSAMPLER", True)),
+            per_task_downsampler=bool(_get(model, "PER_TASK_DOWNSAMPLER", True)),
         )
     except ConfigError as err:
         raise CheckpointError(f"upstream config cannot be represented: {err}") from None
@@ -152,6 +198,8 @@ def map_state_dict(state_dict: dict[str, torch.Tensor], wrapped: set[str]) -> di
             new = f"backbone.layers.{int(m.group(1)) + 1}.downsample.{_adapter_name(m.group(2))}"
         elif m := re.match(r"^downsampler\.(\w+)\.downsample_(\d+)\.weight$", key):
             new = f"downsamplers.{m.group(1)}.convs.{m.group(2)}.weight"
+        elif m := re.match(r"^downsampler\.downsample_(\d+)\.weight$", key):
+            new = f"shared_downsampler.convs.{m.group(1)}.weight"
         elif key.startswith("decoders.decoders."):
             new = "decoders." + key[len("decoders.decoders."):]
         # A plain Linear in the official model (CompatLinear) that we wrapped anyway keeps its name.

@@ -57,6 +57,14 @@ def to_official_names(state_dict: dict[str, torch.Tensor], num_stages: int) -> d
     return out
 
 
+def save_official(path, checkpoint: dict) -> None:
+    """torch.save `checkpoint` with its `config` (a nested dict) pickled as a yacs CfgNode, as upstream does."""
+    sys.modules.setdefault("yacs", types.ModuleType("yacs"))
+    yacs_config = sys.modules.setdefault("yacs.config", types.ModuleType("yacs.config"))
+    yacs_config.CfgNode = _CfgNode
+    torch.save({**checkpoint, "config": _node(checkpoint["config"])}, path)
+
+
 def make_official_checkpoint(path, kind="mtlora", mode="matrix", tasks=("semseg", "human_parts", "sal", "normals"),
                              shared_rank=8, task_rank=4, scale=4.0, img=64, seed=0):
     """Save an official-layout checkpoint; returns (official state dict, reference cfg for official_forward)."""
@@ -89,10 +97,7 @@ def make_official_checkpoint(path, kind="mtlora", mode="matrix", tasks=("semseg"
                        "TRAINABLE_SCALE_PER_TASK": False, "INTERMEDIATE_SPECIALIZATION": False},
         },
     }
-    sys.modules.setdefault("yacs", types.ModuleType("yacs"))
-    yacs_config = sys.modules.setdefault("yacs.config", types.ModuleType("yacs.config"))
-    yacs_config.CfgNode = _CfgNode
-    torch.save({"model": sd, "config": _node(cfg), "epoch": 0}, path)
+    save_official(path, {"model": sd, "config": cfg, "epoch": 0})
     ref_cfg = dict(img=img, patch=4, embed=24, depths=[2, 2, 2, 2], heads=[1, 2, 4, 8], window=4, tasks=list(tasks),
                    mode=mode, shared_scale=scale, task_scale=scale, mtlora=kind != "lora")
     return sd, ref_cfg

@@ -92,7 +92,9 @@ def test_empty_evaluation_set_is_an_error():
 def test_reports_and_baseline_gate(tmp_path):
     batches = list(_batches())
     info = EngineInfo("onnxruntime", "fp16", "fp16")
-    good = Report({"tasks": list(CHANNELS)}, [check_engine(_engine(0.0, batches), batches, CHANNELS, "fp16", engine=info)])
+    identity = {"tasks": list(CHANNELS), "output_channels": dict(CHANNELS), "input_size": 16, "source_sha256": "a" * 64}
+    good = Report({"tasks": list(CHANNELS)}, [check_engine(_engine(0.0, batches), batches, CHANNELS, "fp16", engine=info)],
+                  identity=identity)
     for name, payload in report_files(good).items():
         (tmp_path / name).write_bytes(payload)
     stored = read_report(tmp_path)
@@ -112,14 +114,16 @@ def test_reports_and_baseline_gate(tmp_path):
         out = dict(next(it).reference)
         out["semseg"] = np.roll(out["semseg"], 1, axis=1)
         return out
-    bad = Report({"tasks": list(CHANNELS)}, [check_engine(infer, worse, CHANNELS, "fp16", engine=info)])
+    bad = Report({"tasks": list(CHANNELS)}, [check_engine(infer, worse, CHANNELS, "fp16", engine=info)],
+                 identity=identity)
     problems = compare_with_baseline(bad, good).regressions
     assert any("semseg: mIoU" in p for p in problems) and any("argmax_agreement" in p for p in problems)
 
 
 def test_baseline_reports_missing_engine():
-    report = Report({}, [])
-    baseline = Report({}, [EngineCheck(EngineInfo("openvino", "int8"), 1, False, "pytorch", {})])
+    identity = {"tasks": ["sal"], "output_channels": {"sal": 1}, "input_size": 16, "source_sha256": "a" * 64}
+    report = Report({}, [], identity=identity)
+    baseline = Report({}, [EngineCheck(EngineInfo("openvino", "int8"), 1, False, "pytorch", {})], identity=identity)
     assert compare_with_baseline(report, baseline).regressions == ["openvino-int8: in the baseline but not built now"]
 
 

@@ -73,9 +73,12 @@ def test_gate_fails_for_an_engine_built_from_perturbed_weights(fixture_build, tm
     assert "FAIL max_abs" in output and "FAILED" in output
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False
-    # And the CI gate flags it against the good build's report.
+    # The CI gate refuses to compare it with the good build's report as if it were the same model ...
     code, output = run("check", out, "--baseline", fixture_build / "report.json")
-    assert code == 1 and "FAILED" in output
+    assert code == 3 and "BASELINE DOES NOT APPLY" in output and "other weights" in output, output
+    # ... and, asked to compare them anyway, flags the regression.
+    code, output = run("check", out, "--baseline", fixture_build / "report.json", "--allow-other-model")
+    assert code == 1 and "REGRESSION" in output and "FAILED" in output, output
 
 
 @pytest.mark.parametrize(

@@ -92,10 +92,12 @@ def test_pascal_sample(pascal_root):
     # Normals decode 2 v / 255 - 1 on class-3 pixels and are exactly zero on class-5 pixels.
     np.testing.assert_allclose(s["normals"][0, 0], [1.0, -1.0, 2 * 191 / 255 - 1], atol=1e-6)
     assert (s["normals"][:, 8:] == 0).all()
-    assert s["normals"].dtype == np.float32
-    # The class boundary between columns 7 and 8 becomes a one-pixel edge in every row.
+    assert s["normals"].dtype == np.float64  # decoded and masked in float64, as upstream does
+    # The class boundary between columns 7 and 8 becomes a one-pixel edge in every row but the first
+    # (upstream's thinning treats outside the image as background, so the line's end is thinned away).
     assert s["edge"].dtype == np.uint8
-    assert (s["edge"].sum(axis=1) == 1).all() and set(np.nonzero(s["edge"])[1]) <= {7, 8}
+    assert (s["edge"].sum(axis=1)[1:] == 1).all() and s["edge"][0].sum() == 0
+    assert set(np.nonzero(s["edge"])[1]) <= {7, 8}
 
 
 def test_pascal_people_less_image_and_fallback_semseg(pascal_root):
@@ -144,19 +146,18 @@ def test_pascal_missing_task_folder_and_corrupt_files(pascal_root):
 
 
 def test_context_edges_and_thinning():
+    # Expected values are what the official loader computes (OpenCV's Laplacian, scikit-image's thin).
     label_map = np.zeros((8, 8), int)
     label_map[2:6, 2:6] = 4
-    edges = context_edges(label_map)
-    # A closed one-pixel contour around the square, nothing elsewhere.
-    assert edges[0].sum() == 0 and edges[:, 0].sum() == 0 and edges[4, 4] == 0
-    assert edges[1:7, 1:7].sum() == edges.sum() > 0
+    contour = np.zeros((8, 8), np.uint8)
+    contour[2, 2:5] = contour[3:5, 1] = contour[5, 2] = contour[3:6, 5] = contour[6, 3:5] = 1
+    assert np.array_equal(context_edges(label_map), contour)
     band = np.zeros((9, 9), bool)
     band[1:8, 3:6] = True
-    thinned = thin(band)
-    assert (thinned.sum(axis=1)[2:6] == 1).all() and thinned[:, 4].sum() == thinned.sum() == 4  # centre line
+    assert np.argwhere(thin(band)).tolist() == [[2, 4], [3, 4], [4, 4], [5, 4], [6, 4]]  # the centre line
     across = np.zeros((5, 9), bool)
-    across[:, 3:5] = True  # runs off the top and bottom: keeps its full length
-    assert (thin(across).sum(axis=1) == 1).all()
+    across[:, 3:5] = True  # outside the image is background: the line loses its top row
+    assert np.argwhere(thin(across)).tolist() == [[1, 3], [2, 3], [3, 3], [4, 3]]
 
 
 def test_build_pascal_dataset(pascal_root):

@@ -13,6 +13,7 @@ from mtlora.data.transforms import (
     TrainTransform,
     ValTransform,
     hflip,
+    resize_image,
     scale_rotate,
 )
 from mtlora.errors import ConfigError
@@ -102,9 +103,9 @@ def test_bad_arguments():
     assert set(only) == {"image", "sal", "meta"}
 
 
-def test_val_transform_image_is_the_inference_preprocessing(samples):
+def test_val_transform_image_is_the_inference_preprocessing_of_the_resized_image(samples):
     out = ValTransform((40, 56))(samples[0])
-    assert np.array_equal(out["image"], preprocess(samples[0]["image"], (40, 56)))
+    assert np.array_equal(out["image"], preprocess(resize_image(samples[0]["image"], (40, 56)), (40, 56)))
     assert out["semseg"].dtype == np.int64 and out["semseg"].shape == (40, 56)
     assert out["human_parts"].dtype == np.int64
     assert out["sal"].shape == (1, 40, 56) and out["edge"].dtype == np.float32

@@ -62,7 +62,8 @@ def test_engines_rebuilt_from_the_same_graph_are_byte_identical(ort_build, tmp_p
     export = ort_build / "export" / "model.onnx"
     fp16 = [to_fp16_graph(export, tmp_path / f"fp16-{i}" / "model.onnx") for i in range(2)]
     assert fp16[0].read_bytes() == fp16[1].read_bytes()
-    qdq = ort_build / "graphs" / "onnxruntime-int8" / "qdq" / "model.onnx"
+    # ONNX Runtime's int8 engine is built from the uint8-activation flavour of the calibrated Q/DQ graph.
+    qdq = ort_build / "graphs" / "onnxruntime-int8" / "qdq_u8" / "model.onnx"
     for precision, graph in (("fp32", export), ("fp16", fp16[0]), ("int8", qdq)):
         engine = build_ort(graph, tmp_path / f"ort-{precision}", precision=precision, name="model")
         built = ort_build / "engines" / f"onnxruntime-{precision}" / f"model.{precision}.onnx"

@@ -15,7 +15,8 @@ ALLOWED = {"mtlora": {"mtlora"}, "engines": {"engines"}, "calibration": {"calibr
            "export": set(OURS)}
 # The only modules of export/, engines/ and calibration/ that may import torch (all of mtlora may).
 TORCH_MODULES = ("export/onnx/", "export/pipeline/original_model.py", "export/pipeline/sources.py",
-                 "export/bench/plain_backbone.py", "export/bench/page.py", "export/bench/worker.py")
+                 "export/bench/plain_backbone.py", "export/bench/model.py", "export/bench/page.py",
+                 "export/bench/worker.py")
 TORCH_PACKAGES = ("torch", "torchvision", "timm", "safetensors")
 
 

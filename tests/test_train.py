@@ -278,6 +278,23 @@ def test_train_cli_end_to_end_then_evaluate(tmp_path):
     assert code == 1 and "no training state" in output
 
 
+def test_segformer_updecoder_and_aspp_heads_train(tmp_path):
+    out = tmp_path / "run"
+    heads = "semseg=segformer,human_parts=updecoder,sal=aspp"  # normals keeps the HRNet head
+    code, output = _run(["train", *TINY_FLAGS, "--epochs", "3", "--batch-size", "8", "--train-samples", "16",
+                         "--val-samples", "4", "--eval-every", "0", "--lr", "3e-3", "--decoder-heads", heads,
+                         "--segformer-channels", "16", "--data", "synthetic", "--slim", "--out", str(out)])
+    assert code == 0, output
+    model = load_checkpoint(out)
+    assert model.config.decoder_heads == {"semseg": "segformer", "human_parts": "updecoder", "sal": "aspp"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["epoch"]: r for r in records if "train/loss" in r}
+    # Six optimisation steps (measured, seed 0): semseg 1.57 -> 1.38, human_parts 1.43 -> 1.33, sal 0.168 -> 0.133.
+    for task in ("semseg", "human_parts", "sal"):
+        assert losses[3][f"train/loss/{task}"] < losses[1][f"train/loss/{task}"], task
+    assert losses[3]["train/loss"] < losses[1]["train/loss"]
+
+
 def test_evaluate_cli_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     code, output = _run(["evaluate", str(tmp_path), "--data", "synthetic"])
     assert code == 1 and output.startswith("Error: ") and "not an mtlora checkpoint" in output

@@ -34,9 +34,14 @@ def lint_graphs(root: Path, graphs: list[Path], say: Say) -> dict[str, dict]:
     return verdicts
 
 
+# Prepared graphs TensorRT would not build from: ONNX Runtime's uint8-activation Q/DQ flavour.
+NOT_FOR_TENSORRT = ("qdq_u8",)
+
+
 def build_graphs(root: Path) -> list[Path]:
-    """The ONNX graphs of a build or bundle directory: the export and every prepared graph."""
+    """The ONNX graphs of a build or bundle directory that TensorRT could build from: the export and the
+    prepared fp16 and signed Q/DQ graphs."""
     from export.artifacts.builddir import BuildDir
 
     return sorted(p for sub in (BuildDir.EXPORT, BuildDir.GRAPHS) for p in (root / sub).rglob("*.onnx")
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+                  if not any(part.startswith(".") or part in NOT_FOR_TENSORRT for part in p.relative_to(root).parts))

@@ -45,8 +45,9 @@ BATCH_DIM = "batch"
 
 # The modules whose code decides what an export contains: a change to any of them makes a new export,
 # even from the same checkpoint with the same options (a build's cached export step keys on this).
-EXPORTER_MODULES = ("export.onnx.fold", "export.onnx.exporter", "mtlora.merge", "export.onnx.reference_outputs", "export.artifacts.manifest",
-                    "mtlora.model", "mtlora.adapters", "mtlora.heads", "mtlora.config")
+EXPORTER_MODULES = ("export.onnx.fold", "export.onnx.exporter", "mtlora.merge", "export.onnx.reference_outputs",
+                    "export.artifacts.manifest", "mtlora.model", "mtlora.adapters", "mtlora.attention", "mtlora.heads",
+                    "mtlora.decoders", "mtlora.config", "mtlora.tasks")
 
 
 def exporter_fingerprint() -> str:
@@ -77,6 +78,7 @@ class ExportResult:
     input_shape: tuple[int | str, ...]
     files: dict[str, str] = field(default_factory=dict)  # graph role ("model", "backbone", "head_<task>") -> file
     backbone_outputs: tuple[str, ...] = ()
+    dropped_parameters: int = 0  # task adapters that cannot reach an output (see export.onnx.fold)
 
     @property
     def paths(self) -> list[Path]:
@@ -231,10 +233,14 @@ def export_onnx(
 
     say("merging and folding adapters")
     folded = prepare_export_model(model, selected, postprocess)
+    if folded.dropped_parameters:
+        say(f"dropped {folded.dropped_parameters:,} task-adapter parameters that cannot reach an output "
+            "(task adapters of blocks that pass no task stream on)")
     generator = torch.Generator().manual_seed(0)
     # Batch 2, so that no reshape is specialised to a batch of one.
     image = torch.randn(2, config.swin.in_chans, img, img, generator=generator)
-    result = ExportResult(out_dir, layout, selected, opset, (BATCH_DIM if batch_dynamic else 2, config.swin.in_chans, img, img))
+    result = ExportResult(out_dir, layout, selected, opset, (BATCH_DIM if batch_dynamic else 2, config.swin.in_chans, img, img),
+                          dropped_parameters=folded.dropped_parameters)
 
     def write(graph: str, file: str, args, input_names, output_names, role) -> None:
         say(f"exporting {file}")
@@ -259,7 +265,8 @@ def export_onnx(
             folded.role = ("backbone", None)
             shared = folded(image)
         for t in selected:
-            write(f"head_{t}", f"head_{t}.onnx", tuple(shared), names, [t], ("head", t))
+            inputs = folded.head_input_names(t)
+            write(f"head_{t}", f"head_{t}.onnx", tuple(shared[names.index(n)] for n in inputs), inputs, [t], ("head", t))
     folded.role = ("model", None)
     return result
 
@@ -353,6 +360,7 @@ def export_model(
             graph_files=dict(result.files),
             reference=reference,
             source={"checkpoint": source_name, "sha256": source_sha256},
+            **({"dropped_parameters": result.dropped_parameters} if result.dropped_parameters else {}),
         )
         commit_directory(staging, out)  # which also gives the staging directory the usual permissions
     except BaseException:

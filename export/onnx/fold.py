@@ -21,7 +21,16 @@ rewrites the parts that matter for deployment:
 - MTL-LoRA's task terms are folded into plain (down, up) factors; the
   down-projection is shared, so A x is computed once for the attention
   projection and in one MatMul over the stacked task streams for fc1 / fc2.
-- The decoder's BatchNorm is folded into its convolution.
+- The decoder's BatchNorm is folded into its convolution (HRNet heads; the
+  SegFormer, up-convolution and ASPP heads are traced as they are).
+- `addition` mode (`AdditionTaskLinear`): there is nothing task-agnostic to fold,
+  and the shared stream is W x + b + LayerNorm(sum of the task outputs), so it
+  needs every task stream: the backbone computes all of them, stacked, and the
+  split layout's backbone hands each head its task's features.
+- With task adapters in every block (INTERMEDIATE_SPECIALIZATION), a block other
+  than the last of a stage passes only its shared stream on. In `matrix` and
+  `matrixv2` mode its task adapters cannot reach an output and are dropped
+  (`dropped_parameters` counts them); in `addition` mode they can, and stay.
 
 Initializer names follow one scheme that `export.onnx.cost` reads: task-specific
 tensors live under `task_branches.<task>.` and `heads.<task>.`, the stacked
@@ -46,7 +55,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from export.errors import ExportError
 from mtlora.adapters import SHARED, LoRALinear, MTLLoRALinear, TaskLoRALinear
 from mtlora.attention import relative_position_bias, window_attention
-from mtlora.heads import FeatureDownsampler, HRNetHead
+from mtlora.heads import HRNetHead
 from mtlora.model import TARGET_PATHS, MultiTaskSwin
 from mtlora.tasks import KINDS, NORMALIZE_EPS, get_task
 
@@ -85,7 +94,7 @@ class TaskAnchorLinear(nn.Module):
         self.linear = MatMulLinear(layer.base.weight, layer.base.bias)
         if layer.shared_mode == "matrix":
             self.register_buffer("lora_correction_down", _frozen(layer.lora_A[SHARED].t()))  # (in, r)
-            up = -layer.scaling[SHARED] * layer.lora_B[SHARED].float()
+            up = -layer.scale_of(SHARED) * layer.lora_B[SHARED].float()
             self.register_buffer("lora_correction_up", _frozen(up.t()))  # (r, out)
         else:
             self.register_buffer("lora_correction_down", None)
@@ -226,6 +235,9 @@ class ExportBackbone(nn.Module):
         super().__init__()
         embed = backbone.patch_embed
         self.patch_embed = nn.ModuleDict({"proj": embed.proj, "norm": embed.norm})
+        ape = getattr(backbone, "absolute_pos_embed", None)  # (1, h w, C), official APE
+        self.register_buffer("absolute_pos_embed", None if ape is None else _frozen(
+            ape.reshape(1, *embed.grid_size, ape.shape[-1])))
         stages = []
         for s, stage in enumerate(backbone.layers):
             blocks = [ExportSwinBlock(b) for b in stage.blocks]
@@ -238,7 +250,8 @@ class ExportBackbone(nn.Module):
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W) -> tokens (B, H/p, W/p, C)."""
-        return self.patch_embed["norm"](self.patch_embed["proj"](image).permute(0, 2, 3, 1))
+        x = self.patch_embed["norm"](self.patch_embed["proj"](image).permute(0, 2, 3, 1))
+        return x if self.absolute_pos_embed is None else x + self.absolute_pos_embed
 
 
 class TaskHead(nn.Module):
@@ -249,7 +262,7 @@ class TaskHead(nn.Module):
     sampling grid.
     """
 
-    def __init__(self, downsampler: FeatureDownsampler, decoder: HRNetHead, resolutions: list[int],
+    def __init__(self, downsampler: nn.Module, decoder: HRNetHead, resolutions: list[int],
                  out_size: int):
         super().__init__()
         conv, bn, act, classifier = decoder.last_layer
@@ -268,6 +281,45 @@ class TaskHead(nn.Module):
         ]
         out = self.decoder(torch.cat(up, dim=1))
         return F.interpolate(out, scale_factor=self.out_scale, mode="bilinear", align_corners=False)
+
+
+class DecoderTaskHead(nn.Module):
+    """A task's downsampler and a SegFormer, up-convolution or ASPP decoder (as trained), resized to the input size.
+
+    The decoder's output size follows from the feature sizes, so it is measured once here and the final
+    resize uses a fixed scale factor (below 1 for the up-convolution head, whose output is larger).
+    """
+
+    def __init__(self, downsampler: nn.Module, decoder: nn.Module, feature_shapes: list[tuple[int, int, int]],
+                 out_size: int):
+        super().__init__()
+        self.downsampler = downsampler
+        self.decoder = decoder.eval()
+        with torch.no_grad():
+            probe = [torch.zeros(1, *shape) for shape in feature_shapes]
+            decoded = self.decoder(self.downsampler(probe)).shape[-1]
+        self.out_scale = out_size / decoded
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        out = self.decoder(self.downsampler(features))
+        return F.interpolate(out, scale_factor=self.out_scale, mode="bilinear", align_corners=False)
+
+
+class AdditionTaskLinear(TaskAnchorLinear):
+    """An `addition` task layer: W x + b for every task to add its term to, and the LayerNorm that turns the
+    sum of the task outputs into the shared output's update."""
+
+    def __init__(self, layer: TaskLoRALinear):
+        super().__init__(layer)
+        self.lora_norm = layer.lora_norm
+
+    def shared_output(self, anchor: torch.Tensor, task_outputs: torch.Tensor) -> torch.Tensor:
+        """anchor (M, out) and the stacked task outputs (T, M, out) -> the shared output (M, out)."""
+        return anchor + self.lora_norm(task_outputs.sum(dim=0))
+
+
+def _task_parameters(layer: TaskLoRALinear) -> int:
+    return sum(layer.lora_A[t].numel() + layer.lora_B[t].numel() for t in layer.tasks)
 
 
 def swap_linears(module: nn.Module) -> None:
@@ -304,9 +356,16 @@ class ExportModel(nn.Module):
         self.has_task_streams = model.has_task_streams
         self.shared_down = self.has_task_streams and config.adapter.task_adapter == "mtl-lora"
         self.role: tuple[str, str | None] = ("model", None)
+        # Task adapters that cannot reach an output (INTERMEDIATE_SPECIALIZATION, matrix modes), dropped here.
+        self.dropped_parameters = 0
+        self.addition = self.has_task_streams and config.adapter.shared_mode == "addition"
+        if self.addition:
+            self._init_addition(model, config)
+            return
         branches: dict[str, nn.ModuleList] = {t: nn.ModuleList() for t in self.tasks}
         stacks = nn.ModuleList()
         if self.has_task_streams:
+            self._drop_unreachable(model)
             for stage in model.backbone.layers:
                 last = stage.blocks[-1]
                 per_task = {t: nn.ModuleDict() for t in self.tasks}
@@ -328,15 +387,116 @@ class ExportModel(nn.Module):
         self.backbone = ExportBackbone(model.backbone)
         self.task_branches = nn.ModuleDict(branches if self.has_task_streams else {})
         self.task_stack = stacks  # used by the whole-model graph; a head graph uses its task's branch
-        resolutions = config.swin.feature_resolutions()
-        self.heads = nn.ModuleDict({
-            t: TaskHead(model.downsamplers[t], model.decoders[t], resolutions, config.swin.img_size)
-            for t in self.tasks
-        })
+        self.heads = self._make_heads(model)
         self.eval()
+
+    def _make_heads(self, model: MultiTaskSwin) -> nn.ModuleDict:
+        config = model.config
+        resolutions = config.swin.feature_resolutions()
+        shapes = list(zip(resolutions, resolutions, config.swin.stage_dims(), strict=True))
+
+        def head(t: str) -> nn.Module:
+            if isinstance(model.decoders[t], HRNetHead):
+                return TaskHead(model.downsampler(t), model.decoders[t], resolutions, config.swin.img_size)
+            return DecoderTaskHead(model.downsampler(t), model.decoders[t], shapes, config.swin.img_size)
+
+        return nn.ModuleDict({t: head(t) for t in self.tasks})
+
+    def _drop_unreachable(self, model: MultiTaskSwin) -> None:
+        """Blocks before the last of a stage pass only their shared stream on: their task adapters go."""
+        for stage in model.backbone.layers:
+            for block in list(stage.blocks)[:-1]:
+                for target in TASK_TARGETS:
+                    owner = getattr(block, TARGET_PATHS[target][0])
+                    layer = getattr(owner, TARGET_PATHS[target][1])
+                    if isinstance(layer, TaskLoRALinear):
+                        self.dropped_parameters += _task_parameters(layer)
+                        setattr(owner, TARGET_PATHS[target][1], MatMulLinear(layer.base.weight, layer.base.bias))
+
+    def _init_addition(self, model: MultiTaskSwin, config) -> None:
+        """`addition` mode: every block with task adapters runs all task streams, stacked (see the module doc)."""
+        self.stream_tasks = tuple(model.tasks)  # the shared stream needs every task, whichever are exported
+        stacks = nn.ModuleList()
+        self.task_blocks: list[list[bool]] = []
+        for stage in model.backbone.layers:
+            factors = nn.ModuleDict()
+            blocks = list(stage.blocks)
+            self.task_blocks.append([])
+            for j, block in enumerate(blocks):
+                has_tasks = isinstance(block.attn.proj, TaskLoRALinear)
+                self.task_blocks[-1].append(has_tasks)
+                if not has_tasks:
+                    continue
+                prefix = "" if j == len(blocks) - 1 else f"block{j}_"
+                for target in TASK_TARGETS:
+                    owner = getattr(block, TARGET_PATHS[target][0])
+                    layer = getattr(owner, TARGET_PATHS[target][1])
+                    per_task = [TaskFactors(*layer.folded_task_factors(t)) for t in self.stream_tasks]
+                    factors[prefix + target] = StackedTaskFactors(per_task, target == "proj")
+                    setattr(owner, TARGET_PATHS[target][1], AdditionTaskLinear(layer))
+            stacks.append(factors)
+        swap_linears(model.backbone)
+        self.backbone = ExportBackbone(model.backbone)
+        self.task_branches = nn.ModuleDict()
+        self.task_stack = stacks
+        self.heads = self._make_heads(model)
+        self.eval()
+
+    def _addition_block(self, s: int, j: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block j of stage s in `addition` mode: x (B, H, W, C) -> shared output and the task streams (T, B H W, C)."""
+        block = self.backbone.stages[s].blocks[j]
+        factors = self.task_stack[s]
+        prefix = "" if j == len(self.backbone.stages[s].blocks) - 1 else f"block{j}_"
+        mlp, dim = block.mlp, block.dim
+
+        def terms(target: str, inputs: torch.Tensor) -> torch.Tensor:
+            stacked = factors[prefix + target]
+            return torch.matmul(torch.matmul(inputs, stacked.lora_down), stacked.lora_up)
+
+        mixed = block.mix(block.norm1(x)).reshape(-1, dim)  # (M, C), the input of every task
+        anchor = block.proj.linear(mixed)
+        rank = factors[prefix + "proj"].lora_up.shape[-2]
+        low = torch.matmul(mixed, factors[prefix + "proj"].lora_down).reshape(-1, len(self.stream_tasks), rank)
+        attn_tasks = anchor + torch.matmul(low.transpose(0, 1), factors[prefix + "proj"].lora_up)  # (T, M, C)
+        x_flat = x.reshape(-1, dim)
+        x_attn = x_flat + block.proj.shared_output(anchor, attn_tasks)
+        attn_streams = x_flat + attn_tasks
+        anchor = mlp.fc1.linear(block.norm2(x_attn))
+        fc1_tasks = anchor + terms("fc1", block.norm2(attn_streams))
+        hidden = mlp.norm(mlp.act(mlp.fc1.shared_output(anchor, fc1_tasks)))
+        hidden_tasks = mlp.norm(mlp.act(fc1_tasks))
+        anchor = mlp.fc2.linear(hidden)
+        fc2_tasks = anchor + terms("fc2", hidden_tasks)
+        out = x_attn + mlp.fc2.shared_output(anchor, fc2_tasks)
+        return out.reshape(-1, *block.resolution, dim), attn_streams + fc2_tasks
+
+    def _addition_stage(self, s: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage s in `addition` mode: the shared output (before patch merging) and the last block's task streams."""
+        stack = None
+        for j, block in enumerate(self.backbone.stages[s].blocks):
+            if self.task_blocks[s][j]:
+                x, stack = self._addition_block(s, j, x)
+            else:
+                x = block(x)
+        return x, stack
+
+    def _addition_features(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Per-task NHWC features (after each stage's patch merging) of the exported tasks."""
+        x = self.backbone.embed(image)
+        features: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
+        for s in range(self.num_stages):
+            x, stack = self._addition_stage(s, x)
+            if s < self.num_stages - 1:
+                x = self.backbone.stages[s].merging(x)
+            streams = dict(zip(self.stream_tasks, self.task_features(s, stack, len(self.stream_tasks)), strict=True))
+            for t in self.tasks:
+                features[t].append(streams[t])
+        return features
 
     def backbone_output_names(self) -> list[str]:
         """Names of what the split layout's backbone computes once for every head, in output order."""
+        if self.addition:
+            return [f"stage{s}_{t}" for t in self.tasks for s in range(self.num_stages)]
         names = []
         for s in range(self.num_stages):
             if self.has_task_streams:
@@ -345,6 +505,12 @@ class ExportModel(nn.Module):
             else:
                 names.append(f"stage{s}_feature")
         return names
+
+    def head_input_names(self, task: str) -> list[str]:
+        """The backbone outputs `task`'s head graph reads: all of them, or in `addition` mode its own features."""
+        if self.addition:
+            return [f"stage{s}_{task}" for s in range(self.num_stages)]
+        return self.backbone_output_names()
 
     # ------------------------------------------------------------------ pieces
 
@@ -442,6 +608,9 @@ class ExportModel(nn.Module):
 
     def forward_model(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """image (B, 3, H, W) -> one (B, C_task, H, W) output per task."""
+        if self.addition:
+            features = self._addition_features(image)
+            return tuple(self.heads[t](features[t]) for t in self.tasks)
         x = self.backbone.embed(image)
         features: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
         for s in range(self.num_stages):
@@ -463,6 +632,9 @@ class ExportModel(nn.Module):
 
     def forward_backbone(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """image -> the tensors named by `backbone_output_names`, all NHWC."""
+        if self.addition:
+            features = self._addition_features(image)
+            return tuple(f for t in self.tasks for f in features[t])
         x = self.backbone.embed(image)
         outputs: list[torch.Tensor] = []
         for s in range(self.num_stages):
@@ -474,7 +646,7 @@ class ExportModel(nn.Module):
 
     def forward_head(self, task: str, *backbone_outputs: torch.Tensor) -> torch.Tensor:
         """The backbone outputs -> this task's map (B, C_task, H, W)."""
-        if not self.has_task_streams:
+        if not self.has_task_streams or self.addition:
             return self._finish(task, self.heads[task](list(backbone_outputs)))
         features = []
         for s in range(self.num_stages):

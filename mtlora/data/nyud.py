@@ -12,10 +12,12 @@ Layout under `root`::
 As upstream (and related work) does, the unlabelled class is not learnt:
 stored 0 becomes 255 (ignore) and classes 1..40 become 0..39.
 
-Samples: `image` uint8 (H, W, 3); `semseg` uint8 (H, W); `normals` float32
-(H, W, 3), ignored pixels exactly (0, 0, 0); `depth` float32 (H, W), 0 where
-invalid (NaNs included); `edge` uint8 {0, 1}; `meta` = {'id', 'size'}.
-Labels of another size than the image are resized to it.
+Samples: `image` uint8 (H, W, 3); `semseg` uint8 (H, W); `normals` float
+(H, W, 3) in the file's precision (float64 for integer files), ignored pixels
+exactly (0, 0, 0); `depth` float32 (H, W), 0 where invalid (NaNs included);
+`edge` uint8 {0, 1}; `meta` = {'id', 'size'}. Labels of another size than
+the image are resized to it as the official loader (`data/mtl_ds.py` NYUD_MT)
+does: OpenCV nearest, bicubic for normals.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from mtlora.data.pascal import read_label_png, read_split, require_files
 from mtlora.data.preprocess import load_image
-from mtlora.data.transforms import resize_sample
+from mtlora.data.transforms import resize_nearest, resize_normals
 from mtlora.errors import ConfigError, DataError
 
 # task -> output channels; the order is the fixed task order.
@@ -112,10 +114,10 @@ class NYUDMT:
                 labels[task] = self._depth(path)
             elif task == "edge":
                 labels[task] = self._edge(path)
-        mismatched = {k: v for k, v in labels.items() if v.shape[:2] != shape}
-        if mismatched:
-            labels |= resize_sample({"image": image} | mismatched, shape)
-            labels.pop("image")
+        for task, value in labels.items():
+            if value.shape[:2] != shape:
+                labels[task] = resize_normals(value, shape, renormalize=False) if task == "normals" else (
+                    resize_nearest(value, shape))
         return {"image": image} | labels | {"meta": {"id": self.ids[index], "size": shape}}
 
     @staticmethod
@@ -130,7 +132,8 @@ class NYUDMT:
 
     @staticmethod
     def _normals(path: str) -> np.ndarray:
-        normals = _load_npy(path).astype(np.float32)
+        normals = _load_npy(path)
+        normals = normals.astype(normals.dtype if np.issubdtype(normals.dtype, np.floating) else np.float64)
         if normals.ndim == 3 and normals.shape[0] == 3 and normals.shape[2] != 3:
             normals = normals.transpose(1, 2, 0)
         if normals.ndim != 3 or normals.shape[2] != 3:

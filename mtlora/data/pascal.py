@@ -14,9 +14,15 @@ Samples are dicts of numpy arrays at the image's resolution: `image` uint8
 (H, W, 3); `semseg` uint8 (H, W); `human_parts` uint8 (H, W), 0 background,
 1 head, 2 torso, 3 upper arm, 4 lower arm (with hand), 5 upper leg, 6 lower leg
 (with foot), and all 255 when the image has no annotated person; `sal`
-uint8 {0, 1}; `normals` float32 (H, W, 3) where pixels whose context class
+uint8 {0, 1}; `normals` float64 (H, W, 3) where pixels whose context class
 carries no normal are exactly (0, 0, 0) (so `np.any(normals != 0, -1)` is the
 valid mask); `edge` uint8 {0, 1}; `meta` = {'id', 'size'}.
+
+Every label is made as the official loader (`data/mtl_ds.py` PASCALContext)
+makes it, at the resolution of its file, and a label of another size than the
+image is then resized to it the way that loader does (OpenCV nearest, bicubic
+for normals): edges come from the context map at its own resolution, normals
+are decoded and masked in float64.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mtlora.data.preprocess import load_image
+from mtlora.data.transforms import resize_nearest, resize_normals
 from mtlora.errors import ConfigError, DataError
 
 # task -> output channels; the order is the fixed task order.
@@ -134,18 +141,14 @@ def _load_mat(path: str) -> dict:
 
 
 def _resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if labels.shape[:2] == shape:
-        return labels
-    image = Image.fromarray(labels.astype(np.int32))
-    return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.NEAREST)).astype(labels.dtype)
+    return labels if labels.shape[:2] == shape else resize_nearest(labels, shape)
 
 
 def context_edges(label_map: np.ndarray) -> np.ndarray:
     """Class boundaries of a label map: non-zero 4-neighbour Laplacian, thinned to one pixel.
 
-    The Laplacian uses mirrored borders (as OpenCV's default does). Thinning is
-    Zhang-Suen, close to but not identical with scikit-image's `thin` that the
-    official loader uses.
+    The Laplacian uses mirrored borders, as OpenCV's `Laplacian` (which the
+    official loader calls) does by default; the thinning is scikit-image's.
     """
     labels = np.pad(label_map.astype(np.int64), 1, mode="reflect")
     laplacian = (
@@ -154,32 +157,45 @@ def context_edges(label_map: np.ndarray) -> np.ndarray:
     return thin(laplacian != 0).astype(np.uint8)
 
 
-def thin(mask: np.ndarray) -> np.ndarray:
-    """Zhang-Suen thinning of a binary mask to one-pixel-wide lines.
+def _thinning_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Which 8-neighbourhoods delete their centre in each subiteration of Guo and Hall's thinning.
 
-    The border is replicated rather than zero-padded, so a line that runs off
-    the image is not eaten back from the image edge.
+    A neighbourhood is coded as 8 bits: east, north-east, north, north-west, west, south-west, south,
+    south-east. Conditions G1 (one 8-connected component around the pixel), G2 (two or three
+    neighbours in the sense of the paper) and G3 / G3' (the pixel is on the south-east / north-west side).
     """
-    img = np.pad(mask.astype(bool), 1, mode="edge")
-    while True:
-        changed = False
-        for first_pass in (True, False):
-            p2, p3, p4 = img[:-2, 1:-1], img[:-2, 2:], img[1:-1, 2:]
-            p5, p6, p7 = img[2:, 2:], img[2:, 1:-1], img[2:, :-2]
-            p8, p9 = img[1:-1, :-2], img[:-2, :-2]
-            ring = [p2, p3, p4, p5, p6, p7, p8, p9, p2]
-            count = sum(p.astype(np.int8) for p in ring[:-1])
-            transitions = sum((~ring[i] & ring[i + 1]).astype(np.int8) for i in range(8))
-            if first_pass:
-                side = ~(p2 & p4 & p6) & ~(p4 & p6 & p8)
-            else:
-                side = ~(p2 & p4 & p8) & ~(p2 & p6 & p8)
-            remove = img[1:-1, 1:-1] & (count >= 2) & (count <= 6) & (transitions == 1) & side
-            if remove.any():
-                img[1:-1, 1:-1] &= ~remove
-                changed = True
-        if not changed:
-            return img[1:-1, 1:-1].copy()
+    codes = np.arange(256)
+    b = [((codes >> i) & 1).astype(bool) for i in range(8)]
+    g1 = sum((~b[i] & (b[i + 1] | b[(i + 2) % 8])).astype(int) for i in (0, 2, 4, 6)) == 1
+    n1 = sum((b[k] | b[k - 1]).astype(int) for k in (1, 3, 5, 7))
+    n2 = sum((b[k] | b[(k + 1) % 8]).astype(int) for k in (1, 3, 5, 7))
+    g2 = (np.minimum(n1, n2) >= 2) & (np.minimum(n1, n2) <= 3)
+    g3 = ~((b[1] | b[2] | ~b[7]) & b[0])
+    g3_prime = ~((b[5] | b[6] | ~b[3]) & b[4])
+    return g1 & g2 & g3, g1 & g2 & g3_prime
+
+
+_THINNING_TABLES = _thinning_tables()
+# (row offset, column offset, bit value) of each neighbour in the neighbourhood code.
+_NEIGHBOUR_BITS = ((0, 1, 1), (-1, 1, 2), (-1, 0, 4), (-1, -1, 8), (0, -1, 16), (1, -1, 32), (1, 0, 64), (1, 1, 128))
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """Thinning of a binary mask to one-pixel-wide lines (Guo and Hall, 1989), as scikit-image's `thin`.
+
+    Outside the image counts as background; both subiterations repeat until nothing changes.
+    """
+    skeleton = np.pad(np.asarray(mask, dtype=bool), 1)
+    h, w = skeleton.shape[0] - 2, skeleton.shape[1] - 2
+    count = -1
+    while count != int(skeleton.sum()):
+        count = int(skeleton.sum())
+        for table in _THINNING_TABLES:
+            code = np.zeros((h, w), dtype=np.int64)
+            for dy, dx, bit in _NEIGHBOUR_BITS:
+                code += bit * skeleton[1 + dy: 1 + dy + h, 1 + dx: 1 + dx + w]
+            skeleton[1:-1, 1:-1] &= ~table[code]
+    return skeleton[1:-1, 1:-1].copy()
 
 
 def human_part_labels(path: str, shape: tuple[int, int]) -> np.ndarray:
@@ -189,7 +205,10 @@ def human_part_labels(path: str, shape: tuple[int, int]) -> np.ndarray:
     try:
         objects = mat["anno"][0][0][1]
         objects = objects[0] if objects.size else []
-        for obj in objects:
+        # Upstream labels parts only in images with a person of non-zero area (its object list cache).
+        has_person = any(int(np.asarray(o[1]).ravel()[0]) == PERSON_CLASS_INDEX and np.asarray(o[2]).sum() > 0
+                         for o in objects)
+        for obj in objects if has_person else []:
             parts = obj[3]
             if int(np.asarray(obj[1]).ravel()[0]) != PERSON_CLASS_INDEX or len(parts) == 0:
                 continue
@@ -278,13 +297,13 @@ class PascalContextMT:
         image = load_image(self._image_path(image_id), apply_exif_orientation=False)
         shape = image.shape[:2]
         sample: dict = {"image": image}
-        label_map = None
+        label_map = None  # at the annotation's own resolution
         if "normals" in self.tasks or "edge" in self.tasks:
             path = self._context_path(image_id)
             mat = _load_mat(path)
             if "LabelMap" not in mat:
                 raise DataError(f"{path} has no 'LabelMap' variable; expected a PASCAL-Context annotation")
-            label_map = _resize_nearest(np.asarray(mat["LabelMap"]).astype(np.int64), shape)
+            label_map = np.asarray(mat["LabelMap"]).astype(np.int64)
         for task in self.tasks:
             if task == "semseg":
                 sample[task] = self._semseg(self._semseg_paths[index], shape)
@@ -300,7 +319,7 @@ class PascalContextMT:
                 path = os.path.join(self.root, "normals_distill", f"{image_id}.png")
                 sample[task] = self._normals(path, label_map, shape)
             elif task == "edge":
-                sample[task] = context_edges(label_map)
+                sample[task] = _resize_nearest(context_edges(label_map), shape)
         sample["meta"] = {"id": image_id, "size": shape}
         return sample
 
@@ -325,12 +344,14 @@ class PascalContextMT:
     def _normals(path: str, label_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         try:
             with Image.open(path) as img:
-                if img.size != (shape[1], shape[0]):
-                    img = img.convert("RGB").resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-                encoded = np.asarray(img.convert("RGB"), dtype=np.float32)
+                encoded = np.asarray(img.convert("RGB"), dtype=np.float64)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot read normals map {path}: {exc}; re-copy the file") from exc
+        if encoded.shape[:2] != label_map.shape:
+            raise DataError(f"normals map {path} is {encoded.shape[1]}x{encoded.shape[0]}, its PASCAL-Context "
+                            f"annotation {label_map.shape[1]}x{label_map.shape[0]}; they must match")
         normals = 2.0 * encoded / 255.0 - 1.0
         valid = np.isin(label_map, np.fromiter(NORMALS_VALID_CONTEXT_CLASSES, dtype=np.int64))
         normals[~valid] = 0.0
-        return normals.astype(np.float32)
+        # Upstream resizes a normals map of another size than the image bicubically (no renormalising here).
+        return normals if normals.shape[:2] == shape else resize_normals(normals, shape, renormalize=False)

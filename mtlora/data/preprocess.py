@@ -5,6 +5,11 @@ the engines on a device, the PyTorch reference outputs, and the validation
 transform used in training. Keeping one implementation is what makes their
 numbers identical, so do not re-implement it with torchvision or OpenCV,
 whose bilinear filters differ from Pillow's.
+
+The data set transforms (`mtlora.data.transforms`) first resize a sample's
+8-bit image the way the official MTLoRA evaluation does (OpenCV bicubic, which
+needs the training extra) and then call `preprocess` at that size, where it
+only normalises; an arbitrary picture is resized here, with Pillow.
 """
 
 from __future__ import annotations

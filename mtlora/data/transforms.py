@@ -11,9 +11,23 @@ take:
     normals      float32 (3, h, w)   unit vectors; ignored pixels are (0, 0, 0)
     depth        float32 (1, h, w)   metres; 0 = no measurement
 
-Augmentation follows the official recipe (scale-lab/MTLoRA
-`data/custom_transforms.py`): random horizontal flip, random scale and
-rotation about the image centre, then a fixed resize to the model size.
+The fixed resize to the model size is the official evaluation protocol
+(scale-lab/MTLoRA `data/custom_transforms.py` FixedResize, AddIgnoreRegions,
+ToTensor, Normalize), with OpenCV as upstream uses it: the image is resized
+bicubically in float64, then made 8-bit by truncation; class maps, binary
+maps and depth with nearest neighbour (OpenCV's INTER_NEAREST, which picks
+floor(x * scale), not the pixel centre); normals bicubically, then
+renormalised as N / (|N| + eps), so only pixels whose whole 4x4 neighbourhood
+is unlabelled stay unlabelled. A human-parts map that is all background after
+resizing is all ignore, as upstream's AddIgnoreRegions makes it.
+
+One deliberate difference: upstream casts the resized float image to uint8
+with `astype`, which wraps bicubic overshoot around (-3 becomes 253, 258
+becomes 2); we clamp to [0, 255] first. Only pixels whose bicubic value falls
+outside [0, 255] differ, and there ours is the nearest 8-bit value.
+
+Augmentation follows the official recipe as well: random horizontal flip,
+random scale and rotation about the image centre, then the fixed resize.
 Class maps are resampled with nearest neighbour and the pixels that rotation
 brings in from outside the image are 255 (upstream fills them with class 0,
 which teaches "background" where there is no image); binary maps use nearest
@@ -109,11 +123,58 @@ def _warp_plane(plane: np.ndarray, coefficients, resample, fill) -> np.ndarray:
     return np.asarray(warped).copy()
 
 
-def _resize_plane(plane: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
-    height, width = size
-    if plane.shape[:2] == (height, width):
-        return plane.copy()
-    return np.asarray(Image.fromarray(plane).resize((width, height), resample)).copy()
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ConfigError(
+            "resizing data set samples needs OpenCV, as the official MTLoRA loaders use it: "
+            "pip install opencv-python-headless (part of the 'train' extra)"
+        ) from None
+    return cv2
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """An RGB uint8 image resized to `size = (h, w)` as upstream's FixedResize does, then clamped to 8 bits.
+
+    OpenCV bicubic on the float64 image; the result is clamped to [0, 255] (upstream wraps it) and
+    truncated to uint8 (as upstream's cast does).
+    """
+    height, width = int(size[0]), int(size[1])
+    if image.shape[:2] == (height, width):
+        return image.copy()
+    cv2 = _cv2()
+    resized = cv2.resize(image.astype(np.float64), (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(resized, 0.0, 255.0).astype(np.uint8)
+
+
+def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A label map (H, W) resized with OpenCV's INTER_NEAREST, in float64 as upstream does; dtype kept."""
+    height, width = int(size[0]), int(size[1])
+    if labels.shape[:2] == (height, width):
+        return labels.copy()
+    cv2 = _cv2()
+    return cv2.resize(labels.astype(np.float64), (width, height), interpolation=cv2.INTER_NEAREST).astype(labels.dtype)
+
+
+def resize_normals(normals: np.ndarray, size: Sequence[int], renormalize: bool = True) -> np.ndarray:
+    """Normals (H, W, 3) resized with OpenCV bicubic in their own float precision, as upstream does.
+
+    With `renormalize` (upstream's FixedResize), then N / (|N| + eps): unlabelled (0, 0, 0) pixels stay
+    zero only where the whole bicubic support was unlabelled.
+    """
+    height, width = int(size[0]), int(size[1])
+    normals = normals if np.issubdtype(normals.dtype, np.floating) else normals.astype(np.float64)
+    if normals.shape[:2] != (height, width):
+        cv2 = _cv2()
+        normals = cv2.resize(normals, (width, height), interpolation=cv2.INTER_CUBIC)
+    else:
+        normals = normals.copy()
+    if renormalize:
+        n1, n2, n3 = normals[..., 0], normals[..., 1], normals[..., 2]
+        length = np.sqrt(n1**2 + n2**2 + n3**2) + np.finfo(float).eps
+        normals = np.stack([n1 / length, n2 / length, n3 / length], axis=-1)
+    return normals
 
 
 def _resample_masked(values: np.ndarray, valid: np.ndarray, resample_fn) -> tuple[np.ndarray, np.ndarray]:
@@ -211,14 +272,22 @@ def scale_rotate(sample: dict, scale: float, angle: float) -> dict:
 
 
 def resize_sample(sample: dict, size: Sequence[int]) -> dict:
-    """Resize every map to `size = (h, w)` (aspect ratio not kept); the image stays uint8."""
+    """Every map resized to `size = (h, w)` (aspect ratio not kept) by the official protocol (module doc).
+
+    The image stays uint8; labels keep their dtype; normals are renormalised.
+    """
     _check_keys(sample)
-    target = (int(size[0]), int(size[1]))
-
-    def resize(plane, resample, fill):
-        return _resize_plane(plane, target, resample)
-
-    return _resample_sample(sample, resize)
+    out = {}
+    for key, value in sample.items():
+        if key == "meta":
+            out[key] = value
+        elif key == "image":
+            out[key] = resize_image(value, size)
+        elif key == "normals":
+            out[key] = resize_normals(value, size)
+        else:  # class maps, binary maps, depth
+            out[key] = resize_nearest(value, size)
+    return out
 
 
 def to_model_layout(
@@ -227,18 +296,21 @@ def to_model_layout(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> dict:
-    """Resize to `size` and convert to the layouts in the module docstring.
+    """Resize to `size` (the official protocol, module doc) and convert to the layouts in the module docstring.
 
-    The image goes through `preprocess` on its original pixels, so validation
-    inputs are bit-identical to what an engine receives.
+    The resized 8-bit image goes through `preprocess` (which then only normalises), so a validation
+    input is bit-identical to what an engine receives for the same 8-bit image.
     """
     _check_keys(sample)
     labels = {key: value for key, value in sample.items() if key != "image"}
     resized = resize_sample(labels, size) if labels.keys() - {"meta"} else labels
-    out = {"image": preprocess(sample["image"], size, mean, std)}
+    out = {"image": preprocess(resize_image(sample["image"], size), size, mean, std)}
     for key, value in resized.items():
         if key == "meta":
             out[key] = value
+        elif key == "human_parts":
+            # Upstream's AddIgnoreRegions: a map without any part after resizing has no annotation.
+            out[key] = np.full(value.shape, IGNORE_INDEX, np.int64) if not value.any() else value.astype(np.int64)
         elif key in CLASS_MAPS:
             out[key] = value.astype(np.int64)
         elif key in BINARY_MAPS:
