@@ -86,3 +86,20 @@ def test_engine_errors_are_one_line(ort_build, tmp_path):
         engine.infer(np.zeros((1, 3, 64, 64), np.float32))
     with engine, pytest.raises(ExportError, match=r"one \(H, W, 3\) uint8 RGB image"):
         engine.predict(np.zeros((3, 64, 64), np.float32))
+
+
+def test_a_split_runner_that_cannot_start_a_head_leaves_nothing_running(ort_build, tmp_path):
+    from engines.errors import EngineError
+    from engines.onnxruntime.runner import OnnxRuntimeRunner
+    from export.artifacts.engineset import SplitRunner
+
+    backbone = OnnxRuntimeRunner(ort_build / "engines" / "onnxruntime-fp32" / "model.fp32.onnx")
+    broken = tmp_path / "head.onnx"
+    broken.write_bytes(b"not an onnx file")
+    split = SplitRunner(backbone, {"semseg": OnnxRuntimeRunner(broken)})
+    with pytest.raises(EngineError):
+        split.activate()
+    assert not backbone.is_active and not split.is_active
+    # A Runner like any other: inactive, it refuses to run; its feed is checked against the backbone's inputs.
+    with pytest.raises(EngineError, match="not active"):
+        split.infer({"image": np.zeros((1, 3, 64, 64), np.float32)})
