@@ -69,7 +69,7 @@ def _unit_normals(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarra
     return n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 
-def _parts_mat(path: Path, objects: list) -> None:
+def write_parts_mat(path: Path, objects: list) -> None:
     """A PASCAL-Part `anno` struct: objects are (class index, mask, [(part name, mask), ...])."""
     records = np.zeros((1, len(objects)), dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
     for i, (class_index, mask, parts) in enumerate(objects):
@@ -144,7 +144,7 @@ def write_pascal_tree(root: str | Path, seed: int = 0) -> Path:
         else:
             mask, parts = _person(rng, shape)
             objects = [(7, car, []), (15, mask, parts)]
-        _parts_mat(root / f"human_parts/{image_id}.mat", objects)
+        write_parts_mat(root / f"human_parts/{image_id}.mat", objects)
     return root
 
 

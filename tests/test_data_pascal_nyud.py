@@ -10,31 +10,10 @@ from mtlora.data.datasets import build_dataset, dataset_tasks
 from mtlora.data.nyud import NYUDMT
 from mtlora.data.pascal import PascalContextMT, context_edges, thin
 from mtlora.errors import ConfigError, DataError
+from tests.generated_trees import write_parts_mat
 
 H, W = 12, 16
 WITH_PERSON, WITHOUT_PERSON = "2008_000001", "2008_000002"
-
-
-def _parts_mat(path, objects):
-    """A PASCAL-Part `anno` struct: objects are (class index, mask, [(part name, mask), ...])."""
-    object_type = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
-    records = np.zeros((1, len(objects)), dtype=object_type)
-    for i, (class_index, mask, parts) in enumerate(objects):
-        if parts:
-            part_records = np.zeros((1, len(parts)), dtype=[("part_name", "O"), ("mask", "O")])
-            for j, (name, part_mask) in enumerate(parts):
-                part_records[0, j]["part_name"] = name
-                part_records[0, j]["mask"] = part_mask.astype(np.uint8)
-        else:
-            part_records = np.zeros((0, 0))
-        records[0, i]["class"] = "object"
-        records[0, i]["class_ind"] = np.array([[class_index]])
-        records[0, i]["mask"] = mask.astype(np.uint8)
-        records[0, i]["parts"] = part_records
-    anno = np.zeros((1, 1), dtype=[("imname", "O"), ("objects", "O")])
-    anno[0, 0]["imname"] = path.stem
-    anno[0, 0]["objects"] = records
-    savemat(path, {"anno": anno})
 
 
 def _box(rows, cols):
@@ -69,13 +48,13 @@ def pascal_root(tmp_path):
     Image.fromarray(semseg, mode="L").convert("P").save(root / f"semseg/VOC12/{WITH_PERSON}.png")
     Image.fromarray(np.full((H, W), 7, np.uint8)).save(root / f"semseg/pascal-context/{WITHOUT_PERSON}.png")
     person = _box(slice(0, 9), slice(0, 6))
-    _parts_mat(root / f"human_parts/{WITH_PERSON}.mat", [
+    write_parts_mat(root / f"human_parts/{WITH_PERSON}.mat", [
         (7, _box(slice(0, 3), slice(10, 14)), []),  # a car: no parts
         (15, person, [("head", _box(slice(0, 2), slice(0, 6))), ("torso", _box(slice(2, 5), slice(0, 6))),
                       ("llarm", _box(slice(5, 7), slice(0, 3))), ("rfoot", _box(slice(7, 9), slice(0, 6)))]),
         (15, _box(slice(9, 12), slice(10, 16)), []),  # a person without part annotation
     ])  # fmt: skip
-    _parts_mat(root / f"human_parts/{WITHOUT_PERSON}.mat", [(7, _box(slice(0, 3), slice(0, 3)), [])])
+    write_parts_mat(root / f"human_parts/{WITHOUT_PERSON}.mat", [(7, _box(slice(0, 3), slice(0, 3)), [])])
     return root
 
 
@@ -134,7 +113,7 @@ def test_pascal_missing_task_folder_and_corrupt_files(pascal_root):
     (pascal_root / f"human_parts/{WITH_PERSON}.mat").write_bytes(b"not a mat file")
     with pytest.raises(DataError, match=f"{WITH_PERSON}.mat"):
         PascalContextMT(pascal_root, tasks=["human_parts"])[0]
-    _parts_mat(pascal_root / f"human_parts/{WITH_PERSON}.mat", [(15, _box(0, 0), [("tail", _box(0, 0))])])
+    write_parts_mat(pascal_root / f"human_parts/{WITH_PERSON}.mat", [(15, _box(0, 0), [("tail", _box(0, 0))])])
     with pytest.raises(DataError, match="unknown person part name 'tail'"):
         PascalContextMT(pascal_root, tasks=["human_parts"])[0]
     for item in (pascal_root / "sal_distill").iterdir():
