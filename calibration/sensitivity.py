@@ -3,12 +3,12 @@ layer's local quantization error.
 
 Two kinds of int8 graph, one interface (`QuantizedGraph`):
 
-| graph            | backends               | a layer back in float                          | runs on       |
-|------------------|------------------------|------------------------------------------------|---------------|
-| `QdqGraph`       | onnxruntime, tensorrt  | its DequantizeLinear inputs replaced by the     | ONNX Runtime  |
-|                  |                        | float tensors (activation: the Q's input;       | CPU           |
-|                  |                        | weight: the float weight)                       |               |
-| `NncfGraph`      | openvino               | its FakeQuantize inputs bypassed                | OpenVINO      |
+| graph      | backends              | a layer back in float                              | runs on      |
+|------------|-----------------------|----------------------------------------------------|--------------|
+| `QdqGraph` | onnxruntime, tensorrt | its DequantizeLinear inputs replaced by the float  | ONNX Runtime |
+|            |                       | tensors (the Q's input, the float weight)          | CPU          |
+| `NncfGraph`| openvino              | its FakeQuantize inputs bypassed, its float        | OpenVINO     |
+|            |                       | weights from the source ONNX                       |              |
 
 Neither recalibrates: the rest of the graph keeps its ranges, so many variants are cheap to try.
 The real engine built with `prepare_graph(keep_fp32=names)` recalibrates and is what a build checks.
@@ -254,14 +254,15 @@ class NncfGraph(QuantizedGraph):
     """The NNCF-quantized OpenVINO IR (`calibration.nncf_quant`), compiled with `config` on `device`.
 
     A layer back in float reads its activations from before their FakeQuantize ops, found directly on
-    its inputs or behind the ops NNCF moves quantizers across (a Concat's inputs); that path is copied
-    for the layer alone, so other readers keep their quantizers. NNCF stores weights as int8 with a
-    float scale, so the layer's weights stay those values (the per-channel rounding is the small part
-    of an int8 layer's error). Candidates are OpenVINO's friendly names, which
+    its inputs or behind the ops NNCF moves quantizers across (a Concat's inputs, an Interpolate's);
+    that path is copied for the layer alone, so other readers keep their quantizers. NNCF stores only
+    int8 weights: with `source_onnx` (the ONNX it quantized) a layer gets its float weights back, else
+    it keeps the dequantized int8 ones. Candidates are OpenVINO's friendly names, which
     `prepare_graph(keep_fp32=...)` passes to NNCF's ignored scope.
     """
 
-    def __init__(self, xml: str | os.PathLike, *, config: Mapping[str, str] | None = None, device: str = "CPU"):
+    def __init__(self, xml: str | os.PathLike, *, source_onnx: str | os.PathLike | None = None,
+                 config: Mapping[str, str] | None = None, device: str = "CPU"):
         import openvino as ov
 
         self.xml = Path(xml)
@@ -269,6 +270,11 @@ class NncfGraph(QuantizedGraph):
         self.config = dict(config or {"INFERENCE_PRECISION_HINT": "f32"})
         self._core = ov.Core()
         self._factories: dict[str, object] = {}
+        self._float_ops = {}
+        if source_onnx is not None:
+            # NNCF quantized OpenVINO's conversion of this ONNX: same friendly names, the float weights.
+            self._float_ops = {op.get_friendly_name(): op for op in ov.convert_model(str(source_onnx)).get_ops()}
+        self._weights: dict[str, np.ndarray | None] = {}
         model = self._core.read_model(str(self.xml))
         self.inputs = [p.get_any_name() for p in model.inputs]
         self.candidates = [op.get_friendly_name() for op in model.get_ordered_ops()
@@ -291,14 +297,62 @@ class NncfGraph(QuantizedGraph):
         node = value.get_node()
         kind = node.get_type_name()
         if kind == "FakeQuantize":
-            return node.input_value(0)
+            # Past it too: NNCF unifies the scales of a Concat's inputs and moves them further up (before an
+            # Interpolate), so ignoring the layer drops that whole chain of quantizers.
+            source = node.input_value(0)
+            return self._float_value(source, depth - 1) if depth > 0 else self._detached(source)
         if depth == 0 or kind not in _OV_TRANSPARENT or not _reaches_fq(value, depth):
-            return value
+            return self._detached(value)
         copy_ = self._create(node, [self._float_value(v, depth - 1) for v in node.input_values()])
         return copy_.output(value.get_index())
 
+    def _detached(self, value):
+        """`value`, or the same output of a copy of its op when a FakeQuantize also reads it: OpenVINO's CPU
+        plugin fuses that FakeQuantize into the op (a Convolution's post-op), and another reader of the
+        fused output does not get the float values."""
+        node = value.get_node()
+        if node.get_type_name() in ("Parameter", "Constant") or not any(
+                t.get_node().get_type_name() == "FakeQuantize" for t in value.get_target_inputs()):
+            return value
+        return self._create(node, [_own_constant(v) for v in node.input_values()]).output(value.get_index())
+
+    def _float_weight(self, op) -> np.ndarray | None:
+        """The layer's float weight in the quantized model's terms, or None when it cannot be had.
+
+        NNCF keeps int8 weights only; the float ones come from the source model, divided by SmoothQuant's
+        per-channel factor where NNCF moved one onto the activation (a Multiply before its FakeQuantize).
+        Checked against the int8 weight: a value that does not match it is not used."""
+        name = op.get_friendly_name()
+        if name in self._weights:
+            return self._weights[name]
+        weight = None
+        source = self._float_ops.get(name)
+        quantized = _constant_value(op.input_value(1))
+        original = _constant_value(source.input_value(1)) if source is not None else None
+        if quantized is not None and original is not None and original.shape == quantized.shape:
+            factor = _smooth_factor(op.input_value(0))
+            axis = 1 if op.get_type_name() != "MatMul" else (-1 if op.get_attributes()["transpose_b"] else -2)
+            tries = [original]
+            if factor is not None and factor.size == original.shape[axis]:
+                shape = [1] * original.ndim
+                shape[axis] = -1
+                tries = [original / factor.reshape(shape), original * factor.reshape(shape)]
+            norm = float(np.linalg.norm(quantized)) or 1.0
+            for candidate in tries:
+                if float(np.linalg.norm(candidate - quantized)) / norm < 0.25:
+                    weight = candidate.astype(np.float32)
+                    break
+        self._weights[name] = weight
+        return weight
+
     def _float_sources(self, op) -> list:
-        return [self._float_value(v) for v in op.input_values()]
+        import openvino.opset13 as ops
+
+        sources = [self._float_value(v) for v in op.input_values()]
+        weight = self._float_weight(op)
+        if weight is not None:
+            sources[1] = ops.constant(weight).output(0)
+        return sources
 
     def variant(self, float_nodes: Iterable[str] = ()):
         names = set(_check_names(self, float_nodes))
@@ -376,6 +430,21 @@ def _constant_value(value) -> np.ndarray | None:
     return None
 
 
+def _smooth_factor(value) -> np.ndarray | None:
+    """The per-channel constant of the SmoothQuant Multiply NNCF put before a layer's activation quantizer."""
+    node = value.get_node()
+    for _ in range(_MAX_DEPTH):
+        kind = node.get_type_name()
+        if kind == "Multiply" and "smooth_quant" in node.get_friendly_name():
+            factors = [_constant_value(v) for v in node.input_values()]
+            factor = next((f for f in factors if f is not None), None)
+            return None if factor is None else factor.reshape(-1)
+        if kind not in ("FakeQuantize", *_OV_TRANSPARENT):
+            return None
+        node = node.input_value(0).get_node()
+    return None
+
+
 def _own_constant(value):
     """A layer copy's input: a weight as a Constant of its own (a decompression subgraph shared with the
     model's layer would change how OpenVINO's CPU plugin compiles that layer), anything else as it is."""
@@ -418,6 +487,6 @@ def open_quantized_graph(backend: str, prepared_path: str | os.PathLike, metadat
         config = dict(config or {"INFERENCE_PRECISION_HINT": "f32"})
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = str(threads)
-        return NncfGraph(prepared_path, config=config)
+        return NncfGraph(prepared_path, source_onnx=metadata.get("source_onnx"), config=config)
     path = metadata.get("qdq_fp32_onnx") or prepared_path
     return QdqGraph(path, source_onnx=metadata.get("source_onnx"), threads=threads)

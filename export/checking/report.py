@@ -103,7 +103,7 @@ def _drops(check) -> str:
     parts = []
     for task, result in check.tasks.items():
         if result.metrics is not None:
-            parts.append(f"{task} {result.metrics.drop:+.3g}")
+            parts.append(f"{task} {result.metrics.drop:+.2f}".replace("-0.00", "+0.00"))
         else:
             parts.append(f"{task} cos {result.tensor.cosine:.4g}")
     return ", ".join(parts)

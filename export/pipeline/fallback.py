@@ -57,7 +57,10 @@ from export.pipeline.steps import publish, staging_for
 SHORTLIST = 8  # layers tried one at a time per step, from the top of the ranking
 MAX_LAYERS = 16  # most layers kept in fp32 before the search gives up
 MAX_PROBES = 96  # most int8 graph variants judged per round
-ROUNDS = 3  # rebuilds: the search goes on from a rebuilt engine's graph while it still fails
+ROUNDS = 4  # rebuilds: the search goes on from a rebuilt engine's graph while it still fails
+# After a layer that closed much of the gap, a next one that closes less than this share of what is left
+# ends the round: the rebuilt engine (recalibrated without the first) is judged before adding more.
+MIN_GAIN = 0.1
 RANK_BATCHES = 2  # evaluation batches the local-error ranking runs on
 SEARCH_VERSION = 1  # in the cache key: a changed search makes new lists
 # The 16-bit precisions an int8 engine has to beat, where its backend builds them.
@@ -222,7 +225,7 @@ def search_layers(probe: _Probe, say, name: str) -> SearchResult:
         say(f"[{name}] ranked {len(ranked)} quantized layers by local error in {ranking_s:.1f} s; top: {top}")
     chosen: list[tuple[str, str]] = []
     layers: list[FallbackLayer] = []
-    current, offset = base, 0
+    current, offset, big_step = base, 0, False
     while not current.passed and len(chosen) < MAX_LAYERS and probe.count < MAX_PROBES:
         window = [c for c in ranked if c not in chosen][offset:offset + SHORTLIST]
         window = window[:max(0, MAX_PROBES - probe.count)]
@@ -232,7 +235,12 @@ def search_layers(probe: _Probe, say, name: str) -> SearchResult:
             + (f" (ranks {offset + 1}-{offset + len(window)})" if offset else ""))
         tried = {c: probe.judge([*chosen, c]) for c in window}
         best = min(window, key=lambda c: shortfall(tried[c]))
-        if shortfall(tried[best]) < shortfall(current) - 1e-9:
+        gain = shortfall(current) - shortfall(tried[best])
+        if chosen and big_step and gain < MIN_GAIN * shortfall(current):
+            say(f"[{name}] the next layer closes little of what is left; judging the rebuilt engine first")
+            break
+        if gain > 1e-9:
+            big_step = big_step or gain >= MIN_GAIN * shortfall(current)
             layer = _layer(best, current, tried[best], errors[best])
             say(f"[{name}] keeping {best[1]} in fp32: {layer.task} {layer.check} {layer.before:.4g} -> {layer.after:.4g}")
             chosen.append(best)
@@ -329,8 +337,7 @@ def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[st
             keep[role].append(node)
         layers += found.layers
         count = sum(len(v) for v in keep.values())
-        say(f"[{key}] rebuilding int8 with {count} layer(s) in fp32"
-            + ("" if found.result.passed else " (the search could not make every task pass)"))
+        say(f"[{key}] rebuilding int8 with {count} layer(s) in fp32")
         current = ctx.engine(entry.backend, entry.precision, name=name, target=target, extra_keep=_as_globs(keep))
         current_check = ctx.check([current]).report.engines[0]
         if compare:
@@ -342,8 +349,6 @@ def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[st
         if current_check.passed:
             verdict = "fixed" if faster is not False else "not faster"
             break
-        if not found.result.passed:
-            break  # the search itself gave up: a rebuild on its graph would not do better
         if mode == "on" and faster is False:
             verdict = "stopped"
             break
