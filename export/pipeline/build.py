@@ -36,10 +36,13 @@ from export.pipeline.check import CheckOutcome, check_engines, eval_batches, wri
 from export.pipeline.data import parse_spec
 from export.pipeline.options import (
     AUTO,
+    PARTS,
     BuildOptions,
     Say,
     engine_plan,
     expand_keep_fp32,
+    is_part_precision,
+    parse_part_precision,
     precisions_used,
     role_precisions,
 )
@@ -287,7 +290,7 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
     info = ExportInfo.read(export_dir)
     tolerances = Tolerances.from_file(opts.tolerances)
     tolerances.check_tasks(info.interface.tasks)
-    _check_roles(opts, info)
+    _check_roles(opts, info, [p for _, p in pairs])
     if source is not None and torch_available():
         reference = OriginalModel(source, info.interface.tasks)
     model = {**info.interface.to_dict(), "layout": info.layout, "source": source_line}
@@ -326,8 +329,15 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
     return BuildOutcome(build.root, outcome.report, reused)
 
 
-def _check_roles(opts: BuildOptions, info: ExportInfo) -> None:
-    """--keep-fp32 globs for one graph role (a fallback file) must name roles this layout has."""
+def _check_roles(opts: BuildOptions, info: ExportInfo, precisions: list[str]) -> None:
+    """Per-part precisions may name only this model's tasks; --keep-fp32 globs for one graph role (a
+    fallback file) only roles this layout has."""
+    for precision in precisions:
+        if is_part_precision(precision):
+            missing = [p for p in parse_part_precision(precision) if p not in PARTS and p not in info.interface.tasks]
+            if missing:
+                raise ExportError(f"precision '{precision}': the model has no task {', '.join(missing)}; its tasks: "
+                                  f"{', '.join(info.interface.tasks)}")
     unknown = sorted(set(opts.keep_fp32_roles) - set(info.graph_files))
     if unknown:
         raise ExportError(f"--keep-fp32: the file names graph(s) {', '.join(unknown)}, which the {info.layout} "

@@ -215,5 +215,12 @@ def run_check(build_dir: str | Path, say: Say, eval_data: str | None = None, tol
         # A check reads the build; it does not rewrite its evaluation set (build.json vouches for that one).
         outcome = check_engines(entries, opts, info, export_dir, build, reference, say, limits, model,
                                 keep_evalset=False)
+        if build.report.is_file():
+            # What the build found out besides accuracy (int8 fallback, auto's candidates) stays in the report.
+            from export.checking.report import read_report
+
+            previous = read_report(build.report)
+            outcome.report.fallbacks, outcome.report.auto = previous.fallbacks, previous.auto
+            outcome.report.notes = previous.notes
         write_records(build, outcome, {k: v for k, v in recorded.items() if k not in ("files", "passed")})
     return outcome.report
