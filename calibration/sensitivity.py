@@ -488,5 +488,10 @@ def open_quantized_graph(backend: str, prepared_path: str | os.PathLike, metadat
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         return NncfGraph(prepared_path, source_onnx=metadata.get("source_onnx"), config=config)
+    try:
+        import onnxruntime  # noqa: F401 - the Q/DQ graph's variants run on its CPU provider
+    except ImportError:
+        raise CalibrationError("the int8 layer search runs the Q/DQ graph with ONNX Runtime, which is not "
+                               "installed here; install it, or keep layers in fp32 with --keep-fp32") from None
     path = metadata.get("qdq_fp32_onnx") or prepared_path
     return QdqGraph(path, source_onnx=metadata.get("source_onnx"), threads=threads)

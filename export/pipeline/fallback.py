@@ -36,6 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from calibration.errors import CalibrationError
 from engines.registry import BACKENDS, get_backend
 from export.artifacts.engineset import EngineSet
 from export.artifacts.files import write_json_atomic
@@ -197,8 +198,6 @@ class SearchResult:
     layers: list[FallbackLayer]
     result: EngineCheck  # the judgement with `chosen` in float
     probes: int
-    seconds_ranking: float = 0.0
-    ranked: int = 0
 
 
 def _layer(candidate: tuple[str, str], before: EngineCheck, after: EngineCheck, error: float) -> FallbackLayer:
@@ -256,7 +255,7 @@ def search_layers(probe: _Probe, say, name: str) -> SearchResult:
                 say(f"[{name}] {candidate[1]} is not needed once the others are in fp32; dropped")
                 chosen, current = trial, result
                 layers = [layer for layer in layers if (layer.role, layer.node) != candidate]
-    return SearchResult(chosen, layers, current, probe.count, ranking_s, len(ranked))
+    return SearchResult(chosen, layers, current, probe.count)
 
 
 # ----------------------------------------------------------------------------- one engine set
@@ -268,15 +267,12 @@ def _quantized_graph(ctx, entry: EngineSet, role: str, name: str, keep: dict[str
     from export.pipeline.build import keep_globs, prepare_role
 
     prepared = prepare_role(entry.backend, "int8", role, ctx.opts, ctx.info, ctx.export_dir, ctx.build,
-                            ctx.calibration(), name, keep_globs(ctx.opts, role, _as_globs(keep)))
+                            ctx.calibration(), name, keep_globs(ctx.opts, role, keep))
     config = entry.artifacts(verify=False)[role].metadata.get("config")
     return open_quantized_graph(entry.backend, prepared.path, prepared.metadata, threads=ctx.opts.threads,
                                 config=config)
 
 
-def _as_globs(keep: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
-    """Node names as --keep-fp32 globs (a name with glob characters matches only itself)."""
-    return {role: tuple(glob.escape(n) for n in names) for role, names in keep.items() if names}
 
 
 def _int8_roles(entry: EngineSet) -> list[str]:
@@ -317,28 +313,36 @@ def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[st
             say(f"[{key}] {message}")
             return None, None, Fallback(key, "stopped", message, tuple(tasks), (), latency,
                                         seconds=round(time.perf_counter() - started, 2))
+    # Per graph role, --keep-fp32 globs: a node name escaped so that it matches only itself.
     keep = {role: list((start_keep or {}).get(role, ())) for role in _int8_roles(entry)}
     layers: list[FallbackLayer] = []
     probes, current, current_check, verdict, faster = 0, entry, failed, "failed", None
     target = ctx.build.candidate(name)
     for _ in range(ROUNDS):
         graph_name = key if current is entry else name
-        graphs = {role: _quantized_graph(ctx, current, role, graph_name, keep) for role in keep}
-        probe = _Probe(ctx, current, graphs)
         try:
-            found = search_layers(probe, say, key)
-        finally:
-            probe.close()
+            graphs = {role: _quantized_graph(ctx, current, role, graph_name, keep) for role in keep}
+            probe = _Probe(ctx, current, graphs)
+            try:
+                found = search_layers(probe, say, key)
+            finally:
+                probe.close()
+        except CalibrationError as err:
+            # The search is a help, not a step the build needs: its failure leaves int8 as it was.
+            message = f"the layer search could not run ({err}); the int8 engine stays as calibrated"
+            say(f"[{key}] {message}")
+            return None, None, Fallback(key, "failed", message, tuple(tasks), tuple(layers), latency, probes,
+                                        round(time.perf_counter() - started, 2))
         probes += found.probes
         if not found.chosen:
             say(f"[{key}] no layer in fp32 brings the failing tasks closer to passing")
             break
         for role, node in found.chosen:
-            keep[role].append(node)
+            keep[role].append(glob.escape(node))
         layers += found.layers
         count = sum(len(v) for v in keep.values())
         say(f"[{key}] rebuilding int8 with {count} layer(s) in fp32")
-        current = ctx.engine(entry.backend, entry.precision, name=name, target=target, extra_keep=_as_globs(keep))
+        current = ctx.engine(entry.backend, entry.precision, name=name, target=target, extra_keep=keep)
         current_check = ctx.check([current]).report.engines[0]
         if compare:
             # Timed together, so the three numbers compare (the first int8 is still where it was built).
@@ -407,7 +411,8 @@ def _save(ctx, entry: EngineSet, keep: dict[str, list[str]], record: Fallback) -
     path = ctx.build.fallback_file(entry.key)
     record = Fallback(**{**record.__dict__, "file": str(path)})
     data = {"format": KEEP_FILE_FORMAT, "engine": entry.key, "backend": entry.backend,
-            "precision": entry.precision, "layout": ctx.info.layout, "keep_fp32": _as_globs(keep),
+            "precision": entry.precision, "layout": ctx.info.layout,
+            "keep_fp32": {role: globs for role, globs in keep.items() if globs},
             "fallback": record.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)

@@ -143,7 +143,8 @@ def role_precisions(precision: str, roles: Iterable[str]) -> dict[str, str]:
     out, missing = {}, []
     for role in roles:
         if role == "model":
-            raise ExportError(f"precision '{precision}' gives parts their own precision; it needs --layout split")
+            raise ExportError(f"precision '{precision}' gives parts their own precision; it needs the split layout "
+                              "(--layout split)")
         task = role[len("head_"):] if role.startswith("head_") else None
         chosen = parts.get("backbone") if task is None else parts.get(task, parts.get("heads"))
         if chosen is None:
@@ -247,7 +248,7 @@ def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
     if AUTO in precisions and len(precisions) > 1:
         raise ExportError("--precision auto builds and compares every precision itself; give it alone")
     parted = [p for p in precisions if is_part_precision(p)]
-    if parted and opts.layout != "split":
+    if parted and opts.layout != "split" and not opts.from_bundle:  # a bundle has its own layout
         raise ExportError(f"precision '{parted[0]}' gives the backbone and heads their own precision; "
                           "it needs --layout split")
     if opts.int8_fallback not in FALLBACK_MODES:
