@@ -202,10 +202,15 @@ def test_part_precisions_per_role_and_task():
 
 
 def test_split_layout_with_an_int8_backbone_and_fp16_heads(tmp_path):
+    """From Python this time: the library function the command calls."""
+    from export.pipeline.build import run_build
+    from export.pipeline.options import BuildOptions
+
     out = tmp_path / "split"
-    code, output = invoke(export_cli, "build", "--backend", "onnxruntime", "--layout", "split", "--precision",
-                          "heads=fp16,backbone=int8", *SMALL, "--out", out)
-    assert code == 0, output
+    lines = []
+    outcome = run_build(BuildOptions(backends=("onnxruntime",), layout="split", precisions=("heads=fp16,backbone=int8",),
+                                     calib_samples=8, eval_samples=4, out=str(out)), lines.append)
+    assert outcome.passed, "\n".join(lines)
     key = "onnxruntime-backbone=int8,heads=fp16"
     index = json.loads((out / "engines" / key / "engine.json").read_text())
     assert index["precision"] == "backbone=int8,heads=fp16"
