@@ -88,7 +88,7 @@ def fallback_layer_lines(report: Report) -> list[str]:
             role = "" if layer.role == "model" else f" [{layer.role}]"
             lines.append(f"{f.engine}: {layer.node}{role} for {layer.task} {layer.check} "
                          f"{layer.before:.4g} -> {layer.after:.4g} (local error {layer.local_error:.3g})")
-        lines.append(f"{f.engine}: {f.message}" + (f" ({f.probes} variants judged in {f.seconds:.1f} s)"
+        lines.append(f"{f.engine}: {f.message}" + (f" ({f.probes} int8 variants judged; {f.seconds:.1f} s in all)"
                                                     if f.probes else ""))
         if f.file:
             lines.append(f"{f.engine}: layer list in {f.file} (reuse: --keep-fp32 @{f.file})")
