@@ -5,6 +5,9 @@
       graphs/<engine>/        prepared fp16 / Q-DQ / NNCF graphs             (calibration)
       calibration-cache/      calibration results keyed by ONNX, data and settings
       engines/<engine>/       engine files, their sidecars, engine.json
+      candidates/<engine>/    engines built only to compare (--precision auto, the 16-bit engine an
+                              int8 fallback is timed against); the chosen one is copied to engines/
+      fallback/<engine>.json  the layers an int8 fallback kept in fp32 (reuse: --keep-fp32 @FILE)
       evalset.npz             a small labelled evaluation sample with its PyTorch references
       report.json junit.xml summary.md report.html    the accuracy records
       build.json              the build record, written last: options, steps, hashes of the records
@@ -33,6 +36,8 @@ class BuildDir:
     GRAPHS = "graphs"
     CALIBRATION_CACHE = "calibration-cache"
     ENGINES = "engines"
+    CANDIDATES = "candidates"
+    FALLBACK = "fallback"
     EVALSET = "evalset.npz"
     RECORD = "build.json"
     REPORT, JUNIT, SUMMARY, HTML = "report.json", "junit.xml", "summary.md", "report.html"
@@ -82,6 +87,14 @@ class BuildDir:
     def engine(self, key: str) -> Path:
         return self.engines / key
 
+    def candidate(self, key: str) -> Path:
+        """Where an engine set built only for comparison lives."""
+        return self.root / self.CANDIDATES / key
+
+    def fallback_file(self, key: str) -> Path:
+        """The int8 fallback's layer list for the engine set `key`, in the --keep-fp32 @FILE format."""
+        return self.root / self.FALLBACK / f"{key}.json"
+
     def engine_dirs(self) -> list[Path]:
         if not self.engines.is_dir():
             return []
@@ -94,9 +107,11 @@ class BuildDir:
 
     def stale_partials(self) -> Iterator[Path]:
         """Staging folders a killed step left behind (`.<name>.partial`, `.<name>.*.partial`)."""
-        for parent in (self.root, self.engines):
+        for parent in (self.root, self.engines, self.root / self.CANDIDATES):
             if parent.is_dir():
                 yield from (p for p in parent.glob(".*.partial") if p.is_dir())
+        # The evaluation batches a killed build kept on disk (`export.pipeline.eval_cache`).
+        yield from (p for p in self.root.glob(".eval-batches-*") if p.is_dir())
 
     @contextlib.contextmanager
     def locked(self, what: str = "build") -> Iterator[None]:

@@ -4,7 +4,9 @@ A single-layout engine set has one engine; a split set has a backbone engine and
 one head engine per task, which `SplitRunner` chains: the backbone runs once and
 each head reads the backbone outputs it needs. `engine.json` in the set's
 directory says which graph role became which engine file and what the model's
-interface is; every engine's own sidecar is checked against it.
+interface is; every engine's own sidecar is checked against it. A split set may
+give its parts their own precisions (`backbone=int8,heads=fp16`): `engine.json`
+then records each role's precision in `parts`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class EngineSet:
     directory: Path
     files: dict[str, str] = field(default_factory=dict)  # role ("model", "backbone", "head_<task>") -> engine file
     interface: ModelInterface | None = None  # what a caller feeds it and gets back
+    parts: dict[str, str] = field(default_factory=dict)  # role -> precision, when the parts differ
 
     @property
     def key(self) -> str:
@@ -57,9 +60,10 @@ class EngineSet:
 
     def _check_sidecar(self, role: str, artifact: EngineArtifact) -> None:
         where = f"{self.directory / self.files[role]}"
-        if artifact.precision_requested != self.precision:
+        expected = self.role_precision(role)
+        if artifact.precision_requested != expected:
             raise ExportError(f"{where}: built for {artifact.precision_requested}, but {ENGINE_INDEX} says "
-                              f"{self.precision}; rebuild the engine")
+                              f"{expected}; rebuild the engine")
         if self.interface is None or role.startswith("backbone"):
             return
         tasks = [role[len("head_"):]] if role.startswith("head_") else list(self.interface.tasks)
@@ -72,10 +76,16 @@ class EngineSet:
                                   f"({task}: {expected[task]} per image); the engine belongs to another model: "
                                   "rebuild it")
 
+    def role_precision(self, role: str) -> str:
+        """The precision the engine of `role` was built in."""
+        return self.parts.get(role, self.precision)
+
     def save(self) -> None:
-        write_json_atomic(self.directory / ENGINE_INDEX, {
-            "backend": self.backend, "precision": self.precision, "files": self.files,
-            "model": self.interface.to_dict() if self.interface else {}})
+        index = {"backend": self.backend, "precision": self.precision, "files": self.files,
+                 "model": self.interface.to_dict() if self.interface else {}}
+        if self.parts:
+            index["parts"] = self.parts
+        write_json_atomic(self.directory / ENGINE_INDEX, index)
 
     @classmethod
     def read(cls, directory: str | Path) -> EngineSet:
@@ -84,8 +94,9 @@ class EngineSet:
         data = read_json(index, corrupt=f"{index}: corrupt; rebuild the engine",
                          missing=f"{directory}: no {ENGINE_INDEX}; this engine build did not finish, rebuild it")
         try:
-            entry = cls(str(data["backend"]), str(data["precision"]), directory, dict(data["files"]))
-        except (KeyError, TypeError, ValueError) as err:
+            entry = cls(str(data["backend"]), str(data["precision"]), directory, dict(data["files"]),
+                        parts={str(r): str(p) for r, p in (data.get("parts") or {}).items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ExportError(f"{index}: corrupt ({type(err).__name__}: {err}); rebuild the engine") from None
         if any(not isinstance(f, str) or Path(f).name != f for f in entry.files.values()) or not entry.files:
             raise ExportError(f"{index}: names files outside its directory; rebuild the engine")

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export.checking.report import HEADER, rows
+from export.checking.report import (
+    CANDIDATE_HEADER,
+    FALLBACK_HEADER,
+    HEADER,
+    auto_line,
+    candidate_rows,
+    fallback_layer_lines,
+    fallback_rows,
+    rows,
+)
 from export.checking.results import Report
 from export.checking.visualize import denormalize, error_map, png_data_uri, render_label, render_output
 
@@ -41,14 +50,38 @@ def _figure(rgb: np.ndarray, caption: str, scale: int) -> str:
 
 
 def _table(report: Report) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    body = []
-    for row in rows(report):
+    return _html_table(HEADER, rows(report), lambda verdict: verdict == "PASS")
+
+
+def _html_table(header: list[str], body: list[list[str]], good) -> str:
+    """A table whose last column is a verdict, coloured by `good(verdict)`."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    lines = []
+    for row in body:
         cells = "".join(f"<td>{html.escape(c)}</td>" for c in row[:-1])
-        verdict = row[-1]
-        css = "pass" if verdict == "PASS" else "fail"
-        body.append(f'<tr>{cells}<td class="{css}">{html.escape(verdict)}</td></tr>')
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        css = "pass" if good(row[-1]) else "fail"
+        lines.append(f'<tr>{cells}<td class="{css}">{html.escape(row[-1])}</td></tr>')
+    return f"<table><tr>{head}</tr>{''.join(lines)}</table>"
+
+
+def _sections(report: Report) -> list[str]:
+    """The int8 fallback, the auto candidates and the notes, when there are any."""
+    parts = []
+    if report.fallbacks:
+        # Verdict last, so it is coloured like the accuracy table's.
+        body = [[*r[:1], *r[2:], r[1]] for r in fallback_rows(report)]
+        parts.append("<h2>INT8 fallback</h2>")
+        parts.append(_html_table([*FALLBACK_HEADER[:1], *FALLBACK_HEADER[2:], FALLBACK_HEADER[1]], body,
+                                 lambda v: v.startswith("fixed")))
+        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in fallback_layer_lines(report))
+                     + "</ul>")
+    if report.auto is not None:
+        parts.append("<h2>Precision auto: candidates</h2>")
+        parts.append(f"<p>{html.escape(auto_line(report))}</p>")
+        parts.append(_html_table(CANDIDATE_HEADER, candidate_rows(report), lambda v: v.startswith("PASS")))
+    if report.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
+    return parts
 
 
 def render_html(report: Report, samples: list[Sample], mean, std, curves_png: Path | None = None) -> str:
@@ -65,6 +98,7 @@ def render_html(report: Report, samples: list[Sample], mean, std, curves_png: Pa
         parts.append(f"<p>{html.escape(engine.key)}: {engine.samples} samples, "
                      f"reference from {html.escape(engine.reference_source)}, precision that ran: "
                      f"{html.escape(engine.engine.precision_executed or '?')}</p>")
+    parts += _sections(report)
     for index, sample in enumerate(samples):
         size = sample.image.shape[-1]
         scale = max(1, 160 // max(size, 1))

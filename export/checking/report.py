@@ -47,24 +47,120 @@ def rows(report: Report) -> list[list[str]]:
     return out
 
 
-def format_table(report: Report) -> str:
-    table = [HEADER] + rows(report)
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+def _plain_table(header: list[str], body: list[list[str]]) -> str:
+    table = [header] + body
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body)]
+
+
+def format_table(report: Report) -> str:
+    return _plain_table(HEADER, rows(report))
+
+
+# --------------------------------------------------------------------------- int8 fallback, --precision auto
+
+FALLBACK_HEADER = ["engine", "verdict", "failing task: check before -> after", "kept in fp32", "latency ms"]
+CANDIDATE_HEADER = ["backend", "candidate", "ran", "latency ms", "size", "metric drop per task", "verdict"]
+
+
+def _latencies(latency: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.3g}" for name, ms in latency.items())
+
+
+def fallback_rows(report: Report) -> list[list[str]]:
+    """One row per engine set the int8 fallback worked on."""
+    return [[f.engine, f.verdict + (" (cached)" if f.cached else ""), "; ".join(t.describe() for t in f.tasks),
+             str(len(f.layers)), _latencies(f.latency_ms)] for f in report.fallbacks]
+
+
+def fallback_layer_lines(report: Report) -> list[str]:
+    """One line per layer kept in fp32: which task and check it was kept for, what it bought."""
+    lines = []
+    for f in report.fallbacks:
+        for layer in f.layers:
+            role = "" if layer.role == "model" else f" [{layer.role}]"
+            lines.append(f"{f.engine}: {layer.node}{role} for {layer.task} {layer.check} "
+                         f"{layer.before:.4g} -> {layer.after:.4g} (local error {layer.local_error:.3g})")
+        lines.append(f"{f.engine}: {f.message}" + (f" ({f.probes} int8 variants judged; {f.seconds:.1f} s in all)"
+                                                    if f.probes else ""))
+        if f.file:
+            lines.append(f"{f.engine}: layer list in {f.file} (reuse: --keep-fp32 @{f.file})")
+    return lines
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.3g} MiB" if n >= 1 << 20 else f"{n / 1024:.3g} KiB"
+
+
+def _drops(check) -> str:
+    parts = []
+    for task, result in check.tasks.items():
+        if result.metrics is not None:
+            parts.append(f"{task} {result.metrics.drop:+.2f}".replace("-0.00", "+0.00"))
+        else:
+            parts.append(f"{task} cos {result.tensor.cosine:.4g}")
+    return ", ".join(parts)
+
+
+def candidate_rows(report: Report) -> list[list[str]]:
+    """One row per `--precision auto` candidate."""
+    if report.auto is None:
+        return []
+    out = []
+    for c in report.auto.candidates:
+        verdict = ("PASS" if c.passed else "FAIL") + (" (chosen)" if c.chosen else "")
+        out.append([c.backend, c.name, c.check.engine.precision_executed or "?",
+                    "" if c.latency_ms is None else f"{c.latency_ms:.3g}", _size(c.size_bytes), _drops(c.check),
+                    verdict + (f"; {c.note}" if c.note else "")])
+    return out
+
+
+def auto_line(report: Report) -> str:
+    auto = report.auto
+    flags = " ".join(f for f, on in auto.cpu_flags.items() if on) or "none of note"
+    threads = auto.threads if auto.threads is not None else "the runtime's default"
+    return (f"--precision auto: batch {auto.batch}, median of {auto.runs} calls, {threads} threads, on "
+            f"{auto.cpu or 'this CPU'} (flags: {flags})")
+
+
+def format_sections(report: Report) -> str:
+    """The int8 fallback, the auto candidates and the notes, for the terminal (empty when none)."""
+    parts = []
+    if report.fallbacks:
+        lines = ["INT8 fallback:", _plain_table(FALLBACK_HEADER, fallback_rows(report))]
+        lines += [f"  {line}" for line in fallback_layer_lines(report)]
+        parts.append("\n".join(lines))
+    if report.auto is not None:
+        parts.append("\n".join([auto_line(report), _plain_table(CANDIDATE_HEADER, candidate_rows(report))]))
+    if report.notes:
+        parts.append("\n".join(f"note: {n}" for n in report.notes))
+    return "\n\n".join(parts)
+
+
 def format_markdown(report: Report) -> str:
     status = "passed" if report.passed else "FAILED"
     lines = [f"# Accuracy report: {status}", "", f"Model tasks: {', '.join(report.tasks)}", ""]
-    lines.append("| " + " | ".join(HEADER) + " |")
-    lines.append("|" + "---|" * len(HEADER))
-    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    lines += _markdown_table(HEADER, rows(report))
     for engine in report.engines:
         lines.append("")
         lines.append(f"- {engine.key}: {engine.samples} samples, "
                      f"{'labelled' if engine.labelled else 'no labels'}, reference from {engine.reference_source}")
+    if report.fallbacks:
+        lines += ["", "## INT8 fallback", ""]
+        lines += _markdown_table(FALLBACK_HEADER, fallback_rows(report))
+        lines += [""] + [f"- {line}" for line in fallback_layer_lines(report)]
+    if report.auto is not None:
+        lines += ["", "## Precision auto: candidates", "", auto_line(report), ""]
+        lines += _markdown_table(CANDIDATE_HEADER, candidate_rows(report))
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
 
 

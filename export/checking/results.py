@@ -187,6 +187,152 @@ class EngineCheck:
                    {t: TaskResult.from_dict(t, r) for t, r in d["tasks"].items()})
 
 
+@dataclass(frozen=True)
+class FallbackTask:
+    """A task that failed its gate at int8: the check that failed, before the fallback and after it."""
+
+    task: str
+    check: str
+    limit: float
+    op: str
+    before: float
+    after: float | None = None  # None when no engine with layers in fp32 was checked
+
+    def describe(self) -> str:
+        after = "" if self.after is None else f" -> {self.after:.4g}"
+        return f"{self.task} {self.check} {self.before:.4g}{after} (limit {self.op} {self.limit:g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "check": self.check, "limit": self.limit, "op": self.op, "before": self.before,
+                "after": self.after}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FallbackTask:
+        return cls(str(d["task"]), str(d["check"]), float(d["limit"]), str(d["op"]), float(d["before"]),
+                   None if d.get("after") is None else float(d["after"]))
+
+
+@dataclass(frozen=True)
+class FallbackLayer:
+    """One layer the fallback search kept in fp32, and what it bought: the check of the task it helped
+    most, measured before and after the layer went back to float (on the search's int8 graph)."""
+
+    node: str
+    role: str  # the graph it is in: "model", "backbone" or "head_<task>"
+    task: str
+    check: str
+    before: float
+    after: float
+    local_error: float  # its relative output error from quantization, which ranked it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "role": self.role, "task": self.task, "check": self.check, "before": self.before,
+                "after": self.after, "local_error": self.local_error}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FallbackLayer:
+        return cls(str(d["node"]), str(d["role"]), str(d["task"]), str(d["check"]), float(d["before"]),
+                   float(d["after"]), float(d["local_error"]))
+
+
+# What a fallback search ended with.
+FALLBACK_VERDICTS = {
+    "fixed": "every task passes with these layers in fp32",
+    "not faster": "every task passes, but the engine is no faster than the 16-bit one here",
+    "stopped": "stopped: int8 is no faster than the 16-bit engine here, so fp32 layers cannot pay off",
+    "failed": "no set of layers in fp32 made every task pass within the search's limits",
+}
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The accuracy-aware int8 fallback of one engine set: what failed, what went back to fp32, at what speed."""
+
+    engine: str  # the engine set's key, e.g. "onnxruntime-int8"
+    verdict: str  # a key of FALLBACK_VERDICTS
+    message: str  # one line for people
+    tasks: tuple[FallbackTask, ...] = ()
+    layers: tuple[FallbackLayer, ...] = ()
+    latency_ms: dict[str, float] = field(default_factory=dict)  # "int8", "int8+fallback", the 16-bit ones
+    probes: int = 0  # int8 graph variants judged on the evaluation set
+    seconds: float = 0.0
+    cached: bool = False  # the layer list came from the calibration cache
+    file: str = ""  # where the list is saved for --keep-fp32 @FILE
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict in ("fixed", "not faster")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "verdict": self.verdict, "message": self.message,
+                "tasks": [t.to_dict() for t in self.tasks], "layers": [layer.to_dict() for layer in self.layers],
+                "latency_ms": dict(self.latency_ms), "probes": self.probes, "seconds": self.seconds,
+                "cached": self.cached, "file": self.file}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fallback:
+        return cls(str(d["engine"]), str(d["verdict"]), str(d.get("message", "")),
+                   tuple(FallbackTask.from_dict(t) for t in d.get("tasks", [])),
+                   tuple(FallbackLayer.from_dict(layer) for layer in d.get("layers", [])),
+                   {str(k): float(v) for k, v in (d.get("latency_ms") or {}).items()}, int(d.get("probes", 0)),
+                   float(d.get("seconds", 0.0)), bool(d.get("cached", False)), str(d.get("file", "")))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One engine `--precision auto` built, checked and timed."""
+
+    name: str  # "fp32", "fp16", "bf16", "int8", "int8+fallback"
+    check: EngineCheck
+    latency_ms: float | None = None  # median per call at the timing batch; None when it was not timed
+    size_bytes: int = 0
+    chosen: bool = False
+    note: str = ""
+
+    @property
+    def backend(self) -> str:
+        return self.check.engine.backend
+
+    @property
+    def passed(self) -> bool:
+        return self.check.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "check": self.check.to_dict(), "latency_ms": self.latency_ms,
+                "size_bytes": self.size_bytes, "chosen": self.chosen, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
+        return cls(str(d["name"]), EngineCheck.from_dict(d["check"]),
+                   None if d.get("latency_ms") is None else float(d["latency_ms"]), int(d.get("size_bytes", 0)),
+                   bool(d.get("chosen", False)), str(d.get("note", "")))
+
+
+@dataclass(frozen=True)
+class AutoSelection:
+    """What `--precision auto` compared and on what machine: every candidate, and how they were timed."""
+
+    candidates: tuple[Candidate, ...]
+    batch: int = 1
+    runs: int = 0  # timed calls per candidate (the median is reported)
+    threads: int | None = None
+    cpu: str = ""
+    cpu_flags: dict[str, bool] = field(default_factory=dict)
+
+    def chosen(self, backend: str) -> Candidate | None:
+        return next((c for c in self.candidates if c.chosen and c.backend == backend), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidates": [c.to_dict() for c in self.candidates], "batch": self.batch, "runs": self.runs,
+                "threads": self.threads, "cpu": self.cpu, "cpu_flags": dict(self.cpu_flags)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutoSelection:
+        return cls(tuple(Candidate.from_dict(c) for c in d["candidates"]), int(d.get("batch", 1)),
+                   int(d.get("runs", 0)), None if d.get("threads") is None else int(d["threads"]),
+                   str(d.get("cpu", "")), {str(k): bool(v) for k, v in (d.get("cpu_flags") or {}).items()})
+
+
 @dataclass
 class Report:
     """Every engine's check, with what model they were checked for.
@@ -200,6 +346,9 @@ class Report:
     engines: list[EngineCheck]
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     identity: dict[str, Any] = field(default_factory=dict)
+    fallbacks: list[Fallback] = field(default_factory=list)  # accuracy-aware int8 fallback, per engine set
+    auto: AutoSelection | None = None  # what --precision auto compared
+    notes: list[str] = field(default_factory=list)  # one-line findings, e.g. a precision slower than another
 
     @property
     def passed(self) -> bool:
@@ -217,6 +366,12 @@ class Report:
                "engines": [e.to_dict() for e in self.engines], "passed": self.passed}
         if self.identity:
             out["identity"] = self.identity
+        if self.fallbacks:
+            out["fallbacks"] = [f.to_dict() for f in self.fallbacks]
+        if self.auto is not None:
+            out["auto"] = self.auto.to_dict()
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
     @classmethod
@@ -230,7 +385,10 @@ class Report:
             if not isinstance(engines, list):
                 raise TypeError("'engines' is not a list")
             return cls(dict(d.get("model") or {}), [EngineCheck.from_dict(e) for e in engines],
-                       str(d.get("created", "")), dict(d.get("identity") or {}))
+                       str(d.get("created", "")), dict(d.get("identity") or {}),
+                       [Fallback.from_dict(f) for f in d.get("fallbacks") or []],
+                       AutoSelection.from_dict(d["auto"]) if d.get("auto") else None,
+                       [str(n) for n in d.get("notes") or []])
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             what = f"lacks {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
             raise ExportError(f"{where}: the report {what}; regenerate it with 'mtlora-export build' or "

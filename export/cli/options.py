@@ -22,9 +22,46 @@ tolerances_option = click.option("--tolerances", type=click.Path(dir_okay=False)
                                  help="JSON file of per-precision, per-task limits (see export/checking/tolerances.py).")
 
 
-def precision_option(default=("fp16",), help_text="Engine precision; repeat for several, or 'all'."):
+class BuildPrecision(click.ParamType):
+    """A backend precision, 'all', 'auto', or one per part of a split layout (backbone=int8,heads=fp16)."""
+
+    name = "precision"
+    choices = [*PRECISION_CHOICES, "auto"]
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return f"[{'|'.join(self.choices)}|backbone=P,heads=P]"
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        if "=" in str(value):
+            from export.pipeline.options import normalize_precision
+
+            try:
+                return normalize_precision(str(value))
+            except ExportError as err:
+                self.fail(str(err), param, ctx)
+        self.fail(f"'{value}' is not one of {', '.join(self.choices)}, nor parts like backbone=int8,heads=fp16",
+                  param, ctx)
+
+
+def precision_option(default=("fp16",), help_text="Engine precision; repeat for several, or 'all'.",
+                     build: bool = False):
+    """`--precision`; with `build`, also 'auto' and per-part precisions (`BuildPrecision`)."""
+    kind = BuildPrecision() if build else click.Choice(PRECISION_CHOICES)
     return click.option("--precision", "precisions", multiple=True, default=default, show_default=True,
-                        type=click.Choice(PRECISION_CHOICES), help=help_text)
+                        type=kind, help=help_text)
+
+
+def check_keep_fp32(ctx: click.Context, param: click.Parameter, values):
+    """--keep-fp32: an @FILE that cannot be read is a bad flag (one line, exit 2)."""
+    from export.pipeline.options import read_keep_fp32
+
+    try:
+        read_keep_fp32(values)
+    except ExportError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return values
 
 
 def backend_option(default=("auto",), choices=BACKEND_CHOICES,
@@ -60,7 +97,7 @@ def project_default_map(existing: dict | None) -> dict | None:
     known = BuildOptions.names()
     for raw_key, value in data.items():
         key = CONFIG_ALIASES.get(raw_key, raw_key)
-        if key not in known or key in ("from_bundle", "report_samples"):
+        if key not in known or key in ("from_bundle", "report_samples", "keep_fp32_roles"):
             raise ExportError(f"{path}: unknown option '{raw_key}'; use build's option names, e.g. "
                               "checkpoint, precision, backend, eval_data")
         if key == "checkpoint":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,9 +32,21 @@ from export.pipeline.calibration_step import (
     graph_inputs,
     head_calibration,
 )
-from export.pipeline.check import check_engines, write_records
+from export.pipeline.check import CheckOutcome, check_engines, eval_batches, write_records
 from export.pipeline.data import parse_spec
-from export.pipeline.options import BuildOptions, Say, engine_plan
+from export.pipeline.eval_cache import EvalBatchCache
+from export.pipeline.options import (
+    AUTO,
+    PARTS,
+    BuildOptions,
+    Say,
+    engine_plan,
+    expand_keep_fp32,
+    is_part_precision,
+    parse_part_precision,
+    precisions_used,
+    role_precisions,
+)
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import ModelSource, resolve_model
 from export.pipeline.steps import mark_step, publish, staging_for, step_key, step_matches
@@ -75,18 +87,29 @@ def export_step(opts: BuildOptions, source: ModelSource, build: BuildDir, say: S
 
 def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportInfo, export_dir: Path,
                 build: BuildDir, calib: Callable[[], object], say: Say, reused: list[str],
-                bundle_graphs: Path | None = None) -> EngineSet:
+                bundle_graphs: Path | None = None, *, name: str | None = None, target: Path | None = None,
+                extra_keep: Mapping[str, Sequence[str]] | None = None) -> EngineSet:
+    """Build (or reuse) the engine set of `backend` at `precision` (a backend precision, or per part).
+
+    `name` (default `<backend>-<precision>`) names its prepared graphs and its progress lines; `target`
+    (default `build.engine(name)`) is where it is published; `extra_keep` ({graph role: globs}) keeps
+    more nodes in fp32 for one engine set only (the int8 fallback's layers)."""
     from calibration.prepare import prepare_graph
 
-    name = f"{backend}-{precision}"
-    target = build.engine(name)
+    name = name or f"{backend}-{precision}"
+    target = target or build.engine(name)
     graph_hashes = {role: sha256_file(export_dir / f) for role, f in info.graph_files.items()}
+    precisions = role_precisions(precision, info.graph_files)
     # From a bundle every int8 engine is built from the bundled Q/DQ graph, calibrated on the
     # workstation: a device needs no calibration data.
-    calibration = calib() if precision == "int8" and bundle_graphs is None else None
+    calibration = calib() if "int8" in precisions.values() and bundle_graphs is None else None
+    keep = {role: keep_globs(opts, role, extra_keep) for role in info.graph_files}
     extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options}
-    key = step_key("engine", backend, precision, graph_hashes, list(opts.keep_fp32), opts.calib_method,
-                   calibration.fingerprint() if calibration is not None else None, str(bundle_graphs), extra)
+    key_parts = [backend, precision, graph_hashes, list(opts.keep_fp32), opts.calib_method,
+                 calibration.fingerprint() if calibration is not None else None, str(bundle_graphs), extra]
+    if any(tuple(k) != tuple(opts.keep_fp32) for k in keep.values()):
+        key_parts.append({role: list(k) for role, k in keep.items()})
+    key = step_key("engine", *key_parts)
     if step_matches(target, key):
         try:
             entry = EngineSet.read(target)
@@ -98,8 +121,8 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportIn
             say(f"[{name}] cached engine unusable ({err}); rebuilding")
     staging = staging_for(target)
     try:
-        entry = _build_engine_set(backend, precision, opts, info, export_dir, build, calibration, staging, say,
-                                  bundle_graphs, prepare_graph)
+        entry = _build_engine_set(backend, precision, precisions, keep, opts, info, export_dir, build, calibration,
+                                  staging, say, bundle_graphs, prepare_graph, name)
         mark_step(staging, key)
         publish(staging, target)
     except BaseException:
@@ -109,31 +132,51 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportIn
     return entry
 
 
-def _build_engine_set(backend, precision, opts, info, export_dir, build, calibration, staging, say, bundle_graphs,
-                      prepare_graph) -> EngineSet:
-    name = f"{backend}-{precision}"
+def keep_globs(opts: BuildOptions, role: str, extra_keep: Mapping[str, Sequence[str]] | None = None) -> tuple[str, ...]:
+    """The globs of nodes kept in fp32 in the graph of `role`: every graph's, then its own."""
+    own = [*opts.keep_fp32_roles.get(role, ()), *((extra_keep or {}).get(role, ()))]
+    return tuple(dict.fromkeys([*opts.keep_fp32, *own]))
+
+
+def prepare_role(backend: str, precision: str, role: str, opts: BuildOptions, info: ExportInfo, export_dir: Path,
+                 build: BuildDir, calibration, name: str, keep: Sequence[str], bundle_graphs: Path | None = None,
+                 prepare_graph=None):
+    """The graph of one role prepared at `precision` (`calibration.prepare.prepare_graph`): a split head
+    calibrates on the backbone's outputs; from a bundle, int8 is its calibrated Q/DQ graph."""
+    if prepare_graph is None:
+        from calibration.prepare import prepare_graph
+    file = info.graph_files[role]
+    graph = export_dir / file
+    role_calibration = calibration if precision == "int8" else None
+    if role_calibration is not None and role.startswith("head_"):
+        role_calibration = head_calibration(export_dir / info.graph_files["backbone"], calibration,
+                                            graph_inputs(graph))
+    qdq = None
+    if bundle_graphs is not None and precision == "int8":
+        qdq = bundle_graphs / f"{Path(file).stem}.int8.qdq.onnx"
+        if not qdq.is_file():
+            raise ExportError(f"the bundle has no Q/DQ graph {qdq.name}; build the bundle from an int8 build")
     work = build.graphs(name)
     work.mkdir(parents=True, exist_ok=True)
-    entry = EngineSet(backend, precision, staging, interface=info.interface)
+    return prepare_graph(backend, graph, work, precision, calibration=role_calibration, qdq_onnx=qdq,
+                         keep_fp32=keep, calibration_method=opts.calib_method, cache=build.calibration_cache)
+
+
+def _build_engine_set(backend, precision, precisions, keep, opts, info, export_dir, build, calibration, staging, say,
+                      bundle_graphs, prepare_graph, name) -> EngineSet:
+    parts = dict(precisions) if len(set(precisions.values())) > 1 else {}
+    entry = EngineSet(backend, precision, staging, interface=info.interface, parts=parts)
     started = time.perf_counter()
     for role, file in info.graph_files.items():
-        graph = export_dir / file
-        role_calibration = calibration
-        if calibration is not None and role.startswith("head_"):
-            role_calibration = head_calibration(export_dir / info.graph_files["backbone"], calibration,
-                                                graph_inputs(graph))
-        qdq = None
-        if bundle_graphs is not None and precision == "int8":
-            qdq = bundle_graphs / f"{Path(file).stem}.int8.qdq.onnx"
-            if not qdq.is_file():
-                raise ExportError(f"the bundle has no Q/DQ graph {qdq.name}; build the bundle from an int8 build")
-        say(f"[{name}] preparing {file}" + (" (calibrating)" if role_calibration is not None else ""))
-        prepared = prepare_graph(backend, graph, work, precision, calibration=role_calibration, qdq_onnx=qdq,
-                                 keep_fp32=opts.keep_fp32, calibration_method=opts.calib_method,
-                                 cache=build.calibration_cache)
+        role_precision = precisions[role]
+        calibrating = role_precision == "int8" and calibration is not None
+        say(f"[{name}] preparing {file}" + (f" at {role_precision}" if parts else "")
+            + (" (calibrating)" if calibrating else ""))
+        prepared = prepare_role(backend, role_precision, role, opts, info, export_dir, build, calibration, name,
+                                keep[role], bundle_graphs, prepare_graph)
         say(f"[{name}] building engine for {file}")
         extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options if getattr(opts, k) is not None}
-        artifact = get_backend(backend).build(prepared.path, staging, precision=precision,
+        artifact = get_backend(backend).build(prepared.path, staging, precision=role_precision,
                                               metadata=dict(prepared.metadata), name=Path(file).stem,
                                               threads=opts.threads, **extra)
         entry.files[role] = artifact.path.name
@@ -148,7 +191,8 @@ def _check_inputs(opts: BuildOptions, pairs: list[tuple[str, str]]) -> None:
         if spec_text and parse_spec(spec_text).kind == "evalset":
             EvalSet.read(Path(spec_text))  # a few images: an unreadable one is refused before any work
     Tolerances.from_file(opts.tolerances)
-    if any(p == "int8" for _, p in pairs) and not opts.from_bundle:
+    int8 = any(p == AUTO or "int8" in precisions_used(p) for _, p in pairs)
+    if int8 and not opts.from_bundle:
         check_calibration_data(opts)
 
 
@@ -157,6 +201,7 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+    opts = expand_keep_fp32(opts)
     pairs = engine_plan(opts, say)
     _check_inputs(opts, pairs)
     source = None if opts.from_bundle else resolve_model(opts.checkpoint, opts.img_size)
@@ -179,6 +224,52 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
+
+
+@dataclass
+class BuildContext:
+    """What the steps of one build share once the model is exported: options, the export, the build
+    directory, and the calibration set and evaluation batches, each made once when first needed."""
+
+    opts: BuildOptions
+    info: ExportInfo
+    export_dir: Path
+    build: BuildDir
+    say: Say
+    reused: list[str]
+    tolerances: Tolerances
+    model: dict
+    reference: OriginalModel | None = None
+    bundle_graphs: Path | None = None
+    curves_png: Path | None = None
+    _calibration: object = None
+    _batches: EvalBatchCache | None = None
+
+    def calibration(self):
+        if self._calibration is None:
+            self._calibration = calibration_set(self.opts, self.info.interface, self.say)
+        return self._calibration
+
+    def engine(self, backend: str, precision: str, **kwargs) -> EngineSet:
+        """`engine_step` for this build (`name`, `target`, `extra_keep` as there)."""
+        return engine_step(backend, precision, self.opts, self.info, self.export_dir, self.build, self.calibration,
+                           self.say, self.reused, self.bundle_graphs, **kwargs)
+
+    def batches(self) -> EvalBatchCache:
+        """The evaluation batches with their references, computed once (PyTorch runs once per build) and
+        kept on disk for the later passes (`export.pipeline.eval_cache`)."""
+        if self._batches is None:
+            self._batches = EvalBatchCache(lambda: eval_batches(self.opts, self.info, self.export_dir, self.build,
+                                                                self.reference, self.say), self.build.root)
+        return self._batches
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+
+    def check(self, entries: list[EngineSet]) -> CheckOutcome:
+        return check_engines(entries, self.opts, self.info, self.export_dir, self.build, self.reference, self.say,
+                             self.tolerances, self.model, curves_png=self.curves_png, batches=self.batches())
 
 
 def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]], source: ModelSource | None,
@@ -205,33 +296,61 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
         source_line = source.how
     timings["export"] = round(time.perf_counter() - started, 2)
     info = ExportInfo.read(export_dir)
-    Tolerances.from_file(opts.tolerances).check_tasks(info.interface.tasks)
+    tolerances = Tolerances.from_file(opts.tolerances)
+    tolerances.check_tasks(info.interface.tasks)
+    _check_roles(opts, info, [p for _, p in pairs])
     if source is not None and torch_available():
         reference = OriginalModel(source, info.interface.tasks)
-
-    calibration_holder: dict[str, object] = {}
-
-    def calib():
-        if "set" not in calibration_holder:
-            calibration_holder["set"] = calibration_set(opts, info.interface, say)
-        return calibration_holder["set"]
-
-    entries = []
-    for backend, precision in pairs:
-        t0 = time.perf_counter()
-        entries.append(engine_step(backend, precision, opts, info, export_dir, build, calib, say, reused,
-                                   bundle_graphs))
-        timings[f"{backend}-{precision}"] = round(time.perf_counter() - t0, 2)
-    tensorrt_lint = lint_graphs(build.root, build_graphs(build.root), say)
-    t0 = time.perf_counter()
     model = {**info.interface.to_dict(), "layout": info.layout, "source": source_line}
-    outcome = check_engines(entries, opts, info, export_dir, build, reference, say,
-                            Tolerances.from_file(opts.tolerances), model,
-                            curves_png=source.curves_png if source is not None else None)
-    timings["check"] = round(time.perf_counter() - t0, 2)
-    write_records(build, outcome, {
-        "options": asdict(opts), "backends": list(dict.fromkeys(b for b, _ in pairs)),
-        "precisions": list(dict.fromkeys(p for _, p in pairs)),
-        "source": source_line, "engines": [e.key for e in entries], "reused": reused, "seconds": timings,
-        "tensorrt_lint": tensorrt_lint})
-    return BuildOutcome(build.root, outcome.report, reused)
+    ctx = BuildContext(opts, info, export_dir, build, say, reused, tolerances, model, reference, bundle_graphs,
+                       source.curves_png if source is not None else None)
+    try:
+        record: dict = {}
+        if pairs[0][1] == AUTO:
+            from export.pipeline.auto import run_auto
+
+            entries, outcome, record["auto"] = run_auto(ctx, [b for b, _ in pairs], timings)
+            tensorrt_lint = lint_graphs(build.root, build_graphs(build.root), say)
+        else:
+            from export.pipeline.fallback import cached_fallbacks, run_fallbacks, speed_notes
+
+            entries = []
+            cached = cached_fallbacks(ctx, pairs)
+            for backend, precision in pairs:
+                t0 = time.perf_counter()
+                keep = cached.get((backend, precision))
+                entries.append(ctx.engine(backend, precision, extra_keep=keep.keep if keep else None))
+                timings[f"{backend}-{precision}"] = round(time.perf_counter() - t0, 2)
+            tensorrt_lint = lint_graphs(build.root, build_graphs(build.root), say)
+            t0 = time.perf_counter()
+            outcome = ctx.check(entries)
+            timings["check"] = round(time.perf_counter() - t0, 2)
+            entries, fallbacks = run_fallbacks(ctx, entries, outcome.report, cached, timings)
+            if any(not f.cached for f in fallbacks):
+                outcome = ctx.check(entries)  # the engines the fallback rebuilt, checked with the others
+            outcome.report.fallbacks = fallbacks
+            outcome.report.notes = speed_notes(ctx, entries, outcome.report, timings)
+        write_records(build, outcome, {
+            "options": asdict(opts), "backends": list(dict.fromkeys(b for b, _ in pairs)),
+            "precisions": list(dict.fromkeys(p for _, p in pairs)),
+            "source": source_line, "engines": [e.key for e in entries], "reused": reused, "seconds": timings,
+            "tensorrt_lint": tensorrt_lint, **record})
+        return BuildOutcome(build.root, outcome.report, reused)
+    finally:
+        ctx.close()  # the evaluation batches kept on disk for this build
+
+
+def _check_roles(opts: BuildOptions, info: ExportInfo, precisions: list[str]) -> None:
+    """Per-part precisions may name only this model's tasks; --keep-fp32 globs for one graph role (a
+    fallback file) only roles this layout has."""
+    for precision in precisions:
+        if is_part_precision(precision):
+            missing = [p for p in parse_part_precision(precision) if p not in PARTS and p not in info.interface.tasks]
+            if missing:
+                raise ExportError(f"precision '{precision}': the model has no task {', '.join(missing)}; its tasks: "
+                                  f"{', '.join(info.interface.tasks)}")
+    unknown = sorted(set(opts.keep_fp32_roles) - set(info.graph_files))
+    if unknown:
+        raise ExportError(f"--keep-fp32: the file names graph(s) {', '.join(unknown)}, which the {info.layout} "
+                          f"layout does not have (it has {', '.join(info.graph_files)}); it was made for "
+                          "another layout")

@@ -7,7 +7,7 @@ PyTorch, the ones stored in evalset.npz).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from export.checking.results import EngineInfo, Report
 from export.checking.tolerances import Tolerances
 from export.errors import ExportError
 from export.pipeline.data import batched, iter_samples, parse_spec
-from export.pipeline.options import BuildOptions, Say
+from export.pipeline.options import BuildOptions, Say, is_part_precision, task_precisions
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import DEFAULT_MODEL, ModelSource, default_model_present
 from mtlora.tasks import postprocess
@@ -80,14 +80,44 @@ def eval_batches(opts: BuildOptions, info: ExportInfo, export_dir: Path, build: 
 
 @dataclass
 class CheckOutcome:
+    """A check's report, and what its HTML page shows (rendered when asked, so that what a build adds to
+    the report afterwards, such as the int8 fallback or the auto candidates, is on the page too)."""
+
     report: Report
-    html: str
+    samples: list[Sample]
+    mean: tuple
+    std: tuple
+    curves_png: Path | None = None
+
+    @property
+    def html(self) -> str:
+        return render_html(self.report, self.samples, self.mean, self.std, self.curves_png)
+
+
+class PartTolerances:
+    """Tolerances for an engine set whose parts have different precisions: each task is judged at the
+    loosest precision on its path (its backbone's, its head's)."""
+
+    def __init__(self, tolerances: Tolerances, task_precision: dict[str, str]):
+        self.tolerances = tolerances
+        self.task_precision = task_precision
+
+    def for_task(self, precision: str, task: str, kind: str | None = None):
+        return self.tolerances.for_task(self.task_precision.get(task, precision), task, kind)
+
+
+def tolerances_for(entry: EngineSet, tolerances: Tolerances, tasks) -> Tolerances | PartTolerances:
+    if not is_part_precision(entry.precision):
+        return tolerances
+    return PartTolerances(tolerances, task_precisions(entry.precision, tasks))
 
 
 def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo, export_dir: Path, build: BuildDir,
                   reference, say: Say, tolerances: Tolerances, model: dict, keep_evalset: bool = True,
-                  curves_png: Path | None = None) -> CheckOutcome:
-    """One pass over the evaluation data with every engine open; returns the report and its HTML page."""
+                  curves_png: Path | None = None, batches: Iterable[EvalBatch] | None = None) -> CheckOutcome:
+    """One pass over the evaluation data with every engine open; returns the report and its HTML page.
+
+    `batches` (already computed, e.g. kept by the build for several checks) replaces `eval_batches`."""
     interface = info.interface
     tolerances.check_tasks(interface.tasks)
     runners, checkers, infos = {}, {}, {}
@@ -96,7 +126,8 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
         for entry in entries:
             runner = stack.enter_context(load_runner(entry, opts.threads))
             runners[entry.key] = runner
-            checkers[entry.key] = EngineChecker(interface.channels, entry.precision, tolerances,
+            checkers[entry.key] = EngineChecker(interface.channels, entry.precision,
+                                                tolerances_for(entry, tolerances, interface.tasks),
                                                 postprocessed=interface.postprocessed)
             artifacts = entry.artifacts(verify=False)
             first = next(iter(artifacts.values()))
@@ -106,7 +137,9 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
                                           dict(entry.files), str(entry.directory), tuple(notes))
         source = "pytorch" if reference is not None else "stored"
         count = 0
-        for batch in eval_batches(opts, info, export_dir, build, reference, say, keep_evalset):
+        if batches is None:
+            batches = eval_batches(opts, info, export_dir, build, reference, say, keep_evalset)
+        for batch in batches:
             results = {}
             for key, runner in runners.items():
                 outputs = runner.infer({"image": batch.image})
@@ -127,8 +160,7 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
                         kinds={t: interface.kind(t) for t in interface.tasks} if interface.postprocessed else {}))
             say(f"[check] {count} images checked on {len(runners)} engine(s)")
     report = Report(model, [checkers[k].finish(infos[k], source) for k in runners], identity=info.identity)
-    html = render_html(report, html_samples, interface.mean, interface.std, curves_png)
-    return CheckOutcome(report, html)
+    return CheckOutcome(report, html_samples, interface.mean, interface.std, curves_png)
 
 
 def write_records(build: BuildDir, outcome: CheckOutcome, record: dict) -> None:
@@ -189,5 +221,12 @@ def run_check(build_dir: str | Path, say: Say, eval_data: str | None = None, tol
         # A check reads the build; it does not rewrite its evaluation set (build.json vouches for that one).
         outcome = check_engines(entries, opts, info, export_dir, build, reference, say, limits, model,
                                 keep_evalset=False)
+        if build.report.is_file():
+            # What the build found out besides accuracy (int8 fallback, auto's candidates) stays in the report.
+            from export.checking.report import read_report
+
+            previous = read_report(build.report)
+            outcome.report.fallbacks, outcome.report.auto = previous.fallbacks, previous.auto
+            outcome.report.notes = previous.notes
         write_records(build, outcome, {k: v for k, v in recorded.items() if k not in ("files", "passed")})
     return outcome.report

@@ -7,17 +7,32 @@ later step takes the resolved (backend, precision) pairs as given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
-from engines.registry import BACKENDS, choose_backend
+from engines.registry import BACKENDS, PRECISIONS, choose_backend
 from export.errors import ExportError
 
 Say = Callable[[str], None]
 
 # What `--precision all` builds (bf16 only when asked for by name: few devices run it natively).
 ALL_PRECISIONS = ("fp32", "fp16", "int8")
+# `--precision auto`: build every candidate, time each here, keep the fastest that passes (pipeline.auto).
+AUTO = "auto"
 LAYOUTS = ("single", "split")
+# The parts of a split layout that may take their own precision (`backbone=int8,heads=fp16`); a task
+# name as a part sets that task's head alone.
+PARTS = ("backbone", "heads")
+# Tightest tolerances first: a task is judged by the loosest precision on its path (backbone, its head).
+LOOSENESS = ("fp32", "fp16", "bf16", "int8")
+# `--int8-fallback`: on = keep the fewest layers in fp32 until every task passes, stopping when int8 is
+# no faster than the 16-bit engine here; always = whatever the speed; off = int8 as calibrated.
+FALLBACK_MODES = ("on", "always", "off")
+# `--keep-fp32 @FILE` reads the globs from FILE (see `read_keep_fp32`).
+KEEP_FILE_PREFIX = "@"
+KEEP_FILE_FORMAT = "mtlora-export/keep-fp32/1"
 
 
 @dataclass
@@ -37,6 +52,10 @@ class BuildOptions:
     eval_samples: int = 32
     batch_size: int = 4
     keep_fp32: tuple[str, ...] = ()
+    # Globs for one graph role only ("model", "backbone", "head_<task>"), from a --keep-fp32 @FILE.json.
+    keep_fp32_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    int8_fallback: str = "on"
+    timing_batch: int = 1  # the batch size speed comparisons (auto, fallback) time
     tolerances: str | None = None
     threads: int | None = None
     max_batch: int | None = None  # TensorRT: the largest batch of the optimisation profile
@@ -57,7 +76,150 @@ class BuildOptions:
 
 
 def resolve_precisions(requested: tuple[str, ...]) -> tuple[str, ...]:
-    return ALL_PRECISIONS if "all" in requested else tuple(dict.fromkeys(requested))
+    if "all" in requested:
+        return ALL_PRECISIONS
+    return tuple(dict.fromkeys(normalize_precision(p) for p in requested))
+
+
+# ----------------------------------------------------------------------------- per-part precision
+
+
+def is_part_precision(precision: str) -> bool:
+    return "=" in precision
+
+
+def parse_part_precision(text: str) -> dict[str, str]:
+    """`backbone=int8,heads=fp16` -> {"backbone": "int8", "heads": "fp16"}, checked against the names
+    of parts, tasks and precisions (not yet against a backend: `engine_plan` does that)."""
+    from mtlora.tasks import TASKS
+
+    parts: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, precision = (x.strip() for x in item.partition("="))
+        if not sep or not name or not precision:
+            raise ExportError(f"precision '{text}': write parts as backbone=PRECISION,heads=PRECISION "
+                              "(a task name sets that task's head alone)")
+        if name not in PARTS and name not in TASKS:
+            raise ExportError(f"precision '{text}': unknown part '{name}'; parts are {', '.join(PARTS)} or a task "
+                              f"name ({', '.join(TASKS)})")
+        if precision not in PRECISIONS:
+            raise ExportError(f"precision '{text}': unknown precision '{precision}' for {name}; "
+                              f"choose one of {', '.join(PRECISIONS)}")
+        if name in parts:
+            raise ExportError(f"precision '{text}': {name} is given twice")
+        parts[name] = precision
+    if "backbone" not in parts:
+        raise ExportError(f"precision '{text}': give the backbone's precision too (backbone=...)")
+    return parts
+
+
+def part_label(parts: Mapping[str, str]) -> str:
+    """The canonical name of a per-part precision: backbone, heads, then single heads by name."""
+    order = [p for p in PARTS if p in parts] + sorted(p for p in parts if p not in PARTS)
+    return ",".join(f"{p}={parts[p]}" for p in order)
+
+
+def normalize_precision(precision: str) -> str:
+    """A precision as the pipeline names it: per-part ones in canonical order, and one that gives every
+    part the same precision as that precision."""
+    if not is_part_precision(precision):
+        return precision
+    parts = parse_part_precision(precision)
+    if set(parts) == set(PARTS) and parts["backbone"] == parts["heads"]:
+        return parts["backbone"]
+    return part_label(parts)
+
+
+def precisions_used(precision: str) -> set[str]:
+    """Every backend precision an engine set of `precision` builds."""
+    return set(parse_part_precision(precision).values()) if is_part_precision(precision) else {precision}
+
+
+def role_precisions(precision: str, roles: Iterable[str]) -> dict[str, str]:
+    """Each graph role's precision ("model", "backbone", "head_<task>")."""
+    roles = list(roles)
+    if not is_part_precision(precision):
+        return dict.fromkeys(roles, precision)
+    parts = parse_part_precision(precision)
+    out, missing = {}, []
+    for role in roles:
+        if role == "model":
+            raise ExportError(f"precision '{precision}' gives parts their own precision; it needs the split layout "
+                              "(--layout split)")
+        task = role[len("head_"):] if role.startswith("head_") else None
+        chosen = parts.get("backbone") if task is None else parts.get(task, parts.get("heads"))
+        if chosen is None:
+            missing.append(task or role)
+        out[role] = chosen
+    if missing:
+        raise ExportError(f"precision '{precision}' leaves the head(s) of {', '.join(missing)} without a precision; "
+                          "add heads=PRECISION")
+    return out
+
+
+def task_precisions(precision: str, tasks: Iterable[str]) -> dict[str, str]:
+    """The precision each task is judged at: the loosest of the parts it runs through."""
+    tasks = list(tasks)
+    if not is_part_precision(precision):
+        return dict.fromkeys(tasks, precision)
+    roles = role_precisions(precision, ["backbone", *(f"head_{t}" for t in tasks)])
+    return {t: max(roles["backbone"], roles[f"head_{t}"], key=LOOSENESS.index) for t in tasks}
+
+
+# ----------------------------------------------------------------------------- --keep-fp32 @FILE
+
+
+def read_keep_fp32(entries: Iterable[str]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """`--keep-fp32` values with every `@FILE` read: (globs for every graph, {graph role: globs}).
+
+    FILE is a text file (one glob per line; blank lines and `#` comments skipped) or JSON: a list of
+    globs, or an object whose "keep_fp32" is such a list or, per graph role, {"model": [...]} (what a
+    fallback search writes to BUILD/fallback/<engine>.json). A missing or malformed file is one error.
+    """
+    from export.artifacts.files import read_json
+
+    globs: list[str] = []
+    roles: dict[str, list[str]] = {}
+    for entry in entries:
+        if not entry.startswith(KEEP_FILE_PREFIX):
+            globs.append(entry)
+            continue
+        path = Path(entry[len(KEEP_FILE_PREFIX):])
+        where = f"--keep-fp32 {entry}"
+        if not path.is_file():
+            raise ExportError(f"{where}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+        if path.suffix.lower() == ".json":
+            data = read_json(path, corrupt=f"{where}: not valid JSON", missing=f"{where}: no such file")
+            if isinstance(data, dict) and "keep_fp32" in data:
+                data = data["keep_fp32"]
+            if isinstance(data, dict):
+                for role, names in data.items():
+                    roles.setdefault(str(role), []).extend(_globs(names, f"{where}: keep_fp32.{role}"))
+            else:
+                globs.extend(_globs(data, where))
+        else:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ExportError(f"{where}: cannot read it ({type(err).__name__})") from None
+            globs.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return tuple(dict.fromkeys(globs)), {r: tuple(dict.fromkeys(g)) for r, g in roles.items()}
+
+
+def _globs(value, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ExportError(f"{where}: expected a list of node names or globs, e.g. "
+                          + json.dumps({"keep_fp32": ["/blocks.0/mlp/fc2/MatMul"]}))
+    return value
+
+
+def expand_keep_fp32(opts: BuildOptions) -> BuildOptions:
+    """`opts` with every --keep-fp32 @FILE read (build.json then records the globs themselves)."""
+    if not any(e.startswith(KEEP_FILE_PREFIX) for e in opts.keep_fp32):
+        return opts
+    globs, roles = read_keep_fp32(opts.keep_fp32)
+    merged = {r: tuple(dict.fromkeys([*opts.keep_fp32_roles.get(r, ()), *g])) for r, g in roles.items()}
+    return replace(opts, keep_fp32=globs, keep_fp32_roles={**opts.keep_fp32_roles, **merged})
 
 
 def resolve_backends(requested: tuple[str, ...], say: Say) -> list[str]:
@@ -79,9 +241,24 @@ def resolve_backends(requested: tuple[str, ...], say: Say) -> list[str]:
 
 
 def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
-    """The (backend, precision) pairs to build, each checked against the backend table."""
+    """The (backend, precision) pairs to build, each checked against the backend table.
+
+    A precision is a backend precision, `auto` (alone: `pipeline.auto` builds the candidates), or a
+    per-part one such as `backbone=int8,heads=fp16` (split layout), each part checked on its own."""
     precisions = resolve_precisions(opts.precisions)
+    if AUTO in precisions and len(precisions) > 1:
+        raise ExportError("--precision auto builds and compares every precision itself; give it alone")
+    parted = [p for p in precisions if is_part_precision(p)]
+    if parted and opts.layout != "split" and not opts.from_bundle:  # a bundle has its own layout
+        raise ExportError(f"precision '{parted[0]}' gives the backbone and heads their own precision; "
+                          "it needs --layout split")
+    if opts.int8_fallback not in FALLBACK_MODES:
+        raise ExportError(f"unknown int8 fallback mode '{opts.int8_fallback}'; choose one of {', '.join(FALLBACK_MODES)}")
+    if opts.timing_batch < 1:
+        raise ExportError(f"the timing batch must be at least 1, got {opts.timing_batch}")
     pairs = [(backend, precision) for backend in resolve_backends(opts.backends, say) for precision in precisions]
     for backend, precision in pairs:
-        BACKENDS[backend].check_precision(precision)
+        if precision != AUTO:
+            for used in sorted(precisions_used(precision)):
+                BACKENDS[backend].check_precision(used)
     return pairs

@@ -1,0 +1,141 @@
+"""`--precision auto`: build every candidate precision, check each per task, time each here with its own
+runner, and keep the fastest that passes every gate.
+
+Candidates, per backend: fp32; every 16-bit precision the backend builds (fp16, and bf16 on OpenVINO:
+which 16-bit format is fastest depends on the machine, so it is measured, not assumed); int8; and,
+when int8 fails a gate, int8 with the accuracy-aware fallback (`pipeline.fallback`). They are built
+under BUILD/candidates/, checked in one pass over the evaluation set, and timed round-robin with their
+own runners (`pipeline.speed`: batch `--timing-batch`, the median of several calls). The fastest that
+passes is copied to engines/<backend>-<precision>, the build's result; the report lists every candidate
+(latency, size, worst drop per task, verdict) and this machine's CPU flags (`AutoSelection`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from engines.registry import BACKENDS
+from export.artifacts.engineset import EngineSet
+from export.checking.results import AutoSelection, Candidate, EngineCheck
+from export.pipeline.fallback import (
+    FALLBACK_SUFFIX,
+    SIXTEEN_BIT,
+    cached_fallbacks,
+    fallback_applies,
+    publish_as,
+    run_fallback,
+)
+from export.pipeline.speed import RUNS, engine_set_bytes, time_engine_sets
+
+FALLBACK = f"int8{FALLBACK_SUFFIX}"
+
+
+def candidate_precisions(backend: str) -> list[str]:
+    """fp32, the backend's 16-bit precisions, int8 (in that order)."""
+    row = BACKENDS[backend].precisions
+    return ["fp32", *(p for p in SIXTEEN_BIT if p in row), "int8"]
+
+
+def _precision(name: str) -> str:
+    return "int8" if name == FALLBACK else name
+
+
+def _fallback_candidate(ctx, backend: str, built: dict, checks: dict, cached: dict, fallbacks: list) -> None:
+    """Add int8 with the fallback to `built`/`checks` when int8 fails a gate and the fallback applies."""
+    int8, check = built.get("int8"), checks.get("int8")
+    if int8 is None or check.passed:
+        return
+    if not fallback_applies(ctx, "int8"):
+        why = "--int8-fallback off" if ctx.opts.int8_fallback == "off" else "a bundle's int8 is calibrated already"
+        ctx.say(f"[auto] {backend}: int8 fails a gate; no fallback candidate ({why})")
+        return
+    key = f"{backend}-{FALLBACK}"
+    hit = cached.get((backend, "int8"))
+    if hit is not None:
+        entry = ctx.engine(backend, "int8", name=key, target=ctx.build.candidate(key), extra_keep=hit.keep)
+        result = ctx.check([entry]).report.engines[0]
+        if result.passed:
+            built[FALLBACK], checks[FALLBACK] = entry, result
+            fallbacks.append(hit.record)
+            return
+    # Layers in fp32 pay off only while int8 beats every passing candidate that is not int8.
+    compare = {p: e for p, e in built.items() if p != "int8" and checks[p].passed}
+    entry, result, record = run_fallback(ctx, int8, check, compare=compare, start_keep=hit.keep if hit else None)
+    fallbacks.append(record)
+    if entry is not None:
+        built[FALLBACK], checks[FALLBACK] = entry, result
+
+
+def _note(name: str, check: EngineCheck, fallback_layers: int | None) -> str:
+    notes = []
+    if name == FALLBACK and fallback_layers is not None:
+        notes.append(f"{fallback_layers} layer{'s' if fallback_layers != 1 else ''} in fp32")
+    ran = check.engine.precision_executed
+    if ran and ran != _precision(name):
+        notes.append(f"ran {ran}")
+    failed = [f"{t} {c.name}" for t, r in check.tasks.items() for c in r.failed]
+    if failed:
+        notes.append("fails " + ", ".join(failed))
+    return "; ".join(notes)
+
+
+def run_auto(ctx, backends: list[str], timings: dict):
+    """Build, check and time every candidate of each backend; publish the fastest passing one.
+
+    Returns (the published engine sets, the check outcome for the report, the record for build.json)."""
+    from export.bench.machine import cpu_flags, cpu_model
+
+    say = ctx.say
+    built: dict[str, dict[str, EngineSet]] = {}
+    for backend in backends:
+        built[backend] = {}
+        for precision in candidate_precisions(backend):
+            key = f"{backend}-{precision}"
+            t0 = time.perf_counter()
+            built[backend][precision] = ctx.engine(backend, precision, name=key, target=ctx.build.candidate(key))
+            timings[key] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    first = ctx.check([e for per in built.values() for e in per.values()]).report
+    timings["check"] = round(time.perf_counter() - t0, 2)
+    checks = {b: {p: first.engine(e.key) for p, e in per.items()} for b, per in built.items()}
+
+    fallbacks: list = []
+    cached = cached_fallbacks(ctx, [(b, "int8") for b in backends if "int8" in built[b]])
+    for backend in backends:
+        t0 = time.perf_counter()
+        _fallback_candidate(ctx, backend, built[backend], checks[backend], cached, fallbacks)
+        timings[f"{backend} fallback"] = round(time.perf_counter() - t0, 2)
+
+    candidates: list[Candidate] = []
+    chosen: dict[str, str] = {}
+    latency: dict[str, dict[str, float]] = {}
+    for backend in backends:
+        t0 = time.perf_counter()
+        say(f"[auto] timing {len(built[backend])} {backend} candidates here (batch {ctx.opts.timing_batch}, "
+            f"median of {RUNS} calls)")
+        latency[backend] = time_engine_sets(built[backend], size=ctx.info.interface.size,
+                                            batch=ctx.opts.timing_batch, threads=ctx.opts.threads)
+        timings[f"{backend} timing"] = round(time.perf_counter() - t0, 2)
+        passing = [n for n in built[backend] if checks[backend][n].passed]
+        best = min(passing, key=latency[backend].get) if passing else None
+        layers = next((len(f.layers) for f in fallbacks if f.engine == f"{backend}-int8" and f.passed), None)
+        for name, entry in built[backend].items():
+            candidates.append(Candidate(name, checks[backend][name], latency[backend][name], engine_set_bytes(entry),
+                                        name == best, _note(name, checks[backend][name], layers)))
+        others = ", ".join(f"{n} {ms:.3g} ms" for n, ms in latency[backend].items() if n != best)
+        if best is None:
+            say(f"[auto] {backend}: no candidate passes every task ({others})")
+            continue
+        chosen[backend] = best
+        say(f"[auto] {backend}: {best} ({latency[backend][best]:.3g} ms) is the fastest candidate that passes "
+            f"every task; {others}")
+
+    published = [publish_as(ctx, built[b][n], f"{b}-{_precision(n)}") for b, n in chosen.items()]
+    outcome = ctx.check(published)
+    # A backend with no passing candidate reports them all, so the build fails and says why.
+    outcome.report.engines += [checks[b][n] for b in backends if b not in chosen for n in built[b]]
+    outcome.report.fallbacks = fallbacks
+    outcome.report.auto = AutoSelection(tuple(candidates), ctx.opts.timing_batch, RUNS, ctx.opts.threads,
+                                        cpu_model(), cpu_flags())
+    record = {"chosen": chosen, "latency_ms": latency}
+    return published, outcome, record
