@@ -133,7 +133,10 @@ def evaluate(
     channels = model.config.task_channels
     meters = {t: make_evaluator(t, channels[t] if t in SEGMENTATION_TASKS else None) for t in tasks}
     loss_sums = torch.zeros(len(tasks) + 1, dtype=torch.float64)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    from mtlora.train import worker_settings
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                        **{k: v for k, v in worker_settings(workers).items() if k != "persistent_workers"})
     bar = None
     if progress:
         from tqdm import tqdm

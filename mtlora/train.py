@@ -247,6 +247,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def worker_settings(workers: int) -> dict:
+    """DataLoader worker processes start from a fresh server process (forkserver), not as forks of this
+    one: a fork copies whatever threads the process holds (OpenVINO's and NNCF's pools, when a build ran
+    here first), and such a child can crash its parent. They live for the whole run, so each starts once."""
+    if workers <= 0:
+        return {}
+    return {"multiprocessing_context": "forkserver", "persistent_workers": True}
+
+
 def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
     """Seed every generator from (seed, rank, epoch): a resumed run draws what an unbroken one would."""
     state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
@@ -773,7 +782,7 @@ class Trainer:
             torch.set_num_threads(config.threads or default_threads(self.workers))
         self.loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler,
                                  num_workers=self.workers, collate_fn=collate, drop_last=True,
-                                 pin_memory=ctx.device.type == "cuda")
+                                 pin_memory=ctx.device.type == "cuda", **worker_settings(self.workers))
         if len(self.loader) == 0:
             raise DataError(
                 f"the training split has {len(self.train_set)} samples, {len(self.sampler)} per process: fewer "

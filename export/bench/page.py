@@ -149,15 +149,20 @@ def fastest(rows: list[dict]) -> dict | None:
 
 
 def auto_pick(build_dir: Path) -> str | None:
-    """The engine `build --precision auto` kept, from its report (None when the build has no auto choice)."""
+    """The engine `build --precision auto` kept: of the per-backend choices its build.json records, the one
+    it timed fastest (None when the build made no choice)."""
     import json
 
-    report = BuildDir(build_dir).report
-    if not report.is_file():
+    record = BuildDir(build_dir).record
+    if not record.is_file():
         return None
-    data = json.loads(report.read_text())
-    auto = data.get("auto") or {}
-    return auto.get("chosen")
+    auto = json.loads(record.read_text()).get("auto") or {}
+    chosen, latency = auto.get("chosen") or {}, auto.get("latency_ms") or {}
+    if not chosen:
+        return None
+    backend = min(chosen, key=lambda b: latency.get(b, {}).get(chosen[b], float("inf")))
+    name = chosen[backend]
+    return f"{backend}-{'int8' if name.startswith('int8') else name}"
 
 
 def build_auto(checkpoint: Path, out: Path, threads: int | None) -> str | None:
