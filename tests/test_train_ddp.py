@@ -1,13 +1,19 @@
-"""Two-process DistributedDataParallel training on CPU (gloo): the ranks stay in lockstep."""
+"""Two-process DistributedDataParallel training on CPU (gloo): the ranks stay in lockstep.
+
+The ranks are started from a fresh interpreter, as `torchrun` starts them: the test session's own process
+has loaded OpenVINO and NNCF by now, whose thread pools do not survive next to gloo's processes (the
+session crashed there).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 WORLD_SIZE = 2
@@ -43,7 +49,13 @@ def _worker(rank: int, port: int, out: str, weights_dir: str) -> None:
 def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     out, weights_dir = tmp_path / "run", tmp_path / "weights"
     weights_dir.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(out), str(weights_dir)), nprocs=WORLD_SIZE, join=True)
+    script = ("import torch.multiprocessing as mp; from tests.test_train_ddp import _worker, _free_port, WORLD_SIZE; "
+              f"mp.spawn(_worker, args=(_free_port(), {str(out)!r}, {str(weights_dir)!r}), nprocs=WORLD_SIZE, "
+              "join=True)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-3000:]
 
     rank0 = load_file(str(weights_dir / "rank0.safetensors"))
     rank1 = load_file(str(weights_dir / "rank1.safetensors"))
