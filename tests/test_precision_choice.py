@@ -10,6 +10,8 @@ is set by that channel and every other channel rounds to zero. Only semseg fails
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,9 +139,15 @@ def test_tensorrt_gets_the_same_layers_in_fp32(fallback_build, tmp_path):
 
 @pytest.mark.slow
 def test_openvino_fallback_uses_nncf_ignored_scope(outlier_model, tmp_path):
+    # In its own interpreter: after OpenVINO's graph editing (the fallback's probe), a later torch training
+    # run and gloo's processes in the same test session crashed it in the garbage collector. A build is one
+    # process, as users run it; the root cause is not found (see the closing note of this change).
     out = tmp_path / "ov"
-    code, output = invoke(export_cli, "build", outlier_model, "--backend", "openvino", "--precision", "int8", *SMALL,
-                          "--int8-fallback", "always", "--out", out)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "export.cli", "build", str(outlier_model), "--backend", "openvino",
+                           "--precision", "int8", *map(str, SMALL), "--int8-fallback", "always", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    code, output = done.returncode, done.stdout + done.stderr
     assert code == 0, output
     report = read_report(out)
     [fallback] = report.fallbacks
