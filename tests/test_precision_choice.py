@@ -97,6 +97,35 @@ def test_the_fallback_keeps_the_culprit_in_fp32_and_every_task_passes(fallback_b
     assert saved["keep_fp32"] == {"model": [CULPRIT]} and saved["backend"] == "onnxruntime"
 
 
+def test_the_fallback_judges_post_processed_outputs_as_such(outlier_model, tmp_path):
+    """With --postprocess the engine returns class ids, probabilities and unit normals; the search judges
+    each try on those (against the post-processed reference), as the build's own check does."""
+    out = tmp_path / "build"
+    code, output = invoke(export_cli, "build", outlier_model, "--backend", "onnxruntime", "--precision", "int8",
+                          *SMALL, "--postprocess", "--int8-fallback", "always", "--out", out)
+    assert code == 0, output
+    report = read_report(out)
+    assert report.passed, output
+    [fallback] = report.fallbacks
+    assert fallback.passed and [layer.node for layer in fallback.layers] == [CULPRIT]
+    assert fallback.layers[0].task == "semseg" and fallback.layers[0].after <= 1.0
+
+
+def test_a_16_bit_engine_that_fails_its_gate_does_not_stop_the_search(outlier_model, tmp_path):
+    """Mode "on" gives up on int8 when a 16-bit engine is faster, but only one that passes counts: here an
+    impossible fp16 angle limit fails fp16, so the search runs whatever the two engines' speeds."""
+    tolerances = tmp_path / "tolerances.json"
+    tolerances.write_text(json.dumps({"fp16": {"normals": {"max_angle_deg": 0.0}}}))
+    out = tmp_path / "build"
+    code, output = invoke(export_cli, "build", outlier_model, "--backend", "onnxruntime", "--precision", "int8",
+                          *SMALL, "--tolerances", tolerances, "--int8-fallback", "on", "--out", out)
+    assert code == 0, output
+    assert "[onnxruntime-fp16] fails its gate too, so int8 is not measured against it" in output
+    [fallback] = read_report(out).fallbacks
+    assert fallback.passed and [layer.node for layer in fallback.layers] == [CULPRIT]
+    assert "fp16" not in fallback.latency_ms
+
+
 def test_the_list_is_cached_and_reused_as_a_keep_fp32_file(fallback_build, outlier_model, tmp_path):
     out = fallback_build["out"]
     code, output = invoke(export_cli, "build", outlier_model, "--backend", "onnxruntime", "--precision", "int8",
