@@ -204,6 +204,20 @@ def test_keep_fp32_files(tmp_path):
         read_keep_fp32([f"@{tmp_path / 'missing.json'}"])
 
 
+def test_several_backends_each_build_the_precisions_they_have():
+    """bf16 beside 'all' is kept, built where a backend has it; with one backend that lacks it, an error."""
+    from engines.errors import EngineError
+    from export.pipeline.options import BuildOptions, engine_plan
+
+    said = []
+    pairs = engine_plan(BuildOptions(backends=("onnxruntime", "openvino"), precisions=("all", "bf16")), said.append)
+    assert pairs == [("onnxruntime", p) for p in ("fp32", "fp16", "int8")] + [
+        ("openvino", p) for p in ("fp32", "fp16", "int8", "bf16")]
+    assert "skipping onnxruntime-bf16: onnxruntime does not build bf16 (fp32, fp16, int8)" in said
+    with pytest.raises(EngineError, match="onnxruntime cannot build precision 'bf16'"):
+        engine_plan(BuildOptions(backends=("onnxruntime",), precisions=("bf16",)), said.append)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--keep-fp32", "@/nonexistent/fallback.json"], "no such file"),
     (["--precision", "backbone=int9,heads=fp16", "--layout", "split"], "unknown precision 'int9'"),

@@ -14,7 +14,8 @@ model predicts fails its task's gate for a reason.
 In `build/bench-docs/` (steps are reused when their inputs are unchanged):
 
 1. trains the benchmark model (cached) and writes the adapter-free network;
-2. builds every ONNX Runtime and OpenVINO engine at fp32/fp16/int8 with `mtlora-export build`
+2. builds every ONNX Runtime and OpenVINO engine at fp32/fp16/int8 (and OpenVINO's bf16) with
+   `mtlora-export build`
    (INT8 calibrated on synthetic 448 images), the same with `--postprocess`, and the engine
    `--precision auto` picks;
 3. builds the plain backbone in every engine and precision (`export.bench.plain_backbone`);
@@ -277,7 +278,8 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     lines += ["", *extra["notes"], ""]
 
     lines += ["## 2. Engines", "",
-              f"Every engine `mtlora-export build` makes here (ONNX Runtime and OpenVINO, fp32 / fp16 / int8), each in "
+              f"Every engine `mtlora-export build` makes here (ONNX Runtime and OpenVINO, fp32 / fp16 / int8, and "
+              "OpenVINO's bf16), each in "
               "its own fresh worker process, and PyTorch eager. `precision` says what was asked for and, where it "
               "differs, what ran: OpenVINO's fp16 runs the fastest 16-bit format measured on the device, and an "
               "INT8 engine's float remainder likewise. INT8 is calibrated on "
@@ -366,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     say("[bench-docs] building every engine")
     build_dir, pp_dir = work / "build", work / "build-postprocess"
     report, failures = build_for_bench(checkpoint, build_dir, say, backends=("onnxruntime", "openvino"),
-                                       precisions=("all",), **build_options)
+                                       precisions=("all", "bf16"), **build_options)
     default_backend, _ = choose_backend("auto")
     default_engine = f"{default_backend}-fp16"
     say("[bench-docs] building with --postprocess")
-    build_for_bench(checkpoint, pp_dir, say, backends=("onnxruntime", "openvino"), precisions=("fp16", "int8"),
+    build_for_bench(checkpoint, pp_dir, say, backends=("onnxruntime", "openvino"), precisions=("fp16", "bf16", "int8"),
                     postprocess=True, **build_options)
     auto_engine = build_auto(checkpoint, work / "build-auto", args.threads)
 

@@ -76,9 +76,10 @@ class BuildOptions:
 
 
 def resolve_precisions(requested: tuple[str, ...]) -> tuple[str, ...]:
-    if "all" in requested:
-        return ALL_PRECISIONS
-    return tuple(dict.fromkeys(normalize_precision(p) for p in requested))
+    """The precisions asked for, 'all' standing for fp32, fp16 and int8 (a precision named beside it, such
+    as bf16, is kept)."""
+    expanded = (p for r in requested for p in (ALL_PRECISIONS if r == "all" else (normalize_precision(r),)))
+    return tuple(dict.fromkeys(expanded))
 
 
 # ----------------------------------------------------------------------------- per-part precision
@@ -256,9 +257,19 @@ def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
         raise ExportError(f"unknown int8 fallback mode '{opts.int8_fallback}'; choose one of {', '.join(FALLBACK_MODES)}")
     if opts.timing_batch < 1:
         raise ExportError(f"the timing batch must be at least 1, got {opts.timing_batch}")
-    pairs = [(backend, precision) for backend in resolve_backends(opts.backends, say) for precision in precisions]
-    for backend, precision in pairs:
-        if precision != AUTO:
+    backends = resolve_backends(opts.backends, say)
+    pairs = []
+    for precision in precisions:
+        builds = [b for b in backends if precision == AUTO
+                  or all(u in BACKENDS[b].precisions for u in precisions_used(precision))]
+        if not builds:  # nobody builds it: the first backend's one-line error says what it does build
             for used in sorted(precisions_used(precision)):
-                BACKENDS[backend].check_precision(used)
-    return pairs
+                BACKENDS[backends[0]].check_precision(used)
+        for backend in backends:
+            if backend in builds:
+                pairs.append((backend, precision))
+            else:  # several backends asked for: each builds what it can (bf16 is OpenVINO's alone)
+                say(f"skipping {backend}-{precision}: {backend} does not build {precision} "
+                    f"({', '.join(BACKENDS[backend].precisions)})")
+    order = {b: i for i, b in enumerate(backends)}
+    return sorted(pairs, key=lambda pair: order[pair[0]])
