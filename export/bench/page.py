@@ -272,6 +272,10 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     lines += [md_table(["target", "measured", "verdict"], rows), "", _turn_line(choice)]
     if int8:
         lines += ["", _turn_line(int8)]
+    if extra.get("fallbacks"):
+        lines += ["", "What the build's INT8 fallback did (an int8 engine that fails a gate and is no faster than a "
+                  "passing 16-bit engine of its backend stays as calibrated, and the build says why):", "",
+                  *(f"- {key}: {line}" for key, line in extra["fallbacks"].items())]
     if not int8_accel:
         lines += ["", "This CPU has none of " + ", ".join(INT8_FLAGS) + ": no int8 dot-product instructions, so INT8 "
                   "is not expected to beat 16-bit here."]
@@ -355,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait, before each format, for other processes to go quiet")
     parser.add_argument("--page", type=Path, default=PAGE)
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--rerender", action="store_true",
+                        help="only write the page again from the last run's bench.json (no building, no timing)")
     args = parser.parse_args(argv)
+    if args.rerender:
+        return rerender(args.page, args.work)
     command = shlex.join(["python", "-m", "export.bench.page", *(argv if argv is not None else sys.argv[1:])])
     started = time.perf_counter()
     work = args.work
@@ -454,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "turns": turns, "fastest_passing": best_key, "default_engine": default_engine, "auto_engine": auto_engine,
         "default_fails": _failed_checks(report, default_engine),
+        "fallbacks": _fallback_lines(build_dir),
         "best_int8": best_int8["name"] if best_int8 else None, "best_16bit": best_16["name"] if best_16 else None,
         "backbone": {k: v for k, v in backbone.items() if k != "engines"}, "backbone_table": backbone_table,
         "backbone_ratios": backbone_ratios, "postprocess_keys": pp_keys,
@@ -483,6 +492,27 @@ def _failed_checks(report, key: str) -> str:
         return ""
     return "; ".join(f"{task} {c.name} {c.value:.3g} {'>' if c.op == '<=' else '<'} {c.limit:g}"
                      for task, r in engine.tasks.items() for c in r.failed)
+
+
+def _fallback_lines(build_dir: Path) -> dict[str, str]:
+    """What the build's INT8 fallback did per int8 engine (why an int8 engine that fails stayed so)."""
+    from export.checking.report import read_report
+
+    record = BuildDir(build_dir).report
+    return {f.engine: f"{f.verdict}: {f.message}" for f in read_report(record).fallbacks} if record.is_file() else {}
+
+
+def rerender(page: Path, work: Path) -> int:
+    """Write the page again from WORK/bench.json (after a change to the page's text, without timing again)."""
+    import json
+
+    result = json.loads((work / "bench.json").read_text())
+    extra = {**result["bench_docs"], "command": result["command"]}
+    extra.setdefault("finished", result["created"])
+    extra.setdefault("fallbacks", _fallback_lines(work / "build"))
+    write_page(result, extra, page)
+    say(f"[bench-docs] wrote {page} from {work / 'bench.json'}")
+    return 0
 
 
 def _channels(build_dir: Path) -> dict[str, int]:

@@ -122,6 +122,7 @@ def build_for_bench(checkpoint: Path, out: Path, say: Say, *, backends: Sequence
     built on its own (the export and finished engines are reused) to find which ones fail.
     """
     from engines.errors import EngineError
+    from engines.registry import BACKENDS
     from export.pipeline.build import run_build
     from export.pipeline.options import BuildOptions, resolve_backends, resolve_precisions
     from mtlora.errors import MTLoRAError
@@ -136,6 +137,8 @@ def build_for_bench(checkpoint: Path, out: Path, say: Say, *, backends: Sequence
     wanted = resolve_precisions(tuple(precisions))
     for backend in resolve_backends(tuple(backends), say):
         for precision in wanted:
+            if precision not in BACKENDS[backend].precisions:
+                continue  # the whole build skipped it too (bf16 is OpenVINO's alone)
             try:
                 outcome = run_build(replace(opts, backends=(backend,), precisions=(precision,)), say)
             except (MTLoRAError, EngineError) as err:
