@@ -122,9 +122,8 @@ def build_for_bench(checkpoint: Path, out: Path, say: Say, *, backends: Sequence
     built on its own (the export and finished engines are reused) to find which ones fail.
     """
     from engines.errors import EngineError
-    from engines.registry import BACKENDS
     from export.pipeline.build import run_build
-    from export.pipeline.options import BuildOptions, resolve_backends, resolve_precisions
+    from export.pipeline.options import BuildOptions, engine_plan
     from mtlora.errors import MTLoRAError
 
     opts = BuildOptions(checkpoint=str(checkpoint), backends=tuple(backends), precisions=tuple(precisions),
@@ -134,18 +133,14 @@ def build_for_bench(checkpoint: Path, out: Path, say: Say, *, backends: Sequence
     except (MTLoRAError, EngineError) as err:
         say(f"[bench] the build failed ({err}); building engine by engine to see which fail")
     engines, failures, model = [], {}, {}
-    wanted = resolve_precisions(tuple(precisions))
-    for backend in resolve_backends(tuple(backends), say):
-        for precision in wanted:
-            if precision not in BACKENDS[backend].precisions:
-                continue  # the whole build skipped it too (bf16 is OpenVINO's alone)
-            try:
-                outcome = run_build(replace(opts, backends=(backend,), precisions=(precision,)), say)
-            except (MTLoRAError, EngineError) as err:
-                failures[f"{backend}-{precision}"] = str(err).splitlines()[0]
-                continue
-            engines.extend(outcome.report.engines)
-            model = outcome.report.model
+    for backend, precision in engine_plan(opts, say):  # the pairs the whole build tried
+        try:
+            outcome = run_build(replace(opts, backends=(backend,), precisions=(precision,)), say)
+        except (MTLoRAError, EngineError) as err:
+            failures[f"{backend}-{precision}"] = str(err).splitlines()[0]
+            continue
+        engines.extend(outcome.report.engines)
+        model = outcome.report.model
     if not engines:
         raise ExportError(f"no engine of {checkpoint} could be built: "
                           + "; ".join(f"{k}: {v}" for k, v in failures.items()))

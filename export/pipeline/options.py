@@ -258,18 +258,20 @@ def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
     if opts.timing_batch < 1:
         raise ExportError(f"the timing batch must be at least 1, got {opts.timing_batch}")
     backends = resolve_backends(opts.backends, say)
-    pairs = []
+
+    def builds(backend: str, precision: str) -> bool:
+        return precision == AUTO or all(u in BACKENDS[backend].precisions for u in precisions_used(precision))
+
     for precision in precisions:
-        builds = [b for b in backends if precision == AUTO
-                  or all(u in BACKENDS[b].precisions for u in precisions_used(precision))]
-        if not builds:  # nobody builds it: the first backend's one-line error says what it does build
+        if not any(builds(b, precision) for b in backends):  # the first backend's error says what it builds
             for used in sorted(precisions_used(precision)):
                 BACKENDS[backends[0]].check_precision(used)
-        for backend in backends:
-            if backend in builds:
+    pairs = []
+    for backend in backends:
+        for precision in precisions:
+            if builds(backend, precision):
                 pairs.append((backend, precision))
             else:  # several backends asked for: each builds what it can (bf16 is OpenVINO's alone)
                 say(f"skipping {backend}-{precision}: {backend} does not build {precision} "
                     f"({', '.join(BACKENDS[backend].precisions)})")
-    order = {b: i for i, b in enumerate(backends)}
-    return sorted(pairs, key=lambda pair: order[pair[0]])
+    return pairs
