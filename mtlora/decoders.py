@@ -26,13 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.errors import ConfigError
-from mtlora.heads import HRNetHead
-
-
-def upsample_to_first(features: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Every map bilinearly resized to the size of the first (finest) one."""
-    size = features[0].shape[-2:]
-    return [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
+from mtlora.heads import HRNetHead, upsample_to_first
 
 
 class _Embedding(nn.Module):

@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def upsample_to_first(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every map bilinearly resized to the size of the first (finest) one."""
+    size = features[0].shape[-2:]
+    return [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
+
+
 class FeatureDownsampler(nn.Module):
     """One 1x1 convolution (no bias) per scale, from backbone channels to decoder channels.
 
@@ -43,9 +49,7 @@ class HRNetHead(nn.Module):
         )
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        size = features[0].shape[-2:]
-        upsampled = [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
-        return self.last_layer(torch.cat(upsampled, dim=1))
+        return self.last_layer(torch.cat(upsample_to_first(features), dim=1))
 
 
 class FeatureLayout(nn.Module):

@@ -29,7 +29,7 @@ import numpy as np
 
 from mtlora.data.pascal import read_label_png, read_split, require_files
 from mtlora.data.preprocess import load_image
-from mtlora.data.transforms import resize_nearest, resize_normals
+from mtlora.data.transforms import resize_sample
 from mtlora.errors import ConfigError, DataError
 
 # task -> output channels; the order is the fixed task order.
@@ -114,10 +114,9 @@ class NYUDMT:
                 labels[task] = self._depth(path)
             elif task == "edge":
                 labels[task] = self._edge(path)
-        for task, value in labels.items():
-            if value.shape[:2] != shape:
-                labels[task] = resize_normals(value, shape, renormalize=False) if task == "normals" else (
-                    resize_nearest(value, shape))
+        # Labels stored at another size than the image (the official loader resizes them unnormalised).
+        labels |= resize_sample({t: v for t, v in labels.items() if v.shape[:2] != shape}, shape,
+                                renormalize_normals=False)
         return {"image": image} | labels | {"meta": {"id": self.ids[index], "size": shape}}
 
     @staticmethod

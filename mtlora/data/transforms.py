@@ -271,10 +271,10 @@ def scale_rotate(sample: dict, scale: float, angle: float) -> dict:
     return out
 
 
-def resize_sample(sample: dict, size: Sequence[int]) -> dict:
+def resize_sample(sample: dict, size: Sequence[int], renormalize_normals: bool = True) -> dict:
     """Every map resized to `size = (h, w)` (aspect ratio not kept) by the official protocol (module doc).
 
-    The image stays uint8; labels keep their dtype; normals are renormalised.
+    The image stays uint8; labels keep their dtype; normals are renormalised unless told not to.
     """
     _check_keys(sample)
     out = {}
@@ -284,7 +284,7 @@ def resize_sample(sample: dict, size: Sequence[int]) -> dict:
         elif key == "image":
             out[key] = resize_image(value, size)
         elif key == "normals":
-            out[key] = resize_normals(value, size)
+            out[key] = resize_normals(value, size, renormalize=renormalize_normals)
         else:  # class maps, binary maps, depth
             out[key] = resize_nearest(value, size)
     return out
@@ -301,10 +301,8 @@ def to_model_layout(
     The resized 8-bit image goes through `preprocess` (which then only normalises), so a validation
     input is bit-identical to what an engine receives for the same 8-bit image.
     """
-    _check_keys(sample)
-    labels = {key: value for key, value in sample.items() if key != "image"}
-    resized = resize_sample(labels, size) if labels.keys() - {"meta"} else labels
-    out = {"image": preprocess(resize_image(sample["image"], size), size, mean, std)}
+    resized = resize_sample(sample, size)
+    out = {"image": preprocess(resized.pop("image"), size, mean, std)}
     for key, value in resized.items():
         if key == "meta":
             out[key] = value
