@@ -326,8 +326,10 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
             outcome = ctx.check(entries)
             timings["check"] = round(time.perf_counter() - t0, 2)
             entries, fallbacks = run_fallbacks(ctx, entries, outcome.report, cached, timings)
-            if any(not f.cached for f in fallbacks):
-                outcome = ctx.check(entries)  # the engines the fallback rebuilt, checked with the others
+            if any(f.passed and not f.cached for f in fallbacks):
+                # an engine the fallback rebuilt took the failing one's place: check the set again (a search
+                # that stopped or failed replaced nothing, and the first check stands)
+                outcome = ctx.check(entries)
             outcome.report.fallbacks = fallbacks
             outcome.report.notes = speed_notes(ctx, entries, outcome.report, timings)
         write_records(build, outcome, {
