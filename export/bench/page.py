@@ -152,18 +152,18 @@ def fastest(rows: list[dict]) -> dict | None:
 def auto_pick(build_dir: Path) -> str | None:
     """The engine `build --precision auto` kept: of the per-backend choices its build.json records, the one
     it timed fastest (None when the build made no choice)."""
-    import json
+    from export.artifacts.records import read_build_record
+    from export.pipeline.auto import candidate_precision
 
-    record = BuildDir(build_dir).record
-    if not record.is_file():
+    build = BuildDir(build_dir)
+    if not build.record.is_file():
         return None
-    auto = json.loads(record.read_text()).get("auto") or {}
+    auto = read_build_record(build).get("auto") or {}
     chosen, latency = auto.get("chosen") or {}, auto.get("latency_ms") or {}
     if not chosen:
         return None
     backend = min(chosen, key=lambda b: latency.get(b, {}).get(chosen[b], float("inf")))
-    name = chosen[backend]
-    return f"{backend}-{'int8' if name.startswith('int8') else name}"
+    return f"{backend}-{candidate_precision(chosen[backend])}"
 
 
 def build_auto(checkpoint: Path, out: Path, threads: int | None) -> str | None:
@@ -250,7 +250,8 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
         default_verdict = f"MISS: it fails its gate ({default_fails})"
     rows.append([f"`build --precision fp16` ({default}) within {DEFAULT_VS_FASTEST}x of the fastest passing engine "
                  f"({best})", f"{_fmt(default_ratio)}x", default_verdict])
-    auto_ratio = ms[auto] / ms[best] if auto and auto in ms and best in ms else None
+    auto_ms = ms.get(f"auto: {auto}")  # timed under its own label: the same key may be a main-build engine
+    auto_ratio = auto_ms / ms[best] if auto_ms and best in ms else None
     rows.append([f"`--precision auto` ({auto or 'not available'}) within {AUTO_VS_FASTEST}x of the fastest passing "
                  "candidate", f"{_fmt(auto_ratio)}x", _verdict(auto_ratio, AUTO_VS_FASTEST, False)])
     int8_accel = any(flags.get(f) for f in INT8_FLAGS)
@@ -266,7 +267,7 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
                  "(unmerged fp32), batch 1", f"{_fmt(eager_ratio)}x",
                  _verdict(eager_ratio, BEST_VS_EAGER, True) + ("" if on_amx else " (target set for AMX CPUs; this one "
                                                               "has no AMX, the ratio is recorded)")])
-    for key, ratio in extra["backbone_ratios"].items():
+    for key, ratio in ((k, v["ratio"]) for k, v in extra["backbone_table"].items()):
         rows.append([f"{key}: four-task graph's GFLOP/s at least {MERGED_VS_BACKBONE}x the plain backbone's "
                      "(same engine and precision)", f"{_fmt(ratio)}x", _verdict(ratio, MERGED_VS_BACKBONE, True)])
     lines += [md_table(["target", "measured", "verdict"], rows), "", _turn_line(choice)]
@@ -410,8 +411,6 @@ def main(argv: list[str] | None = None) -> int:
     if opts.quiet_wait_s > 0:
         wait_for_quiet(opts.quiet_wait_s)
     turns = {"choice": time_in_turn(choice, threads, 1, eager_checkpoint=checkpoint)}
-    if auto_engine:
-        turns["choice"]["median_ms"][auto_engine] = turns["choice"]["median_ms"].pop(f"auto: {auto_engine}")
     b8 = passing_rows(result, 8)
     best_int8 = fastest([r for r in b8 if r["precision_requested"] == "int8"])
     best_16 = fastest([r for r in b8 if r["precision_requested"] in ("fp16", "bf16")])
@@ -420,12 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         turns["int8"] = time_in_turn({r["name"]: (build_dir, r["name"]) for r in (best_int8, best_16)}, threads, 8)
 
     say("[bench-docs] the plain backbone in every engine and precision")
-    keys = [e.name for e in (work / "build" / "engines").iterdir() if e.is_dir() and not e.name.startswith(".")]
-    backbone = build_backbones(checkpoint, work / "backbone", sorted(keys), IMG_SIZE, CALIB_SAMPLES, args.threads, say)
-    backbone_table, backbone_ratios = {}, {}
+    keys = [d.name for d in BuildDir(build_dir).engine_dirs()]  # sorted
+    backbone = build_backbones(checkpoint, work / "backbone", keys, IMG_SIZE, CALIB_SAMPLES, args.threads, say)
+    backbone_table = {}
     from engines.registry import get_backend
 
-    for key in sorted(keys):
+    for key in keys:
         backend = key.partition("-")[0]
         runner = get_backend(backend).load(backbone["engines"][key], threads=threads)
         turn = time_in_turn({key: (build_dir, key)}, threads, 1, extra={"backbone": runner})
@@ -433,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"model_ms": model_ms, "backbone_ms": backbone_ms, "model_gflops": model_flops["flops"] / model_ms / 1e6,
                "backbone_gflops": backbone["flops"] / backbone_ms / 1e6}
         row["ratio"] = row["model_gflops"] / row["backbone_gflops"]
-        backbone_table[key], backbone_ratios[key] = row, row["ratio"]
+        backbone_table[key] = row
 
     pp_keys = [k for k in (default_engine, best_key) if k and (BuildDir(pp_dir).engine(k) / "engine.json").is_file()]
     pp_keys = list(dict.fromkeys(pp_keys))
@@ -454,18 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     profiles = profile_graphs({"merged": BuildDir(build_dir).export / "model.onnx", "unmerged": unmerged_onnx,
                                "adapter-free": free_onnx}, threads, profile_runs)
     free_flops = count_flops(free_onnx)
-    raw_bytes = sum(4 * c * IMG_SIZE * IMG_SIZE for c in _channels(build_dir).values())
-    pp_bytes = sum((1 if t in ("semseg", "human_parts") else 4 * c) * IMG_SIZE * IMG_SIZE
-                   for t, c in _channels(build_dir).items())
+    channels = _channels(build_dir)
+    raw_bytes = sum(4 * c * IMG_SIZE * IMG_SIZE for c in channels.values())
+    pp_bytes = sum((1 if t in ("semseg", "human_parts") else 4 * c) * IMG_SIZE * IMG_SIZE for t, c in channels.items())
     extra = {
         "command": command, "minutes": (time.perf_counter() - started) / 60, "training": training_summary(checkpoint),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "turns": turns, "fastest_passing": best_key, "default_engine": default_engine, "auto_engine": auto_engine,
         "default_fails": _failed_checks(report, default_engine),
-        "fallbacks": _fallback_lines(build_dir),
+        "fallbacks": _fallback_lines(report),
         "best_int8": best_int8["name"] if best_int8 else None, "best_16bit": best_16["name"] if best_16 else None,
         "backbone": {k: v for k, v in backbone.items() if k != "engines"}, "backbone_table": backbone_table,
-        "backbone_ratios": backbone_ratios, "postprocess_keys": pp_keys,
+        "postprocess_keys": pp_keys,
         "output_bytes": {"raw": raw_bytes, "postprocessed": pp_bytes},
         "unmerged_max_abs": check_against_torch(checkpoint, unmerged_onnx),
         "flops": {"unmerged": count_flops(unmerged_onnx)["flops"], "adapter-free": free_flops["flops"]},
@@ -490,16 +489,12 @@ def _failed_checks(report, key: str) -> str:
     engine = report.engine(key) if report is not None else None
     if engine is None:
         return ""
-    return "; ".join(f"{task} {c.name} {c.value:.3g} {'>' if c.op == '<=' else '<'} {c.limit:g}"
-                     for task, r in engine.tasks.items() for c in r.failed)
+    return "; ".join(f"{task} {c.describe()}" for task, r in engine.tasks.items() for c in r.failed)
 
 
-def _fallback_lines(build_dir: Path) -> dict[str, str]:
+def _fallback_lines(report) -> dict[str, str]:
     """What the build's INT8 fallback did per int8 engine (why an int8 engine that fails stayed so)."""
-    from export.checking.report import read_report
-
-    record = BuildDir(build_dir).report
-    return {f.engine: f"{f.verdict}: {f.message}" for f in read_report(record).fallbacks} if record.is_file() else {}
+    return {f.engine: f"{f.verdict}: {f.message}" for f in report.fallbacks} if report is not None else {}
 
 
 def rerender(page: Path, work: Path) -> int:
@@ -509,7 +504,11 @@ def rerender(page: Path, work: Path) -> int:
     result = json.loads((work / "bench.json").read_text())
     extra = {**result["bench_docs"], "command": result["command"]}
     extra.setdefault("finished", result["created"])
-    extra.setdefault("fallbacks", _fallback_lines(work / "build"))
+    if "fallbacks" not in extra:
+        from export.checking.report import read_report
+
+        record = BuildDir(work / "build").report
+        extra["fallbacks"] = _fallback_lines(read_report(record) if record.is_file() else None)
     write_page(result, extra, page)
     say(f"[bench-docs] wrote {page} from {work / 'bench.json'}")
     return 0

@@ -9,7 +9,7 @@ much of the backbone's FLOP rate (model FLOPs x images/s) the multi-task graph k
 
 from __future__ import annotations
 
-import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.artifacts.files import write_json_atomic
 from export.onnx.flops import count_flops
 from export.onnx.fold import ExportBackbone, swap_linears
 from mtlora.loading import load_any
@@ -67,13 +68,16 @@ def build_backbones(checkpoint: Path, work: Path, keys: list[str], img_size: int
     from calibration.prepare import prepare_graph
     from engines.registry import get_backend
 
-    model = load_any(checkpoint, img_size).float().eval()
-    swin = copy.deepcopy(model.backbone)
-    # The backbone alone: every adapter layer's frozen base weight, as a plain Linear.
-    _strip_adapters(swin)
     image = np.random.default_rng(1).standard_normal((1, 3, img_size, img_size), dtype=np.float32)
     onnx_path = work / "backbone.onnx"
-    max_abs = export_backbone(copy.deepcopy(swin), onnx_path, image) if not onnx_path.is_file() else 0.0
+    # The export's agreement with timm, kept beside it: a later run that reuses the ONNX reports it too.
+    agreement = work / "backbone.max_abs.json"
+    if not onnx_path.is_file() or not agreement.is_file():
+        swin = load_any(checkpoint, img_size).float().eval().backbone
+        # The backbone alone: every adapter layer's frozen base weight, as a plain Linear.
+        _strip_adapters(swin)
+        write_json_atomic(agreement, {"max_abs_vs_timm": export_backbone(swin, onnx_path, image)})
+    max_abs = json.loads(agreement.read_text())["max_abs_vs_timm"]
     rng = np.random.default_rng(2)
     calibration = [{"image": rng.standard_normal(image.shape, dtype=np.float32)} for _ in range(calib_samples)]
     engines, executed = {}, {}

@@ -36,7 +36,8 @@ def candidate_precisions(backend: str) -> list[str]:
     return ["fp32", *(p for p in SIXTEEN_BIT if p in row), "int8"]
 
 
-def _precision(name: str) -> str:
+def candidate_precision(name: str) -> str:
+    """The engine precision of a candidate's name (int8 with the fallback is an int8 engine)."""
     return "int8" if name == FALLBACK else name
 
 
@@ -71,7 +72,7 @@ def _note(name: str, check: EngineCheck, fallback_layers: int | None) -> str:
     if name == FALLBACK and fallback_layers is not None:
         notes.append(f"{fallback_layers} layer{'s' if fallback_layers != 1 else ''} in fp32")
     ran = check.engine.precision_executed
-    if ran and ran != _precision(name):
+    if ran and ran != candidate_precision(name):
         notes.append(f"ran {ran}")
     failed = [f"{t} {c.name}" for t, r in check.tasks.items() for c in r.failed]
     if failed:
@@ -130,7 +131,7 @@ def run_auto(ctx, backends: list[str], timings: dict):
         say(f"[auto] {backend}: {best} ({latency[backend][best]:.3g} ms) is the fastest candidate that passes "
             f"every task; {others}")
 
-    published = [publish_as(ctx, built[b][n], f"{b}-{_precision(n)}") for b, n in chosen.items()]
+    published = [publish_as(ctx, built[b][n], f"{b}-{candidate_precision(n)}") for b, n in chosen.items()]
     outcome = ctx.check(published)
     # A backend with no passing candidate reports them all, so the build fails and says why.
     outcome.report.engines += [checks[b][n] for b in backends if b not in chosen for n in built[b]]
