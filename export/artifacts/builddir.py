@@ -42,6 +42,7 @@ class BuildDir:
     RECORD = "build.json"
     REPORT, JUNIT, SUMMARY, HTML = "report.json", "junit.xml", "summary.md", "report.html"
     RECORDS = (REPORT, JUNIT, SUMMARY, HTML)  # written before the build record, which lists their hashes
+    EVAL_BATCHES_PREFIX = ".eval-batches-"  # the evaluation batches a build keeps on disk (pipeline.eval_cache)
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -111,7 +112,7 @@ class BuildDir:
             if parent.is_dir():
                 yield from (p for p in parent.glob(".*.partial") if p.is_dir())
         # The evaluation batches a killed build kept on disk (`export.pipeline.eval_cache`).
-        yield from (p for p in self.root.glob(".eval-batches-*") if p.is_dir())
+        yield from (p for p in self.root.glob(f"{self.EVAL_BATCHES_PREFIX}*") if p.is_dir())
 
     @contextlib.contextmanager
     def locked(self, what: str = "build") -> Iterator[None]:

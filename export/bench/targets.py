@@ -9,6 +9,7 @@ from typing import Any
 
 from export.checking.results import Report, TaskResult
 from export.onnx.flops import count_flops
+from export.pipeline.speed import engine_set_bytes
 
 Say = Callable[[str], None]
 
@@ -50,10 +51,6 @@ def task_summary(result: TaskResult) -> dict[str, Any]:
     return summary
 
 
-def _engine_size(entry) -> int:
-    return sum(p.stat().st_size for artifact in entry.artifacts(verify=False).values() for p in artifact.paths)
-
-
 def engine_targets(build_dir: Path, report: Report | None, failures: dict[str, str] | None = None) -> list[Target]:
     """One target per engine in the build, with its status and accuracy from report.json."""
     from export.artifacts.engineset import list_engine_sets
@@ -65,7 +62,7 @@ def engine_targets(build_dir: Path, report: Report | None, failures: dict[str, s
         accuracy = {t: task_summary(r) for t, r in engine.tasks.items()} if engine is not None else {}
         executed = engine.engine.precision_executed if engine is not None else ""
         targets.append(Target(entry.key, "engine", {"directory": str(entry.directory)}, entry.backend,
-                              entry.precision, status, _engine_size(entry), accuracy, executed))
+                              entry.precision, status, engine_set_bytes(entry), accuracy, executed))
     for key, message in (failures or {}).items():
         backend, _, precision = key.partition("-")
         targets.append(Target(key, "engine", {}, backend, precision, FAILED_BUILD, notes=[message]))

@@ -25,7 +25,7 @@ from export.pipeline.fallback import (
     publish_as,
     run_fallback,
 )
-from export.pipeline.speed import RUNS, engine_set_bytes, time_engine_sets
+from export.pipeline.speed import RUNS, engine_set_bytes, time_in_build
 
 FALLBACK = f"int8{FALLBACK_SUFFIX}"
 
@@ -114,8 +114,7 @@ def run_auto(ctx, backends: list[str], timings: dict):
         t0 = time.perf_counter()
         say(f"[auto] timing {len(built[backend])} {backend} candidates here (batch {ctx.opts.timing_batch}, "
             f"median of {RUNS} calls)")
-        latency[backend] = time_engine_sets(built[backend], size=ctx.info.interface.size,
-                                            batch=ctx.opts.timing_batch, threads=ctx.opts.threads)
+        latency[backend] = time_in_build(ctx, built[backend])
         timings[f"{backend} timing"] = round(time.perf_counter() - t0, 2)
         passing = [n for n in built[backend] if checks[backend][n].passed]
         best = min(passing, key=latency[backend].get) if passing else None

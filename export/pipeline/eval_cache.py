@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from export.artifacts.builddir import BuildDir
 from export.artifacts.evalset import read_npz
 from export.checking.accuracy import EvalBatch
-
-PREFIX = ".eval-batches-"
 
 
 class EvalBatchCache:
@@ -51,7 +50,7 @@ class EvalBatchCache:
                 yield self._load(index)
             return
         self.close()
-        self._folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self._work_dir))
+        self._folder = Path(tempfile.mkdtemp(prefix=BuildDir.EVAL_BATCHES_PREFIX, dir=self._work_dir))
         count = 0
         for batch in self._make():
             self._save(count, batch)

@@ -52,7 +52,7 @@ from export.checking.results import (
 )
 from export.pipeline.check import tolerances_for
 from export.pipeline.options import KEEP_FILE_FORMAT, precisions_used, role_precisions
-from export.pipeline.speed import time_engine_sets
+from export.pipeline.speed import time_in_build
 from export.pipeline.steps import publish, staging_for
 
 SHORTLIST = 8  # layers tried one at a time per step, from the top of the ranking
@@ -275,15 +275,8 @@ def _quantized_graph(ctx, entry: EngineSet, role: str, name: str, keep: dict[str
                                 config=config)
 
 
-
-
 def _int8_roles(entry: EngineSet) -> list[str]:
     return [r for r, p in role_precisions(entry.precision, entry.files).items() if p == "int8"]
-
-
-def _time(ctx, entries: dict[str, EngineSet]) -> dict[str, float]:
-    return time_engine_sets(entries, size=ctx.info.interface.size, batch=ctx.opts.timing_batch,
-                            threads=ctx.opts.threads)
 
 
 def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[str, EngineSet],
@@ -304,7 +297,7 @@ def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[st
         "responsible")
     latency: dict[str, float] = {}
     if compare:
-        latency.update(_time(ctx, {"int8": entry, **compare}))
+        latency.update(time_in_build(ctx, {"int8": entry, **compare}))
         fastest = min(compare, key=latency.get)
         say(f"[{key}] int8 runs {latency['int8']:.3g} ms here, {fastest} {latency[fastest]:.3g} ms "
             f"(batch {ctx.opts.timing_batch})")
@@ -348,7 +341,7 @@ def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[st
         current_check = ctx.check([current]).report.engines[0]
         if compare:
             # Timed together, so the three numbers compare (the first int8 is still where it was built).
-            times = _time(ctx, {"int8": entry, "int8+fallback": current, **compare})
+            times = time_in_build(ctx, {"int8": entry, "int8+fallback": current, **compare})
             latency.update(times)
             fastest = min(compare, key=times.get)
             faster = times["int8+fallback"] < times[fastest]
@@ -543,7 +536,7 @@ def speed_notes(ctx, entries: list[EngineSet], report: Report, timings: dict) ->
         if len(passing) < 2:
             continue
         t0 = time.perf_counter()
-        times = _time(ctx, passing)
+        times = time_in_build(ctx, passing)
         timings[f"{backend} timing"] = round(time.perf_counter() - t0, 2)
         fastest = min(times, key=times.get)
         for key, ms in times.items():

@@ -39,6 +39,12 @@ def time_engine_sets(entries: Mapping[str, EngineSet], *, size: int, batch: int 
     return {name: round(1000 * statistics.median(t), 3) for name, t in times.items()}
 
 
+def time_in_build(ctx, entries: Mapping[str, EngineSet]) -> dict[str, float]:
+    """`time_engine_sets` as a build times: its model's input size, its --timing-batch and --threads."""
+    return time_engine_sets(entries, size=ctx.info.interface.size, batch=ctx.opts.timing_batch,
+                            threads=ctx.opts.threads)
+
+
 def engine_set_bytes(entry: EngineSet) -> int:
     """Bytes of every engine file of the set (IR .bin and compiled blobs included, sidecars not)."""
     return sum(p.stat().st_size for a in entry.artifacts(verify=False).values() for p in a.paths if p.is_file())
