@@ -69,10 +69,15 @@ class LoRALinear(nn.Module):
     def has_shared_adapter(self) -> bool:
         return SHARED in self.lora_A
 
+    @property
+    def trainable_shared_scale(self) -> nn.Parameter | None:
+        """The learnt shared scale `lora_shared_scale` (official TRAINABLE_SCALE_SHARED); None when fixed."""
+        return getattr(self, "lora_shared_scale", None)
+
     def scale_of(self, name: str = SHARED) -> float | torch.Tensor:
         """The multiplier of adapter `name`: a number, or the learnt [1] tensor for a trainable shared scale."""
-        if name == SHARED and isinstance(getattr(self, "lora_shared_scale", None), nn.Parameter):
-            return self.lora_shared_scale
+        if name == SHARED and self.trainable_shared_scale is not None:
+            return self.trainable_shared_scale
         return self.scaling[name]
 
     def delta_weight(self, name: str = SHARED) -> torch.Tensor:

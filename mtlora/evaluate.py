@@ -62,6 +62,16 @@ def load_baselines(paths: Iterable[str | Path]) -> dict[str, float]:
     return baselines
 
 
+def worker_settings(workers: int, persistent: bool) -> dict:
+    """DataLoader worker processes start from a fresh server process (forkserver), not as forks of this
+    one: a fork copies whatever threads the process holds (OpenVINO's and NNCF's pools, when a build ran
+    here first), and such a child can crash its parent. `persistent`: they live for the whole run (a
+    training run's epochs), so each starts once."""
+    if workers <= 0:
+        return {}
+    return {"multiprocessing_context": "forkserver", **({"persistent_workers": True} if persistent else {})}
+
+
 def worker_error(err: BaseException) -> str:
     """The one-line message of an error, also when a DataLoader worker wrapped it in its traceback."""
     text = str(err)
@@ -133,10 +143,8 @@ def evaluate(
     channels = model.config.task_channels
     meters = {t: make_evaluator(t, channels[t] if t in SEGMENTATION_TASKS else None) for t in tasks}
     loss_sums = torch.zeros(len(tasks) + 1, dtype=torch.float64)
-    from mtlora.train import worker_settings
-
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                        **{k: v for k, v in worker_settings(workers).items() if k != "persistent_workers"})
+                        **worker_settings(workers, persistent=False))
     bar = None
     if progress:
         from tqdm import tqdm

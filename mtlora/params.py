@@ -58,8 +58,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if isinstance(module, LoRALinear):
             if module.has_shared_adapter:
                 count.shared_adapters += module.lora_A[SHARED].numel() + module.lora_B[SHARED].numel()
-            if isinstance(getattr(module, "lora_shared_scale", None), nn.Parameter):
-                count.shared_adapters += module.lora_shared_scale.numel()
+            if module.trainable_shared_scale is not None:
+                count.shared_adapters += module.trainable_shared_scale.numel()
     per_task, common = _task_adapter_sizes(model, tasks)
     count.per_task_adapters = per_task
     count.task_adapters = sum(per_task.values()) + common

@@ -62,7 +62,14 @@ from mtlora.checkpoint import (
 from mtlora.config import ModelConfig
 from mtlora.data.datasets import DATASET_NAMES, build_dataset, collate, dataset_tasks
 from mtlora.errors import CheckpointError, ConfigError, DataError, MTLoRAError
-from mtlora.evaluate import default_baselines, evaluate, json_ready, primary_metrics, worker_error
+from mtlora.evaluate import (
+    default_baselines,
+    evaluate,
+    json_ready,
+    primary_metrics,
+    worker_error,
+    worker_settings,
+)
 from mtlora.losses import MultiTaskLoss
 from mtlora.metrics import TASK_METRICS
 from mtlora.model import MultiTaskSwin
@@ -245,15 +252,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def worker_settings(workers: int) -> dict:
-    """DataLoader worker processes start from a fresh server process (forkserver), not as forks of this
-    one: a fork copies whatever threads the process holds (OpenVINO's and NNCF's pools, when a build ran
-    here first), and such a child can crash its parent. They live for the whole run, so each starts once."""
-    if workers <= 0:
-        return {}
-    return {"multiprocessing_context": "forkserver", "persistent_workers": True}
 
 
 def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
@@ -782,7 +780,7 @@ class Trainer:
             torch.set_num_threads(config.threads or default_threads(self.workers))
         self.loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler,
                                  num_workers=self.workers, collate_fn=collate, drop_last=True,
-                                 pin_memory=ctx.device.type == "cuda", **worker_settings(self.workers))
+                                 pin_memory=ctx.device.type == "cuda", **worker_settings(self.workers, persistent=True))
         if len(self.loader) == 0:
             raise DataError(
                 f"the training split has {len(self.train_set)} samples, {len(self.sampler)} per process: fewer "
