@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from export.checking.report import plain_table
+
 
 def _num(value, fmt: str = ".1f") -> str:
     return "" if value is None else format(value, fmt)
@@ -64,14 +66,6 @@ def accuracy_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["format", "status", *tasks], rows
 
 
-def _text_table(header: list[str], rows: list[list[str]]) -> str:
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in r) + " |" for r in rows]
@@ -101,7 +95,7 @@ def format_table(result: dict[str, Any]) -> str:
     header, rows = accuracy_rows(result)
     lines = [*machine_lines(result),
              f"model FLOPs per image (MatMul/Gemm/Conv, fp32 graph): {_num(flops and flops / 1e9, '.2f')} G",
-             "", _text_table(PERF_HEADER, perf_rows(result)), "", _text_table(header, rows)]
+             "", plain_table(PERF_HEADER, perf_rows(result)), "", plain_table(header, rows)]
     lines += [f"note {name}: {note}" for name, note in _notes(result)]
     return "\n".join(lines)
 

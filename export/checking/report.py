@@ -47,7 +47,8 @@ def rows(report: Report) -> list[list[str]]:
     return out
 
 
-def _plain_table(header: list[str], body: list[list[str]]) -> str:
+def plain_table(header: list[str], body: list[list[str]]) -> str:
+    """A terminal table: columns padded to their widest cell, a dashed rule under the header."""
     table = [header] + body
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
@@ -61,7 +62,7 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def format_table(report: Report) -> str:
-    return _plain_table(HEADER, rows(report))
+    return plain_table(HEADER, rows(report))
 
 
 # --------------------------------------------------------------------------- int8 fallback, --precision auto
@@ -134,11 +135,11 @@ def format_sections(report: Report) -> str:
     """The int8 fallback, the auto candidates and the notes, for the terminal (empty when none)."""
     parts = []
     if report.fallbacks:
-        lines = ["INT8 fallback:", _plain_table(FALLBACK_HEADER, fallback_rows(report))]
+        lines = ["INT8 fallback:", plain_table(FALLBACK_HEADER, fallback_rows(report))]
         lines += [f"  {line}" for line in fallback_layer_lines(report)]
         parts.append("\n".join(lines))
     if report.auto is not None:
-        parts.append("\n".join([auto_line(report), _plain_table(CANDIDATE_HEADER, candidate_rows(report))]))
+        parts.append("\n".join([auto_line(report), plain_table(CANDIDATE_HEADER, candidate_rows(report))]))
     if report.notes:
         parts.append("\n".join(f"note: {n}" for n in report.notes))
     return "\n\n".join(parts)
