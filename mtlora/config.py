@@ -7,7 +7,7 @@ JSON next to the weights, so a checkpoint describes itself without pickle.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from mtlora.errors import ConfigError
@@ -368,12 +368,15 @@ class ModelConfig:
             raise ConfigError(f"model config is not valid JSON: {err}") from None
 
 
+def _defaults(cls: type, names: tuple[str, ...]) -> dict[str, Any]:
+    """{field: its dataclass default} for `names` of `cls` (read from the fields, so they cannot drift)."""
+    by_name = {f.name: f for f in fields(cls)}
+    return {n: by_name[n].default_factory() if by_name[n].default is MISSING else by_name[n].default for n in names}
+
+
 # Later fields and their defaults; `ModelConfig.to_dict` leaves them out at these values.
-_SWIN_OPTIONAL: dict[str, Any] = {"qk_scale": None, "patch_norm": True, "ape": False}
-_ADAPTER_OPTIONAL: dict[str, Any] = {
-    "shared_scale_trainable": False, "intermediate_specialization": False, "bias": "none", "freeze": (),
-    "freeze_pretrained": True,
-}
-_MODEL_OPTIONAL: dict[str, Any] = {
-    "decoder_heads": {}, "segformer_channels": 256, "decoder_downsampler": True, "per_task_downsampler": True,
-}
+_SWIN_OPTIONAL = _defaults(SwinConfig, ("qk_scale", "patch_norm", "ape"))
+_ADAPTER_OPTIONAL = _defaults(AdapterConfig, ("shared_scale_trainable", "intermediate_specialization", "bias",
+                                              "freeze", "freeze_pretrained"))
+_MODEL_OPTIONAL = _defaults(ModelConfig, ("decoder_heads", "segformer_channels", "decoder_downsampler",
+                                          "per_task_downsampler"))
