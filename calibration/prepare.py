@@ -43,10 +43,22 @@ from calibration.fp16 import KEPT_NODES_KEY, check_fp16_graph, to_fp16_graph
 from calibration.nncf_quant import quantize_openvino
 from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq, to_uint8_activations
 from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
-from engines.files import load_onnx, sha256_file, write_atomic
+from engines.files import load_onnx, set_onnx_metadata, sha256_file, write_atomic
+from engines.graph_purpose import purpose_metadata
 from engines.registry import BACKENDS
 
 FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, QDQ_U8_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "qdq_u8", "nncf"
+
+# Which engines build from each prepared graph (engines.graph_purpose), recorded in the graph, so that
+# the TensorRT lint knows ONNX Runtime's variant from TensorRT's. The fp16 graph serves ONNX Runtime and
+# strongly typed TensorRT; the signed fp32 Q/DQ graph only TensorRT 10's weak typing (and OpenVINO, from
+# a bundle); TensorRT 11 takes the fp16 Q/DQ graph.
+GRAPH_PURPOSES = {
+    FP16_DIR: (("onnxruntime", "tensorrt"), {}),
+    QDQ_DIR: (("openvino", "tensorrt-10"), {"tensorrt-11": QDQ_FP16_DIR}),
+    QDQ_FP16_DIR: (("tensorrt",), {}),
+    QDQ_U8_DIR: (("onnxruntime",), {"tensorrt-10": QDQ_DIR, "tensorrt-11": QDQ_FP16_DIR}),
+}
 
 
 @dataclass(frozen=True)
@@ -139,10 +151,19 @@ def prepare_graph(
     return PreparedGraph(path, precision, backend, metadata)
 
 
+def _record_purpose(path: Path, kind: str, model=None) -> None:
+    """Write GRAPH_PURPOSES[kind] into the graph's metadata (and the graph, `model` or read from `path`)."""
+    model = model if model is not None else load_onnx(path)
+    for key, value in purpose_metadata(*GRAPH_PURPOSES[kind]).items():
+        set_onnx_metadata(model, key, value)
+    write_atomic(path, model.SerializeToString())
+
+
 def _fp16_graph(onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool, metadata: dict) -> Path:
     out = _output_path(onnx_path, out_dir / onnx_path.name)
     path = to_fp16_graph(onnx_path, out, keep_fp32=keep_fp32, keep_output_layers=keep_output_layers)
     model = load_onnx(path)
+    _record_purpose(path, FP16_DIR, model)
     problems = check_fp16_graph(model)
     if problems:
         raise CalibrationError(f"the fp16 graph of {onnx_path.name} is not right: {'; '.join(problems[:3])}")
@@ -179,6 +200,7 @@ def _qdq_graph(
         exclude_output_layers=keep_output_layers,
         cache=cache,
     )
+    _record_purpose(path, QDQ_DIR)
     metadata.update(
         calibration_method=method,
         calibration_fingerprint=calibration.fingerprint(),
@@ -195,6 +217,7 @@ def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, k
     path = to_qdq_fp16_graph(
         qdq_path, _output_path(onnx_path, out_dir / onnx_path.name), keep_fp32=keep_fp32, keep_output_layers=keep_output_layers
     )
+    _record_purpose(path, QDQ_FP16_DIR)
     metadata.update(
         qdq_fp32_onnx=str(qdq_path),
         qdq_fp32_sha256=sha256_file(qdq_path),
@@ -212,7 +235,7 @@ def _qdq_u8_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, metadata: dict
     out = _output_path(onnx_path, out_dir / onnx_path.name)
     converted = to_uint8_activations(load_onnx(qdq_path))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, converted.SerializeToString())
+    _record_purpose(out, QDQ_U8_DIR, converted)
     metadata.update(activation_type="uint8", signed_qdq_onnx=str(qdq_path))
     return out
 

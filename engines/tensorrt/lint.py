@@ -19,19 +19,34 @@ Rules (each finding names the node, its op and the rule):
   would run in the wrong precision: inputs of different float types into one elementwise op, and
   in an fp16 graph a sensitive op (LayerNormalization, Softmax, ReduceMean, Pow, Sqrt, Erf...)
   computing in fp16 instead of behind a Cast to fp32.
-- ``attribute``: an attribute value the parser refuses (Resize's cubic mode, antialiasing...).
+- ``attribute``: an attribute value the parser refuses (Resize's cubic mode, antialiasing, an
+  ``axes`` that is not every axis in order; ArgMax/ArgMin's ``select_last_index``; a TopK whose K is
+  computed or not below 3840, TensorRT's TopK limit).
+- ``uint8``: a Cast to or from UINT8 whose other side is not FP32 or FP16: TensorRT's UINT8 data type
+  converts only to and from float32/float16 (its data-type documentation, 10.3 to 11.4), so
+  ``ArgMax -> Cast(UINT8)`` (INT64 indices) does not build; cast through float32 instead.
+
+Which graph is for whom: every graph a build writes records which engines take it
+(``engines.graph_purpose``). `lint_purpose` lints a graph only for the targets it is meant for and,
+for the others, gives one line naming the graph TensorRT takes from the same build (ONNX Runtime's
+uint8 Q/DQ graph is for no TensorRT; the signed fp32 Q/DQ graph only for TensorRT 10's weak typing).
 
 The operator tables are data (``data/onnx_operators.json``), one per target, written from
 onnx-tensorrt's published operator lists; the rules above are the tables in this module.
 
 What the ``mtlora-export lint`` command does with this (wired in ``export/``)::
 
-    mtlora-export lint GRAPH.onnx [--target tensorrt-10.3|tensorrt-10.13|tensorrt-11 ...]
+    mtlora-export lint GRAPH.onnx [--target tensorrt-10.3|tensorrt-10.13|tensorrt-11.0|tensorrt-11.5 ...]
 
-lints GRAPH.onnx for each target given (all of ``TARGETS`` when none is), prints
-``format_findings(findings, target)`` (one line per finding: target, node, op, rule, message) and
-exits 0 when there is no finding, 1 when there is one or more; an unreadable graph is an
-``EngineError``, shown as one line with exit 1; an unknown target is click's usage error (exit 2).
+lints GRAPH.onnx for each target given (all of ``TARGETS`` when none is) that the graph is meant
+for, prints ``format_findings(findings, target)`` (one line per finding: target, node, op, rule,
+message) and one line per graph for the targets it is not meant for, and exits 0 when there is no
+finding, 1 when there is one or more, `NOT_FOR_TENSORRT_EXIT` (3) when there is none but some graph
+is meant for none of the targets; an unreadable graph is an ``EngineError``, shown as one line with
+exit 1; an unknown target is click's usage error (exit 2).
+
+Targets are per minor release where the facts differ: 11.0 to 11.4 read opset 24 (``tensorrt-11.0``),
+11.5 and later opset 25 (``tensorrt-11.5``).
 
 Only onnx and numpy are needed: this runs on any machine, TensorRT or not.
 """
@@ -50,7 +65,8 @@ import numpy as np
 
 from engines.errors import EngineError
 
-TARGETS = ("tensorrt-10.3", "tensorrt-10.13", "tensorrt-11")
+TARGETS = ("tensorrt-10.3", "tensorrt-10.13", "tensorrt-11.0", "tensorrt-11.5")
+NOT_FOR_TENSORRT_EXIT = 3  # `mtlora-export lint`: a graph meant for none of the targets (and no finding)
 OPERATOR_TABLES = Path(__file__).with_name("data") / "onnx_operators.json"
 
 # onnx.TensorProto element types by TensorRT's name for them (the operator tables' vocabulary).
@@ -93,7 +109,7 @@ DATA_DEPENDENT: dict[str, str] = {
 
 # The ops an fp16 graph keeps in fp32 (calibration.fp16.SENSITIVE_FP16_OPS, which the graph also
 # records under FP16_KEPT_OP_TYPES_KEY); a strongly typed network computes them in their input type.
-SENSITIVE_FP16_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Gelu")
+SENSITIVE_FP16_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Erf", "Gelu")
 FP16_KEPT_OP_TYPES_KEY = "mtlora.fp16.kept_op_types"
 
 # Per-channel weight scales must run along the consumer's output channels: (weight input, axis).
@@ -111,7 +127,15 @@ ATTRIBUTE_RULES: dict[str, dict[str, tuple[Any, ...]]] = {
         "antialias": (0,),
         "keep_aspect_ratio_policy": (b"stretch",),
     },
+    # TensorRT's TopK (which ArgMax/ArgMin become) returns the first index of equal values.
+    "ArgMax": {"select_last_index": (0,)},
+    "ArgMin": {"select_last_index": (0,)},
 }  # fmt: skip
+
+# TensorRT's TopK layer takes K up to this (exclusive), and only as a build-time constant.
+TOPK_MAX_K = 3840
+# What TensorRT's UINT8 converts to and from (a Cast layer).
+UINT8_PARTNERS = frozenset({"FP32", "FP16"})
 
 
 @dataclass(frozen=True)
@@ -151,6 +175,65 @@ def lint_targets(graph, targets: Sequence[str] = TARGETS) -> dict[str, list[Find
     return {target: _lint(facts, target) for target in targets}
 
 
+@dataclass(frozen=True)
+class PurposeLint:
+    """A graph linted for the targets it is meant for (`findings`), and the targets it is not meant for
+    (`not_for`) with one line (`note`) saying what the graph is and which graph TensorRT takes instead."""
+
+    graph: str
+    findings: dict[str, list[Finding]]
+    not_for: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def count(self) -> int:
+        return sum(len(f) for f in self.findings.values())
+
+    def summary(self) -> dict[str, Any]:
+        """{target: {"clean", "findings"}} for the linted targets, {"clean": None, "not_for": note} for the rest."""
+        verdict = summary(self.findings)
+        verdict.update({t: {"clean": None, "findings": [], "not_for": self.note} for t in self.not_for})
+        return {t: verdict[t] for t in TARGETS if t in verdict}
+
+
+def lint_purpose(graph: str | os.PathLike, targets: Sequence[str] = TARGETS) -> PurposeLint:
+    """Lint `graph` for those of `targets` its metadata says it is meant for (engines.graph_purpose);
+    name, for the others, the graph TensorRT takes from the same build."""
+    from engines.graph_purpose import graph_engines, takes_line
+
+    for target in targets:
+        operator_table(target)
+    model = _load(graph)
+    engines = graph_engines(model)
+    meant = [t for t in targets if takes_line(engines, operator_table(t)["line"])]
+    not_for = tuple(t for t in targets if t not in meant)
+    facts = _GraphFacts(model) if meant else None
+    findings = {target: _lint(facts, target) for target in meant}
+    note = _not_for_note(Path(graph), model, engines, not_for) if not_for else ""
+    return PurposeLint(str(graph), findings, not_for, note)
+
+
+def _not_for_note(graph: Path, model, engines: Sequence[str], not_for: Sequence[str]) -> str:
+    from engines.graph_purpose import ENGINES_KEY, GRAPH_KINDS, sibling_graph, tensorrt_takes
+
+    what = GRAPH_KINDS.get(graph.parent.name, "this graph")
+    takes = tensorrt_takes(model)
+    instead = []
+    for line in dict.fromkeys(operator_table(t)["line"] for t in not_for):
+        release = line.replace("tensorrt-", "TensorRT ")
+        kind = takes.get(line)
+        if kind is None:
+            instead.append(f"{release} takes the fp32 export or a graph prepared for it "
+                           "(calibration.prepare.prepare_graph('tensorrt', ...))")
+            continue
+        found = sibling_graph(graph, kind)
+        instead.append(f"{release} takes {found}" if found is not None else
+                       f"{release} takes {GRAPH_KINDS.get(kind, kind)} ({kind}/), which this build did not write "
+                       "(mtlora-export build --backend tensorrt --precision int8 writes it)")
+    return (f"not meant for {', '.join(not_for)}: {what}, for {', '.join(engines)} ({ENGINES_KEY}); "
+            + "; ".join(instead))
+
+
 def lint_graph(graph: str | os.PathLike | Any, target: str) -> list[Finding]:
     """Findings for an ONNX graph (a path or an onnx.ModelProto) against one of `TARGETS`; [] when clean."""
     operator_table(target)  # an unknown target fails before the graph is read
@@ -183,9 +266,12 @@ class _GraphFacts:
             typed = model
         graph = typed.graph
         self.types: dict[str, str] = {}
+        self.ranks: dict[str, int] = {}
         for vi in [*graph.input, *graph.value_info, *graph.output]:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 self.types[vi.name] = TYPE_NAMES.get(vi.type.tensor_type.elem_type, str(vi.type.tensor_type.elem_type))
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                self.ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
         self.constants: dict[str, np.ndarray] = {}
         for init in model.graph.initializer:
             self.types[init.name] = TYPE_NAMES.get(init.data_type, str(init.data_type))
@@ -399,6 +485,51 @@ def _attribute_rule(node, facts, table) -> Iterable[Finding]:
                           f"{name}={shown} is not supported by TensorRT {table['tensorrt']}")
     if node.op_type == "LayerNormalization" and any(t and facts.consumers.get(t) for t in node.output[1:]):
         yield Finding(node.name, node.op_type, "attribute", "only output Y is supported; Mean and InvStdDev are read here")
+    if node.op_type == "Resize":
+        yield from _resize_axes(node, facts)
+    if node.op_type == "TopK":
+        yield from _topk_k(node, facts)
+
+
+def _resize_axes(node, facts) -> Iterable[Finding]:
+    """Resize's `axes` (opset 18): TensorRT resizes with scales or sizes for every axis, in order."""
+    axes = _attribute(node, "axes")
+    if axes is None:
+        return
+    rank = facts.ranks.get(node.input[0]) if node.input else None
+    axes = list(axes)
+    if rank is not None:
+        axes = [a + rank if a < 0 else a for a in axes]
+    if rank is None or axes != list(range(rank)):
+        yield Finding(node.name, node.op_type, "attribute",
+                      f"axes={list(_attribute(node, 'axes'))} is not every axis in order; TensorRT resizes all axes: "
+                      "give scales or sizes for each axis (1 where nothing changes) and drop axes")
+
+
+def _topk_k(node, facts) -> Iterable[Finding]:
+    k_name = node.input[1] if len(node.input) > 1 else ""
+    k = facts.constants.get(k_name)
+    if k is None:
+        yield Finding(node.name, node.op_type, "attribute",
+                      f"K '{k_name}' is computed; TensorRT's TopK needs K as a constant (an initializer)")
+    elif k.size != 1 or int(k.reshape(-1)[0]) >= TOPK_MAX_K:
+        yield Finding(node.name, node.op_type, "attribute",
+                      f"K={k.reshape(-1).tolist()} is not below {TOPK_MAX_K}, TensorRT's TopK limit; reduce K or split the axis")
+
+
+def _uint8_rule(node, facts, table) -> Iterable[Finding]:
+    """UINT8 converts only to and from FP32/FP16 (TensorRT's data-type documentation)."""
+    if node.op_type != "Cast" or not node.input or not node.output:
+        return
+    source, result = facts.type_of(node.input[0]), TYPE_NAMES.get(_attribute(node, "to", 0))
+    if result == "UINT8" and source and source not in UINT8_PARTNERS:
+        yield Finding(node.name, node.op_type, "uint8",
+                      f"casts {source} to UINT8; TensorRT {table['tensorrt']} converts UINT8 only from FP32 or FP16: "
+                      "cast to FP32 first (Cast(FLOAT) -> Cast(UINT8))")
+    elif source == "UINT8" and result and result not in UINT8_PARTNERS:
+        yield Finding(node.name, node.op_type, "uint8",
+                      f"casts UINT8 to {result}; TensorRT {table['tensorrt']} converts UINT8 only to FP32 or FP16: "
+                      "cast to FP32 first")
 
 
 _NODE_RULES = (
@@ -408,6 +539,7 @@ _NODE_RULES = (
     _data_dependent_rule,
     _strong_typing_rule,
     _attribute_rule,
+    _uint8_rule,
 )
 
 

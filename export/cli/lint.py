@@ -6,28 +6,39 @@ import sys
 
 import click
 
-from engines.tensorrt.lint import TARGETS
+from engines.tensorrt.lint import NOT_FOR_TENSORRT_EXIT, TARGETS
 
 
 @click.command("lint")
 @click.argument("graphs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", "targets", multiple=True, type=click.Choice(TARGETS),
-              help="TensorRT version to check against; repeat for several [default: all].")
+              help="TensorRT release to check against; repeat for several [default: all].")
 def lint(graphs: tuple[str, ...], targets: tuple[str, ...]) -> None:
     """Check each GRAPH against what TensorRT's ONNX parser and strongly typed builder accept.
 
-    Prints one line per finding (target, node, op, rule, what to do). Exit code 0 when every graph
-    is clean for every target, 1 when there is any finding.
-    """
-    from engines.tensorrt.lint import format_findings, lint_targets
+    A graph is checked only for the targets its metadata says it is meant for (a build records
+    which engines take each graph it writes); for the others, one line names the graph TensorRT
+    takes from the same build. Prints one line per finding (target, node, op, rule, what to do).
 
-    count = 0
+    Exit code 0 when every graph is clean for the targets it is meant for, 1 when there is any
+    finding, 3 when there is none but some graph is meant for none of the targets (ONNX Runtime's
+    uint8 Q/DQ graph, for instance).
+    """
+    from engines.tensorrt.lint import format_findings, lint_purpose
+
+    count, foreign = 0, 0
     for graph in graphs:
-        for target, findings in lint_targets(graph, targets or TARGETS).items():
+        result = lint_purpose(graph, targets or TARGETS)
+        if result.note:
+            click.echo(f"{graph}: {result.note}")
+        foreign += not result.findings
+        for target, findings in result.findings.items():
             if findings:
                 click.echo(f"{graph}: " + format_findings(findings, target).replace("\n", f"\n{graph}: "))
             count += len(findings)
     chosen = ", ".join(targets or TARGETS)
-    click.echo(f"{len(graphs)} graph(s) checked for {chosen}: "
-               + ("clean" if count == 0 else f"{count} finding(s)"), err=True)
-    sys.exit(1 if count else 0)
+    verdict = f"{count} finding(s)" if count else "clean"
+    if foreign:
+        verdict += f"; {foreign} graph(s) not meant for TensorRT {chosen}"
+    click.echo(f"{len(graphs)} graph(s) checked for {chosen}: {verdict}", err=True)
+    sys.exit(1 if count else NOT_FOR_TENSORRT_EXIT if foreign else 0)

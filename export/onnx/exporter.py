@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from engines.graph_purpose import EVERY_ENGINE, purpose_metadata
 from export.artifacts.files import write_bytes_atomic
 from export.errors import ExportError
 from export.onnx.fold import ExportModel
@@ -128,6 +129,8 @@ def _metadata(model: torch.nn.Module, tasks: tuple[str, ...], layout: str, graph
         "adapter_config": json.dumps(config.to_dict()["adapter"], sort_keys=True),
         "model_config": json.dumps(config.to_dict(), sort_keys=True),
         "mtlora_export_version": __version__,
+        # The fp32 export: every backend builds from it (engines.graph_purpose; the TensorRT lint reads it).
+        **purpose_metadata(EVERY_ENGINE),
     }
     if source_sha256:
         meta["source_sha256"] = source_sha256

@@ -658,7 +658,9 @@ class ExportModel(nn.Module):
         """A head's (B, C, H, W) output, post-processed when the export asks for it."""
         op = self.postprocess[task]
         if op == "argmax":
-            return output.argmax(dim=1).to(torch.uint8)  # (B, H, W) class ids
+            # (B, H, W) class ids, through float32: TensorRT converts uint8 only to or from float32/float16
+            # (its UINT8 data-type rule), and ArgMax's indices are INT64; ids below 256 are exact in float.
+            return output.argmax(dim=1).to(torch.float32).to(torch.uint8)
         if op == "sigmoid":
             return torch.sigmoid(output)
         if op == "normalize":
