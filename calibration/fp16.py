@@ -19,9 +19,10 @@ from pathlib import Path
 from calibration.errors import CalibrationError
 from engines.files import load_onnx, set_onnx_metadata, write_atomic
 
-# Ops whose fp16 results drift: reductions and normalisations (LayerNorm's variance, Softmax's sum),
+# Ops whose fp16 results drift: reductions and normalisations (LayerNorm's variance, Softmax's sum, the
+# sum of squares of ReduceL2, which overflows fp16's 65504 once a 3-channel value passes about 148),
 # powers and roots that overflow fp16's 65504, and the erf of GELU.
-SENSITIVE_FP16_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Gelu")
+SENSITIVE_FP16_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "Pow", "Sqrt", "Erf", "Gelu")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Ops between a task head's last Conv and the graph output that we follow when looking for that Conv.
 _PASS_THROUGH_OPS = (
@@ -30,6 +31,8 @@ _PASS_THROUGH_OPS = (
     "ArgMax",  # in-graph post-processing: class ids
 )  # fmt: skip
 _BINARY_OPS = ("Add", "Sub", "Mul", "Div")
+# The divisor of an in-graph unit normalisation (x / expand(clip(ReduceL2(x)))): kept with the output layer.
+_NORM_DIVISOR_OPS = ("Expand", "Clip", "Max", "ReduceL2", "Sqrt", "ReduceSumSquare", "Add")
 
 KEPT_NODES_KEY = "mtlora.fp16.kept_nodes"
 KEPT_OP_TYPES_KEY = "mtlora.fp16.kept_op_types"
@@ -82,6 +85,8 @@ def output_layer_nodes(model, max_depth: int = 8) -> list[str]:
             if node.op_type not in _PASS_THROUGH_OPS:
                 break
             if node.op_type == "Div" and node.input[0] not in constants:
+                if node.input[1] not in constants:  # x / |x|: its norm is part of the output layer too
+                    path.extend(n for n in _divisor_nodes(node.input[1], producer, constants) if n not in path)
                 tensor = node.input[0]  # x / scale, or x / |x| (in-graph unit normalisation): follow x
             elif node.op_type in _BINARY_OPS:
                 variable = [t for t in node.input if t and t not in constants]
@@ -90,6 +95,20 @@ def output_layer_nodes(model, max_depth: int = 8) -> list[str]:
                 tensor = variable[0]
             else:
                 tensor = node.input[0]
+    return names
+
+
+def _divisor_nodes(tensor: str, producer, constants, max_depth: int = 4) -> list[str]:
+    """The nodes of a normalisation's divisor chain (Expand <- Clip <- ReduceL2), nearest first."""
+    names = []
+    for _ in range(max_depth):
+        node = producer.get(tensor)
+        if node is None or node.op_type not in _NORM_DIVISOR_OPS:
+            break
+        names.append(node.name)
+        if node.op_type == "ReduceL2" or node.op_type == "ReduceSumSquare":
+            break
+        tensor = next((t for t in node.input if t and t not in constants), "")
     return names
 
 

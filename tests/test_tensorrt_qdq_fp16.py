@@ -90,3 +90,52 @@ def test_a_graph_without_qdq_is_refused(tiny_onnx, tmp_path):
     with pytest.raises(CalibrationError, match="has no QuantizeLinear/DequantizeLinear nodes"):
         to_qdq_fp16_graph(tiny_onnx, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- unit normals in fp16 graphs
+
+
+def _normals_graph(path):
+    """x -> Conv -> x / expand(clip(ReduceL2(x, channels))): the in-graph normalisation --postprocess exports."""
+    from onnx import helper
+
+    weight = numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "w")
+    eps = numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps")
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["raw"], name="normals/conv"),
+        helper.make_node("ReduceL2", ["raw"], ["norm"], name="norm", axes=[1], keepdims=1),
+        helper.make_node("Clip", ["norm", "eps", ""], ["clipped"], name="clip"),
+        helper.make_node("Shape", ["raw"], ["shape"], name="shape"),
+        helper.make_node("Expand", ["clipped", "shape"], ["divisor"], name="expand"),
+        helper.make_node("Div", ["raw", "divisor"], ["normals"], name="div"),
+    ]
+    graph = helper.make_graph(nodes, "normals", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [helper.make_tensor_value_info("normals", TensorProto.FLOAT, [1, 3, 2, 2])], [weight, eps])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("keep_output_layers", [True, False])
+def test_large_normals_stay_unit_length_in_the_fp16_graph(tmp_path, keep_output_layers):
+    # A raw normal above about 148 per channel squares past fp16's 65504: ReduceL2 in fp16 gives inf and
+    # the normal 0. The norm's ReduceL2/Clip/Expand run in fp32 (a sensitive op, and part of the output layer).
+    from calibration.fp16 import to_fp16_graph
+
+    source = _normals_graph(tmp_path / "normals.onnx")
+    fp16 = to_fp16_graph(source, tmp_path / "fp16" / "normals.onnx", keep_output_layers=keep_output_layers)
+    raw = np.full((1, 3, 2, 2), 1000.0, dtype=np.float32)
+    raw[0, :, 0, 0] = (300.0, -400.0, 1200.0)
+    normals = run(fp16, raw)["normals"]
+    assert np.all(np.isfinite(normals))
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(normals[0, :, 0, 0], np.array([3, -4, 12]) / 13, atol=1e-3)
+    from calibration.fp16 import tensor_types
+
+    model = onnx.load(str(fp16))
+    types = tensor_types(model)
+    # The whole divisor with the output layer; without output layers, ReduceL2 itself (a sensitive op).
+    kept = ("ReduceL2", "Clip", "Expand") if keep_output_layers else ("ReduceL2",)
+    for node in model.graph.node:
+        if node.op_type in kept:
+            assert types[node.input[0]] == TensorProto.FLOAT, node.name
+    assert lint_targets(fp16)["tensorrt-11.0"] == []
