@@ -105,6 +105,10 @@ class BackendSpec:
     probe: Callable[[], tuple[bool, str]]
     # Build options only this backend takes (passed to its `build` when the user gives them).
     build_options: tuple[str, ...] = ()
+    # Whether its `build` keeps caches (timing cache, plans) in a directory it is given (`cache_dir`),
+    # and whether it can put graphs on a DLA core (`dla_core`).
+    build_cache: bool = False
+    dla: bool = False
 
     def available(self) -> tuple[bool, str]:
         """(usable here, one-line reason)."""
@@ -126,7 +130,9 @@ BACKENDS: dict[str, BackendSpec] = {
         suffix=".plan",
         module="engines.tensorrt",
         probe=_probe_tensorrt,
-        build_options=("max_batch",),
+        build_options=("max_batch", "workspace_mib", "optimization_level"),
+        build_cache=True,
+        dla=True,
     ),
     "openvino": BackendSpec(
         name="openvino",

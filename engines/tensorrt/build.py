@@ -26,6 +26,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from engines.artifact import EngineArtifact, onnx_io_metadata
 from engines.errors import EngineError
 from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
 from engines.registry import BACKENDS
+from engines.tensorrt.cache import BuildCaches
 from engines.tensorrt.runner import _trt, cuda_api, trt_features, trt_logger, usable_polygraphy
 
 TYPINGS = ("auto", "strong", "weak")
@@ -102,7 +104,10 @@ def build(
     max_batch: int | None = None,
     threads: int | None = None,
     workspace_bytes: int | None = None,
+    workspace_mib: int | None = None,
     optimization_level: int | None = None,
+    dla_core: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     prefer_polygraphy: bool = True,
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.plan` and its sidecar from a prepared graph; returns the artifact.
@@ -117,9 +122,19 @@ def build(
     the sidecar records it as ``metadata["batch"]`` and the runner names it when a batch is outside.
     `threads` is the CPU thread count every backend's build takes; TensorRT builds and runs on the
     GPU, so it is recorded in the sidecar and not used.
+
+    `workspace_mib` (or `workspace_bytes`) caps the builder's workspace pool (TensorRT's default is
+    the whole device memory, which a Jetson shares with the CPU); `optimization_level` is the builder
+    optimisation level (0-5, TensorRT's default 3). `dla_core` builds for that DLA core with GPU
+    fallback (refused on a device without DLA). `cache_dir` keeps a timing cache and finished plans
+    (`engines.tensorrt.cache`), keyed by TensorRT version, compute capability and device name, so a
+    rebuild on the same device reuses both.
     """
     BACKENDS["tensorrt"].check_precision(precision)
     batch = batch_range(batch, max_batch)
+    workspace_bytes = workspace_limit(workspace_bytes, workspace_mib)
+    check_optimization_level(optimization_level)
+    check_dla_core(dla_core)
     graph_path = Path(graph_path)
     source = load_onnx(graph_path)
     problem = graph_precision_problem(source, precision, typing)
@@ -135,15 +150,26 @@ def build(
     features = trt_features(trt)
     plan = plan_precision(precision, features, typing)
     plan_file = engine_file(graph_path, output_dir, name, precision, ".plan")
+    settings = BuildSettings(workspace_bytes, optimization_level, dla_core, bool(features.get("strongly_typed_flag")))
 
     notes: list[str] = []
-    poly, poly_note = usable_polygraphy(trt, prefer_polygraphy)
-    if poly_note:
-        notes.append(poly_note)
-    if poly is not None:
-        serialized = _build_with_polygraphy(poly, trt, graph_path, plan, profile, workspace_bytes, optimization_level)
+    caches = BuildCaches(cache_dir, trt.__version__, device) if cache_dir is not None else None
+    key = caches.plan_key(sha256_file(graph_path), precision, plan, profile, settings) if caches else ""
+    serialized = caches.cached_plan(key) if caches else None
+    poly = None
+    if serialized is not None:
+        notes.append(f"plan reused from the plan cache ({caches.plans.name}/{key[:12]}...)")
     else:
-        serialized = _build_with_tensorrt(trt, graph_path, plan, profile, workspace_bytes, optimization_level)
+        poly, poly_note = usable_polygraphy(trt, prefer_polygraphy and dla_core is None)
+        if poly_note:
+            notes.append(poly_note)
+        timing = caches.timing_cache if caches else None
+        if poly is not None:
+            serialized = _build_with_polygraphy(poly, trt, graph_path, plan, profile, settings, timing)
+        else:
+            serialized = _build_with_tensorrt(trt, graph_path, plan, profile, settings, timing)
+        if caches:
+            caches.keep_plan(key, serialized)
     plan_path = write_atomic(plan_file, serialized)
 
     layer_precisions, opaque_layers = inspect_precisions(trt, serialized)
@@ -163,6 +189,10 @@ def build(
         "batch": list(batch),
         "threads": threads,
         "builder": "polygraphy" if poly is not None else "tensorrt",
+        "workspace_bytes": workspace_bytes,
+        "optimization_level": optimization_level,
+        "dla_core": dla_core,
+        "profiling_verbosity": "detailed (the runner lowers NVTX to layer names)",
         "layer_precisions": layer_precisions,
         "opaque_layers": opaque_layers,
     }
@@ -216,7 +246,7 @@ def batch_profile(inputs, batch: tuple[int, int, int]) -> dict[str, tuple[tuple[
     return shapes
 
 
-def _build_with_polygraphy(poly, trt, graph_path: Path, plan, profile, workspace_bytes, optimization_level) -> bytes:
+def _build_with_polygraphy(poly, trt, graph_path: Path, plan, profile, settings, timing_cache: Path | None) -> bytes:
     poly_profile = poly.Profile()
     for name, (low, opt, high) in profile.items():
         poly_profile.add(name, min=low, opt=opt, max=high)
@@ -230,23 +260,34 @@ def _build_with_polygraphy(poly, trt, graph_path: Path, plan, profile, workspace
         config_args["fp16"] = True
     if "INT8" in plan["flags"]:
         config_args["int8"] = True
-    if workspace_bytes is not None:
-        config_args["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_bytes)}
-    if optimization_level is not None:
-        config_args["builder_optimization_level"] = int(optimization_level)
-    network_args = {"strongly_typed": True} if plan["strongly_typed"] else {}
+    if settings.workspace_bytes is not None:
+        config_args["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(settings.workspace_bytes)}
+    if settings.optimization_level is not None:
+        config_args["builder_optimization_level"] = int(settings.optimization_level)
+    save_cache = {}
+    if timing_cache is not None:
+        if timing_cache.is_file():
+            config_args["load_timing_cache"] = str(timing_cache)
+        save_cache["save_timing_cache"] = str(timing_cache)
+    # Where strong typing is always on, the flag is deprecated or gone: nothing to ask for.
+    network_args = {"strongly_typed": True} if plan["strongly_typed"] and settings.strongly_typed_flag else {}
     network_loader = poly.NetworkFromOnnxPath(str(graph_path), **network_args)
     try:
-        serialized = poly.engine_bytes_from_network(network_loader, config=poly.CreateConfig(**config_args))
+        serialized = poly.engine_bytes_from_network(network_loader, config=poly.CreateConfig(**config_args), **save_cache)
     except Exception as exc:
         raise EngineError(f"TensorRT could not build {graph_path.name}: {exc}") from exc
     return bytes(serialized)
 
 
-def _build_with_tensorrt(trt, graph_path: Path, plan, profile, workspace_bytes, optimization_level) -> bytes:
+def _build_with_tensorrt(trt, graph_path: Path, plan, profile, settings, timing_cache: Path | None) -> bytes:
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan["strongly_typed"] else 0
+    flags = 0
+    # TensorRT 11.4 deprecates the flag (strong typing is always on) and a later release removes it.
+    if plan["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if settings.dla_core is not None and builder.num_DLA_cores == 0:
+        raise EngineError(dla_refusal(graph_path.name))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(graph_path)):
@@ -262,14 +303,73 @@ def _build_with_tensorrt(trt, graph_path: Path, plan, profile, workspace_bytes, 
         config.set_flag(flag)
     if plan["clear_tf32"]:
         config.clear_flag(trt.BuilderFlag.TF32)
-    if workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if optimization_level is not None:
-        config.builder_optimization_level = int(optimization_level)
+    if settings.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
+    if settings.optimization_level is not None:
+        config.builder_optimization_level = int(settings.optimization_level)
+    if settings.dla_core is not None:
+        # DL4AGX's way for decoders: the DLA core runs what it can, the GPU the rest.
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(settings.dla_core)
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT could not build {graph_path.name}; see the TensorRT log above")
+    if cache is not None:
+        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """The builder settings besides precision: workspace cap, optimisation level, DLA core, and
+    whether this TensorRT still has the STRONGLY_TYPED creation flag to set."""
+
+    workspace_bytes: int | None = None
+    optimization_level: int | None = None
+    dla_core: int | None = None
+    strongly_typed_flag: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workspace_bytes": self.workspace_bytes, "optimization_level": self.optimization_level,
+                "dla_core": self.dla_core}
+
+
+OPTIMIZATION_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0 to 5, default 3
+MIB = 1 << 20
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def workspace_limit(workspace_bytes: int | None, workspace_mib: int | None) -> int | None:
+    """The workspace pool cap in bytes from either unit (None: TensorRT's default, the device memory)."""
+    if workspace_bytes is not None and workspace_mib is not None:
+        raise EngineError("give workspace_bytes or workspace_mib, not both")
+    for name, value in (("workspace_bytes", workspace_bytes), ("workspace_mib", workspace_mib)):
+        if value is not None and (not _whole(value) or value < 1):
+            raise EngineError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return workspace_mib * MIB if workspace_mib is not None else workspace_bytes
+
+
+def check_optimization_level(level: int | None) -> None:
+    if level is not None and (not _whole(level) or level not in OPTIMIZATION_LEVELS):
+        raise EngineError(f"optimization_level must be 0 to 5 (TensorRT's builder optimisation level), got {level!r}")
+
+
+def check_dla_core(core: int | None) -> None:
+    if core is not None and (not _whole(core) or core < 0):
+        raise EngineError(f"dla_core must be a DLA core number (0 or more), got {core!r}")
+
+
+def dla_refusal(graph: str) -> str:
+    return (f"cannot build {graph} for DLA: this device has no DLA core (Builder.num_DLA_cores is 0; DLA exists "
+            "on Jetson AGX/NX Orin and Xavier); build without --dla")
 
 
 def builder_flags(trt, plan: Mapping[str, Any]) -> list:

@@ -86,13 +86,22 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def trt_features(trt) -> dict[str, Any]:
-    """What this TensorRT offers, by feature detection (never by version number)."""
+    """What this TensorRT offers, by feature detection (never by version number).
+
+    Strong typing is there when the STRONGLY_TYPED creation flag is, and also when weak typing is
+    gone (no FP16 and no INT8 builder flag): TensorRT 11.4 marks the flag deprecated ("always
+    enabled, ignored"), and the release that removes it, as EXPLICIT_BATCH was removed, builds every
+    network strongly typed. `strongly_typed_flag` says whether the flag exists to be set.
+    """
+    fp16_flag, int8_flag = hasattr(trt.BuilderFlag, "FP16"), hasattr(trt.BuilderFlag, "INT8")
+    strongly_typed_flag = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     return {
         "version": trt.__version__,
-        "strongly_typed": hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+        "strongly_typed": strongly_typed_flag or not (fp16_flag or int8_flag),
+        "strongly_typed_flag": strongly_typed_flag,
         "explicit_batch_flag": hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"),
-        "fp16_flag": hasattr(trt.BuilderFlag, "FP16"),
-        "int8_flag": hasattr(trt.BuilderFlag, "INT8"),
+        "fp16_flag": fp16_flag,
+        "int8_flag": int8_flag,
         "tf32_flag": hasattr(trt.BuilderFlag, "TF32"),
     }
 
@@ -401,37 +410,58 @@ class TensorRTRunner(Runner):
 
     def _activate(self) -> None:
         trt = _trt()
+        # No usable GPU is BackendUnavailable here, whichever way the runner was made (`load` or
+        # directly), before Polygraphy could raise its own exception for it.
+        self._cuda = cuda_api()
+        self._cuda.device_info()
         plan = self.plan_path.read_bytes()
+        try:
+            self._open(trt, plan)
+        except BaseException:
+            self._deactivate()  # an engine, context or stream made before the error is freed
+            raise
+
+    def _open(self, trt, plan: bytes) -> None:
         poly, note = usable_polygraphy(trt, self.prefer_polygraphy)
         if note:
             self.notes.append(note)
         if poly is not None:
             self._poly_runner = poly.TrtRunner(poly.EngineFromBytes(plan))
             self._poly_runner.activate()
+            quiet_nvtx(trt, self._poly_runner.context)
             engine = self._poly_runner.context.engine
         else:
-            self._cuda = cuda_api()
             runtime = trt.Runtime(trt_logger(trt))
             self._engine = runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
                 raise EngineError(f"TensorRT could not deserialize {self.plan_path.name}; rebuild it on this machine")
-            self._context = self._engine.create_execution_context()
             self._stream = self._cuda.stream()
+            self._context = self._engine.create_execution_context()
+            if self._context is None:
+                raise EngineError(f"TensorRT could not create an execution context for {self.plan_path.name} "
+                                  "(out of GPU memory?); see the TensorRT log")
+            quiet_nvtx(trt, self._context)
             engine = self._engine
         self.inputs, self.outputs = engine_io(trt, engine)
         self.batch_ranges = profile_batch_ranges(engine, [m.name for m in self.inputs])
 
     def _deactivate(self) -> None:
-        if self._poly_runner is not None:
-            self._poly_runner.deactivate()
-            self._poly_runner = None
-            return
-        for ptr, _ in self._buffers.values():
-            self._cuda.free(ptr)
-        self._buffers.clear()
-        if self._stream is not None:
-            self._cuda.destroy_stream(self._stream)
-        self._context = self._engine = self._stream = None
+        """Free what `_activate` made, in reverse order; safe on a half-made runner."""
+        try:
+            if self._poly_runner is not None:
+                runner, self._poly_runner = self._poly_runner, None
+                if getattr(runner, "is_active", True):
+                    runner.deactivate()
+            for ptr, _ in self._buffers.values():
+                self._cuda.free(ptr)
+            self._buffers.clear()
+            self._context = None  # the context before its engine: TensorRT frees them in that order
+            self._engine = None
+            if self._stream is not None:
+                stream, self._stream = self._stream, None
+                self._cuda.destroy_stream(stream)
+        finally:
+            self._context = self._engine = self._stream = None
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, array in feed.items():
@@ -453,13 +483,13 @@ class TensorRTRunner(Runner):
                 )
             ptr = self._buffer(name, array.nbytes)
             self._cuda.to_device(ptr, array, self._stream)
-            self._context.set_tensor_address(name, ptr)
+            self._bind(name, ptr)
         results = {}
         for meta in self.outputs:
             shape = tuple(self._context.get_tensor_shape(meta.name))
             host = np.empty(shape, dtype=trt.nptype(self._engine.get_tensor_dtype(meta.name)))
             ptr = self._buffer(meta.name, host.nbytes)
-            self._context.set_tensor_address(meta.name, ptr)
+            self._bind(meta.name, ptr)
             results[meta.name] = host
         if not self._context.execute_async_v3(self._cuda.stream_handle(self._stream)):
             raise EngineError(f"{self.name}: TensorRT execution failed (see the TensorRT log)")
@@ -467,6 +497,13 @@ class TensorRTRunner(Runner):
             self._cuda.to_host(results[meta.name], self._buffers[meta.name][0], self._stream)
         self._cuda.synchronize(self._stream)
         return results
+
+    def _bind(self, name: str, ptr: int) -> None:
+        # False: TensorRT refused the address (not a tensor of this engine, or misaligned); enqueueing
+        # anyway would run on a stale or null address.
+        if not self._context.set_tensor_address(name, ptr):
+            raise EngineError(f"{self.name}: TensorRT refused the device address of tensor '{name}' "
+                              "(set_tensor_address returned False); see the TensorRT log")
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (0, 0))
@@ -476,6 +513,13 @@ class TensorRTRunner(Runner):
             ptr, size = self._cuda.malloc(nbytes), nbytes
             self._buffers[name] = (ptr, size)
         return ptr
+
+
+def quiet_nvtx(trt, context) -> None:
+    """Lower the context's NVTX verbosity to layer names: plans are built with DETAILED profiling
+    verbosity (the engine inspector needs it for the layer precisions), and NVIDIA's docs (10.3, 11.4)
+    say DETAILED NVTX markers generally increase enqueue latency; trtexec times at layer names only."""
+    context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
 
 
 def engine_io(trt, engine) -> tuple[list[TensorMeta], list[TensorMeta]]:

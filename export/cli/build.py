@@ -50,12 +50,20 @@ from export.cli.options import (
 @threads_option
 @click.option("--max-batch", type=click.IntRange(min=1),
               help="TensorRT: the largest batch the engine takes (its optimisation profile is 1 to this) [default: 8].")
+@click.option("--workspace", "workspace_mib", type=click.IntRange(min=1), metavar="MIB",
+              help="TensorRT: cap the builder's workspace at MIB mebibytes [default: TensorRT's, the whole device "
+                   "memory, which a Jetson shares with the CPU].")
+@click.option("--opt-level", "optimization_level", type=click.IntRange(0, 5),
+              help="TensorRT: builder optimisation level, 0 (fast build) to 5 (longest search) [default: 3].")
+@click.option("--dla", type=click.Choice(["heads"]),
+              help="TensorRT, --layout split: build every task head for DLA core 0 with GPU fallback (the backbone "
+                   "stays on the GPU); refused on a device without DLA.")
 @click.option("--from-bundle", type=click.Path(file_okay=False), help="Build on a device from a bundle (no PyTorch needed).")
 @click.option("--out", default="build", show_default=True, type=click.Path(), help="Build directory.")
 @click.pass_context
 def build(ctx: click.Context, checkpoint, precisions, backends, layout, postprocess, tasks, img_size, calib_data,
           calib_samples, calib_method, eval_data, eval_samples, batch_size, keep_fp32, int8_fallback, timing_batch,
-          tolerances, threads, max_batch, from_bundle, out) -> None:
+          tolerances, threads, max_batch, workspace_mib, optimization_level, dla, from_bundle, out) -> None:
     """Merge, export, calibrate, build engines and check them against PyTorch, reusing finished steps.
 
     Without CHECKPOINT: ./mtlora-export.json if present, else the embedded default model.
@@ -70,6 +78,9 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, postproc
         checkpoint = None  # a bundle carries its model; the project's checkpoint is for workstation builds
     if checkpoint and from_bundle:
         raise click.BadParameter("give either CHECKPOINT or --from-bundle, not both", param_hint="--from-bundle")
+    if dla and layout != "split":
+        raise click.BadParameter("--dla heads puts the task heads on a DLA core; it needs --layout split",
+                                 param_hint="--dla")
     if project:
         say(f"using options from {project}")
     options = BuildOptions(checkpoint=checkpoint, precisions=tuple(precisions), backends=tuple(backends),
@@ -77,7 +88,8 @@ def build(ctx: click.Context, checkpoint, precisions, backends, layout, postproc
                            calib_data=calib_data, calib_samples=calib_samples, calib_method=calib_method, eval_data=eval_data,
                            eval_samples=eval_samples, batch_size=batch_size, keep_fp32=tuple(keep_fp32),
                            int8_fallback=int8_fallback, timing_batch=timing_batch, tolerances=tolerances,
-                           threads=threads, max_batch=max_batch, from_bundle=from_bundle, out=out)
+                           threads=threads, max_batch=max_batch, workspace_mib=workspace_mib,
+                           optimization_level=optimization_level, dla=dla, from_bundle=from_bundle, out=out)
     outcome = run_build(options, say)
     click.echo(format_table(outcome.report))
     sections = format_sections(outcome.report)

@@ -105,6 +105,8 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportIn
     calibration = calib() if "int8" in precisions.values() and bundle_graphs is None else None
     keep = {role: keep_globs(opts, role, extra_keep) for role in info.graph_files}
     extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options}
+    if BACKENDS[backend].dla:
+        extra["dla"] = opts.dla
     key_parts = [backend, precision, graph_hashes, list(opts.keep_fp32), opts.calib_method,
                  calibration.fingerprint() if calibration is not None else None, str(bundle_graphs), extra]
     if any(tuple(k) != tuple(opts.keep_fp32) for k in keep.values()):
@@ -130,6 +132,18 @@ def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportIn
         raise
     entry.directory = target
     return entry
+
+
+def device_build_options(backend: str, role: str, opts: BuildOptions, build: BuildDir) -> dict:
+    """Per-role options of a backend's `build`: its cache directory (TensorRT's timing cache and plans,
+    beside the calibration cache) and, with --dla heads, a DLA core for every task head."""
+    spec = BACKENDS[backend]
+    extra: dict = {}
+    if spec.build_cache:
+        extra["cache_dir"] = build.calibration_cache / backend
+    if spec.dla and opts.dla == "heads" and role.startswith("head_"):
+        extra["dla_core"] = 0
+    return extra
 
 
 def keep_globs(opts: BuildOptions, role: str, extra_keep: Mapping[str, Sequence[str]] | None = None) -> tuple[str, ...]:
@@ -176,6 +190,7 @@ def _build_engine_set(backend, precision, precisions, keep, opts, info, export_d
                                 keep[role], bundle_graphs, prepare_graph)
         say(f"[{name}] building engine for {file}")
         extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options if getattr(opts, k) is not None}
+        extra.update(device_build_options(backend, role, opts, build))
         artifact = get_backend(backend).build(prepared.path, staging, precision=role_precision,
                                               metadata=dict(prepared.metadata), name=Path(file).stem,
                                               threads=opts.threads, **extra)

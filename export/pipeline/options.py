@@ -59,6 +59,9 @@ class BuildOptions:
     tolerances: str | None = None
     threads: int | None = None
     max_batch: int | None = None  # TensorRT: the largest batch of the optimisation profile
+    workspace_mib: int | None = None  # TensorRT: the builder's workspace cap (default: the device memory)
+    optimization_level: int | None = None  # TensorRT: builder optimisation level 0-5 (default 3)
+    dla: str | None = None  # TensorRT, split layout: "heads" builds every task head for DLA core 0 (GPU fallback)
     report_samples: int = 3
     out: str = "build"
 
