@@ -1,0 +1,245 @@
+"""The TensorRT backend's build and runner against a fake tensorrt module and fake CUDA (tests/tensorrt_fakes.py):
+what it asks of TensorRT (creation flags, config settings, NVTX verbosity, caches, DLA) and what it frees,
+on machines without a GPU. The names it may use per release are the API contract test's business."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from engines.errors import BackendUnavailable, EngineError
+from engines.tensorrt import runner as trt_runner
+from engines.tensorrt.runner import TensorRTRunner, trt_features
+from tests.tensorrt_fakes import FakeCuda, FakeRelease, fake_tensorrt, fp16_graph
+
+trt_build = importlib.import_module("engines.tensorrt.build")  # the module; the package exports its `build`
+
+
+@pytest.fixture
+def use_fake(monkeypatch):
+    """use_fake(release, **behaviour) -> (trt, record, cuda), installed for build and runner."""
+
+    def install(release: FakeRelease | None = None, cuda: FakeCuda | None = None, **behaviour):
+        trt, record = fake_tensorrt(release, **behaviour)
+        cuda = cuda or FakeCuda()
+        for module in (trt_runner, trt_build):
+            monkeypatch.setattr(module, "_trt", lambda: trt)
+            monkeypatch.setattr(module, "cuda_api", lambda: cuda)
+        monkeypatch.setattr(trt_runner, "_polygraphy_trt", lambda: None)
+        return trt, record, cuda
+
+    return install
+
+
+def build_fp16(tmp_path, **kwargs):
+    graph = fp16_graph(tmp_path / "model.onnx")
+    return trt_build.build(graph, tmp_path / "engines", precision="fp16", prefer_polygraphy=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- fix 1: NVTX verbosity
+
+
+def test_the_execution_context_runs_with_layer_name_nvtx(use_fake, tmp_path):
+    trt, record, _ = use_fake()
+    artifact = build_fp16(tmp_path)
+    assert record.config[0].profiling_verbosity == trt.ProfilingVerbosity.DETAILED  # the inspector needs it
+    with TensorRTRunner(artifact.path, prefer_polygraphy=False):
+        assert record.contexts[-1].nvtx_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+
+
+def test_polygraphy_contexts_run_with_layer_name_nvtx_too(use_fake, tmp_path, monkeypatch):
+    trt, record, _ = use_fake()
+    artifact = build_fp16(tmp_path)
+
+    class PolyRunner:
+        is_active = False
+
+        def __init__(self, loader):
+            self.context = trt.Runtime(None).deserialize_cuda_engine(b"").create_execution_context()
+
+        def activate(self):
+            self.is_active = True
+
+        def deactivate(self):
+            self.is_active = False
+
+    poly = type("poly", (), {"TrtRunner": PolyRunner, "EngineFromBytes": staticmethod(lambda plan: plan)})
+    monkeypatch.setattr(trt_runner, "usable_polygraphy", lambda trt, prefer: (poly, ""))
+    with TensorRTRunner(artifact.path):
+        assert record.contexts[-1].nvtx_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+
+
+# ----------------------------------------------------------------------------- fix 3: STRONGLY_TYPED deprecated, then gone
+
+
+def test_a_release_without_the_strongly_typed_flag_builds_strongly_typed(use_fake, tmp_path):
+    # TensorRT 11.4 deprecates the flag ("always enabled, ignored"); a release without it (and without weak
+    # typing) still builds fp16/int8, and sets no flag it does not have.
+    gone = FakeRelease(version="11.9.0", strongly_typed_flag=False, explicit_batch_flag=False, weak_flags=False)
+    trt, record, _ = use_fake(gone)
+    features = trt_features(trt)
+    assert features["strongly_typed"] and not features["strongly_typed_flag"]
+    artifact = build_fp16(tmp_path)
+    assert record.network_flags == [0]
+    assert artifact.metadata["typing"] == "strong"
+
+
+def test_the_strongly_typed_flag_is_set_where_it_exists(use_fake, tmp_path):
+    trt, record, _ = use_fake(FakeRelease(version="11.4.0", explicit_batch_flag=False, weak_flags=False))
+    build_fp16(tmp_path)
+    assert record.network_flags == [1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED]
+
+
+def test_weak_typing_without_strong_typing_is_still_weak():
+    trt, _ = fake_tensorrt(FakeRelease(version="8.6.1", strongly_typed_flag=False))
+    assert trt_features(trt)["strongly_typed"] is False
+
+
+# ----------------------------------------------------------------------------- fix 5: a failed activation frees
+
+
+def test_a_failed_activation_frees_the_engine_context_and_stream(use_fake, tmp_path):
+    _, record, cuda = use_fake(fail_io=True)
+    artifact = build_fp16(tmp_path)
+    runner = TensorRTRunner(artifact.path, prefer_polygraphy=False)
+    with pytest.raises(RuntimeError, match="engine I/O"):
+        runner.activate()
+    assert cuda.streams and cuda.destroyed == cuda.streams
+    assert runner._engine is None and runner._context is None and runner._stream is None
+    assert not runner.is_active
+
+
+# ----------------------------------------------------------------------------- fix 6: addresses and CUDA checks
+
+
+def test_a_refused_tensor_address_is_an_error(use_fake, tmp_path):
+    import numpy as np
+
+    use_fake(refuse_address=True)
+    artifact = build_fp16(tmp_path)
+    with TensorRTRunner(artifact.path, prefer_polygraphy=False) as runner:
+        with pytest.raises(EngineError, match="refused the device address of tensor 'image'"):
+            runner.infer({"image": np.zeros((1, 3, 2, 2), np.float32)})
+
+
+def test_a_runner_made_directly_checks_cuda_before_polygraphy(use_fake, tmp_path, monkeypatch):
+    use_fake()
+    artifact = build_fp16(tmp_path)
+
+    def no_gpu():
+        raise BackendUnavailable("no CUDA-capable GPU is present (cudaGetDeviceCount: cudaErrorNoDevice 100)")
+
+    class PolygraphyException(Exception):
+        pass
+
+    class PolyRunner:
+        def __init__(self, loader):
+            raise PolygraphyException("CUDA initialization failure")
+
+    poly = type("poly", (), {"TrtRunner": PolyRunner, "EngineFromBytes": staticmethod(lambda plan: plan)})
+    monkeypatch.setattr(trt_runner, "usable_polygraphy", lambda trt, prefer: (poly, ""))
+    monkeypatch.setattr(trt_runner, "cuda_api", no_gpu)
+    with pytest.raises(BackendUnavailable, match="no CUDA-capable GPU"):
+        TensorRTRunner(artifact.path).activate()
+
+
+# ----------------------------------------------------------------------------- fix 7: workspace and optimisation level
+
+
+def test_workspace_and_optimization_level_reach_the_builder_config(use_fake, tmp_path):
+    trt, record, _ = use_fake()
+    artifact = build_fp16(tmp_path, workspace_mib=512, optimization_level=1)
+    config = record.config[0]
+    assert config.pools == {trt.MemoryPoolType.WORKSPACE: 512 << 20}
+    assert config.builder_optimization_level == 1
+    assert artifact.metadata["workspace_bytes"] == 512 << 20 and artifact.metadata["optimization_level"] == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"workspace_mib": 0}, "workspace_mib must be a whole number of at least 1"),
+    ({"workspace_mib": 1.5}, "workspace_mib must be a whole number"),
+    ({"workspace_bytes": -1}, "workspace_bytes must be a whole number"),
+    ({"workspace_mib": 1, "workspace_bytes": 1}, "not both"),
+    ({"optimization_level": 6}, "optimization_level must be 0 to 5"),
+    ({"optimization_level": True}, "optimization_level must be 0 to 5"),
+    ({"dla_core": -1}, "dla_core must be a DLA core number"),
+])
+def test_bad_builder_settings_are_refused_before_tensorrt_is_needed(tmp_path, kwargs, message):
+    graph = fp16_graph(tmp_path / "model.onnx")
+    with pytest.raises(EngineError, match=message):
+        trt_build.build(graph, tmp_path / "engines", precision="fp16", **kwargs)
+
+
+def test_the_build_command_passes_workspace_opt_level_and_dla(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from export.artifacts.builddir import BuildDir
+    from export.cli import main as export_cli
+    from export.pipeline import build as pipeline
+
+    seen = {}
+
+    def fake_run_build(options, say):
+        seen["options"] = options
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "run_build", fake_run_build)
+    args = ["build", "--workspace", "512", "--opt-level", "2", "--layout", "split", "--dla", "heads",
+            "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(export_cli, args)
+    assert result.exit_code == 0, result.output
+    opts = seen["options"]
+    assert (opts.workspace_mib, opts.optimization_level, opts.dla) == (512, 2, "heads")
+    build = BuildDir(tmp_path / "b")
+    head = pipeline.device_build_options("tensorrt", "head_semseg", opts, build)
+    assert head == {"cache_dir": build.calibration_cache / "tensorrt", "dla_core": 0}
+    assert pipeline.device_build_options("tensorrt", "backbone", opts, build) == {"cache_dir": build.calibration_cache / "tensorrt"}
+    assert pipeline.device_build_options("onnxruntime", "head_semseg", opts, build) == {}
+    for bad in (["--opt-level", "6"], ["--workspace", "0"], ["--dla", "heads"]):  # --dla needs --layout split
+        assert CliRunner().invoke(export_cli, ["build", *bad, "--out", str(tmp_path / "c")]).exit_code == 2
+
+
+# ----------------------------------------------------------------------------- timing cache and plan cache
+
+
+def test_a_rebuild_on_the_same_device_reuses_the_plan_and_the_timing_cache(use_fake, tmp_path):
+    _, record, _ = use_fake(cuda=FakeCuda("Orin", "8.7"))
+    cache = tmp_path / "calibration-cache" / "tensorrt"
+    build_fp16(tmp_path, cache_dir=cache)
+    timing = cache / "timing-10.3.0-sm87-orin.cache"
+    assert record.builds == 1 and record.timing_cache_in == [b""] and timing.read_bytes() == b"timings:10.3.0"
+    again = build_fp16(tmp_path, cache_dir=cache)
+    assert record.builds == 1 and any("plan cache" in n for n in again.notes)
+    build_fp16(tmp_path, cache_dir=cache, optimization_level=5)  # another setting: built, from the timing cache
+    assert record.builds == 2 and record.timing_cache_in[-1] == b"timings:10.3.0"
+
+
+def test_another_device_gets_its_own_timing_cache_and_plans(use_fake, tmp_path):
+    _, record, _ = use_fake(cuda=FakeCuda("Orin", "8.7"))
+    cache = tmp_path / "cache"
+    build_fp16(tmp_path, cache_dir=cache)
+    use_fake(cuda=FakeCuda("NVIDIA GeForce RTX 4090", "8.9"))
+    build_fp16(tmp_path, cache_dir=cache)
+    assert sorted(p.name for p in cache.glob("timing-*")) == [
+        "timing-10.3.0-sm87-orin.cache", "timing-10.3.0-sm89-nvidia-geforce-rtx-4090.cache"]
+    assert len(list((cache / "plans").iterdir())) == 2
+
+
+# ----------------------------------------------------------------------------- DLA
+
+
+def test_dla_is_refused_in_one_line_on_a_device_without_it(use_fake, tmp_path):
+    use_fake(FakeRelease(dla_cores=0))
+    with pytest.raises(EngineError, match="no DLA core") as err:
+        build_fp16(tmp_path, dla_core=0)
+    assert "\n" not in str(err.value)
+
+
+def test_dla_builds_for_the_core_with_gpu_fallback(use_fake, tmp_path):
+    trt, record, _ = use_fake(FakeRelease(dla_cores=2))
+    artifact = build_fp16(tmp_path, dla_core=1)
+    config = record.config[0]
+    assert config.default_device_type == trt.DeviceType.DLA and config.DLA_core == 1
+    assert trt.BuilderFlag.GPU_FALLBACK in config.flags
+    assert artifact.metadata["dla_core"] == 1
