@@ -112,6 +112,34 @@ def _divisor_nodes(tensor: str, producer, constants, max_depth: int = 4) -> list
     return names
 
 
+UINT8 = 2  # onnx.TensorProto.UINT8
+_UINT8_PARTNERS = (FLOAT, FLOAT16)
+
+
+def cast_uint8_through_float(model) -> int:
+    """Make every Cast to UINT8 whose input is not float32/float16 cast through float32 first; returns
+    how many. TensorRT converts UINT8 only to or from float32/float16, and ONNX Runtime's quantization
+    pre-processing fuses the exporter's ArgMax -> Cast(FLOAT) -> Cast(UINT8) into one Cast from INT64.
+    Class ids below 256 are exact in float32, so the result is the same."""
+    from onnx import helper
+
+    types = tensor_types(model)
+    nodes, changed = [], 0
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        source = types.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if to == UINT8 and source is not None and source not in _UINT8_PARTNERS:
+            as_float = f"{node.input[0]}_as_float32"
+            nodes.append(helper.make_node("Cast", [node.input[0]], [as_float], name=f"{node.name}_to_float32", to=FLOAT))
+            node.input[0] = as_float
+            changed += 1
+        nodes.append(node)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return changed
+
+
 def tensor_types(model) -> dict[str, int]:
     """Element type of every tensor we can type: inputs, initializers, Constants, inferred value_info."""
     import onnx

@@ -39,7 +39,7 @@ import numpy as np
 from calibration.cache import CalibrationCache
 from calibration.data import CalibrationSet, as_calibration_set
 from calibration.errors import CalibrationError
-from calibration.fp16 import KEPT_NODES_KEY, check_fp16_graph, to_fp16_graph
+from calibration.fp16 import KEPT_NODES_KEY, cast_uint8_through_float, check_fp16_graph, to_fp16_graph
 from calibration.nncf_quant import quantize_openvino
 from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq, to_uint8_activations
 from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
@@ -152,8 +152,10 @@ def prepare_graph(
 
 
 def _record_purpose(path: Path, kind: str, model=None) -> None:
-    """Write GRAPH_PURPOSES[kind] into the graph's metadata (and the graph, `model` or read from `path`)."""
+    """Write GRAPH_PURPOSES[kind] into the graph's metadata (and the graph, `model` or read from `path`).
+    Its uint8 casts are made TensorRT-buildable on the way (`cast_uint8_through_float`)."""
     model = model if model is not None else load_onnx(path)
+    cast_uint8_through_float(model)
     for key, value in purpose_metadata(*GRAPH_PURPOSES[kind]).items():
         set_onnx_metadata(model, key, value)
     write_atomic(path, model.SerializeToString())

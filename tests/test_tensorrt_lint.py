@@ -62,7 +62,7 @@ def test_an_unsupported_op_is_reported():
         assert ("unique", "data-dependent") in rules(findings)  # its output shape depends on the values
         assert not any(f.node == "relu" for f in findings)
     custom = model([helper.make_node("FusedGelu", ["x"], ["y"], name="gelu", domain="com.microsoft")], [tensor("x")], [tensor("y")])
-    assert rules(lint_graph(custom, "tensorrt-11")) == [("gelu", "operator")]
+    assert rules(lint_graph(custom, "tensorrt-11.0")) == [("gelu", "operator")]
 
 
 def test_an_asymmetric_qdq_pair_is_reported():
@@ -104,11 +104,11 @@ def test_an_int64_tensor_where_tensorrt_refuses_one_is_reported():
         [tensor("c", TensorProto.INT64)],
     )
     assert {t: bool(f) for t, f in lint_targets(power).items()} == {
-        "tensorrt-10.3": True, "tensorrt-10.13": False, "tensorrt-11": False}
+        "tensorrt-10.3": True, "tensorrt-10.13": False, "tensorrt-11.0": False, "tensorrt-11.5": False}
     # DOUBLE is clamped to FP32 by every parser; it is a finding wherever it appears.
     double = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x", TensorProto.DOUBLE)],
                    [tensor("y", TensorProto.DOUBLE)])
-    assert ("relu", "type") in rules(lint_graph(double, "tensorrt-11"))
+    assert ("relu", "type") in rules(lint_graph(double, "tensorrt-11.0"))
 
 
 # ----------------------------------------------------------------------------- the other rules
@@ -136,7 +136,7 @@ def test_per_channel_scales_only_on_weights_along_the_output_channels():
          helper.make_node("DequantizeLinear", ["xq", "s4", "z4"], ["y"], name="dq_x", axis=1)],
         [tensor("x", shape=(2, 4))], [tensor("y", shape=(2, 4))], [per_row, zero4],
     )
-    findings = lint_graph(activation, "tensorrt-11")
+    findings = lint_graph(activation, "tensorrt-11.0")
     assert rules(findings) == [("q_x", "quantization"), ("dq_x", "quantization")]
     assert all("per-channel scales (4) on activation" in f.message for f in findings)
 
@@ -147,7 +147,7 @@ def test_computed_scales_and_fp4_per_release():
          helper.make_node("QuantizeLinear", ["x", "s"], ["xq"], name="q", output_dtype=TensorProto.INT8)],
         [tensor("x", shape=())], [tensor("xq", TensorProto.INT8, ())], opset=21,
     )
-    findings = lint_graph(computed, "tensorrt-11")
+    findings = lint_graph(computed, "tensorrt-11.0")
     assert rules(findings) == [("q", "quantization")] and "computed" in findings[0].message
     assert ("", "opset") in rules(lint_graph(computed, "tensorrt-10.3"))  # opset 21 > 20
     assert operator_table("tensorrt-10.3")["quantized_types"] == ["INT8", "FP8", "INT4"]
@@ -165,7 +165,7 @@ def test_strongly_typed_rules():
     exponent = numpy_helper.from_array(np.array(2.0, np.float32), "two")
     mixed = model([helper.make_node("Pow", ["x", "two"], ["y"], name="pow")], [tensor("x", TensorProto.FLOAT16)],
                   [tensor("y", TensorProto.FLOAT16)], [exponent])
-    findings = lint_graph(mixed, "tensorrt-11")
+    findings = lint_graph(mixed, "tensorrt-11.0")
     assert ("pow", "strong-typing") in rules(findings)
     assert any("different types (FP16, FP32)" in f.message for f in findings)
     # An fp16 graph whose LayerNormalization computes in fp16: a strongly typed network runs it so.
@@ -189,7 +189,7 @@ def test_attribute_rules_and_opset_range():
     sizes = numpy_helper.from_array(np.array([1, 4, 8, 8], np.int64), "sizes")
     cubic = model([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], name="resize", mode="cubic")],
                   [tensor("x", shape=(1, 4, 4, 4))], [tensor("y", shape=(1, 4, 8, 8))], [sizes], opset=19)
-    findings = lint_graph(cubic, "tensorrt-11")
+    findings = lint_graph(cubic, "tensorrt-11.0")
     assert rules(findings) == [("resize", "attribute")] and "mode=cubic" in findings[0].message
     new = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")], opset=26)
     assert all(rules(f) == [("", "opset")] for f in lint_targets(new).values())
@@ -198,11 +198,11 @@ def test_attribute_rules_and_opset_range():
 def test_findings_format_one_line_each():
     finding = Finding("/blocks.0/MatMul", "MatMul", "type", "input 0 'a' is INT64")
     assert finding.line() == "/blocks.0/MatMul (MatMul) [type] input 0 'a' is INT64"
-    assert finding.line("tensorrt-11") == "tensorrt-11: /blocks.0/MatMul (MatMul) [type] input 0 'a' is INT64"
+    assert finding.line("tensorrt-11.0") == "tensorrt-11.0: /blocks.0/MatMul (MatMul) [type] input 0 'a' is INT64"
     assert Finding("", "", "opset", "x").line() == "<graph> (-) [opset] x"
     assert format_findings([finding, finding], "tensorrt-10.3").count("\n") == 1 and format_findings([]) == ""
-    assert summary({"tensorrt-11": [finding], "tensorrt-10.3": []}) == {
-        "tensorrt-11": {"clean": False, "findings": [finding.to_dict()]}, "tensorrt-10.3": {"clean": True, "findings": []}}
+    assert summary({"tensorrt-11.0": [finding], "tensorrt-10.3": []}) == {
+        "tensorrt-11.0": {"clean": False, "findings": [finding.to_dict()]}, "tensorrt-10.3": {"clean": True, "findings": []}}
     with pytest.raises(EngineError, match="unknown lint target 'tensorrt-9'.*tensorrt-10.3"):
         lint_graph(model([], [tensor("x")], [tensor("x")]), "tensorrt-9")
 
@@ -216,7 +216,7 @@ def test_tables_and_rules_agree_with_the_graph_preparation():
         assert low == 9 and 20 <= high <= 25 and table["sources"]
         assert {"LayerNormalization", "MatMul", "Softmax", "Erf", "QuantizeLinear", "DequantizeLinear"} <= set(table["supported"])
         assert not set(table["supported"]) & set(table["unsupported"])
-    assert "Attention" in operator_table("tensorrt-11")["supported"] and "Attention" not in operator_table("tensorrt-10.13")["supported"]
+    assert "Attention" in operator_table("tensorrt-11.0")["supported"] and "Attention" not in operator_table("tensorrt-10.13")["supported"]
 
 
 # ----------------------------------------------------------------------------- the tiny model's real graphs
@@ -232,4 +232,109 @@ def test_the_tiny_models_graphs_lint_clean_for_every_target(tiny_onnx, qdq_onnx,
     broken = onnx.load(str(int8.path))
     zero = next(i for i in broken.graph.initializer if i.data_type == TensorProto.INT8 and not i.dims)
     zero.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zero.name))
-    assert any(f.rule == "quantization" for f in lint_graph(broken, "tensorrt-11"))
+    assert any(f.rule == "quantization" for f in lint_graph(broken, "tensorrt-11.0"))
+
+
+# ----------------------------------------------------------------------------- round three: the rules added
+
+
+def test_opset_25_is_for_tensorrt_11_5_and_later_only():
+    graph = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")], opset=25)
+    verdicts = {t: rules(f) for t, f in lint_targets(graph).items()}
+    assert verdicts == {"tensorrt-10.3": [("", "opset")], "tensorrt-10.13": [("", "opset")],
+                        "tensorrt-11.0": [("", "opset")], "tensorrt-11.5": []}
+    opset24 = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")], opset=24)
+    assert lint_targets(opset24)["tensorrt-11.0"] == []
+
+
+@pytest.mark.parametrize("source, to, flagged", [
+    (TensorProto.INT64, TensorProto.UINT8, True),   # ArgMax -> Cast(UINT8): what --postprocess exported before
+    (TensorProto.INT32, TensorProto.UINT8, True),
+    (TensorProto.BOOL, TensorProto.UINT8, True),
+    (TensorProto.FLOAT, TensorProto.UINT8, False),
+    (TensorProto.FLOAT16, TensorProto.UINT8, False),
+    (TensorProto.UINT8, TensorProto.INT32, True),
+    (TensorProto.UINT8, TensorProto.FLOAT, False),
+])
+def test_uint8_converts_only_to_and_from_float(source, to, flagged):
+    graph = model([helper.make_node("Cast", ["x"], ["y"], name="cast", to=to)], [tensor("x", source)], [tensor("y", to)])
+    for target in TARGETS:
+        assert (("cast", "uint8") in rules(lint_graph(graph, target))) is flagged, target
+
+
+def test_topk_needs_a_constant_k_below_3840():
+    def topk(k):
+        inits = [numpy_helper.from_array(np.array([k], np.int64), "k")] if k is not None else []
+        inputs = [tensor("x", shape=(1, 5000))] + ([] if k is not None else [tensor("k", TensorProto.INT64, (1,))])
+        return model([helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], inputs,
+                     [tensor("v"), tensor("i", TensorProto.INT64)], inits)
+
+    assert ("topk", "attribute") not in rules(lint_graph(topk(3839), "tensorrt-11.0"))
+    assert ("topk", "attribute") in rules(lint_graph(topk(3840), "tensorrt-11.0"))
+    computed = lint_graph(topk(None), "tensorrt-10.3")
+    assert ("topk", "attribute") in rules(computed) and any("computed" in f.message for f in computed)
+
+
+def test_resize_axes_must_be_every_axis_in_order():
+    def resize(**attrs):
+        scales = numpy_helper.from_array(np.array([2.0, 2.0], np.float32), "scales")
+        return model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", mode="linear", **attrs)],
+                     [tensor("x", shape=(1, 3, 4, 4))], [tensor("y", shape=(1, 3, 8, 8))], [scales], opset=19)
+
+    assert ("resize", "attribute") in rules(lint_graph(resize(axes=[2, 3]), "tensorrt-11.0"))
+    assert ("resize", "attribute") not in rules(lint_graph(resize(), "tensorrt-11.0"))
+
+
+def test_argmax_select_last_index_is_reported():
+    for op in ("ArgMax", "ArgMin"):
+        for last, flagged in ((1, True), (0, False)):
+            graph = model([helper.make_node(op, ["x"], ["y"], name="arg", axis=1, keepdims=0, select_last_index=last)],
+                          [tensor("x", shape=(1, 4, 2))], [tensor("y", TensorProto.INT64, (1, 2))])
+            assert (("arg", "attribute") in rules(lint_graph(graph, "tensorrt-10.13"))) is flagged, (op, last)
+
+
+def test_reduce_l2_in_fp16_is_a_strong_typing_finding_in_an_fp16_graph():
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float16), "w")
+    graph = model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                   helper.make_node("ReduceL2", ["h"], ["n"], name="norm", axes=[1], keepdims=1)],
+                  [tensor("x", TensorProto.FLOAT16)], [tensor("n", TensorProto.FLOAT16, (1, 1))], [weight])
+    assert ("norm", "strong-typing") in rules(lint_graph(graph, "tensorrt-11.0"))
+
+
+# ----------------------------------------------------------------------------- which graph is for whom
+
+
+def _purposed(path, engines, takes=None):
+    from engines.graph_purpose import purpose_metadata
+
+    graph = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")],
+                  metadata=purpose_metadata(engines, takes))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph, str(path))
+    return path
+
+
+def test_a_graph_is_linted_only_for_the_releases_that_take_it(tmp_path):
+    from engines.tensorrt.lint import lint_purpose
+
+    build = tmp_path / "graphs" / "onnxruntime-int8"
+    signed = _purposed(build / "qdq" / "model.onnx", ["openvino", "tensorrt-10"], {"tensorrt-11": "qdq_fp16"})
+    u8 = _purposed(build / "qdq_u8" / "model.onnx", ["onnxruntime"], {"tensorrt-10": "qdq", "tensorrt-11": "qdq_fp16"})
+    both = _purposed(build / "fp16" / "model.onnx", ["onnxruntime", "tensorrt"])
+
+    assert set(lint_purpose(both).findings) == set(TARGETS) and lint_purpose(both).note == ""
+    ten = lint_purpose(signed)
+    assert set(ten.findings) == {"tensorrt-10.3", "tensorrt-10.13"} and ten.not_for == ("tensorrt-11.0", "tensorrt-11.5")
+    assert "TensorRT 11 takes the fp16 Q/DQ graph (qdq_fp16/), which this build did not write" in ten.note
+    ort = lint_purpose(u8)
+    assert ort.findings == {} and ort.not_for == TARGETS and "\n" not in ort.note
+    assert "ONNX Runtime's uint8-activation Q/DQ graph, for onnxruntime" in ort.note
+    assert f"TensorRT 10 takes {signed}" in ort.note
+    # Once the build has TensorRT's own int8 graph (another engine directory of the same build), it is named.
+    trt_int8 = _purposed(tmp_path / "graphs" / "tensorrt-int8" / "qdq_fp16" / "model.onnx", ["tensorrt"])
+    assert f"TensorRT 11 takes {trt_int8}" in lint_purpose(u8).note
+    assert lint_purpose(u8).summary()["tensorrt-11.0"] == {"clean": None, "findings": [], "not_for": lint_purpose(u8).note}
+    # A graph that records nothing is for every engine, as before.
+    plain = tmp_path / "plain.onnx"
+    onnx.save(model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")]), str(plain))
+    assert set(lint_purpose(plain).findings) == set(TARGETS)
