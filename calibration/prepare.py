@@ -146,6 +146,8 @@ def prepare_graph(
     if backend == "tensorrt" and precision == "int8":
         path = _qdq_fp16_graph(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
     if backend == "onnxruntime" and precision == "int8":
+        if qdq_onnx is None:
+            _tensorrt_int8_sibling(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
         path = _qdq_u8_graph(path, onnx_path, Path(work_dir) / QDQ_U8_DIR, metadata)
     metadata["prepared_sha256"] = sha256_file(path)
     return PreparedGraph(path, precision, backend, metadata)
@@ -230,6 +232,17 @@ def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, k
         fp32_nodes=_recorded_list(load_onnx(path), KEPT_NODES_KEY),
     )
     return path
+
+
+def _tensorrt_int8_sibling(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool,
+                           metadata: dict) -> None:
+    """Beside ONNX Runtime's int8 graph, the fp16 Q/DQ graph TensorRT 11 would build from the same
+    calibration (no calibration of its own: a conversion), so that a workstation build has a graph for
+    every TensorRT release to lint and to bundle, and the lint of the uint8 graph can name it."""
+    path = to_qdq_fp16_graph(qdq_path, _output_path(onnx_path, out_dir / onnx_path.name),
+                             keep_fp32=keep_fp32, keep_output_layers=keep_output_layers)
+    _record_purpose(path, QDQ_FP16_DIR)
+    metadata["tensorrt_int8_graph"] = str(path)
 
 
 def _qdq_u8_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, metadata: dict) -> Path:

@@ -42,7 +42,8 @@ def _enum(name: str, members: list[str]) -> type:
     return type(name, (), {m: i for i, m in enumerate(members)})
 
 
-def fake_tensorrt(release: FakeRelease | None = None, *, fail_io: bool = False, refuse_address: bool = False):
+def fake_tensorrt(release: FakeRelease | None = None, *, fail_io: bool = False, refuse_address: bool = False,
+                  on_execute=None):
     """(a module that stands in for tensorrt, the Record of what was done with it)."""
     release = release or FakeRelease()
     record = Record()
@@ -158,6 +159,8 @@ def fake_tensorrt(release: FakeRelease | None = None, *, fail_io: bool = False, 
             return self.shapes.get("image", (1, 3, 2, 2))
 
         def execute_async_v3(self, stream):
+            if on_execute is not None:
+                on_execute()
             return True
 
     class Inspector:
@@ -255,3 +258,68 @@ def fp16_graph(path):
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3, 2, 2])], [weight])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+class TimedFakeCuda(FakeCuda):
+    """FakeCuda with a GPU clock for events: a copy of n bytes takes n / 1e6 ms, an engine run 2 ms
+    (1.5 ms replayed from a CUDA graph: no launch overhead); `capturable=False` makes capture fail."""
+
+    def __init__(self, *args, capturable: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock, self.capturable = 0.0, capturable
+        self.events, self.pinned, self.freed_pinned, self.graphs, self.destroyed_graphs = [], [], [], [], []
+        self.destroyed_events, self.capturing = [], False
+
+    def run_engine(self):
+        if not self.capturing:
+            self.clock += 2.0
+
+    def to_device(self, ptr, array, stream):
+        assert any(array is host for _, host in self.pinned), "copied from pageable memory"
+        self.clock += array.nbytes / 1e6
+
+    def to_host(self, array, ptr, stream):
+        assert any(array is host for _, host in self.pinned), "copied to pageable memory"
+        self.clock += array.nbytes / 1e6
+        array[...] = 1
+
+    def event(self):
+        self.events.append([None])
+        return self.events[-1]
+
+    def record(self, event, stream):
+        event[0] = self.clock
+
+    def event_synchronize(self, event):
+        pass
+
+    def elapsed_ms(self, start, end):
+        return end[0] - start[0]
+
+    def destroy_event(self, event):
+        self.destroyed_events.append(event)
+
+    def pinned_empty(self, shape, dtype):
+        host = np.zeros(shape, dtype)
+        self.pinned.append((id(host), host))
+        return id(host), host
+
+    def free_pinned(self, ptr):
+        self.freed_pinned.append(ptr)
+
+    def capture_graph(self, stream, enqueue):
+        if not self.capturable:
+            raise RuntimeError("operation not permitted when stream is capturing (cudaErrorStreamCaptureUnsupported 900)")
+        self.capturing = True
+        try:
+            enqueue()
+        finally:
+            self.capturing = False
+        self.graphs.append(("graph", "exec"))
+        return self.graphs[-1]
+
+    def graph_launch(self, graph, stream):
+        self.clock += 1.5
+
+    def destroy_graph(self, graph):
+        self.destroyed_graphs.append(graph)

@@ -11,7 +11,7 @@ import pytest
 from engines.errors import BackendUnavailable, EngineError
 from engines.tensorrt import runner as trt_runner
 from engines.tensorrt.runner import TensorRTRunner, trt_features
-from tests.tensorrt_fakes import FakeCuda, FakeRelease, fake_tensorrt, fp16_graph
+from tests.tensorrt_fakes import FakeCuda, FakeRelease, TimedFakeCuda, fake_tensorrt, fp16_graph
 
 trt_build = importlib.import_module("engines.tensorrt.build")  # the module; the package exports its `build`
 
@@ -21,8 +21,8 @@ def use_fake(monkeypatch):
     """use_fake(release, **behaviour) -> (trt, record, cuda), installed for build and runner."""
 
     def install(release: FakeRelease | None = None, cuda: FakeCuda | None = None, **behaviour):
-        trt, record = fake_tensorrt(release, **behaviour)
         cuda = cuda or FakeCuda()
+        trt, record = fake_tensorrt(release, on_execute=getattr(cuda, "run_engine", None), **behaviour)
         for module in (trt_runner, trt_build):
             monkeypatch.setattr(module, "_trt", lambda: trt)
             monkeypatch.setattr(module, "cuda_api", lambda: cuda)
@@ -243,3 +243,82 @@ def test_dla_builds_for_the_core_with_gpu_fallback(use_fake, tmp_path):
     assert config.default_device_type == trt.DeviceType.DLA and config.DLA_core == 1
     assert trt.BuilderFlag.GPU_FALLBACK in config.flags
     assert artifact.metadata["dla_core"] == 1
+
+
+# ----------------------------------------------------------------------------- timing as trtexec times
+
+
+def test_gpu_time_is_taken_with_cuda_events_copies_apart_from_pinned_buffers(use_fake, tmp_path):
+    import numpy as np
+
+    cuda = TimedFakeCuda()
+    use_fake(cuda=cuda)
+    artifact = build_fp16(tmp_path)
+    image = np.ones((2, 3, 2, 2), np.float32)  # 96 bytes in, 96 out
+    with TensorRTRunner(artifact.path, prefer_polygraphy=False) as runner:
+        timing = runner.time_gpu({"image": image}, iterations=5, warmup=2)
+    assert timing.iterations == 5 and not timing.cuda_graph
+    assert timing.compute == pytest.approx([2.0] * 5)
+    np.testing.assert_allclose(timing.h2d, 96 / 1e6) and np.testing.assert_allclose(timing.d2h, 96 / 1e6)
+    summary = timing.summary()
+    assert summary["compute_ms"]["median"] == pytest.approx(2.0) and summary["pinned_host_buffers"] and summary["clock"] == "cuda events"
+    # everything the timing made is freed: pinned and device buffers, events
+    assert len(cuda.freed_pinned) == len(cuda.pinned) == 2 and len(cuda.destroyed_events) == len(cuda.events) == 4
+
+
+def test_cuda_graph_replays_the_enqueue_and_falls_back_when_capture_fails(use_fake, tmp_path):
+    import numpy as np
+
+    cuda = TimedFakeCuda()
+    use_fake(cuda=cuda)
+    artifact = build_fp16(tmp_path)
+    feed = {"image": np.ones((1, 3, 2, 2), np.float32)}
+    with TensorRTRunner(artifact.path, prefer_polygraphy=False) as runner:
+        graphed = runner.time_gpu(feed, iterations=3, warmup=1, cuda_graph=True)
+    assert graphed.cuda_graph and graphed.compute == pytest.approx([1.5] * 3) and cuda.destroyed_graphs == cuda.graphs
+    cuda = TimedFakeCuda(capturable=False)
+    use_fake(cuda=cuda)
+    with TensorRTRunner(artifact.path, prefer_polygraphy=False) as runner:
+        plain = runner.time_gpu(feed, iterations=3, warmup=1, cuda_graph=True)
+        with pytest.raises(EngineError, match="iterations must be"):
+            runner.time_gpu(feed, iterations=0)
+    assert not plain.cuda_graph and plain.compute == pytest.approx([2.0] * 3)
+    assert plain.notes and plain.notes[0].startswith("CUDA graph not used: operation not permitted")
+
+
+def test_gpu_facts_read_jetson_clocks_and_power_mode(tmp_path):
+    from engines.tensorrt.timing import gpu_facts
+
+    gpu = tmp_path / "sys/class/devfreq/17000000.ga10b"
+    gpu.mkdir(parents=True)
+    (gpu / "cur_freq").write_text("918000000\n")
+    (gpu / "max_freq").write_text("1300500000\n")
+    (tmp_path / "sys/class/devfreq/3d00000.pcie").mkdir()
+    (tmp_path / "var/lib/nvpmodel").mkdir(parents=True)
+    (tmp_path / "var/lib/nvpmodel/status").write_text("pmode:0001 fmode:fanNull\n")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nvpmodel.conf").write_text("< POWER_MODEL ID=0 NAME=MAXN >\nCPU_ONLINE CORE_0 1\n< POWER_MODEL ID=1 NAME=15W >\n")
+    assert gpu_facts(tmp_path, nvidia_smi="") == {
+        "gpu_clock_mhz": 918, "gpu_max_clock_mhz": 1300, "gpu_clock_source": "/sys/class/devfreq/17000000.ga10b",
+        "jetson_power_mode": "15W (id 1)"}
+    assert gpu_facts(tmp_path / "nowhere", nvidia_smi="") == {}  # nothing readable: nothing recorded
+
+
+def test_gpu_facts_read_nvidia_smi_on_a_discrete_gpu(tmp_path):
+    from engines.tensorrt.timing import gpu_facts
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '1755, 2520, 10501'\n")
+    smi.chmod(0o755)
+    assert gpu_facts(tmp_path, nvidia_smi=str(smi)) == {
+        "gpu_clock_mhz": 1755, "gpu_max_clock_mhz": 2520, "memory_clock_mhz": 10501, "gpu_clock_source": "nvidia-smi"}
+    smi.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    assert gpu_facts(tmp_path, nvidia_smi=str(smi)) == {}
+
+
+def test_the_sidecar_records_the_gpu_facts(use_fake, tmp_path, monkeypatch):
+    use_fake()
+    monkeypatch.setattr(trt_build, "gpu_facts", lambda: {"gpu_clock_mhz": 918, "jetson_power_mode": "15W (id 1)"})
+    artifact = build_fp16(tmp_path)
+    assert artifact.metadata["gpu_clock_mhz"] == 918 and artifact.metadata["jetson_power_mode"] == "15W (id 1)"
+    assert artifact.metadata["gpu_name"] == "Orin" and artifact.metadata["compute_capability"] == "8.7"

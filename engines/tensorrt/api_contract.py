@@ -5,7 +5,7 @@ The names of a release are read once from its bindings wheel (``tools/tensorrt_a
 stored in ``tests/data/tensorrt_api/``; a TensorRT that renames or removes something the backend
 calls then fails that test here, not on a Jetson.
 
-What counts as a use, in ``engines/tensorrt/{build,runner}.py``:
+What counts as a use, in ``engines/tensorrt/{build,runner,timing}.py``:
 
 - an attribute chain on the module object, which the backend always calls ``trt``:
   ``trt.Builder`` (a module name), ``trt.BuilderFlag.TF32`` (a member of a class);
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKEND_FILES = ("build.py", "runner.py")
+BACKEND_FILES = ("build.py", "runner.py", "timing.py")
 MODULE = "trt"
 
 # What the backend's names for TensorRT objects hold (a variable, or the last attribute of self.x).

@@ -35,6 +35,7 @@ from engines.errors import EngineError
 from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
 from engines.registry import BACKENDS
 from engines.tensorrt.cache import BuildCaches
+from engines.tensorrt.timing import gpu_facts
 from engines.tensorrt.runner import _trt, cuda_api, trt_features, trt_logger, usable_polygraphy
 
 TYPINGS = ("auto", "strong", "weak")
@@ -181,6 +182,7 @@ def build(
         **source_metadata(graph_path, graph_sha256, metadata),
         "tensorrt_version": trt.__version__,
         **device,
+        **gpu_facts(),  # clocks and, on a Jetson, the power mode at build time, where the system shows them
         "typing": "strong" if plan["strongly_typed"] else "weak",
         "builder_flags": plan["flags"],
         "tf32": bool(features["tf32_flag"]) and not plan["clear_tf32"],

@@ -20,6 +20,7 @@ driver...) are `BackendUnavailable`, so ``auto`` moves on to the next backend an
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 from collections.abc import Mapping
@@ -236,6 +237,54 @@ class _CudaPython:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._check(self.cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, stream), "cudaMemcpyAsync")
 
+    # timing (engines.tensorrt.timing) ------------------------------------------------------
+    def event(self):
+        return self._check(self.cudart.cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, event, stream) -> None:
+        self._check(self.cudart.cudaEventRecord(event, stream), "cudaEventRecord")
+
+    def event_synchronize(self, event) -> None:
+        self._check(self.cudart.cudaEventSynchronize(event), "cudaEventSynchronize")
+
+    def elapsed_ms(self, start, end) -> float:
+        return float(self._check(self.cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
+
+    def destroy_event(self, event) -> None:
+        self._check(self.cudart.cudaEventDestroy(event), "cudaEventDestroy")
+
+    def pinned_empty(self, shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
+        """(pointer, array) of page-locked host memory: copies from it are true async DMA transfers."""
+        nbytes = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1)
+        ptr = int(self._check(self.cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        raw = (ctypes.c_byte * nbytes).from_address(ptr)
+        count = int(np.prod(shape, dtype=np.int64))
+        return ptr, np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def free_pinned(self, ptr: int) -> None:
+        self._check(self.cudart.cudaFreeHost(ptr), "cudaFreeHost")
+
+    def capture_graph(self, stream, enqueue):
+        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._check(self.cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+        try:
+            enqueue()
+        finally:
+            graph = self._check(self.cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        try:
+            executable = self._check(self.cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BaseException:
+            self.cudart.cudaGraphDestroy(graph)
+            raise
+        return graph, executable
+
+    def graph_launch(self, graph, stream) -> None:
+        self._check(self.cudart.cudaGraphLaunch(graph[1], stream), "cudaGraphLaunch")
+
+    def destroy_graph(self, graph) -> None:
+        self._check(self.cudart.cudaGraphExecDestroy(graph[1]), "cudaGraphExecDestroy")
+        self._check(self.cudart.cudaGraphDestroy(graph[0]), "cudaGraphDestroy")
+
 
 class _PyCuda:
     """Fallback for machines with pycuda and no cuda-python.
@@ -306,6 +355,44 @@ class _PyCuda:
     def to_host(self, array: np.ndarray, ptr: int, stream) -> None:
         with self._current():
             self.cuda.memcpy_dtoh_async(array, ptr, stream)
+
+    # timing (engines.tensorrt.timing) ------------------------------------------------------
+    def event(self):
+        with self._current():
+            return self.cuda.Event()
+
+    def record(self, event, stream) -> None:
+        with self._current():
+            event.record(stream)
+
+    def event_synchronize(self, event) -> None:
+        with self._current():
+            event.synchronize()
+
+    def elapsed_ms(self, start, end) -> float:
+        with self._current():
+            return float(start.time_till(end))
+
+    def destroy_event(self, event) -> None:
+        pass  # pycuda frees an Event when it is garbage-collected
+
+    def pinned_empty(self, shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
+        with self._current():
+            array = self.cuda.pagelocked_empty(shape, dtype)
+        self._allocations[array.ctypes.data] = array
+        return array.ctypes.data, array
+
+    def free_pinned(self, ptr: int) -> None:
+        self._allocations.pop(ptr, None)
+
+    def capture_graph(self, stream, enqueue):
+        raise EngineError("pycuda cannot capture CUDA graphs here; install cuda-python for --cuda-graph")
+
+    def graph_launch(self, graph, stream) -> None:
+        raise EngineError("pycuda cannot launch CUDA graphs")
+
+    def destroy_graph(self, graph) -> None:
+        pass
 
 
 @cache
@@ -497,6 +584,40 @@ class TensorRTRunner(Runner):
             self._cuda.to_host(results[meta.name], self._buffers[meta.name][0], self._stream)
         self._cuda.synchronize(self._stream)
         return results
+
+    def time_gpu(self, feed: Mapping[str, np.ndarray], *, iterations: int = 100, warmup: int = 10,
+                 cuda_graph: bool = False):
+        """Time `feed` as trtexec does: CUDA events, copies apart, pinned buffers, optional CUDA graph
+        (engines.tensorrt.timing.time_engine); returns a GpuTiming."""
+        from engines.tensorrt.timing import time_engine
+
+        if not self.is_active:
+            raise EngineError(f"runner {self.name} is not active; use it as `with runner:` or call activate()")
+        return time_engine(self, feed, iterations=iterations, warmup=warmup, cuda_graph=cuda_graph)
+
+    def timing_session(self, feed: Mapping[str, np.ndarray]):
+        """Pinned buffers, device buffers and events for timing `feed` (engines.tensorrt.timing.time_engine)."""
+        from engines.tensorrt.timing import TimingSession
+
+        for name, array in feed.items():
+            problem = batch_problem(name, array.shape, self.batch_ranges.get(name))
+            if problem:
+                raise EngineError(f"{self.name}: {problem}")
+        trt = _trt()
+        context = self._context if self._context is not None else self._poly_runner.context
+        engine = context.engine
+        if self._stream is None:
+            self._stream = self._cuda.stream()
+        for name, array in feed.items():
+            if not context.set_input_shape(name, array.shape):
+                raise EngineError(f"{self.name}: TensorRT refused input '{name}' of shape {tuple(array.shape)}")
+        outputs = {meta.name: (tuple(context.get_tensor_shape(meta.name)),
+                               np.dtype(trt.nptype(engine.get_tensor_dtype(meta.name)))) for meta in self.outputs}
+        saved, self._context = self._context, context
+        try:
+            return TimingSession(self._cuda, context, self._stream, self._bind, feed, outputs)
+        finally:
+            self._context = saved
 
     def _bind(self, name: str, ptr: int) -> None:
         # False: TensorRT refused the address (not a tensor of this engine, or misaligned); enqueueing
