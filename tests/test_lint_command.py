@@ -34,8 +34,9 @@ def test_default_model_graphs_lint_clean_for_every_tensorrt_version(tmp_path):
     graphs = tmp_path / "graphs"
     ort_fp16 = prepare_graph("onnxruntime", graph, graphs / "onnxruntime-fp16", "fp16").path
     ort_int8 = prepare_graph("onnxruntime", graph, graphs / "onnxruntime-int8", "int8", calibration=calibration).path
-    trt_int8 = prepare_graph("tensorrt", graph, graphs / "tensorrt-int8", "int8", calibration=calibration).path
     signed = graphs / "onnxruntime-int8" / "qdq" / graph.name
+    # TensorRT's int8 graph from the same calibration (as a device builds it from a bundle's Q/DQ graph)
+    trt_int8 = prepare_graph("tensorrt", graph, graphs / "tensorrt-int8", "int8", qdq_onnx=signed).path
     sibling = graphs / "onnxruntime-int8" / "qdq_fp16" / graph.name
     assert ort_int8.parent.name == "qdq_u8" and signed.is_file() and sibling.is_file()
 
