@@ -338,3 +338,38 @@ def test_a_graph_is_linted_only_for_the_releases_that_take_it(tmp_path):
     plain = tmp_path / "plain.onnx"
     onnx.save(model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x")], [tensor("y")]), str(plain))
     assert set(lint_purpose(plain).findings) == set(TARGETS)
+
+
+# ----------------------------------------------------------------------------- DLA report
+
+
+def test_the_dla_report_names_what_falls_back_per_head(tmp_path):
+    from click.testing import CliRunner
+
+    from engines.tensorrt.dla import dla_report
+    from export.cli import main as export_cli
+
+    weight = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float16), "w")
+    mm = numpy_helper.from_array(np.ones((2, 2), np.float16), "m")
+    head = model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                  helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                  helper.make_node("MatMul", ["r", "m"], ["p"], name="mm"),
+                  helper.make_node("Erf", ["p"], ["e"], name="erf"),
+                  helper.make_node("MatMul", ["e", "m"], ["y"], name="mm2")],
+                 [tensor("x", TensorProto.FLOAT16, (1, 4, 2, 2))], [tensor("y", TensorProto.FLOAT16, (1, 4, 2, 2))],
+                 [weight, mm])
+    report = dla_report(head, "head_semseg.onnx")
+    assert (report.layers, report.on_dla) == (5, 2)
+    assert report.fallback == {"MatMul": 2, "Erf": 1}
+    line = report.line()
+    assert line.startswith("head_semseg.onnx: DLA would run 2 of 5 layer(s); falls back to the GPU: 2 MatMul")
+    assert "1 Erf (GELU's erf is a GPU-only unary)" in line and "\n" not in line
+    # a dynamic batch or an fp32 graph: nothing runs on DLA, and the line says why
+    dynamic = model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x", shape=("batch", 4))],
+                    [tensor("y", shape=("batch", 4))])
+    dyn = dla_report(dynamic, "head.onnx")
+    assert dyn.on_dla == 0 and "dynamic shapes on input(s) x" in dyn.line() and "an fp32 graph" in dyn.line()
+    path = tmp_path / "head_semseg.onnx"
+    onnx.save(head, str(path))
+    result = CliRunner().invoke(export_cli, ["lint", "--dla", str(path)])
+    assert f"{path}: DLA would run 2 of 5 layer(s)" in result.output

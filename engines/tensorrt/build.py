@@ -154,6 +154,9 @@ def build(
     settings = BuildSettings(workspace_bytes, optimization_level, dla_core, bool(features.get("strongly_typed_flag")))
 
     notes: list[str] = []
+    if dla_core is not None and batch[0] != batch[2]:
+        notes.append(f"DLA builds static shapes only: with batch {batch[0]} to {batch[2]} every layer runs on the GPU; "
+                     "build with max_batch=1 (--max-batch 1) for a DLA engine")
     caches = BuildCaches(cache_dir, trt.__version__, device) if cache_dir is not None else None
     key = caches.plan_key(sha256_file(graph_path), precision, plan, profile, settings) if caches else ""
     serialized = caches.cached_plan(key) if caches else None
