@@ -20,6 +20,7 @@ from calibration.prepare import PreparedGraph, prepare_graph
 from calibration.qdq import RESULT_NAME, check_qdq_conventions, excluded_nodes, quantize_qdq
 from engines.errors import EngineError
 from engines.files import sha256_file
+from engines.graph_purpose import ENGINES_KEY, TENSORRT_TAKES_KEY
 from tests.engine_fixtures import relative_error, smooth_images
 
 # The shared fixtures: tiny_onnx, test_batch, reference, calibration_set, qdq_onnx.
@@ -311,6 +312,16 @@ def test_prepare_fp16_is_the_checked_fp16_graph_for_ort_and_tensorrt(tiny_onnx, 
     assert _initializers(onnx.load(str(heads_fp16.path)))["heads.0.weight"].dtype == np.float16
 
 
+def _without_purpose(path) -> bytes:
+    """The graph's bytes without the engines.graph_purpose metadata calibration.prepare adds."""
+    model = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in (ENGINES_KEY, TENSORRT_TAKES_KEY)]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
 def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qdq_onnx, tmp_path):
     cache = tmp_path / "cache"
     ort_graph = prepare_graph("onnxruntime", tiny_onnx, tmp_path / "a", "int8", calibration=calibration_set,
@@ -322,7 +333,10 @@ def test_prepare_int8_is_the_calibrated_qdq_graph(tiny_onnx, calibration_set, qd
     assert signed == tmp_path / "a" / "qdq" / "tiny_mtl.onnx"
     # ... made from the one signed Q/DQ graph TensorRT takes, calibrated once.
     assert check_qdq_conventions(onnx.load(str(signed))) == []
-    assert signed.read_bytes() == qdq_onnx.read_bytes()  # same settings as quantize_qdq's defaults
+    # same settings as quantize_qdq's defaults; the prepared graph also records which engines take it
+    assert _without_purpose(signed) == qdq_onnx.read_bytes()
+    assert json.loads(next(p.value for p in onnx.load(str(signed)).metadata_props if p.key == ENGINES_KEY)) == [
+        "openvino", "tensorrt-10"]
     meta = first.metadata
     assert meta["calibration_fingerprint"] == calibration_set.fingerprint() and meta["calibration_samples"] == 16
     assert meta["calibration_method"] == "percentile" and meta["calibration_cache"] == "miss"
