@@ -322,3 +322,29 @@ def test_the_sidecar_records_the_gpu_facts(use_fake, tmp_path, monkeypatch):
     artifact = build_fp16(tmp_path)
     assert artifact.metadata["gpu_clock_mhz"] == 918 and artifact.metadata["jetson_power_mode"] == "15W (id 1)"
     assert artifact.metadata["gpu_name"] == "Orin" and artifact.metadata["compute_capability"] == "8.7"
+
+
+def test_the_bench_worker_records_gpu_timing_and_facts_for_a_tensorrt_engine(use_fake, tmp_path, monkeypatch):
+    import numpy as np
+
+    from export.bench import worker
+    from export.bench.options import BenchOptions
+
+    cuda = TimedFakeCuda()
+    use_fake(cuda=cuda)
+    artifact = build_fp16(tmp_path)
+
+    class Entry:
+        backend, layout = "tensorrt", "single"
+
+    monkeypatch.setattr("export.artifacts.engineset.EngineSet.read", staticmethod(lambda directory: Entry()))
+    monkeypatch.setattr("export.artifacts.engineset.load_runner",
+                        lambda entry, threads: TensorRTRunner(artifact.path, prefer_polygraphy=False))
+    monkeypatch.setattr("engines.tensorrt.timing.gpu_facts", lambda: {"jetson_power_mode": "MAXN (id 0)"})
+    spec = {"kind": "engine", "load": {"directory": str(tmp_path)}, "threads": 1, "runs": 4, "warmup": 1,
+            "cuda_graph": BenchOptions(cuda_graph=True).cuda_graph}
+    time, facts = worker._gpu_timer(spec)
+    assert facts["gpu_name"] == "Orin" and facts["compute_capability"] == "8.7" and facts["jetson_power_mode"] == "MAXN (id 0)"
+    summary = time(np.ones((1, 3, 2, 2), np.float32))
+    assert summary["iterations"] == 4 and summary["cuda_graph"] and summary["compute_ms"]["median"] == pytest.approx(1.5)
+    assert worker._gpu_timer({**spec, "kind": "onnx"}) == (None, {})

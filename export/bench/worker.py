@@ -100,6 +100,31 @@ def _open_target(spec: dict[str, Any], threads: int):
         input_name = "image"
         return ((lambda x: runner.infer({input_name: x})), getattr(runner, "precision_executed", ""),
                 lambda: runner.__exit__(None, None, None), list(getattr(runner, "notes", [])))
+
+
+def _gpu_timer(spec: dict[str, Any]):
+    """For a TensorRT engine: (time(batch) -> the trtexec-like GPU timing summary, GPU facts); else (None, {}).
+
+    A second runner of the same plan, so the wall-clock timing above keeps its own buffers."""
+    if spec["kind"] != "engine":
+        return None, {}
+    from export.artifacts.engineset import EngineSet, load_runner
+
+    entry = EngineSet.read(Path(spec["load"]["directory"]))
+    if entry.backend != "tensorrt" or entry.layout != "single":  # GPU timing: one TensorRT plan (not yet split sets)
+        return None, {}
+    runner = load_runner(entry, int(spec["threads"]))
+    from engines.tensorrt.runner import cuda_api
+    from engines.tensorrt.timing import gpu_facts
+
+    facts = {**cuda_api().device_info(), **gpu_facts()}
+
+    def time(x: np.ndarray) -> dict[str, Any]:
+        with runner:
+            return runner.time_gpu({"image": x}, iterations=int(spec["runs"]), warmup=int(spec["warmup"]),
+                                   cuda_graph=bool(spec.get("cuda_graph"))).summary()
+
+    return time, facts
     if kind == "onnx":
         from engines.onnxruntime.runner import OnnxRuntimeRunner
 
@@ -134,6 +159,7 @@ def run_worker_spec(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = _rss_mib()
     infer, executed, close, notes = _open_target(spec, threads)
     loaded = _rss_mib()
+    gpu_time, gpu = _gpu_timer(spec)
     size = int(spec["input_size"])
     results = {}
     try:
@@ -156,11 +182,13 @@ def run_worker_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 "runs_discarded": len(timings) - len(used),
                 "contended": used is not clean,
             })
+            if gpu_time is not None:
+                stats["gpu"] = gpu_time(image)  # as trtexec reports: H2D, GPU compute, D2H from CUDA events
             results[str(batch)] = stats
     finally:
         close()
     return {"precision_executed": executed, "notes": notes, "rss_before_load_mib": baseline,
-            "rss_after_load_mib": loaded, "batches": results}
+            "rss_after_load_mib": loaded, "batches": results, **({"gpu": gpu} if gpu else {})}
 
 
 def _worker_main(argv: Sequence[str]) -> int:
@@ -179,7 +207,7 @@ def run_target(target: Target, opts: BenchOptions, input_size: int) -> dict[str,
     threads = opts.thread_count
     spec = {"kind": target.kind, "load": target.load, "threads": threads, "input_size": input_size,
             "batch_sizes": list(target.batch_sizes or opts.batch_sizes), "warmup": opts.warmup,
-            "runs": opts.runs, "budget_s": opts.budget_s}
+            "runs": opts.runs, "budget_s": opts.budget_s, "cuda_graph": opts.cuda_graph}
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)

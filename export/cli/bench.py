@@ -32,6 +32,9 @@ def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--budget", "budget_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds of timed runs per format and batch size (at least 3 runs, at most --runs).")
 @click.option("--no-torch", is_flag=True, help="Skip PyTorch eager (unmerged and merged).")
+@click.option("--cuda-graph", is_flag=True,
+              help="TensorRT: in its GPU timing (CUDA events, copies apart, pinned buffers), replay the enqueue "
+                   "from a CUDA graph, as trtexec --useCudaGraph.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="Write the results as Markdown.")
 @click.option("--out", type=click.Path(file_okay=False),
@@ -42,7 +45,7 @@ def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True)
 @click.pass_context
-def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, json_out, markdown_out, out,
+def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, cuda_graph, json_out, markdown_out, out,
           backends, precisions, calib_data, calib_samples, eval_samples) -> None:
     """Time every engine of SOURCE (a build directory, or a checkpoint that is built first) and PyTorch eager.
 
@@ -59,7 +62,7 @@ def bench(ctx, source, batch_sizes, threads, runs, warmup, budget_s, no_torch, j
 
     path = Path(source)
     opts = BenchOptions(batch_sizes=batch_sizes, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s,
-                        torch_eager=not no_torch)
+                        torch_eager=not no_torch, cuda_graph=cuda_graph)
     build_flags = [p.opts[0] for p in ctx.command.params
                    if p.name in ("out", "backends", "precisions", "calib_data", "calib_samples", "eval_samples")
                    and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
