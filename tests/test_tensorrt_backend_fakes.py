@@ -348,3 +348,14 @@ def test_the_bench_worker_records_gpu_timing_and_facts_for_a_tensorrt_engine(use
     summary = time(np.ones((1, 3, 2, 2), np.float32))
     assert summary["iterations"] == 4 and summary["cuda_graph"] and summary["compute_ms"]["median"] == pytest.approx(1.5)
     assert worker._gpu_timer({**spec, "kind": "onnx"}) == (None, {})
+
+
+def test_dla_without_a_tensorrt_backend_is_refused_in_one_line(tmp_path):
+    from export.pipeline.build import _check_inputs
+    from export.pipeline.options import BuildOptions
+    from export.errors import ExportError
+
+    opts = BuildOptions(layout="split", dla="heads", out=str(tmp_path / "b"))
+    with pytest.raises(ExportError, match="--dla heads: none of the backends built here \\(onnxruntime, openvino\\)"):
+        _check_inputs(opts, [("onnxruntime", "fp16"), ("openvino", "fp16")])
+    _check_inputs(opts, [("tensorrt", "backbone=fp16,heads=int8")])  # TensorRT takes it

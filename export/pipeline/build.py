@@ -206,6 +206,9 @@ def _check_inputs(opts: BuildOptions, pairs: list[tuple[str, str]]) -> None:
         if spec_text and parse_spec(spec_text).kind == "evalset":
             EvalSet.read(Path(spec_text))  # a few images: an unreadable one is refused before any work
     Tolerances.from_file(opts.tolerances)
+    if opts.dla and not any(BACKENDS[b].dla for b, _ in pairs if b in BACKENDS):
+        raise ExportError(f"--dla {opts.dla}: none of the backends built here ({', '.join(dict.fromkeys(b for b, _ in pairs))}) "
+                          "runs on a DLA core; build with --backend tensorrt on a Jetson with DLA, or drop --dla")
     int8 = any(p == AUTO or "int8" in precisions_used(p) for _, p in pairs)
     if int8 and not opts.from_bundle:
         check_calibration_data(opts)
