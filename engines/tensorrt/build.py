@@ -158,7 +158,8 @@ def build(
         notes.append(f"DLA builds static shapes only: with batch {batch[0]} to {batch[2]} every layer runs on the GPU; "
                      "build with max_batch=1 (--max-batch 1) for a DLA engine")
     caches = BuildCaches(cache_dir, trt.__version__, device) if cache_dir is not None else None
-    key = caches.plan_key(sha256_file(graph_path), precision, plan, profile, settings) if caches else ""
+    graph_sha256 = sha256_file(graph_path)
+    key = caches.plan_key(graph_sha256, precision, plan, profile, settings) if caches else ""
     serialized = caches.cached_plan(key) if caches else None
     poly = None
     if serialized is not None:
@@ -180,7 +181,6 @@ def build(
     executed, note = executed_precision(precision, plan, layer_precisions, opaque_layers)
     if note:
         notes.append(note)
-    graph_sha256 = sha256_file(graph_path)
     metadata = {
         **source_metadata(graph_path, graph_sha256, metadata),
         "tensorrt_version": trt.__version__,

@@ -104,9 +104,8 @@ class TimingSession:
         self.device: dict[str, int] = {}
         try:
             for name, array in inputs.items():
-                host = self._pinned(name, array.shape, array.dtype)
+                host = self._pinned(name, array.shape, array.dtype)  # input shapes: set by the runner
                 host[...] = array
-                self.context.set_input_shape(name, array.shape)
             for name, (shape, dtype) in outputs.items():
                 self._pinned(name, shape, dtype)
             for name, (_, host) in self.pinned.items():
