@@ -351,9 +351,9 @@ def test_the_bench_worker_records_gpu_timing_and_facts_for_a_tensorrt_engine(use
 
 
 def test_dla_without_a_tensorrt_backend_is_refused_in_one_line(tmp_path):
+    from export.errors import ExportError
     from export.pipeline.build import _check_inputs
     from export.pipeline.options import BuildOptions
-    from export.errors import ExportError
 
     opts = BuildOptions(layout="split", dla="heads", out=str(tmp_path / "b"))
     with pytest.raises(ExportError, match="--dla heads: none of the backends built here \\(onnxruntime, openvino\\)"):

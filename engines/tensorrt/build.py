@@ -35,8 +35,8 @@ from engines.errors import EngineError
 from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
 from engines.registry import BACKENDS
 from engines.tensorrt.cache import BuildCaches
-from engines.tensorrt.timing import gpu_facts
 from engines.tensorrt.runner import _trt, cuda_api, trt_features, trt_logger, usable_polygraphy
+from engines.tensorrt.timing import gpu_facts
 
 TYPINGS = ("auto", "strong", "weak")
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16

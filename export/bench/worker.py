@@ -101,30 +101,6 @@ def _open_target(spec: dict[str, Any], threads: int):
         return ((lambda x: runner.infer({input_name: x})), getattr(runner, "precision_executed", ""),
                 lambda: runner.__exit__(None, None, None), list(getattr(runner, "notes", [])))
 
-
-def _gpu_timer(spec: dict[str, Any]):
-    """For a TensorRT engine: (time(batch) -> the trtexec-like GPU timing summary, GPU facts); else (None, {}).
-
-    A second runner of the same plan, so the wall-clock timing above keeps its own buffers."""
-    if spec["kind"] != "engine":
-        return None, {}
-    from export.artifacts.engineset import EngineSet, load_runner
-
-    entry = EngineSet.read(Path(spec["load"]["directory"]))
-    if entry.backend != "tensorrt" or entry.layout != "single":  # GPU timing: one TensorRT plan (not yet split sets)
-        return None, {}
-    runner = load_runner(entry, int(spec["threads"]))
-    from engines.tensorrt.runner import cuda_api
-    from engines.tensorrt.timing import gpu_facts
-
-    facts = {**cuda_api().device_info(), **gpu_facts()}
-
-    def time(x: np.ndarray) -> dict[str, Any]:
-        with runner:
-            return runner.time_gpu({"image": x}, iterations=int(spec["runs"]), warmup=int(spec["warmup"]),
-                                   cuda_graph=bool(spec.get("cuda_graph"))).summary()
-
-    return time, facts
     if kind == "onnx":
         from engines.onnxruntime.runner import OnnxRuntimeRunner
 
@@ -151,6 +127,31 @@ def _gpu_timer(spec: dict[str, Any]):
 
         return infer, "fp32", lambda: None, [f"torch {torch.__version__}, {torch.get_num_threads()} threads"]
     raise ExportError(f"internal: unknown benchmark target kind '{kind}'")
+
+
+def _gpu_timer(spec: dict[str, Any]):
+    """For a TensorRT engine: (time(batch) -> the trtexec-like GPU timing summary, GPU facts); else (None, {}).
+
+    A second runner of the same plan, so the wall-clock timing above keeps its own buffers."""
+    if spec["kind"] != "engine":
+        return None, {}
+    from export.artifacts.engineset import EngineSet, load_runner
+
+    entry = EngineSet.read(Path(spec["load"]["directory"]))
+    if entry.backend != "tensorrt" or entry.layout != "single":  # GPU timing: one TensorRT plan (not yet split sets)
+        return None, {}
+    runner = load_runner(entry, int(spec["threads"]))
+    from engines.tensorrt.runner import cuda_api
+    from engines.tensorrt.timing import gpu_facts
+
+    facts = {**cuda_api().device_info(), **gpu_facts()}
+
+    def time(x: np.ndarray) -> dict[str, Any]:
+        with runner:
+            return runner.time_gpu({"image": x}, iterations=int(spec["runs"]), warmup=int(spec["warmup"]),
+                                   cuda_graph=bool(spec.get("cuda_graph"))).summary()
+
+    return time, facts
 
 
 def run_worker_spec(spec: dict[str, Any]) -> dict[str, Any]:
