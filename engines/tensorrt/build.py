@@ -155,8 +155,8 @@ def build(
 
     notes: list[str] = []
     if dla_core is not None and batch[0] != batch[2]:
-        notes.append(f"DLA builds static shapes only: with batch {batch[0]} to {batch[2]} every layer runs on the GPU; "
-                     "build with max_batch=1 (--max-batch 1) for a DLA engine")
+        notes.append(f"DLA takes static shapes only: with batch {batch[0]} to {batch[2]}, TensorRT hands the layers to "
+                     "the GPU (GPU fallback); build with max_batch=1 (--max-batch 1) for a DLA engine")
     caches = BuildCaches(cache_dir, trt.__version__, device) if cache_dir is not None else None
     graph_sha256 = sha256_file(graph_path)
     key = caches.plan_key(graph_sha256, precision, plan, profile, settings) if caches else ""
