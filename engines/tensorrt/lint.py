@@ -500,7 +500,8 @@ def _resize_axes(node, facts) -> Iterable[Finding]:
     axes = list(axes)
     if rank is not None:
         axes = [a + rank if a < 0 else a for a in axes]
-    if rank is None or axes != list(range(rank)):
+    # Rank unknown: 0, 1, ..., n-1 can only be every axis (scales/sizes then cover them all).
+    if axes != list(range(rank if rank is not None else len(axes))):
         yield Finding(node.name, node.op_type, "attribute",
                       f"axes={list(_attribute(node, 'axes'))} is not every axis in order; TensorRT resizes all axes: "
                       "give scales or sizes for each axis (1 where nothing changes) and drop axes")
