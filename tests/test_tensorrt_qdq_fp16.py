@@ -139,3 +139,26 @@ def test_large_normals_stay_unit_length_in_the_fp16_graph(tmp_path, keep_output_
         if node.op_type in kept:
             assert types[node.input[0]] == TensorProto.FLOAT, node.name
     assert lint_targets(fp16)["tensorrt-11.0"] == []
+
+
+def test_uint8_class_ids_are_cast_through_float32(tmp_path):
+    # ONNX Runtime's quantization pre-processing fuses the exporter's ArgMax -> Cast(FLOAT) -> Cast(UINT8) into
+    # one Cast from INT64, which TensorRT's UINT8 rule refuses; prepared graphs get the float step back.
+    from onnx import helper
+
+    from calibration.fp16 import cast_uint8_through_float
+
+    nodes = [helper.make_node("ArgMax", ["logits"], ["ids64"], name="argmax", axis=1, keepdims=0),
+             helper.make_node("Cast", ["ids64"], ["semseg"], name="cast", to=TensorProto.UINT8)]
+    graph = helper.make_graph(nodes, "ids", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 21, 2, 2])],
+                              [helper.make_tensor_value_info("semseg", TensorProto.UINT8, [1, 2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert lint_targets(model)["tensorrt-10.3"] and cast_uint8_through_float(model) == 1
+    assert cast_uint8_through_float(model) == 0  # already through float
+    onnx.checker.check_model(model, full_check=True)
+    assert all(findings == [] for findings in lint_targets(model).values())
+    path = tmp_path / "ids.onnx"
+    onnx.save(model, str(path))
+    logits = np.random.default_rng(0).standard_normal((1, 21, 2, 2)).astype(np.float32)
+    ids = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"logits": logits})[0]
+    assert ids.dtype == np.uint8 and np.array_equal(ids, logits.argmax(axis=1).astype(np.uint8))
