@@ -50,6 +50,6 @@ def lint(graphs: tuple[str, ...], targets: tuple[str, ...], dla: bool) -> None:
     chosen = ", ".join(targets or TARGETS)
     verdict = f"{count} finding(s)" if count else "clean"
     if foreign:
-        verdict += f"; {foreign} graph(s) not meant for TensorRT {chosen}"
+        verdict += f"; {foreign} graph(s) meant for none of them"
     click.echo(f"{len(graphs)} graph(s) checked for {chosen}: {verdict}", err=True)
     sys.exit(1 if count else NOT_FOR_TENSORRT_EXIT if foreign else 0)
