@@ -71,8 +71,8 @@ def sibling_graph(graph: Path, kind: str) -> Path | None:
     engine directory of `graph` first, then any other engine directory of that build; None when the
     build wrote none."""
     graph = Path(graph)
-    if len(graph.parents) < 3:
-        return None
+    if graph.parent.name not in GRAPH_KINDS or len(graph.parents) < 3:
+        return None  # not in a build's graphs/<engine>/<kind>/ layout: no siblings to look for
     own = graph.parent.parent / kind / graph.name
     if own.is_file():
         return own
