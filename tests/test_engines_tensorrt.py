@@ -447,3 +447,21 @@ def test_plan_with_foreign_sidecar_is_refused(trt_backend, tiny_onnx, tmp_path):
     sidecar_path_for(artifact.path).write_text(json.dumps(sidecar))
     with pytest.raises(EngineError, match="compute capability 5.3"):
         trt_backend.load(artifact.path)
+
+
+@needs_trt
+def test_gpu_timing_and_caches_on_a_real_gpu(trt_backend, tiny_onnx, tmp_path, test_batch):
+    # What tests/test_tensorrt_backend_fakes.py checks against fakes, once on real hardware.
+    prepared = prepare_graph("tensorrt", tiny_onnx, tmp_path / "work", "fp16")
+    cache = tmp_path / "cache"
+    first = trt_backend.build(prepared.path, tmp_path / "a", precision="fp16", batch=(1, 2, 4), cache_dir=cache,
+                              workspace_mib=256, optimization_level=2)
+    assert list(cache.glob("timing-*.cache")) and first.metadata["workspace_bytes"] == 256 << 20
+    again = trt_backend.build(prepared.path, tmp_path / "b", precision="fp16", batch=(1, 2, 4), cache_dir=cache,
+                              workspace_mib=256, optimization_level=2)
+    assert any("plan cache" in n for n in again.notes)
+    with trt_backend.load(again.path) as runner:
+        for cuda_graph in (False, True):
+            timing = runner.time_gpu({"image": test_batch[:2]}, iterations=20, warmup=5, cuda_graph=cuda_graph)
+            assert timing.iterations == 20 and min(timing.compute) > 0 and min(timing.h2d) > 0
+        runner.infer({"image": test_batch[:2]})  # the runner still infers after timing
