@@ -289,6 +289,10 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
         bundle = open_bundle(Path(opts.from_bundle), say)
         export_dir, bundle_graphs = bundle.export, bundle.graphs
         opts.eval_data = opts.eval_data or str(bundle.evalset)
+        if opts.tolerances is None and bundle.tolerances is not None:
+            # The limits the workstation's build was checked with: a device build is held to the same gate.
+            opts.tolerances = str(bundle.tolerances)
+            say(f"tolerances: the bundle's ({bundle.tolerances})")
         source_line = f"model: bundle {opts.from_bundle}"
     else:
         say(source.how)
