@@ -173,9 +173,10 @@ def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool 
 
     A build that failed its accuracy gate is refused unless `allow_failed`; every check runs before
     anything is written under `out`."""
-    from export.artifacts.project_wheel import build_wheel, constraints_text
+    from export.artifacts.project_wheel import build_wheel, checkout_root, constraints_text
     from mtlora.fileio import commit_directory, staging_dir
 
+    checkout_root()  # the bundle carries a wheel of this project, built from its checkout
     build, out = BuildDir(build_dir), Path(out)
     if not (build.export / "manifest.json").is_file():
         raise ExportError(f"{build.root}: not a build directory (no export/manifest.json); run 'mtlora-export build' first")

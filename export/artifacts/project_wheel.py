@@ -36,9 +36,9 @@ DEVICE_DECIDES = ("cuda-*", "nvidia-*", "tensorrt*", "pycuda")
 NOT_SOURCES = ("__pycache__", "*.pyc", ".*")
 
 
-def checkout_root() -> Path:
-    """The checkout this code runs from; a one-line error when it runs from an installed package."""
-    root = Path(__file__).resolve().parents[2]
+def checkout_root(root: Path | None = None) -> Path:
+    """The checkout this code runs from (or `root`); a one-line error when it is an installed package."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or f'name = "{PROJECT}"' not in pyproject.read_text(errors="replace"):
         raise ExportError(
