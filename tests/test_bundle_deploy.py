@@ -19,7 +19,6 @@ from export.cli import main as export_cli
 from export.errors import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "upstream-mtlora-tiny" / "checkpoint.pth"
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -33,13 +32,11 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(ort_build, tmp_path_factory):
+    """The shared fp32 + int8 ONNX Runtime build (tests/conftest.py), bundled under the name the README's
+    device steps use, so they run here as written."""
     root = tmp_path_factory.mktemp("deploy")
-    code, output = run("build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32", "--precision", "int8",
-                       "--calib-samples", "16", "--eval-samples", "8", "--out", root / "build")
-    assert code == 0, output
-    # The name the README's device steps use, so they run here as written.
-    code, output = run("bundle", root / "build", "--out", root / "bundle-default")
+    code, output = run("bundle", ort_build, "--out", root / "bundle-default")
     assert code == 0, output
     return root / "bundle-default"
 
