@@ -130,6 +130,10 @@ def _limits_edited_to_pass(build: Path) -> None:
 
 
 def _tolerances_gone(build: Path) -> None:
+    """A build made before build.json recorded its limits, whose --tolerances file has gone since."""
+    record = json.loads((build / "build.json").read_text())
+    del record["tolerances"]
+    (build / "build.json").write_text(json.dumps(record))
     (build.parent / "failed-tolerances.json").rename(build.parent / "moved.json")
 
 
@@ -138,7 +142,7 @@ REFUSALS = {
     "no build record (interrupted)": (_without_record, ("build.json", "re-run")),
     "report edited to say passed": (_report_edited, ("report.json", "modified")),
     "passed flags forged, limits kept": (_limits_edited_to_pass, ("FAILED its accuracy gate",)),
-    "tolerance file gone since the build": (_tolerances_gone, ("failed-tolerances.json", "is gone")),
+    "older build, its tolerance file gone": (_tolerances_gone, ("failed-tolerances.json", "is gone")),
 }
 
 
@@ -156,3 +160,27 @@ def test_no_failed_or_unverifiable_build_is_bundled(case, builds, tmp_path):
     for extra in ((), ("--allow-failed",)) if case != "passed flags forged, limits kept" else ((),):
         code, output = invoke(export_cli, "bundle", build, "--out", out, *extra)
         _refused(output, code, out, *words)
+
+
+def test_the_bundle_carries_the_limits_that_decided_the_verdict(builds, tmp_path):
+    """Not the tolerance file as it is now: the build's limits, or those of the latest `check`."""
+    build = tmp_path / "passed"
+    shutil.copytree(builds["passed"], build)
+    limits = Path(json.loads((build / "build.json").read_text())["options"]["tolerances"])
+    edited = tmp_path / "edited-later.json"
+    edited.write_text(json.dumps(STRICT))
+    record = json.loads((build / "build.json").read_text())
+    record["options"]["tolerances"] = str(edited)  # the build's file, edited after the build
+    (build / "build.json").write_text(json.dumps(record))
+    code, output = invoke(export_cli, "bundle", build, "--out", tmp_path / "bundle")
+    assert code == 0, output
+    assert json.loads((tmp_path / "bundle" / "tolerances.json").read_text()) == LOOSE
+    # `check` with other limits makes a new verdict, and the bundle follows it.
+    assert json.loads(limits.read_text()) == LOOSE
+    code, output = invoke(export_cli, "check", build, "--tolerances", edited)
+    assert code == 1, output
+    out = tmp_path / "bundle-after-check"
+    code, output = invoke(export_cli, "bundle", build, "--out", out)
+    _refused(output, code, out, "FAILED its accuracy gate")
+    code, output = invoke(export_cli, "bundle", build, "--out", out, "--allow-failed")
+    assert code == 0 and json.loads((out / "tolerances.json").read_text()) == STRICT, output

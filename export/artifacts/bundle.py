@@ -127,7 +127,8 @@ class BuildVerdict:
 
 def read_verdict(build: BuildDir, tasks) -> BuildVerdict:
     """The verdict of a finished build, from the report build.json vouches for (every check recomputed
-    from its value and limit, so an edited 'passed' flag decides nothing)."""
+    from its value and limit, so an edited 'passed' flag decides nothing), and the tolerances that
+    decided it: those build.json records (a build made before it recorded them: its --tolerances file)."""
     from export.artifacts.records import read_build_record, verify_records
     from export.checking.report import read_report
     from export.checking.tolerances import Tolerances
@@ -136,10 +137,13 @@ def read_verdict(build: BuildDir, tasks) -> BuildVerdict:
     verify_records(build, recorded)
     report = read_report(build.report)
     source = recorded["options"].get("tolerances")
-    if source and not Path(source).is_file():
+    if "tolerances" in recorded:
+        tolerances = Tolerances(recorded["tolerances"], source=f"{build.record}: tolerances")
+    elif source and not Path(source).is_file():
         raise ExportError(f"{source}: the tolerance file {build.root} was checked with is gone; put it back (the "
-                          "bundle carries it to the device) or re-run the build with another --tolerances")
-    tolerances = Tolerances.from_file(source) if source else Tolerances()
+                          "bundle carries it to the device) or re-run the build")
+    else:
+        tolerances = Tolerances.from_file(source) if source else Tolerances()
     tolerances.check_tasks(tasks)
     failures = [f"{e.key} ({', '.join(t for t, r in e.tasks.items() if not r.passed)})"
                 for e in report.engines if not e.passed]

@@ -340,7 +340,7 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
             "options": asdict(opts), "backends": list(dict.fromkeys(b for b, _ in pairs)),
             "precisions": list(dict.fromkeys(p for _, p in pairs)),
             "source": source_line, "engines": [e.key for e in entries], "reused": reused, "seconds": timings,
-            "tensorrt_lint": tensorrt_lint, **record})
+            "tensorrt_lint": tensorrt_lint, "tolerances": tolerances.overrides, **record})
         return BuildOutcome(build.root, outcome.report, reused)
     finally:
         ctx.close()  # the evaluation batches kept on disk for this build
