@@ -1,8 +1,9 @@
 """The TensorRT extras pin cuda-python to the driver's CUDA major on every platform we deploy to.
 
 cuda-python 13 needs a CUDA 13 driver (>= 580); JetPack 6 ships CUDA 12, so an unpinned
-`cuda-python>=12` resolves to 13.x there and every CUDA call fails. The markers are evaluated
-offline with `packaging` (always); pip's own resolver then proves which release a JetPack's
+`cuda-python>=12` resolves to 13.x there and every CUDA call fails. One extra per CUDA major
+(`tensorrt-cu12`, `tensorrt-cu13`), chosen by the device's row of the install table. The markers are
+evaluated offline with `packaging` (always); pip's own resolver then proves which release a JetPack's
 Python would get (needs PyPI; skipped with the reason when the index cannot be reached).
 """
 
@@ -25,9 +26,9 @@ except ImportError:  # Python 3.10
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 EXTRAS = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
 
-# (platform, extra) -> the cuda-python major it must install. JetPack 6: Ubuntu 22.04, Python 3.10,
-# CUDA 12. JetPack 7.0/7.1/7.2: Ubuntu 24.04, Python 3.12, CUDA 13. x86_64: `tensorrt` is CUDA 12
-# (the drivers most machines have), `tensorrt-cu13` for a CUDA 13 driver.
+# (platform, extra) -> the cuda-python major it must install, whatever the platform: JetPack 6 (Ubuntu
+# 22.04, Python 3.10) and x86 drivers 525 to 575 are CUDA 12; JetPack 7.x (Ubuntu 24.04, Python 3.12) and
+# drivers from 580 are CUDA 13.
 PLATFORMS = {
     "jetpack6": {"platform_machine": "aarch64", "python_version": "3.10", "python_full_version": "3.10.12",
                  "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "implementation_name": "cpython"},
@@ -39,8 +40,6 @@ PLATFORMS = {
                   "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "implementation_name": "cpython"},
 }
 EXPECTED_MAJOR = {
-    ("jetpack6", "tensorrt"): 12, ("jetpack7", "tensorrt"): 13,
-    ("x86_py310", "tensorrt"): 12, ("x86_py312", "tensorrt"): 12,
     **{(p, "tensorrt-cu12"): 12 for p in PLATFORMS},
     **{(p, "tensorrt-cu13"): 13 for p in PLATFORMS},
 }  # fmt: skip
@@ -94,12 +93,18 @@ def _pip_dry_run(requirement: str, platforms: list[str], python_version: str) ->
 JETPACK_WHEEL_TAGS = ["manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_35_aarch64"]
 
 
-@pytest.mark.parametrize(("platform", "python_version", "major"), [("jetpack6", "3.10", 12), ("jetpack7", "3.12", 13)])
-def test_pip_resolves_the_pinned_cuda_python_on_jetpack(platform, python_version, major):
-    req = requirements_for("tensorrt", platform)["cuda-python"]
+@pytest.mark.parametrize(("platform", "python_version", "extra", "major"),
+                         [("jetpack6", "3.10", "tensorrt-cu12", 12), ("jetpack7", "3.12", "tensorrt-cu13", 13)])
+def test_pip_resolves_the_pinned_cuda_python_on_jetpack(platform, python_version, extra, major):
+    req = requirements_for(extra, platform)["cuda-python"]
     report = _pip_dry_run(f"{req.name}{req.specifier}", JETPACK_WHEEL_TAGS, python_version)
     installed = {item["metadata"]["name"]: item["metadata"]["version"] for item in report["install"]}
     assert Version(installed["cuda-python"]).major == major, installed
     # The unpinned requirement this replaces resolves to 13.x on JetPack 6 too: the bug of issue #13.
     unpinned = _pip_dry_run("cuda-python>=12", JETPACK_WHEEL_TAGS, python_version)
     assert Version(unpinned["install"][0]["metadata"]["version"]).major >= 13
+
+
+def test_every_tensorrt_extra_is_pinned_here():
+    """A TensorRT extra added to pyproject.toml without its row here would go unchecked."""
+    assert {e for e in EXTRAS if e.startswith("tensorrt")} == {extra for _, extra in EXPECTED_MAJOR}

@@ -407,7 +407,8 @@ def cuda_api():
         return _PyCuda()
     except ImportError:
         raise BackendUnavailable(
-            "neither cuda-python nor pycuda is installed; pip install 'mtlora-export[tensorrt]' (see README)"
+            "neither cuda-python nor pycuda is installed; install the wheel with the extra for the driver's "
+            "CUDA major, [tensorrt-cu12] or [tensorrt-cu13] (README 'Deploying on Jetson')"
         ) from None
 
 

@@ -17,11 +17,17 @@ MIN_IMAGE_SIDE = 8
 @click.command("bundle")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory (a .tar.gz is written beside it).")
-def bundle(build_dir: str, out: str) -> None:
-    """Write a self-contained deployment bundle (ONNX graphs, references, eval images, README)."""
+@click.option("--allow-failed", is_flag=True,
+              help="Bundle a build that failed its accuracy gate (bundle.json and the bundle's README say so).")
+def bundle(build_dir: str, out: str, allow_failed: bool) -> None:
+    """Write a self-contained deployment bundle: ONNX graphs, references, eval images, the build's
+    tolerances, a wheel of mtlora-export with the versions it was tested with, and a README.
+
+    A build that failed its accuracy gate is refused (exit 1) unless --allow-failed.
+    """
     from export.artifacts.bundle import make_bundle
 
-    directory, archive = make_bundle(build_dir, out, say)
+    directory, archive = make_bundle(build_dir, out, say, allow_failed=allow_failed)
     click.echo(f"bundle: {directory}\narchive: {archive}\nsee {directory}/README.md for the commands on the device")
 
 

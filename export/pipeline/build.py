@@ -307,6 +307,10 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
         bundle = open_bundle(Path(opts.from_bundle), say)
         export_dir, bundle_graphs = bundle.export, bundle.graphs
         opts.eval_data = opts.eval_data or str(bundle.evalset)
+        if opts.tolerances is None and bundle.tolerances is not None:
+            # The limits the workstation's build was checked with: a device build is held to the same gate.
+            opts.tolerances = str(bundle.tolerances)
+            say(f"tolerances: the bundle's ({bundle.tolerances})")
         source_line = f"model: bundle {opts.from_bundle}"
     else:
         say(source.how)
@@ -354,7 +358,7 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
             "options": asdict(opts), "backends": list(dict.fromkeys(b for b, _ in pairs)),
             "precisions": list(dict.fromkeys(p for _, p in pairs)),
             "source": source_line, "engines": [e.key for e in entries], "reused": reused, "seconds": timings,
-            "tensorrt_lint": tensorrt_lint, **record})
+            "tensorrt_lint": tensorrt_lint, "tolerances": tolerances.overrides, **record})
         return BuildOutcome(build.root, outcome.report, reused)
     finally:
         ctx.close()  # the evaluation batches kept on disk for this build

@@ -228,5 +228,7 @@ def run_check(build_dir: str | Path, say: Say, eval_data: str | None = None, tol
             previous = read_report(build.report)
             outcome.report.fallbacks, outcome.report.auto = previous.fallbacks, previous.auto
             outcome.report.notes = previous.notes
-        write_records(build, outcome, {k: v for k, v in recorded.items() if k not in ("files", "passed")})
+        # The limits that decided this verdict (a bundle carries them to the device), whatever file held them.
+        write_records(build, outcome, {**{k: v for k, v in recorded.items() if k not in ("files", "passed")},
+                                       "tolerances": limits.overrides})
     return outcome.report
