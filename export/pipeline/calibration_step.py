@@ -44,6 +44,10 @@ def calibration_set(opts: BuildOptions, interface: ModelInterface, say: Say):
         images = EvalSet.read(spec.root).images
         return CalibrationSet.from_arrays(images[: opts.calib_samples].astype(np.float32), input_name="image")
     count = check_calibration_data(opts)
+    if spec.kind == "images":
+        calibration = own_images(spec.root, opts.calib_samples, interface, say)
+        calibration.progress = say
+        return calibration
     say(f"[calibrate] {count} samples from {spec.describe()}")
 
     def iterate():
@@ -51,7 +55,65 @@ def calibration_set(opts: BuildOptions, interface: ModelInterface, say: Say):
                                    std=interface.std, limit=opts.calib_samples, default_split="train"):
             yield {"image": sample.image[None].astype(np.float32)}
 
-    return CalibrationSet.from_source(iterate, num_samples=count, input_names=["image"])
+    calibration = CalibrationSet.from_source(iterate, num_samples=count, input_names=["image"])
+    calibration.progress = say  # 100,000 samples take minutes: say how far, and how long is left
+    return calibration
+
+
+# Named one by one up to this many; more are counted.
+SKIPPED_NAMED = 20
+
+
+def readable_images(paths: list[Path], wanted: int, say: Say) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The first `wanted` images of `paths` that read as images, and the ones skipped with why."""
+    from calibration.progress import with_progress
+    from mtlora.data.preprocess import load_image
+    from mtlora.errors import MTLoRAError
+
+    good, skipped = [], []
+    for path in with_progress(paths, total=len(paths), what="checking the images", say=say):
+        if len(good) == wanted:
+            break
+        try:
+            load_image(path)
+        except MTLoRAError as err:  # load_image's one-line reasons: empty, truncated, not an image, too large
+            skipped.append((path, str(err)))
+        else:
+            good.append(path)
+    return good, skipped
+
+
+def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
+    """A directory of the user's images as calibration data: unreadable files are skipped and named, and
+    the count found is said before calibrating. The fingerprint hashes the files, not the decoded pixels."""
+    import functools
+
+    from calibration.data import MIN_SAMPLES, CalibrationSet
+    from export.pipeline.data import image_files
+
+    files = image_files(root)
+    good, skipped = readable_images(files, wanted, say)
+    for path, why in skipped[:SKIPPED_NAMED]:
+        say(f"[calibrate] skipped {why}" if str(path) in why else f"[calibrate] skipped {path}: {why}")
+    if len(skipped) > SKIPPED_NAMED:
+        say(f"[calibrate] skipped {len(skipped) - SKIPPED_NAMED} more unreadable files")
+    if len(good) < MIN_SAMPLES:
+        raise ExportError(f"--calib-data {root}: only {len(good)} readable images ({len(skipped)} unreadable); "
+                          f"int8 calibration needs at least {MIN_SAMPLES}, and a few hundred give stable ranges")
+    unused = len(files) - len(good) - len(skipped)
+    say(f"[calibrate] {len(good)} images from {root}" + (f", {len(skipped)} unreadable skipped" if skipped else "")
+        + (f" ({unused} more not used: --calib-samples {wanted})" if unused else ""))
+    prepare = functools.partial(preprocess_file, size=interface.size, mean=tuple(interface.mean),
+                                std=tuple(interface.std))
+    return CalibrationSet.from_images(good, preprocess=prepare, size=(interface.size, interface.size),
+                                      mean=interface.mean, std=interface.std)
+
+
+def preprocess_file(path: Path, *, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """One calibration image file -> model input, exactly as at inference."""
+    from mtlora.data.preprocess import load_image, preprocess
+
+    return preprocess(load_image(path), size=(size, size), mean=mean, std=std).astype(np.float32)
 
 
 def graph_inputs(path: Path) -> list[str]:
