@@ -18,6 +18,7 @@ class BenchOptions:
     torch_eager: bool = True  # also time the PyTorch model, unmerged and merged
     matmul_size: int = 2048
     quiet_wait_s: float = 0.0  # before each format, wait up to this long for other processes to go quiet
+    runtime_rows: bool = True  # per fp32 engine set: one task at run time, and a generated video end to end
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(sorted({int(b) for b in self.batch_sizes}))

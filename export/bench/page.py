@@ -67,7 +67,7 @@ from export.bench.plain_backbone import build_backbones
 from export.bench.profile import profile_graphs
 from export.bench.run import benchmark, build_for_bench, write_json
 from export.bench.tables import MEASUREMENT_NOTES, PERF_HEADER, accuracy_rows, md_table, perf_rows
-from export.bench.targets import PASSED, Target, engine_targets, torch_targets
+from export.bench.targets import PASSED, Target, engine_targets, runtime_targets, torch_targets
 from export.bench.timing import interleaved_latency, wait_for_quiet
 from export.onnx.flops import count_flops
 
@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         t.batch_sizes = (1,)  # PyTorch eager at batch 8 takes minutes on two cores
     targets += engine_targets(build_dir, report, failures)
+    targets += runtime_targets(build_dir)  # one task at run time and a video end to end, beside fp32's infer row
     result = benchmark(targets, opts, input_size=IMG_SIZE, model_flops=model_flops, say=say, command=command,
                        model={"build_dir": str(build_dir), "tasks": list(TASKS), "layout": "single",
                               "checkpoint": str(checkpoint)})

@@ -34,6 +34,7 @@ class VideoRun:
     frames: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    frame_times: list[float] = field(default_factory=list)  # seconds from the start to each frame written
     interrupted: bool = False
 
     @property
@@ -125,7 +126,8 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
                 picture = compose(interface, model_input, outputs)
                 start = stage("postprocess", start)
                 sink.write(picture)
-                stage("encode", start)
+                now = stage("encode", start)
+                run.frame_times.append(now - started)
                 run.frames += 1
         except _Stop:
             pass
