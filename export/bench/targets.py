@@ -94,8 +94,13 @@ VIDEO_FRAME_SIZE = (640, 480)  # (width, height): a camera's frame, resized by t
 
 
 def runtime_targets(build_dir: Path, precision: str = "fp32") -> list[Target]:
-    """For each engine set of `precision` in the build: one task at run time, and a video end to end."""
+    """For each engine set of `precision` in the build: one task at run time, and a video end to end (when
+    OpenCV, the `video` extra, is installed)."""
+    import importlib.util
+
     from export.artifacts.engineset import list_engine_sets
+
+    video = importlib.util.find_spec("cv2") is not None
 
     targets = []
     for entry in list_engine_sets(build_dir):
@@ -109,6 +114,8 @@ def runtime_targets(build_dir: Path, precision: str = "fp32") -> list[Target]:
                               entry.precision, UNCHECKED, batch_sizes=(1,),
                               notes=[f"{entry.layout} layout, one task of {len(entry.interface.tasks)} at run time: "
                                      f"{how}"]))
+        if not video:
+            continue
         targets.append(Target(f"{entry.key} [video end to end]", "video",
                               {**base, "frames": VIDEO_FRAMES, "frame_size": list(VIDEO_FRAME_SIZE)},
                               entry.backend, entry.precision, UNCHECKED, batch_sizes=(1,),
