@@ -142,3 +142,17 @@ def test_a_failed_move_puts_older_outputs_back(tmp_path, monkeypatch):
         staged.publish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
     assert (tmp_path / "a.npz").read_bytes() == b"old a"
+
+
+def test_images_of_the_same_name_get_their_own_pictures(ort_build, tmp_path):
+    from PIL import Image
+
+    for folder, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64), colour).save(tmp_path / folder / "photo.png")
+    out = tmp_path / "out" / "pred.npz"
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--image",
+                          tmp_path / "a" / "photo.png", "--image", tmp_path / "b" / "photo.png", "--tasks", "sal",
+                          "--out", out)
+    assert code == 0, output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pred.npz", "pred_photo_2_sal.png", "pred_photo_sal.png"]

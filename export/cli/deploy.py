@@ -31,6 +31,17 @@ def safe_stem(path: str) -> str:
     return stem or "image"
 
 
+def unique_stems(paths) -> list[str]:
+    """`safe_stem` of each path, numbered from the second of a repeated name (a/photo.jpg, b/photo.jpg)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = safe_stem(path)
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems
+
+
 def _load(path: str, size: int):
     import numpy as np
 
@@ -108,11 +119,11 @@ def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]
     buffer = io.BytesIO()
     np.savez(buffer, **outputs)
     staged.write(out_path.name, buffer.getvalue())
-    for i, image in enumerate(images):
+    for i, stem in enumerate(unique_stems(images)):
         for task, value in outputs.items():
             png = io.BytesIO()
             Image.fromarray(render_output(task, value[i], model.interface.kind(task))).save(png, format="PNG")
-            staged.write(f"{out_path.stem}_{safe_stem(image)}_{task}.png", png.getvalue())
+            staged.write(f"{out_path.stem}_{stem}_{task}.png", png.getvalue())
     staged.publish()
     shapes = ", ".join(f"{t} {tuple(v.shape)}" for t, v in outputs.items())
     click.echo(f"{model.entry.key}: {len(images)} image(s) in {1000 * seconds:.1f} ms -> {out_path} ({shapes})")
