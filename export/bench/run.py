@@ -17,8 +17,15 @@ from export.artifacts.manifest import ExportInfo
 from export.artifacts.records import read_build_record
 from export.bench.machine import load_average, machine_info, matmul_rate
 from export.bench.options import BenchOptions
-from export.bench.targets import (FAILED_BUILD, FAILED_RUN, Say, Target, engine_targets, runtime_targets,
-                                  torch_targets)
+from export.bench.targets import (
+    FAILED_BUILD,
+    FAILED_RUN,
+    Say,
+    Target,
+    engine_targets,
+    runtime_targets,
+    torch_targets,
+)
 from export.bench.timing import MIN_RUNS, wait_for_quiet
 from export.bench.worker import MIB, run_target
 from export.checking.results import Report

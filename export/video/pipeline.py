@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from export.errors import ExportError
 from export.video.frames import FrameSource, VideoSink
 from export.video.overlay import compose
