@@ -180,3 +180,41 @@ def test_without_opencv_the_error_names_the_extra(ort_build, clip, tmp_path, mon
                           "--out", tmp_path / "o.mp4")
     assert code == 1 and len(output.strip().splitlines()) == 1
     assert "pip install 'mtlora-export[video]'" in output
+
+
+class InterruptedEngine:
+    """A real engine; Ctrl-C arrives (in the main thread, as a signal does) during call `at`."""
+
+    def __init__(self, engine, at: int):
+        self.engine, self.at, self.calls, self.interface = engine, at, 0, engine.interface
+
+    def infer(self, batch, tasks):
+        self.calls += 1
+        if self.calls == self.at:
+            time.sleep(0.3)  # let the writer catch up, as a person pressing Ctrl-C would
+            raise KeyboardInterrupt
+        return self.engine.infer(batch, tasks)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_ctrl_c_ends_a_camera_run_and_keeps_its_video_but_not_a_file_run(ort_build, clip, tmp_path, live):
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import run_video
+
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = FrameSource(cv2.VideoCapture(str(clip)), "--camera 0" if live else f"--video {clip}", live=live)
+        sink = VideoSink(tmp_path / "out.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+        try:
+            if live:
+                run = run_video(InterruptedEngine(engine, 4), source, sink, ("sal",))
+                sink.publish()
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    run_video(InterruptedEngine(engine, 4), source, sink, ("sal",))
+        finally:
+            source.close()
+    if live:
+        assert run.interrupted and run.frames == 3
+        assert len(read_frames(tmp_path / "out.avi")) == 3
+    assert [p.name for p in tmp_path.iterdir()] == (["out.avi"] if live else [])

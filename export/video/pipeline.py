@@ -171,6 +171,9 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     if failures:
         sink.discard()
         raise failures[0]
+    if run.frames == 0 and run.interrupted:
+        sink.discard()
+        raise ExportError(f"{source.name}: stopped before a frame was written; nothing was written")
     if run.frames == 0:
         sink.discard()
         raise ExportError(f"{source.name}: no frame could be decoded (an empty or damaged video, or a camera "
