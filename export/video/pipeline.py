@@ -1,8 +1,11 @@
-"""A video or camera through an engine, pipelined: decode -> preprocess | infer | overlay -> encode.
+"""A video or camera through an engine, pipelined: decode | preprocess | infer | overlay -> encode.
 
-Three threads with small queues between them: a reader decodes and preprocesses the next frames
-while the engine runs the current one (ONNX Runtime, OpenVINO and TensorRT release the GIL while
-they compute), and a writer draws and encodes the frames the engine has finished. Every stage
+Four threads with small queues between them: a reader decodes the next frames and a second thread
+preprocesses them while the engine runs the current one (ONNX Runtime, OpenVINO and TensorRT, like
+OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws and
+encodes the frames the engine has finished. On a device with a few cores, decoding a camera frame
+and resizing it can each cost as much as a small model's inference; in separate threads they
+overlap it instead of adding to it. Every stage
 times itself, so the summary says where a frame's time goes; end-to-end frames per second is
 frames over the wall time of the whole run.
 """
@@ -88,7 +91,7 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     interface = engine.interface
     run = VideoRun()
     stopping = threading.Event()
-    decoded, inferred = _Pipe(stopping), _Pipe(stopping)
+    raw, decoded, inferred = _Pipe(stopping), _Pipe(stopping), _Pipe(stopping)
     failures: list[BaseException] = []
 
     def stage(name: str, start: float) -> float:
@@ -96,45 +99,51 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
         run.stage_seconds[name] += now - start
         return now
 
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        """A stage's loop in its thread: its failure goes to the main thread, which raises it."""
+        def loop() -> None:
+            try:
+                work()
+            except _Stop:
+                pass
+            except BaseException as err:  # noqa: BLE001
+                failures.append(err)
+                stopping.set()
+        return loop
+
     def read() -> None:
-        try:
-            count = 0
-            while max_frames is None or count < max_frames:
-                start = time.perf_counter()
-                frame = source.read()
-                if frame is None:
-                    break
-                start = stage("decode", start)
-                model_input = interface.preprocess(frame)
-                stage("preprocess", start)
-                decoded.put(model_input)
-                count += 1
-            decoded.put(_END)
-        except _Stop:
-            pass
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
-            failures.append(err)
-            stopping.set()
+        count = 0
+        while max_frames is None or count < max_frames:
+            start = time.perf_counter()
+            frame = source.read()
+            if frame is None:
+                break
+            stage("decode", start)
+            raw.put(frame)
+            count += 1
+        raw.put(_END)
+
+    def prepare() -> None:
+        while (frame := raw.get()) is not _END:
+            start = time.perf_counter()
+            model_input = interface.preprocess(frame)
+            stage("preprocess", start)
+            decoded.put(model_input)
+        decoded.put(_END)
 
     def write() -> None:
-        try:
-            while (item := inferred.get()) is not _END:
-                model_input, outputs = item
-                start = time.perf_counter()
-                picture = compose(interface, model_input, outputs)
-                start = stage("postprocess", start)
-                sink.write(picture)
-                now = stage("encode", start)
-                run.frame_times.append(now - started)
-                run.frames += 1
-        except _Stop:
-            pass
-        except BaseException as err:  # noqa: BLE001
-            failures.append(err)
-            stopping.set()
+        while (item := inferred.get()) is not _END:
+            model_input, outputs = item
+            start = time.perf_counter()
+            picture = compose(interface, model_input, outputs)
+            start = stage("postprocess", start)
+            sink.write(picture)
+            now = stage("encode", start)
+            run.frame_times.append(now - started)
+            run.frames += 1
 
-    workers = [threading.Thread(target=read, name="decode", daemon=True),
-               threading.Thread(target=write, name="encode", daemon=True)]
+    workers = [threading.Thread(target=guarded(work), name=work.__name__, daemon=True)
+               for work in (read, prepare, write)]
     started = time.perf_counter()
     last_progress = started
     total = max_frames if source.frame_count is None else min(source.frame_count, max_frames or source.frame_count)
@@ -153,7 +162,7 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
                 of = f"/{total}" if total else ""
                 say(f"[video] {sent}{of} frames, {sent / (last_progress - started):.1f} fps")
         inferred.put(_END)
-        workers[1].join()
+        workers[-1].join()
     except _Stop:  # a worker failed; its error is in `failures`
         pass
     except KeyboardInterrupt:
