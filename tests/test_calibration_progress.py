@@ -67,7 +67,7 @@ def test_own_images_skip_unreadable_files_by_name_and_say_the_count_first(tmp_pa
     images.mkdir()
     for i in range(9):
         pixels = (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(images / f"img{i}.png")
+        Image.fromarray(pixels).save(images / (f"img{i}.ppm" if i == 8 else f"img{i}.png"))  # every image kind read
     (images / "empty.jpg").write_bytes(b"")
     (images / "notes.png").write_text("not an image")
     (images / "cut.png").write_bytes((images / "img0.png").read_bytes()[:200])

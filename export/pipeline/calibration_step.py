@@ -86,8 +86,6 @@ def readable_images(paths: list[Path], wanted: int, say: Say) -> tuple[list[Path
 def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
     """A directory of the user's images as calibration data: unreadable files are skipped and named, and
     the count found is said before calibrating. The fingerprint hashes the files, not the decoded pixels."""
-    import functools
-
     from calibration.data import MIN_SAMPLES, CalibrationSet
     from export.pipeline.data import image_files
 
@@ -103,17 +101,27 @@ def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
     unused = len(files) - len(good) - len(skipped)
     say(f"[calibrate] {len(good)} images from {root}" + (f", {len(skipped)} unreadable skipped" if skipped else "")
         + (f" ({unused} more not used: --calib-samples {wanted})" if unused else ""))
-    prepare = functools.partial(preprocess_file, size=interface.size, mean=tuple(interface.mean),
-                                std=tuple(interface.std))
-    return CalibrationSet.from_images(good, preprocess=prepare, size=(interface.size, interface.size),
-                                      mean=interface.mean, std=interface.std)
+
+    def iterate():
+        for path in good:
+            yield {"image": preprocess_file(path, interface)[None]}
+
+    def digest_items():
+        # The preprocessing is fixed by the interface (in the settings), so the files' bytes identify the feeds.
+        for path in good:
+            yield path.read_bytes()
+
+    settings = {"images": [p.relative_to(root).as_posix() for p in good], "size": interface.size, "mean": list(interface.mean),
+                "std": list(interface.std)}
+    return CalibrationSet.from_source(iterate, num_samples=len(good), input_names=["image"], settings=settings,
+                                      digest_items=digest_items)
 
 
-def preprocess_file(path: Path, *, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """One calibration image file -> model input, exactly as at inference."""
-    from mtlora.data.preprocess import load_image, preprocess
+def preprocess_file(path: Path, interface: ModelInterface) -> np.ndarray:
+    """One calibration image file -> model input (3, size, size), exactly as at inference."""
+    from mtlora.data.preprocess import load_image
 
-    return preprocess(load_image(path), size=(size, size), mean=mean, std=std).astype(np.float32)
+    return interface.preprocess(load_image(path))
 
 
 def graph_inputs(path: Path) -> list[str]:
