@@ -165,16 +165,11 @@ def test_interleaved_timing_keeps_whole_rounds():
     assert calls[4:6] == ["b", "a"]  # the order rotates
 
 
-def test_one_task_at_run_time_on_a_split_build(tmp_path):
+def test_one_task_at_run_time_on_a_split_build(ort_split_build):
     """The bench's one-task row on a split build runs the backbone and that task's head only."""
-    out = tmp_path / "split"
-    outcome = run_build(BuildOptions(checkpoint=str(FIXTURE), backends=("onnxruntime",), precisions=("fp32",),
-                                     layout="split", eval_samples=2, report_samples=0, out=str(out)),
-                        lambda _line: None)
-    assert outcome.passed
     from export.bench.targets import runtime_targets
 
-    one_task = runtime_targets(out)[0]
+    one_task = runtime_targets(ort_split_build)[0]
     assert one_task.name == "onnxruntime-fp32 [semseg only]" and "other heads do not" in one_task.notes[0]
     spec = {"kind": one_task.kind, "load": one_task.load, "threads": 1, "input_size": 64, "batch_sizes": [1],
             "warmup": 1, "runs": 3, "budget_s": 0}

@@ -12,20 +12,16 @@ import pytest
 from export import open_engine
 from export.cli import main as export_cli
 from export.errors import ExportError
-from tests.conftest import FIXTURE, invoke
+from tests.conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "mtlora" / "assets" / "example.png"
 TASKS = ("semseg", "human_parts", "sal", "normals")
 
 
-@pytest.fixture(scope="module")
-def split_build(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("split") / "build"
-    code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
-                          "--layout", "split", "--eval-samples", "2", "--out", out)
-    assert code == 0, output
-    return out
+@pytest.fixture
+def split_build(ort_split_build) -> Path:
+    return ort_split_build
 
 
 def batch(n: int = 2) -> np.ndarray:
