@@ -94,11 +94,14 @@ def test_run_tasks_on_a_single_graph_says_it_runs_whole(ort_build, tmp_path):
 
 
 @pytest.mark.parametrize("tasks", ["depth", "semseg,depth", ","])
-def test_run_with_unknown_tasks_is_one_line_and_writes_nothing(ort_build, tmp_path, tasks):
+def test_run_with_unknown_tasks_is_a_usage_error_and_writes_nothing(ort_build, tmp_path, tasks):
     code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--image", EXAMPLE,
                           "--tasks", tasks, "--out", tmp_path / "out" / "pred.npz")
-    assert code == 1
-    assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1 and "this engine has: semseg, human_parts, sal, normals" in output
+    assert code == 2, output  # a flag naming what the engine lacks, like any bad flag value
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in output
+    assert errors[0].startswith("Error: Invalid value for --tasks: ")
+    assert errors[0].endswith("this engine has: semseg, human_parts, sal, normals")
     assert not (tmp_path / "out").exists()
 
 

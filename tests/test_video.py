@@ -156,9 +156,7 @@ BAD_INPUT = {
     "zero_frames": (_no_frames, "no frame could be decoded"),
     "out_under_a_file": (_out_under_a_file, "is a file, not a directory"),
     "out_is_a_directory": (_out_is_a_directory, "is a directory"),
-    "out_not_a_video_suffix": (lambda f, t: ["--video", f, "--out", t / "o.npz"], "a video needs one of the suffixes"),
     "camera_that_does_not_open": (lambda f, t: ["--camera", "57", "--out", t / "o.mp4"], "camera 57 does not open"),
-    "unknown_task": (lambda f, t: ["--video", f, "--out", t / "o.mp4", "--tasks", "depth"], "this engine has:"),
 }
 
 
@@ -172,6 +170,23 @@ def test_bad_video_input_is_one_line_and_writes_nothing(ort_build, clip, tmp_pat
     assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1, output
     assert message in output
     assert {p.name for p in tmp_path.rglob("*")} == before  # no video, no staging file
+
+
+USAGE = {
+    "unknown_task": (["--tasks", "depth"], "o.mp4", "Invalid value for --tasks: unknown task(s) depth; this engine has:"),
+    "not_a_video_suffix": ([], "o.npz", "Invalid value for --out: a video needs one of the suffixes .mp4"),
+    "no_out": ([], None, "Invalid value for --out: name the overlay video to write"),
+    "max_frames_zero": (["--max-frames", "0"], "o.mp4", "Invalid value for '--max-frames'"),
+}
+
+
+@pytest.mark.parametrize("case", USAGE)
+def test_bad_video_flags_are_usage_errors(ort_build, clip, tmp_path, case):
+    extra, out, message = USAGE[case]
+    args = ["--video", clip, *extra, *(["--out", tmp_path / out] if out else [])]
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", *args)
+    assert code == 2 and message in output, output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_opencv_the_error_names_the_extra(ort_build, clip, tmp_path, monkeypatch):

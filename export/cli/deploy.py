@@ -88,7 +88,10 @@ def run(engine: str, images: tuple[str, ...], video: str | None, camera: int | N
     if images and max_frames is not None:
         raise click.BadParameter("is for --video and --camera", param_hint="--max-frames")
     model = open_engine(engine, threads)
-    chosen = model.choose_tasks(tasks)
+    try:
+        chosen = model.choose_tasks(tasks)
+    except ExportError as err:  # a flag naming what the engine lacks: a usage error, as click's own (exit 2)
+        raise click.BadParameter(str(err), param_hint="--tasks") from None
     if tasks is not None and not model.runs_chosen_tasks_only:
         say(f"[run] {model.entry.key} is one graph: all its tasks run and only {', '.join(chosen)} are kept; "
             "to run fewer, build with `build --tasks` or `--layout split`")
@@ -131,12 +134,14 @@ def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]
 
 def _run_video(model, video: str | None, camera: int | None, out: str | None, tasks: tuple[str, ...],
                max_frames: int | None) -> None:
-    from export.video.frames import FrameSource, VideoSink
+    from export.video.frames import CODECS, FrameSource, VideoSink
     from export.video.overlay import overlay_size
     from export.video.pipeline import run_video
 
     if out is None:
         raise click.BadParameter("name the overlay video to write, e.g. --out overlay.mp4", param_hint="--out")
+    if Path(out).suffix.lower() not in CODECS:
+        raise click.BadParameter(f"a video needs one of the suffixes {', '.join(CODECS)}", param_hint="--out")
     source = FrameSource.video(video) if video is not None else FrameSource.camera(camera)
     sink = None
     try:
