@@ -169,8 +169,9 @@ def test_one_task_at_run_time_on_a_split_build(ort_split_build):
     """The bench's one-task row on a split build runs the backbone and that task's head only."""
     from export.bench.targets import runtime_targets
 
-    one_task = runtime_targets(ort_split_build)[0]
-    assert one_task.name == "onnxruntime-fp32 [semseg only]" and "other heads do not" in one_task.notes[0]
+    every, one_task = runtime_targets(ort_split_build, all_tasks=True, video=False)
+    assert every.name == "onnxruntime-fp32 split [all tasks]" and "tasks" not in every.load
+    assert one_task.name == "onnxruntime-fp32 split [semseg only]" and "other heads do not" in one_task.notes[0]
     spec = {"kind": one_task.kind, "load": one_task.load, "threads": 1, "input_size": 64, "batch_sizes": [1],
             "warmup": 1, "runs": 3, "budget_s": 0}
     result = run_worker_spec(spec)

@@ -93,30 +93,36 @@ VIDEO_FRAMES = 48
 VIDEO_FRAME_SIZE = (640, 480)  # (width, height): a camera's frame, resized by the preprocessing as on a device
 
 
-def runtime_targets(build_dir: Path, precision: str = "fp32") -> list[Target]:
-    """For each engine set of `precision` in the build: one task at run time, and a video end to end (when
-    OpenCV, the `video` extra, is installed)."""
+def runtime_targets(build_dir: Path, precision: str = "fp32", *, all_tasks: bool = False,
+                    video: bool = True) -> list[Target]:
+    """For each engine set of `precision` in the build: one task at run time (with `all_tasks`, also the
+    same engine asked for every task, when no other row of the benchmark times it), and a video end to end
+    (with `video`, when OpenCV, the `video` extra, is installed). A split build's rows say `split`."""
     import importlib.util
 
     from export.artifacts.engineset import list_engine_sets
 
-    video = importlib.util.find_spec("cv2") is not None
-
+    video = video and importlib.util.find_spec("cv2") is not None
     targets = []
     for entry in list_engine_sets(build_dir):
         if entry.precision != precision or entry.interface is None:
             continue
         task = entry.interface.tasks[0]
-        how = ("the backbone and its head run, the other heads do not" if entry.layout == "split"
+        split = entry.layout == "split"
+        name = f"{entry.key}{' split' if split else ''}"
+        how = ("the backbone and its head run, the other heads do not" if split
                else "a single graph runs whole; only the output is dropped")
         base = {"directory": str(entry.directory)}
-        targets.append(Target(f"{entry.key} [{task} only]", "engine", {**base, "tasks": [task]}, entry.backend,
+        if all_tasks:
+            targets.append(Target(f"{name} [all tasks]", "engine", base, entry.backend, entry.precision, UNCHECKED,
+                                  batch_sizes=(1,), notes=[f"{entry.layout} layout, every task"]))
+        targets.append(Target(f"{name} [{task} only]", "engine", {**base, "tasks": [task]}, entry.backend,
                               entry.precision, UNCHECKED, batch_sizes=(1,),
                               notes=[f"{entry.layout} layout, one task of {len(entry.interface.tasks)} at run time: "
                                      f"{how}"]))
         if not video:
             continue
-        targets.append(Target(f"{entry.key} [video end to end]", "video",
+        targets.append(Target(f"{name} [video end to end]", "video",
                               {**base, "frames": VIDEO_FRAMES, "frame_size": list(VIDEO_FRAME_SIZE)},
                               entry.backend, entry.precision, UNCHECKED, batch_sizes=(1,),
                               notes=[f"a generated {VIDEO_FRAME_SIZE[0]}x{VIDEO_FRAME_SIZE[1]} clip of "
