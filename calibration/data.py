@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from calibration.errors import CalibrationError
+from calibration.progress import with_progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Fewer samples than this give activation ranges that swing with every image; allowed on request only.
@@ -41,6 +42,7 @@ class CalibrationSet:
         digest_items: Callable[[], Iterator[bytes]],
         settings: Mapping[str, Any],
         input_names: Sequence[str],
+        digest_chunks_per_sample: int | None = None,
     ):
         self.kind = kind
         self.num_samples = num_samples
@@ -50,13 +52,16 @@ class CalibrationSet:
         self._iterate = iterate
         self._digest_items = digest_items
         self._fingerprint: str | None = None
+        # Progress lines for long passes (`calibration.progress`): set by whoever shows them, e.g. the build.
+        self.progress: Callable[[str], None] | None = None
+        self._digest_chunks_per_sample = digest_chunks_per_sample  # None: unknown, so no time estimate
 
     def __len__(self) -> int:
         """Number of feeds (batches) one pass yields."""
         return self._num_feeds
 
     def __iter__(self) -> Iterator[Feed]:
-        return self._iterate()
+        return with_progress(self._iterate(), total=self._num_feeds, what="calibration pass", say=self.progress)
 
     def __repr__(self) -> str:
         return f"CalibrationSet({self.kind}, {self.num_samples} samples in {len(self)} feeds, inputs={list(self.input_names)})"
@@ -66,7 +71,11 @@ class CalibrationSet:
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(json.dumps({"kind": self.kind, **self.settings}, sort_keys=True, default=str).encode())
-            for chunk in self._digest_items():
+            per_sample = self._digest_chunks_per_sample
+            chunks = with_progress(self._digest_items(), total=self.num_samples if per_sample else None,
+                                   per_unit=per_sample or 1, what="reading the samples to fingerprint them",
+                                   say=self.progress)
+            for chunk in chunks:
                 digest.update(hashlib.sha256(chunk).digest())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
@@ -133,6 +142,7 @@ class CalibrationSet:
             digest_items=digest_items,
             settings=settings,
             input_names=[input_name],
+            digest_chunks_per_sample=1,
         )
 
     @classmethod
@@ -228,6 +238,7 @@ class CalibrationSet:
             digest_items=digest_items or feed_bytes,
             settings=dict(settings or {}),
             input_names=names,
+            digest_chunks_per_sample=None if digest_items else 2 * len(names),  # a header and the bytes per input
         )
 
     @classmethod

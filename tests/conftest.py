@@ -59,3 +59,15 @@ def copy_build(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def ort_split_build(tmp_path_factory) -> Path:
+    """An ONNX Runtime fp32 split-layout build of the test model (backbone and one head per task)."""
+    from export.cli import main as export_cli
+
+    out = tmp_path_factory.mktemp("split") / "build"
+    code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
+                          "--layout", "split", "--eval-samples", "2", "--out", out)
+    assert code == 0, output
+    return out

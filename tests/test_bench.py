@@ -50,7 +50,16 @@ def test_bench_json_has_every_column(tiny_build, tmp_path):
     assert flops["flops"] > 0 and not flops["uncounted"]
     assert bench["model"]["flops_per_image"] == flops["flops"]
     rows = bench["rows"]
-    assert [(r["name"], r["batch_size"]) for r in rows] == [("onnxruntime-fp32", 1), ("onnxruntime-fp32", 2)]
+    assert [(r["name"], r["batch_size"]) for r in rows] == [
+        ("onnxruntime-fp32", 1), ("onnxruntime-fp32", 2),
+        ("onnxruntime-fp32 [semseg only]", 1), ("onnxruntime-fp32 [video end to end]", 1)]
+    runtime, rows = rows[2:], rows[:2]
+    # What the application sees, beside the infer rows: one task at run time, a generated video end to end.
+    one_task, video = runtime
+    assert one_task["kind"] == "engine" and "single layout" in one_task["notes"][0] and one_task["images_per_s"] > 0
+    assert video["kind"] == "video" and video["images_per_s"] > 0 and video["runs"] == 48
+    assert set(video["stage_ms_per_frame"]) == {"decode", "preprocess", "infer", "postprocess", "encode"}
+    assert video["stage_ms_per_frame"]["infer"] > 0 and video["stage_ms_per_frame"]["decode"] > 0
     for row in rows:
         assert row["status"] == "built, passed"
         assert row["precision_requested"] == row["precision_executed"] == "fp32"
@@ -154,3 +163,16 @@ def test_interleaved_timing_keeps_whole_rounds():
     assert timed["rounds_dropped"] == 1 and not timed["contended"]
     assert calls[:2] == ["a", "b"] and calls[2:4] == ["a", "b"]  # warm-up, then the first round in order
     assert calls[4:6] == ["b", "a"]  # the order rotates
+
+
+def test_one_task_at_run_time_on_a_split_build(ort_split_build):
+    """The bench's one-task row on a split build runs the backbone and that task's head only."""
+    from export.bench.targets import runtime_targets
+
+    every, one_task = runtime_targets(ort_split_build, all_tasks=True, video=False)
+    assert every.name == "onnxruntime-fp32 split [all tasks]" and "tasks" not in every.load
+    assert one_task.name == "onnxruntime-fp32 split [semseg only]" and "other heads do not" in one_task.notes[0]
+    spec = {"kind": one_task.kind, "load": one_task.load, "threads": 1, "input_size": 64, "batch_sizes": [1],
+            "warmup": 1, "runs": 3, "budget_s": 0}
+    result = run_worker_spec(spec)
+    assert result["batches"]["1"]["runs"] >= 3 and result["batches"]["1"]["images_per_s"] > 0

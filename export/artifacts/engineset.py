@@ -11,7 +11,7 @@ then records each role's precision in `parts`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +129,7 @@ class SplitRunner(Runner):
         super().__init__(name)
         self.backbone = backbone
         self.heads = dict(heads)
+        self.selected: tuple[str, ...] | None = None  # the heads the current call runs; None: all
 
     @property
     def parts(self) -> list[Runner]:
@@ -154,11 +155,23 @@ class SplitRunner(Runner):
         for runner in reversed(self.parts):
             runner.deactivate()
 
+    def run_tasks(self, feed: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, np.ndarray]:
+        """`infer` that runs the backbone once and only the heads of `tasks`: an unchosen head costs nothing.
+
+        Each head's runner records its own calls (`timings`), so what ran can be counted.
+        """
+        self.selected = tuple(tasks)
+        try:
+            return self.infer(feed)
+        finally:
+            self.selected = None
+
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shared = self.backbone.infer(feed)
         outputs = {}
-        for head in self.heads.values():
-            outputs.update(head.infer({name: shared[name] for name in head.input_names}))
+        for task, head in self.heads.items():
+            if self.selected is None or task in self.selected:
+                outputs.update(head.infer({name: shared[name] for name in head.input_names}))
         return outputs
 
 
@@ -216,25 +229,55 @@ class Engine:
             self.runner.deactivate()
             self.runner = None
 
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """A normalised (N, 3, size, size) float32 batch -> {task: (N, C, size, size)}, in task order."""
+    @property
+    def runs_chosen_tasks_only(self) -> bool:
+        """Whether `tasks=` skips the other tasks' work: a split set runs only their heads; a single
+        graph always runs whole (choose its tasks at build time, `build --tasks`)."""
+        return self.entry.layout == "split"
+
+    def choose_tasks(self, tasks: Sequence[str] | str | None) -> tuple[str, ...]:
+        """The chosen tasks in the engine's output order; None means all. A name the engine lacks is an error."""
+        return choose_tasks(self.tasks, tasks)
+
+    def infer(self, batch: np.ndarray, tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """A normalised (N, 3, size, size) float32 batch -> {task: (N, C, size, size)}, in task order.
+
+        `tasks` keeps only those outputs; a split engine set then runs only their heads.
+        """
         if self.runner is None:
             raise ExportError("the engine is not open; use it as `with open_engine(...) as engine:`")
-        outputs = self.runner.infer({"image": batch})
-        return {t: np.asarray(outputs[t]) for t in self.tasks}
+        chosen = self.choose_tasks(tasks)
+        feed = {"image": batch}
+        if isinstance(self.runner, SplitRunner) and chosen != self.tasks:
+            outputs = self.runner.run_tasks(feed, chosen)
+        else:
+            outputs = self.runner.infer(feed)
+        return {t: np.asarray(outputs[t]) for t in chosen}
 
-    def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, image: np.ndarray, tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """One (H, W, 3) uint8 RGB image, preprocessed as at inference -> {task: (C, size, size)}."""
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ExportError(f"predict takes one (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}; "
                               "for a normalised batch use infer()")
-        outputs = self.infer(self.interface.preprocess(image)[None])
+        outputs = self.infer(self.interface.preprocess(image)[None], tasks)
         return {t: v[0] for t, v in outputs.items()}
 
     @property
     def last_seconds(self) -> float | None:
         return self.runner.last_inference_time() if self.runner is not None else None
+
+
+def choose_tasks(available: Sequence[str], tasks: Sequence[str] | str | None) -> tuple[str, ...]:
+    """`tasks` (names, or one comma-separated string) checked against `available`, in its order."""
+    if tasks is None:
+        return tuple(available)
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    unknown = [t for t in names if t not in available]
+    if not names or unknown or "" in names:
+        what = f"unknown task(s) {', '.join(unknown)}" if unknown else "no task chosen"
+        raise ExportError(f"{what}; this engine has: {', '.join(available)}")
+    return tuple(t for t in available if t in names)
 
 
 def open_engine(path: str | Path, threads: int | None = None) -> Engine:

@@ -19,6 +19,7 @@ class BenchOptions:
     matmul_size: int = 2048
     quiet_wait_s: float = 0.0  # before each format, wait up to this long for other processes to go quiet
     cuda_graph: bool = False  # TensorRT: replay the enqueue from a CUDA graph in the GPU timing (trtexec --useCudaGraph)
+    runtime_rows: bool = True  # per fp32 engine set: one task at run time, and a generated video end to end
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(sorted({int(b) for b in self.batch_sizes}))

@@ -67,7 +67,7 @@ from export.bench.plain_backbone import build_backbones
 from export.bench.profile import profile_graphs
 from export.bench.run import benchmark, build_for_bench, write_json
 from export.bench.tables import MEASUREMENT_NOTES, PERF_HEADER, accuracy_rows, md_table, perf_rows
-from export.bench.targets import PASSED, Target, engine_targets, torch_targets
+from export.bench.targets import PASSED, Target, engine_targets, runtime_targets, torch_targets
 from export.bench.timing import interleaved_latency, wait_for_quiet
 from export.onnx.flops import count_flops
 
@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     build_for_bench(checkpoint, pp_dir, say, backends=("onnxruntime", "openvino"), precisions=("fp16", "bf16", "int8"),
                     postprocess=True, **build_options)
     auto_engine = build_auto(checkpoint, work / "build-auto", args.threads)
+    split_dir = work / "build-split"
+    say("[bench-docs] building the split layout (fp32) to time one task against all at run time")
+    build_for_bench(checkpoint, split_dir, say, backends=("onnxruntime",), precisions=("fp32",), layout="split",
+                    **build_options)
 
     opts = BenchOptions(batch_sizes=(1, 8), threads=args.threads, warmup=1, runs=20, budget_s=args.budget,
                         quiet_wait_s=args.quiet_wait)
@@ -393,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         t.batch_sizes = (1,)  # PyTorch eager at batch 8 takes minutes on two cores
     targets += engine_targets(build_dir, report, failures)
+    # What an application sees, per layout: one task at run time against all, and a video end to end.
+    targets += runtime_targets(build_dir)
+    targets += runtime_targets(split_dir, all_tasks=True, video=False)
     result = benchmark(targets, opts, input_size=IMG_SIZE, model_flops=model_flops, say=say, command=command,
                        model={"build_dir": str(build_dir), "tasks": list(TASKS), "layout": "single",
                               "checkpoint": str(checkpoint)})

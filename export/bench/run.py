@@ -17,7 +17,15 @@ from export.artifacts.manifest import ExportInfo
 from export.artifacts.records import read_build_record
 from export.bench.machine import load_average, machine_info, matmul_rate
 from export.bench.options import BenchOptions
-from export.bench.targets import FAILED_BUILD, FAILED_RUN, Say, Target, engine_targets, torch_targets
+from export.bench.targets import (
+    FAILED_BUILD,
+    FAILED_RUN,
+    Say,
+    Target,
+    engine_targets,
+    runtime_targets,
+    torch_targets,
+)
 from export.bench.timing import MIN_RUNS, wait_for_quiet
 from export.bench.worker import MIB, run_target
 from export.checking.results import Report
@@ -172,6 +180,8 @@ def bench_build(build_dir: str | os.PathLike, opts: BenchOptions, say: Say, *, r
         else:
             targets += torch_targets(checkpoint, options.get("img_size"))
     targets += engine_targets(build, report, failures)
+    if opts.runtime_rows:
+        targets += runtime_targets(build.root)
     targets += list(extra_targets)
     model = {"build_dir": str(build.root), "tasks": list(info.interface.tasks), "layout": info.layout,
              "source": report.model.get("source") if report is not None else None, "notes": notes}

@@ -85,3 +85,47 @@ def onnx_target(name: str, path: Path, status: str = UNCHECKED, count: bool = Tr
     flops = count_flops(path)["flops"] if count else None
     return Target(name, "onnx", {"path": str(path)}, "onnxruntime", "fp32", status, path.stat().st_size,
                   precision_executed="fp32", flops_per_image=flops)
+
+
+# The application's view of an engine, timed beside its `infer` row: one task at run time, and a
+# generated video end to end (decode -> preprocess -> infer -> overlay -> encode).
+VIDEO_FRAMES = 48
+VIDEO_FRAME_SIZE = (640, 480)  # (width, height): a camera's frame, resized by the preprocessing as on a device
+
+
+def runtime_targets(build_dir: Path, precision: str = "fp32", *, all_tasks: bool = False,
+                    video: bool = True) -> list[Target]:
+    """For each engine set of `precision` in the build: one task at run time (with `all_tasks`, also the
+    same engine asked for every task, when no other row of the benchmark times it), and a video end to end
+    (with `video`, when OpenCV, the `video` extra, is installed). A split build's rows say `split`."""
+    import importlib.util
+
+    from export.artifacts.engineset import list_engine_sets
+
+    video = video and importlib.util.find_spec("cv2") is not None
+    targets = []
+    for entry in list_engine_sets(build_dir):
+        if entry.precision != precision or entry.interface is None:
+            continue
+        task = entry.interface.tasks[0]
+        split = entry.layout == "split"
+        name = f"{entry.key}{' split' if split else ''}"
+        how = ("the backbone and its head run, the other heads do not" if split
+               else "a single graph runs whole; only the output is dropped")
+        base = {"directory": str(entry.directory)}
+        if all_tasks:
+            targets.append(Target(f"{name} [all tasks]", "engine", base, entry.backend, entry.precision, UNCHECKED,
+                                  batch_sizes=(1,), notes=[f"{entry.layout} layout, every task"]))
+        targets.append(Target(f"{name} [{task} only]", "engine", {**base, "tasks": [task]}, entry.backend,
+                              entry.precision, UNCHECKED, batch_sizes=(1,),
+                              notes=[f"{entry.layout} layout, one task of {len(entry.interface.tasks)} at run time: "
+                                     f"{how}"]))
+        if not video:
+            continue
+        targets.append(Target(f"{name} [video end to end]", "video",
+                              {**base, "frames": VIDEO_FRAMES, "frame_size": list(VIDEO_FRAME_SIZE)},
+                              entry.backend, entry.precision, UNCHECKED, batch_sizes=(1,),
+                              notes=[f"a generated {VIDEO_FRAME_SIZE[0]}x{VIDEO_FRAME_SIZE[1]} clip of "
+                                     f"{VIDEO_FRAMES} frames, decode to encoded overlay of every task, pipelined; "
+                                     "images/s is frames over the whole run, p50 the time between frames written"]))
+    return targets

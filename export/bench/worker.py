@@ -98,7 +98,14 @@ def _open_target(spec: dict[str, Any], threads: int):
         runner = load_runner(EngineSet.read(Path(load["directory"])), threads)
         runner.__enter__()
         input_name = "image"
-        return ((lambda x: runner.infer({input_name: x})), getattr(runner, "precision_executed", ""),
+        tasks = load.get("tasks")
+        if tasks and hasattr(runner, "run_tasks"):  # a split set: the backbone and only these heads
+            def infer(x):
+                return runner.run_tasks({input_name: x}, tasks)
+        else:  # a single graph runs whole whatever is asked of it
+            def infer(x):
+                return runner.infer({input_name: x})
+        return (infer, getattr(runner, "precision_executed", ""),
                 lambda: runner.__exit__(None, None, None), list(getattr(runner, "notes", [])))
 
     if kind == "onnx":
@@ -154,8 +161,64 @@ def _gpu_timer(spec: dict[str, Any]):
     return time, facts
 
 
+def time_video(spec: dict[str, Any]) -> dict[str, Any]:
+    """A generated clip through the engine end to end (`export.video`): frames per second over the whole run,
+    and the time between frames written as the latency rows."""
+    from export.artifacts.engineset import open_engine
+    from export.video.frames import FrameSource, VideoSink, opencv
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import STAGES, run_video
+
+    load = spec["load"]
+    cv2 = opencv()
+    with tempfile.TemporaryDirectory(prefix="mtlora-bench-video-") as tmp:
+        clip = Path(tmp) / "clip.avi"
+        write_clip(clip, int(load["frames"]), tuple(load["frame_size"]))
+        baseline = _rss_mib()
+        with open_engine(load["directory"], threads=int(spec["threads"])) as engine:
+            loaded = _rss_mib()
+            tasks = engine.tasks
+            for _ in range(int(spec["warmup"])):
+                engine.infer(np.zeros((1, 3, engine.interface.size, engine.interface.size), np.float32))
+            source = FrameSource.video(clip)
+            sink = VideoSink(Path(tmp) / "out.avi", source.fps, overlay_size(engine.interface, tasks))
+            _reset_peak_rss()
+            try:
+                run = run_video(engine, source, sink, tasks)
+                sink.publish()
+            finally:
+                source.close()
+            executed = engine.precision_executed
+    stats = latency_stats(np.diff([0.0, *run.frame_times]).tolist(), 1)
+    stats.update({"images_per_s": run.fps, "peak_rss_mib": _peak_rss_mib(), "peak_rss_scope": "this batch size",
+                  "cpu_busy": None, "others_cpu_busy": None, "runs_discarded": 0, "contended": False,
+                  "stage_ms_per_frame": {stage: run.ms_per_frame(stage) for stage in STAGES}})
+    return {"precision_executed": executed, "notes": [f"opencv {cv2.__version__}"], "rss_before_load_mib": baseline,
+            "rss_after_load_mib": loaded, "batches": {"1": stats}}
+
+
+def write_clip(path: Path, frames: int, size: tuple[int, int]) -> Path:
+    """A clip of moving, changing frames (MJPEG), so decoding does real work on every frame."""
+    from export.video.frames import opencv
+
+    cv2 = opencv()
+    width, height = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (width, height))
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    background = cv2.resize(background, (width, height), interpolation=cv2.INTER_LINEAR)
+    for i in range(frames):
+        frame = np.roll(background, 8 * i, axis=1)
+        cv2.circle(frame, ((40 + 12 * i) % width, height // 2), height // 6, (0, 200, 255), -1)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
 def run_worker_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Time one target at every batch size (what the worker process does; see the module docstring)."""
+    if spec["kind"] == "video":
+        return time_video(spec)
     threads = int(spec["threads"])
     baseline = _rss_mib()
     infer, executed, close, notes = _open_target(spec, threads)

@@ -37,6 +37,17 @@ def safe_stem(path: str) -> str:
     return stem or "image"
 
 
+def unique_stems(paths) -> list[str]:
+    """`safe_stem` of each path, numbered from the second of a repeated name (a/photo.jpg, b/photo.jpg)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = safe_stem(path)
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems
+
+
 def _load(path: str, size: int):
     import numpy as np
 
@@ -57,43 +68,99 @@ def _load(path: str, size: int):
 
 @click.command("run")
 @click.argument("engine", type=click.Path(exists=True))
-@click.option("--image", "images", required=True, multiple=True, type=click.Path(),
+@click.option("--image", "images", multiple=True, type=click.Path(),
               help="Image file to run (repeatable).")
-@click.option("--out", default="prediction.npz", show_default=True, type=click.Path(dir_okay=False),
-              help="Per-task outputs as .npz; a PNG per task and image is written beside it.")
+@click.option("--video", type=click.Path(dir_okay=False),
+              help="Video file to run frame by frame; --out names the overlay video (needs the `video` extra).")
+@click.option("--camera", type=click.IntRange(min=0),
+              help="Camera index to run live until Ctrl-C or --max-frames; --out names the overlay video.")
+@click.option("--out", type=click.Path(),
+              help="Images: per-task outputs as .npz, a PNG per task and image beside it "
+                   "[default: prediction.npz]. Video and camera: the overlay video (.mp4 or .avi).")
+@click.option("--tasks", help="Comma-separated tasks to run (default: all). A split engine set runs only "
+                              "their heads; a single graph runs whole (choose its tasks with `build --tasks`).")
+@click.option("--max-frames", type=click.IntRange(min=1), help="Stop a video or camera after this many frames.")
 @threads_option
-def run(engine: str, images: tuple[str, ...], out: str, threads: int | None) -> None:
-    """Run ENGINE (an engine directory of a build) on images and write per-task outputs."""
+def run(engine: str, images: tuple[str, ...], video: str | None, camera: int | None, out: str | None,
+        tasks: str | None, max_frames: int | None, threads: int | None) -> None:
+    """Run ENGINE (an engine directory of a build) on images, a video or a camera."""
+    from export.artifacts.engineset import open_engine
+
+    sources = [name for name, given in (("--image", images), ("--video", video), ("--camera", camera is not None))
+               if given]
+    if len(sources) != 1:
+        raise click.UsageError("give one of --image, --video or --camera" if not sources
+                               else f"{' and '.join(sources)} cannot be combined; give one of them")
+    if images and max_frames is not None:
+        raise click.BadParameter("is for --video and --camera", param_hint="--max-frames")
+    model = open_engine(engine, threads)
+    try:
+        chosen = model.choose_tasks(tasks)
+    except ExportError as err:  # a flag naming what the engine lacks: a usage error, as click's own (exit 2)
+        raise click.BadParameter(str(err), param_hint="--tasks") from None
+    if tasks is not None and not model.runs_chosen_tasks_only:
+        say(f"[run] {model.entry.key} is one graph: all its tasks run and only {', '.join(chosen)} are kept; "
+            "to run fewer, build with `build --tasks` or `--layout split`")
+    if images:
+        _run_images(model, images, out or "prediction.npz", chosen)
+    else:
+        _run_video(model, video, camera, out, chosen, max_frames)
+
+
+def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]) -> None:
     import io
 
     import numpy as np
     from PIL import Image
 
-    from export.artifacts.engineset import open_engine
-    from export.artifacts.files import write_bytes_atomic
+    from export.artifacts.outputs import OutputSet
     from export.checking.visualize import render_output
 
     out_path = Path(out)
     if out_path.suffix != ".npz":
         raise click.BadParameter("must end in .npz", param_hint="--out")
-    model = open_engine(engine, threads)
     batch = np.stack([model.interface.preprocess(_load(p, model.interface.size)) for p in images])
     with model:
-        outputs = model.infer(batch)
+        outputs = model.infer(batch, tasks)
         seconds = model.last_seconds or float("nan")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        from mtlora.fileio import why_not_writable
-
-        raise ExportError(f"--out {out}: cannot create its directory ({why_not_writable(out_path, err)})") from None
+    # Every file is staged first and published together: a failed write leaves none of them.
+    staged = OutputSet(out_path.parent)
     buffer = io.BytesIO()
     np.savez(buffer, **outputs)
-    write_bytes_atomic(out_path, buffer.getvalue())
-    for i, image in enumerate(images):
+    staged.write(out_path.name, buffer.getvalue())
+    for i, stem in enumerate(unique_stems(images)):
         for task, value in outputs.items():
             png = io.BytesIO()
             Image.fromarray(render_output(task, value[i], model.interface.kind(task))).save(png, format="PNG")
-            write_bytes_atomic(out_path.with_name(f"{out_path.stem}_{safe_stem(image)}_{task}.png"), png.getvalue())
+            staged.write(f"{out_path.stem}_{stem}_{task}.png", png.getvalue())
+    staged.publish()
     shapes = ", ".join(f"{t} {tuple(v.shape)}" for t, v in outputs.items())
     click.echo(f"{model.entry.key}: {len(images)} image(s) in {1000 * seconds:.1f} ms -> {out_path} ({shapes})")
+
+
+def _run_video(model, video: str | None, camera: int | None, out: str | None, tasks: tuple[str, ...],
+               max_frames: int | None) -> None:
+    from export.video.frames import CODECS, FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import run_video
+
+    if out is None:
+        raise click.BadParameter("name the overlay video to write, e.g. --out overlay.mp4", param_hint="--out")
+    if Path(out).suffix.lower() not in CODECS:
+        raise click.BadParameter(f"a video needs one of the suffixes {', '.join(CODECS)}", param_hint="--out")
+    source = FrameSource.video(video) if video is not None else FrameSource.camera(camera)
+    sink = None
+    try:
+        sink = VideoSink(out, source.fps, overlay_size(model.interface, tasks))
+        with model:
+            result = run_video(model, source, sink, tasks, max_frames=max_frames, say=say)
+        written = sink.publish()
+    except BaseException:
+        if sink is not None:
+            sink.discard()  # nothing half-written: the staged video goes
+        raise
+    finally:
+        source.close()
+    stopped = " (stopped with Ctrl-C)" if result.interrupted else ""
+    click.echo(f"{model.entry.key} on {source.name}: {result.summary()}{stopped} -> {written} "
+               f"(input | {' | '.join(tasks)})")

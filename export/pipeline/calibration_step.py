@@ -44,6 +44,10 @@ def calibration_set(opts: BuildOptions, interface: ModelInterface, say: Say):
         images = EvalSet.read(spec.root).images
         return CalibrationSet.from_arrays(images[: opts.calib_samples].astype(np.float32), input_name="image")
     count = check_calibration_data(opts)
+    if spec.kind == "images":
+        calibration = own_images(spec.root, opts.calib_samples, interface, say)
+        calibration.progress = say
+        return calibration
     say(f"[calibrate] {count} samples from {spec.describe()}")
 
     def iterate():
@@ -51,7 +55,73 @@ def calibration_set(opts: BuildOptions, interface: ModelInterface, say: Say):
                                    std=interface.std, limit=opts.calib_samples, default_split="train"):
             yield {"image": sample.image[None].astype(np.float32)}
 
-    return CalibrationSet.from_source(iterate, num_samples=count, input_names=["image"])
+    calibration = CalibrationSet.from_source(iterate, num_samples=count, input_names=["image"])
+    calibration.progress = say  # 100,000 samples take minutes: say how far, and how long is left
+    return calibration
+
+
+# Named one by one up to this many; more are counted.
+SKIPPED_NAMED = 20
+
+
+def readable_images(paths: list[Path], wanted: int, say: Say) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The first `wanted` images of `paths` that read as images, and the ones skipped with why."""
+    from calibration.progress import with_progress
+    from mtlora.data.preprocess import load_image
+    from mtlora.errors import MTLoRAError
+
+    good, skipped = [], []
+    for path in with_progress(paths, total=len(paths), what="checking the images", say=say):
+        if len(good) == wanted:
+            break
+        try:
+            load_image(path)
+        except MTLoRAError as err:  # load_image's one-line reasons: empty, truncated, not an image, too large
+            skipped.append((path, str(err)))
+        else:
+            good.append(path)
+    return good, skipped
+
+
+def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
+    """A directory of the user's images as calibration data: unreadable files are skipped and named, and
+    the count found is said before calibrating. The fingerprint hashes the files, not the decoded pixels."""
+    from calibration.data import MIN_SAMPLES, CalibrationSet
+    from export.pipeline.data import image_files
+
+    files = image_files(root)
+    good, skipped = readable_images(files, wanted, say)
+    for path, why in skipped[:SKIPPED_NAMED]:
+        say(f"[calibrate] skipped {why}" if str(path) in why else f"[calibrate] skipped {path}: {why}")
+    if len(skipped) > SKIPPED_NAMED:
+        say(f"[calibrate] skipped {len(skipped) - SKIPPED_NAMED} more unreadable files")
+    if len(good) < MIN_SAMPLES:
+        raise ExportError(f"--calib-data {root}: only {len(good)} readable images ({len(skipped)} unreadable); "
+                          f"int8 calibration needs at least {MIN_SAMPLES}, and a few hundred give stable ranges")
+    unused = len(files) - len(good) - len(skipped)
+    say(f"[calibrate] {len(good)} images from {root}" + (f", {len(skipped)} unreadable skipped" if skipped else "")
+        + (f" ({unused} more not used: --calib-samples {wanted})" if unused else ""))
+
+    def iterate():
+        for path in good:
+            yield {"image": preprocess_file(path, interface)[None]}
+
+    def digest_items():
+        # The preprocessing is fixed by the interface (in the settings), so the files' bytes identify the feeds.
+        for path in good:
+            yield path.read_bytes()
+
+    settings = {"images": [p.relative_to(root).as_posix() for p in good], "size": interface.size, "mean": list(interface.mean),
+                "std": list(interface.std)}
+    return CalibrationSet.from_source(iterate, num_samples=len(good), input_names=["image"], settings=settings,
+                                      digest_items=digest_items)
+
+
+def preprocess_file(path: Path, interface: ModelInterface) -> np.ndarray:
+    """One calibration image file -> model input (3, size, size), exactly as at inference."""
+    from mtlora.data.preprocess import load_image
+
+    return interface.preprocess(load_image(path))
 
 
 def graph_inputs(path: Path) -> list[str]:

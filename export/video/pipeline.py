@@ -1,0 +1,196 @@
+"""A video or camera through an engine, pipelined: decode | preprocess | infer | overlay -> encode.
+
+Four threads with small queues between them: a reader decodes the next frames and a second thread
+preprocesses them while the engine runs the current one (ONNX Runtime, OpenVINO and TensorRT, like
+OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws and
+encodes the frames the engine has finished. On a device with a few cores, decoding a camera frame
+and resizing it can each cost as much as a small model's inference; in separate threads they
+overlap it instead of adding to it. Every stage
+times itself, so the summary says where a frame's time goes; end-to-end frames per second is
+frames over the wall time of the whole run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from export.errors import ExportError
+from export.video.frames import FrameSource, VideoSink
+from export.video.overlay import compose
+
+STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
+QUEUE_DEPTH = 2  # frames in flight between two stages: enough to overlap them, little memory
+PROGRESS_EVERY_S = 2.0
+_END = object()
+
+
+@dataclass
+class VideoRun:
+    """What one run did: frames, wall seconds and the seconds each stage spent, summed over frames."""
+
+    frames: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    frame_times: list[float] = field(default_factory=list)  # seconds from the start to each frame written
+    interrupted: bool = False
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def ms_per_frame(self, stage: str) -> float:
+        return 1000 * self.stage_seconds[stage] / self.frames if self.frames else 0.0
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{stage} {self.ms_per_frame(stage):.1f}" for stage in STAGES)
+        return f"{self.frames} frames in {self.seconds:.1f} s: {self.fps:.1f} fps end to end; ms/frame: {stages}"
+
+
+class _Stop(Exception):
+    """Another stage failed or the run was stopped: leave quietly, the failure is raised elsewhere."""
+
+
+class _Pipe:
+    """A bounded queue whose waits give up when the run is stopping."""
+
+    def __init__(self, stopping: threading.Event):
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.stopping = stopping
+
+    def put(self, item) -> None:
+        while True:
+            if self.stopping.is_set():
+                raise _Stop
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        while True:
+            if self.stopping.is_set():
+                raise _Stop
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+
+def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str], *,
+              max_frames: int | None = None, say: Callable[[str], None] = lambda _line: None) -> VideoRun:
+    """Every frame of `source` (or the first `max_frames`) through `engine` for `tasks`, into `sink`.
+
+    The sink is published only when the run ends well (a camera stopped with Ctrl-C ends well); any
+    failure discards it. A source without a single frame is an error.
+    """
+    interface = engine.interface
+    run = VideoRun()
+    stopping = threading.Event()
+    raw, decoded, inferred = _Pipe(stopping), _Pipe(stopping), _Pipe(stopping)
+    failures: list[BaseException] = []
+
+    def stage(name: str, start: float) -> float:
+        now = time.perf_counter()
+        run.stage_seconds[name] += now - start
+        return now
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        """A stage's loop in its thread: its failure goes to the main thread, which raises it."""
+        def loop() -> None:
+            try:
+                work()
+            except _Stop:
+                pass
+            except BaseException as err:  # noqa: BLE001
+                failures.append(err)
+                stopping.set()
+        return loop
+
+    def read() -> None:
+        count = 0
+        while max_frames is None or count < max_frames:
+            start = time.perf_counter()
+            frame = source.read()
+            if frame is None:
+                break
+            stage("decode", start)
+            raw.put(frame)
+            count += 1
+        raw.put(_END)
+
+    def prepare() -> None:
+        while (frame := raw.get()) is not _END:
+            start = time.perf_counter()
+            model_input = interface.preprocess(frame)
+            stage("preprocess", start)
+            decoded.put(model_input)
+        decoded.put(_END)
+
+    def write() -> None:
+        while (item := inferred.get()) is not _END:
+            model_input, outputs = item
+            start = time.perf_counter()
+            picture = compose(interface, model_input, outputs)
+            start = stage("postprocess", start)
+            sink.write(picture)
+            now = stage("encode", start)
+            run.frame_times.append(now - started)
+            run.frames += 1
+
+    workers = [threading.Thread(target=guarded(work), name=work.__name__, daemon=True)
+               for work in (read, prepare, write)]
+    started = time.perf_counter()
+    last_progress = started
+    total = max_frames if source.frame_count is None else min(source.frame_count, max_frames or source.frame_count)
+    for worker in workers:
+        worker.start()
+    try:
+        sent = 0
+        while (model_input := decoded.get()) is not _END:
+            start = time.perf_counter()
+            outputs = engine.infer(model_input[None], tasks)
+            stage("infer", start)
+            inferred.put((model_input, {t: v[0] for t, v in outputs.items()}))
+            sent += 1
+            if time.perf_counter() - last_progress >= PROGRESS_EVERY_S:
+                last_progress = time.perf_counter()
+                of = f"/{total}" if total else ""
+                say(f"[video] {sent}{of} frames, {sent / (last_progress - started):.1f} fps")
+        inferred.put(_END)
+        workers[-1].join()
+    except _Stop:  # a worker failed; its error is in `failures`
+        pass
+    except KeyboardInterrupt:
+        if not source.live:
+            _stop(workers, stopping)
+            sink.discard()
+            raise
+        run.interrupted = True  # Ctrl-C is how a camera run ends: keep the frames written so far
+    except BaseException:
+        _stop(workers, stopping)
+        sink.discard()
+        raise
+    _stop(workers, stopping)
+    run.seconds = time.perf_counter() - started
+    if failures:
+        sink.discard()
+        raise failures[0]
+    if run.frames == 0 and run.interrupted:
+        sink.discard()
+        raise ExportError(f"{source.name}: stopped before a frame was written; nothing was written")
+    if run.frames == 0:
+        sink.discard()
+        raise ExportError(f"{source.name}: no frame could be decoded (an empty or damaged video, or a camera "
+                          "that gives no picture); check that it plays, or re-encode it")
+    return run
+
+
+def _stop(workers: list[threading.Thread], stopping: threading.Event) -> None:
+    stopping.set()
+    for worker in workers:
+        worker.join()

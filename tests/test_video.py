@@ -1,0 +1,235 @@
+"""`mtlora-export run --video / --camera`: a generated clip through a real engine, end to end."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import open_engine
+from export.checking.visualize import denormalize, render_output
+from export.cli import main as export_cli
+from tests.conftest import invoke
+
+cv2 = pytest.importorskip("cv2")
+
+FRAMES = 6
+
+
+def write_clip(path: Path, frames: int, size: int = 64) -> Path:
+    """A clip whose frames all differ: a moving disc on a background that brightens."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*("MJPG" if path.suffix == ".avi" else "mp4v")),
+                             10.0, (size, size))
+    for i in range(frames):
+        frame = np.full((size, size, 3), (30 * i) % 256, np.uint8)
+        cv2.circle(frame, ((12 + 6 * i) % size, size // 2), 10, (0, 200, 255), -1)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    """Every frame of a video, RGB."""
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame[..., ::-1])
+    capture.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", FRAMES)
+
+
+def test_every_frame_read_is_written_with_the_chosen_tasks_beside_it(ort_build, clip, tmp_path):
+    engine_dir = ort_build / "engines" / "onnxruntime-fp32"
+    out = tmp_path / "overlay.mp4"
+    code, output = invoke(export_cli, "run", engine_dir, "--video", clip, "--out", out, "--tasks", "semseg,sal,normals")
+    assert code == 0, output
+    summary = output.strip().splitlines()[-1]
+    assert f"{FRAMES} frames in" in summary and "fps end to end" in summary
+    for stage in ("decode", "preprocess", "infer", "postprocess", "encode"):
+        assert f"{stage} " in summary
+    written, read = read_frames(out), read_frames(clip)
+    assert len(written) == len(read) == FRAMES
+    assert written[0].shape == (64, 4 * 64, 3)  # input | semseg | sal | normals
+    with open_engine(engine_dir, threads=1) as engine:
+        for frame_in, frame_out in zip(read, written, strict=True):
+            outputs = engine.predict(np.ascontiguousarray(frame_in), tasks=["semseg", "sal", "normals"])
+            expected = [denormalize(engine.interface.preprocess(np.ascontiguousarray(frame_in)), engine.interface.mean,
+                                    engine.interface.std)]
+            expected += [render_output(t, v, engine.interface.kind(t)) for t, v in outputs.items()]
+            panels = np.split(frame_out.astype(np.float64), 4, axis=1)
+            for panel, want in zip(panels, expected, strict=True):
+                # mp4v is lossy: each panel is its picture up to codec noise, far from another frame's
+                assert np.abs(panel - want).mean() < 12
+    assert not [p for p in tmp_path.iterdir() if p.name != "overlay.mp4"]  # no staging file left
+
+
+
+def test_a_camera_stops_at_max_frames_and_keeps_what_it_wrote(ort_build, clip, tmp_path):
+    """A live source (a camera: no end, no frame count), here a capture of the clip, stopped by --max-frames."""
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import run_video
+
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = FrameSource(cv2.VideoCapture(str(clip)), "--camera 0", live=True)
+        sink = VideoSink(tmp_path / "cam.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+        run = run_video(engine, source, sink, ("sal",), max_frames=3)
+        sink.publish()
+        source.close()
+    assert run.frames == 3 and len(read_frames(tmp_path / "cam.avi")) == 3
+
+
+class SlowSource:
+    """A real decoder that takes `delay` seconds more per frame, like a camera or a large video would."""
+
+    def __init__(self, source, delay: float):
+        self.source, self.delay = source, delay
+        self.name, self.live, self.fps, self.frame_count = source.name, False, source.fps, None
+
+    def read(self):
+        time.sleep(self.delay)
+        return self.source.read()
+
+
+class SlowEngine:
+    """A real engine whose every call takes `delay` seconds more."""
+
+    def __init__(self, engine, delay: float):
+        self.engine, self.delay, self.interface = engine, delay, engine.interface
+
+    def infer(self, batch, tasks):
+        time.sleep(self.delay)
+        return self.engine.infer(batch, tasks)
+
+
+def test_decoding_overlaps_inference(ort_build, tmp_path):
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import run_video
+
+    clip = write_clip(tmp_path / "long.avi", 12)
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = FrameSource.video(clip)
+        sink = VideoSink(tmp_path / "out.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+        run = run_video(SlowEngine(engine, 0.05), SlowSource(source, 0.05), sink, ("sal",))
+        sink.publish()
+        source.close()
+    stages = run.stage_seconds
+    serial = stages["decode"] + stages["preprocess"] + stages["infer"] + stages["postprocess"] + stages["encode"]
+    assert run.frames == 12
+    # One after the other this takes `serial`; overlapped, about the slower of decoding and inference.
+    assert run.seconds < 0.8 * serial, (run.seconds, stages)
+
+
+def _not_a_video(f, t):
+    (t / "text.mp4").write_text("not a video")
+    return ["--video", t / "text.mp4", "--out", t / "o.mp4"]
+
+
+def _no_frames(f, t):
+    return ["--video", write_clip(t / "empty.avi", 0), "--out", t / "o.mp4"]
+
+
+def _out_under_a_file(f, t):
+    (t / "file").write_text("")
+    return ["--video", f, "--out", t / "file" / "o.mp4"]
+
+
+def _out_is_a_directory(f, t):
+    (t / "dir.mp4").mkdir()
+    return ["--video", f, "--out", t / "dir.mp4"]
+
+
+BAD_INPUT = {
+    "missing_video": (lambda f, t: ["--video", t / "absent.mp4", "--out", t / "o.mp4"], "no such file"),
+    "not_a_video": (_not_a_video, "cannot be read as a video"),
+    "zero_frames": (_no_frames, "no frame could be decoded"),
+    "out_under_a_file": (_out_under_a_file, "is a file, not a directory"),
+    "out_is_a_directory": (_out_is_a_directory, "is a directory"),
+    "camera_that_does_not_open": (lambda f, t: ["--camera", "57", "--out", t / "o.mp4"], "camera 57 does not open"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_video_input_is_one_line_and_writes_nothing(ort_build, clip, tmp_path, case):
+    make, message = BAD_INPUT[case]
+    args = make(clip, tmp_path)
+    before = {p.name for p in tmp_path.rglob("*")}
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", *args)
+    assert code == 1, output
+    assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1, output
+    assert message in output
+    assert {p.name for p in tmp_path.rglob("*")} == before  # no video, no staging file
+
+
+USAGE = {
+    "unknown_task": (["--tasks", "depth"], "o.mp4", "Invalid value for --tasks: unknown task(s) depth; this engine has:"),
+    "not_a_video_suffix": ([], "o.npz", "Invalid value for --out: a video needs one of the suffixes .mp4"),
+    "no_out": ([], None, "Invalid value for --out: name the overlay video to write"),
+    "max_frames_zero": (["--max-frames", "0"], "o.mp4", "Invalid value for '--max-frames'"),
+}
+
+
+@pytest.mark.parametrize("case", USAGE)
+def test_bad_video_flags_are_usage_errors(ort_build, clip, tmp_path, case):
+    extra, out, message = USAGE[case]
+    args = ["--video", clip, *extra, *(["--out", tmp_path / out] if out else [])]
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", *args)
+    assert code == 2 and message in output, output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_opencv_the_error_names_the_extra(ort_build, clip, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now fails as if it were not installed
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", clip,
+                          "--out", tmp_path / "o.mp4")
+    assert code == 1 and len(output.strip().splitlines()) == 1
+    assert "pip install 'mtlora-export[video]'" in output
+
+
+class InterruptedEngine:
+    """A real engine; Ctrl-C arrives (in the main thread, as a signal does) during call `at`."""
+
+    def __init__(self, engine, at: int):
+        self.engine, self.at, self.calls, self.interface = engine, at, 0, engine.interface
+
+    def infer(self, batch, tasks):
+        self.calls += 1
+        if self.calls == self.at:
+            time.sleep(0.3)  # let the writer catch up, as a person pressing Ctrl-C would
+            raise KeyboardInterrupt
+        return self.engine.infer(batch, tasks)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_ctrl_c_ends_a_camera_run_and_keeps_its_video_but_not_a_file_run(ort_build, clip, tmp_path, live):
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import run_video
+
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = FrameSource(cv2.VideoCapture(str(clip)), "--camera 0" if live else f"--video {clip}", live=live)
+        sink = VideoSink(tmp_path / "out.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+        try:
+            if live:
+                run = run_video(InterruptedEngine(engine, 4), source, sink, ("sal",))
+                sink.publish()
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    run_video(InterruptedEngine(engine, 4), source, sink, ("sal",))
+        finally:
+            source.close()
+    if live:
+        assert run.interrupted and run.frames == 3
+        assert len(read_frames(tmp_path / "out.avi")) == 3
+    assert [p.name for p in tmp_path.iterdir()] == (["out.avi"] if live else [])
