@@ -35,9 +35,23 @@ WHEEL = f"mtlora_export-{PROJECT['version']}-py3-none-any.whl"
 TORCH_SIDE = {"torch", "torchvision", "timm"}
 
 
+def _build_outputs() -> dict[str, int]:
+    """What a wheel build could leave in the checkout: egg-info folders and build/lib, with their times."""
+    found = [*ROOT.glob("*.egg-info"), *ROOT.glob("*.egg-info/*"), ROOT / "build" / "lib"]
+    return {p.name: p.stat().st_mtime_ns for p in found if p.exists()}
+
+
 @pytest.fixture(scope="module")
-def wheel() -> Path:
-    return build_wheel(lambda line: None)
+def wheel(tmp_path_factory):
+    # A cache of its own, so the wheel is really built here (not taken from an earlier run's cache),
+    # and the checkout's build outputs are compared around that build: an editable install's egg-info
+    # may be there already, but the build must not add or touch one.
+    before = _build_outputs()
+    with pytest.MonkeyPatch.context() as patch:  # kept for the module: its tests reuse this cache
+        patch.setenv("MTLORA_EXPORT_CACHE", str(tmp_path_factory.mktemp("wheel-cache")))
+        built = build_wheel(lambda line: None)
+        assert _build_outputs() == before, "building the wheel wrote into the checkout"
+        yield built
 
 
 def test_readme_shows_the_install_table_and_the_device_steps():
@@ -74,8 +88,6 @@ def test_the_wheel_is_torch_free(wheel):
     assert not names & TORCH_SIDE
     # The torch side stays installable, behind its own extra.
     assert any("torch" in line and 'extra == "train"' in line for line in metadata.get_all("Requires-Dist"))
-    # The wheel was built on a copy: the checkout gets no build output.
-    assert not (ROOT / "mtlora_export.egg-info").exists()
 
 
 def test_constraints_pin_the_versions_installed_here(wheel):
