@@ -90,7 +90,7 @@ class ErrorHandlingGroup(click.Group):
             sys.exit(EXIT_CODES["usage" if isinstance(err, OptionError) else "failure"])
         except KeyboardInterrupt as err:
             which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
-            click.echo(f"Interrupted ({which}); unfinished work was cleaned up.", err=True)
+            click.echo(f"Interrupted ({which}).", err=True)
             sys.exit(EXIT_CODES[f"interrupted ({which})"])
         except Exception as err:  # noqa: BLE001 - the promise: one line, never a traceback
             if debug:
@@ -108,11 +108,9 @@ def describe_unexpected(err: BaseException) -> str:
     """One line for an error no library code turned into ours: what the system said, or an internal error."""
     if isinstance(err, OSError):
         where = f"{err.filename}: " if err.filename else ""
-        what = err.strerror or _one_line(err)
-        hint = {28: "free some space or choose another output path", 13: "check the permissions or choose "
-                "another path", 30: "the file system is read-only: choose another path"}.get(err.errno or 0,
-                                                                                             "check the path")
-        return f"{where}{what}; {hint}"
+        from mtlora.fileio import os_error_hint
+
+        return f"{where}{err.strerror or _one_line(err)}; {os_error_hint(err)}"
     if isinstance(err, MemoryError):
         return "out of memory; use a smaller batch, input size or model, or a machine with more memory"
     return (f"internal error ({type(err).__name__}: {_one_line(err)[:300]}); re-run with --debug for the "

@@ -58,7 +58,8 @@ def merge(checkpoint: Path, out: Path) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
 @click.option("--reference-samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Seeded samples for reference.npz (0: no reference file).")
-@click.option("--img-size", type=int, default=None, help="Input size to export at (default: the checkpoint's).")
+@click.option("--img-size", type=click.IntRange(min=1), default=None,
+              help="Input size to export at (default: the checkpoint's).")
 @click.option("--postprocess", is_flag=True,
               help="Post-process in the graph: class ids (uint8), probabilities, unit normals, instead of raw maps.")
 def onnx_command(checkpoint: Path, out: Path, layout: str, tasks: str | None, opset: int,
