@@ -24,12 +24,13 @@ from export.artifacts.engineset import EngineSet, open_engine
 from export.checking.accuracy import EvalBatch, check_engine
 from export.cli import main as export_cli
 from export.errors import ExportError
+from mtlora.cli import main as mtlora_cli
 from mtlora.cli_support import EXIT_CODES, describe_unexpected
 from tests.conftest import FIXTURE, invoke
 from tests.test_hostile_inputs import Case, Inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-X = export_cli
+X, M = export_cli, mtlora_cli
 OUT = lambda _f, t: t / "out"  # noqa: E731
 NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -104,6 +105,11 @@ def inputs(tmp_path_factory, ort_build) -> Inputs:
     f["npz_strings"] = _evalset(root / "strings.npz", input=np.full((8, 3, 64, 64), "x"))
     f["npz_bytes"] = _evalset(root / "bytes.npz", input=np.full((8, 3, 64, 64), b"x"))
     f["npz_complex"] = _evalset(root / "complex.npz", input=np.zeros((8, 3, 64, 64), np.complex64))
+    mixed = np.zeros((1, 3, 64, 64), np.float32)
+    mixed[0, 0, 0, :4] = [np.nan, np.inf, np.inf, -np.inf]
+    f["npz_mixed_input"] = _evalset(root / "mixed.npz", input=mixed)
+    f["ckpt_copy"] = root / "checkpoint-copy"
+    shutil.copytree(ort_build / "export", f.ckpt_copy)  # any directory: the flags conflict before it is read
     (root / "keep-none.txt").write_text("# globs\n/blocks.99/*\n")
     (root / "keep-role.json").write_text(json.dumps({"keep_fp32": {"model": ["/no/such/node"]}}))
     f["keep_txt"], f["keep_json"] = root / "keep-none.txt", root / "keep-role.json"
@@ -191,6 +197,12 @@ CASES.update({
     "build_part_precision_in_single_layout": Case(X, lambda f, t: ["build", FIXTURE, "--precision",
                                                                    "backbone=int8,heads=fp16", "--out", t / "out"],
                                                   2, "it needs --layout split", OUT),
+    "merge_out_onto_the_checkpoint": Case(X, lambda f, t: ["merge", f.ckpt_copy, "--out", f.ckpt_copy], 2,
+                                          "is the checkpoint itself"),
+    "predict_npz_with_inf_and_nan": Case(M, lambda f, t: ["predict", FIXTURE, "--input", f.npz_mixed_input,
+                                                          "--out", t / "out.npz"], 1,
+                                         "holds NaN or Inf values (1 NaN, 2 +Inf, 1 -Inf of 12288)",
+                                         lambda _f, t: t / "out.npz"),
     "onnx_input_size_negative_is_usage": Case(X, lambda f, t: ["onnx", FIXTURE, "--img-size", "-64", "--out",
                                                                t / "out"], 2, "--img-size", OUT),
     # --- a sidecar edited after the build

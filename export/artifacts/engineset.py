@@ -70,8 +70,8 @@ class EngineSet:
             if not recorded:
                 raise ExportError(f"{self.directory / ENGINE_INDEX}: records no digest of {sidecar.name} (built by "
                                   "an older version); rebuild the engine")
-            if not sidecar.is_file():
-                continue  # loading it says what is missing
+            if not sidecar_field_digests(sidecar):
+                continue  # missing or not a JSON object: loading it says which
             edited = edited_fields(recorded, sidecar)
             if edited:
                 raise ExportError(f"{sidecar}: field(s) {', '.join(edited)} differ from what the build recorded in "

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from export.cli.options import parse_tasks, say
-from export.errors import ExportError
+from export.errors import ExportError, ExportOptionError
 
 LAYOUT_CHOICES = ("single", "split")
 
@@ -37,7 +37,8 @@ def merge(checkpoint: Path, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another output path")
     if out.resolve() == checkpoint.resolve():
-        raise ExportError(f"{out}: write the merged checkpoint beside the original, not over it")
+        raise ExportOptionError(f"--out {out}: is the checkpoint itself; write the merged checkpoint beside the "
+                                "original, not over it")
     model = load_any(checkpoint)
     report = parameter_report(model)
     merge_model(model, safe=True)
