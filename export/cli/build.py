@@ -96,7 +96,8 @@ BASELINE_DOES_NOT_APPLY = 3
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A stored report.json; fail on any regression against it.")
 @click.option("--allow-other-model", is_flag=True,
-              help="Compare with a baseline made from another model (other weights or classes) by task name.")
+              help="Compare with a baseline made from another model (other weights or classes) by task name; "
+                   "its settings (post-processing, layout, evaluation data, tolerances) must still match.")
 @click.option("--eval-data", help="Evaluation data to use instead of the build's.")
 @tolerances_option
 @threads_option
@@ -104,7 +105,8 @@ def check(build_dir, baseline, eval_data, tolerances, threads, allow_other_model
     """Re-run the accuracy checks of BUILD_DIR (and compare with a baseline report: the CI gate).
 
     Exit code 0 when every check passes (and nothing regressed), 1 when any fails, 3 when the
-    baseline does not apply: it was made from another model, or it compares nothing.
+    baseline does not apply: it was made from another model or with other settings (post-processing,
+    layout, evaluation data, tolerances), or it compares nothing.
     """
     from export.checking.baseline import compare_with_baseline, refuse_non_finite
     from export.checking.report import format_table, read_report
