@@ -61,15 +61,15 @@ def _describe(value) -> str:
     return str(value)
 
 
-# The parts of a recorded setting that must match: paths differ between machines, digests do not. Evaluation
-# inputs of another model's input size differ in their digest by necessity, so across models only their kind
-# and count must match.
-COMPARED_PARTS = {"tolerances": ("sha256",), "evaluation_data": ("kind", "samples", "sha256")}
-COMPARED_ACROSS_MODELS = {"evaluation_data": ("kind", "samples")}
+# The parts of a recorded setting that must match: paths differ between machines, digests do not (the same
+# images read from an evalset or made anew are the same evaluation data). Inputs of another input size
+# differ in their digest by necessity, so across models of other sizes only their kind and count must match.
+COMPARED_PARTS = {"tolerances": ("sha256",), "evaluation_data": ("samples", "sha256")}
+COMPARED_ACROSS_INPUT_SIZES = {"evaluation_data": ("kind", "samples")}
 
 
-def _comparable(key: str, value, other_model: bool):
-    parts = (COMPARED_ACROSS_MODELS if other_model else {}).get(key) or COMPARED_PARTS.get(key)
+def _comparable(key: str, value, other_input_size: bool):
+    parts = (COMPARED_ACROSS_INPUT_SIZES if other_input_size else {}).get(key) or COMPARED_PARTS.get(key)
     if parts and isinstance(value, dict):
         return {k: value.get(k) for k in parts}
     return value
@@ -85,12 +85,13 @@ def identity_mismatch(report: Report, baseline: Report, allow_other_model: bool 
     if not new:
         return "the new report does not say which model it was made from"
     rows = SETTINGS_IDENTITY if allow_other_model else MODEL_IDENTITY + SETTINGS_IDENTITY
+    other_size = allow_other_model and new.get("input_size") != old.get("input_size")
     for key, what in rows:
         default = IDENTITY_DEFAULTS.get(key)
         now, before = new.get(key, default), old.get(key, default)
         if before is None and now is not None:
             return f"the baseline does not record its {what} (written by an older version); make a new one"
-        if _comparable(key, now, allow_other_model) != _comparable(key, before, allow_other_model):
+        if _comparable(key, now, other_size) != _comparable(key, before, other_size):
             return f"other {what}: {_describe(now)} now, {_describe(before)} in the baseline"
     return ""
 
