@@ -3,7 +3,9 @@
 A task metric that got worse by more than its tolerance, or an agreement /
 angle / cosine that moved against the baseline by more than a small slack, is a
 regression. An engine or task the baseline has and the new report lacks is one
-too, so a gate can never pass by building less.
+too, so a gate can never pass by building less. A baseline of another model or
+made with other settings does not apply at all, and one holding a NaN or an
+infinity is refused: a NaN makes every comparison false, so it would pass.
 """
 
 from __future__ import annotations
