@@ -434,3 +434,16 @@ def test_lint_names_a_missing_external_data_file(ort_build, tmp_path):
     code, output = invoke(X, "lint", tmp_path / "big.onnx")
     assert code == 1 and "Traceback" not in output, output
     assert output.strip().splitlines()[-1].startswith("Error: ") and "big.onnx.weights are missing" in output, output
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("export.bench.options", fromlist=["BenchOptions"]).BenchOptions(batch_sizes=(0,)),
+    lambda: __import__("export.bench.options", fromlist=["BenchOptions"]).BenchOptions(runs=0),
+    lambda: __import__("export.bench.options", fromlist=["BenchOptions"]).BenchOptions(threads=0),
+], ids=["batch", "runs", "threads"])
+def test_option_checks_below_the_cli_are_usage_errors(make):
+    """What only the library can check about flags is still a usage error (exit 2 at either CLI)."""
+    from mtlora.errors import OptionError
+
+    with pytest.raises(OptionError):
+        make()
