@@ -436,14 +436,12 @@ def test_lint_names_a_missing_external_data_file(ort_build, tmp_path):
     assert output.strip().splitlines()[-1].startswith("Error: ") and "big.onnx.weights are missing" in output, output
 
 
-@pytest.mark.parametrize("make", [
-    lambda: __import__("export.bench.options", fromlist=["BenchOptions"]).BenchOptions(batch_sizes=(0,)),
-    lambda: __import__("export.bench.options", fromlist=["BenchOptions"]).BenchOptions(runs=0),
-    lambda: __import__("export.bench.options", fromlist=["BenchOptions"]).BenchOptions(threads=0),
-], ids=["batch", "runs", "threads"])
-def test_option_checks_below_the_cli_are_usage_errors(make):
+@pytest.mark.parametrize("bad", [{"batch_sizes": (0,)}, {"runs": 0}, {"warmup": -1}, {"threads": 0}],
+                         ids=["batch", "runs", "warmup", "threads"])
+def test_option_checks_below_the_cli_are_usage_errors(bad):
     """What only the library can check about flags is still a usage error (exit 2 at either CLI)."""
+    from export.bench.options import BenchOptions
     from mtlora.errors import OptionError
 
     with pytest.raises(OptionError):
-        make()
+        BenchOptions(**bad)
