@@ -92,7 +92,7 @@ def identity_mismatch(report: Report, baseline: Report, allow_other_model: bool 
         default = IDENTITY_DEFAULTS.get(key)
         now, before = new.get(key, default), old.get(key, default)
         if before is None and now is not None:
-            return f"the baseline does not record its {what} (written by an older version); make a new one"
+            return f"the baseline does not record its {what} (written by an older version)"
         if _comparable(key, now, other_size) != _comparable(key, before, other_size):
             return f"other {what}: {_describe(now)} now, {_describe(before)} in the baseline"
     return ""
