@@ -66,20 +66,20 @@ def inputs(tmp_path_factory, ort_build) -> Inputs:
         # Every setting of the identity, changed as another build would have it.
         "postprocessed": lambda r: r["identity"].update(postprocessed=True),
         "layout": lambda r: r["identity"].update(layout="split"),
-        "eval_digest": lambda r: r["identity"]["evaluation_data"].update(sha256="0" * 64),
-        "eval_samples": lambda r: r["identity"]["evaluation_data"].update(samples=99),
+        "eval_digest": lambda r: r["identity"].setdefault("evaluation_data", {}).update(sha256="0" * 64),
+        "eval_samples": lambda r: r["identity"].setdefault("evaluation_data", {}).update(samples=99),
         # Another model of another input size: its inputs differ by necessity, their kind and count may not.
         "eval_kind": lambda r: (r["identity"].update(input_size=96),
-                                r["identity"]["evaluation_data"].update(kind="pascal", sha256="2" * 64)),
+                                r["identity"].setdefault("evaluation_data", {}).update(kind="pascal", sha256="2" * 64)),
         "eval_kind_same": lambda r: (r["identity"].update(input_size=96),
-                                     r["identity"]["evaluation_data"].update(sha256="2" * 64)),
-        "tolerances": lambda r: r["identity"]["tolerances"].update(sha256="1" * 64),
+                                     r["identity"].setdefault("evaluation_data", {}).update(sha256="2" * 64)),
+        "tolerances": lambda r: r["identity"].setdefault("tolerances", {}).update(sha256="1" * 64),
         "input_size": lambda r: r["identity"].update(input_size=96),
         "tasks": lambda r: r["identity"].update(tasks=identity["tasks"][:2]),
         # Written before these settings were recorded.
-        "no_layout": lambda r: r["identity"].pop("layout"),
-        "no_evaluation_data": lambda r: r["identity"].pop("evaluation_data"),
-        "no_tolerances": lambda r: r["identity"].pop("tolerances"),
+        "no_layout": lambda r: r["identity"].pop("layout", None),
+        "no_evaluation_data": lambda r: r["identity"].pop("evaluation_data", None),
+        "no_tolerances": lambda r: r["identity"].pop("tolerances", None),
     }
     for name, value in NON_FINITE.items():
         # A non-finite number in each kind of field of a baseline: metric-like values, tensor errors, checks.
