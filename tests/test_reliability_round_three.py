@@ -211,8 +211,6 @@ CASES.update({
                                                           "--out", t / "out.npz"], 1,
                                          "holds NaN or Inf values (1 NaN, 2 +Inf, 1 -Inf of 12288)",
                                          lambda _f, t: t / "out.npz"),
-    "onnx_input_size_negative_is_usage": Case(X, lambda f, t: ["onnx", FIXTURE, "--img-size", "-64", "--out",
-                                                               t / "out"], 2, "--img-size", OUT),
     # --- a sidecar edited after the build
     "run_sidecar_precision_edited": Case(X, lambda f, t: ["run", f.root / "edited" / "engines" / "onnxruntime-fp32",
                                                           "--image", f.root / "img.png", "--out", t / "out.npz"],
