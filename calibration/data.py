@@ -176,6 +176,7 @@ class CalibrationSet:
         for name, a in columns.items():
             if a.dtype != np.float32:
                 raise CalibrationError(f"calibration input '{name}' is {a.dtype}; convert it to float32")
+            _check_finite(a, f"calibration input '{name}'")
         n = next(iter(counts.values()))
         _check_count(n, min_samples, "calibration samples")
         batch_size = _check_batch_size(batch_size)
@@ -308,6 +309,21 @@ def _check_float32(i: int, feed: Mapping[str, Any]) -> None:
     for name, a in feed.items():
         if not isinstance(a, np.ndarray) or a.dtype != np.float32:
             raise CalibrationError(f"calibration feed {i}, input '{name}': expected a float32 numpy array")
+        _check_finite(a, f"calibration feed {i}, input '{name}'")
+
+
+def _check_finite(a: np.ndarray, where: str) -> None:
+    """A NaN or infinity makes an activation range meaningless (and the calibrators fail deep inside with
+    'range ... is not finite'): refused here, with how many there are and in which samples."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    counts = {"NaN": int(np.isnan(a).sum()), "+Inf": int(np.isposinf(a).sum()), "-Inf": int(np.isneginf(a).sum())}
+    bad = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    samples = np.flatnonzero(~finite.reshape(len(a), -1).all(axis=1)) if a.ndim else np.array([0])
+    listed = ", ".join(map(str, samples[:5])) + (", ..." if len(samples) > 5 else "")
+    raise CalibrationError(f"{where} holds non-finite values ({bad} of {a.size}) in sample(s) {listed}; "
+                           "calibration data must be finite numbers")
 
 
 def _array_digest_items(name: str, a: np.ndarray) -> Iterator[bytes]:
@@ -376,6 +392,7 @@ def _check_sample(sample, expected: tuple[int, ...] | None, where: str) -> np.nd
     if sample.ndim != 3 or sample.shape[0] != 3 or (expected is not None and sample.shape != expected):
         want = expected if expected is not None else "(3, h, w)"
         raise CalibrationError(f"{where} returned shape {sample.shape}, expected {want}")
+    _check_finite(sample[None], where)
     return sample
 
 

@@ -8,6 +8,7 @@ it was built for, the SHA-256 of every file -- lives in a JSON sidecar next to i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -153,6 +154,26 @@ class EngineArtifact:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{sidecar} is incomplete ({type(exc).__name__}: {exc}); rebuild the engine") from None
+
+
+def sidecar_field_digests(sidecar: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every top-level field of a sidecar (of its canonical JSON), by field name: what a build
+    records so that an edit of any field (precision_executed, device, metadata...) is found and named.
+    A sidecar that cannot be read gives {} (loading it says why)."""
+    try:
+        data = json.loads(Path(sidecar).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest() for key, value in data.items()}
+
+
+def edited_fields(recorded: Mapping[str, str], sidecar: str | os.PathLike) -> list[str]:
+    """The fields of `sidecar` that differ from the digests `recorded` when it was built (added, removed
+    or changed), sorted."""
+    now = sidecar_field_digests(sidecar)
+    return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
 
 
 def sidecar_path_for(engine_path: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ Torch-free and SDK-free; `onnx` is imported only when a graph is loaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -46,13 +47,33 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) 
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise EngineError(f"{path}: could not be written ({exc.strerror or exc}); free some space or choose "
-                          "another output path") from None
+        raise EngineError(f"{path}: could not be written ({exc.strerror or exc}); {os_error_hint(exc)}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return path
+
+
+# What to do about an operating-system error, by errno (the same table as `mtlora.fileio.OS_ERROR_HINTS`:
+# engines imports nothing of ours).
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space or choose another output path",
+    errno.EDQUOT: "your disk quota is used up: free some space or choose another output path",
+    errno.EACCES: "check the permissions or choose another output path",
+    errno.EPERM: "check the permissions or choose another output path",
+    errno.EROFS: "the file system is read-only: choose another output path",
+    errno.EIO: "the disk reported an I/O error: check the device or choose another output path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other programs",
+    errno.ENOENT: "a directory on the path is missing (removed while writing?): check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another output path",
+    errno.EISDIR: "the path is a directory: give a file name",
+}
+
+
+def os_error_hint(err: OSError) -> str:
+    return OS_ERROR_HINTS.get(err.errno or 0, "check the path or choose another output path")
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -69,10 +90,29 @@ def load_onnx(path: str | os.PathLike, *, load_external_data: bool = True):
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises its own; both mean a bad file
+        missing = missing_external_data(path) if load_external_data else []
+        if missing:
+            raise EngineError(f"{path}: its external data file(s) {', '.join(missing)} are missing from "
+                              f"{path.parent}; copy them there beside the graph, or re-export it") from None
         raise EngineError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from exc
     if not model.graph.node:
         raise EngineError(f"{path} holds an ONNX model with no nodes; re-export it")
     return model
+
+
+def missing_external_data(path: Path) -> list[str]:
+    """The external data files an ONNX graph names that are not beside it (sorted; [] when none are
+    missing or the graph itself cannot be read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the graph itself is unreadable: the caller says so
+        return []
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    locations = {entry.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    return sorted(loc for loc in locations if not (path.parent / loc).is_file())
 
 
 def engine_file(graph_path: Path, output_dir: str | os.PathLike, name: str | None, precision: str, suffix: str) -> Path:

@@ -151,7 +151,10 @@ def _read_npz_batch(path: Path, size: tuple[int, int]) -> numpy.ndarray:  # noqa
     if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] == 0:
         raise DataError(f"{path}: 'input' has shape {batch.shape}, the model expects (N, {', '.join(map(str, expected))})")
     if not np.isfinite(batch).all():
-        raise DataError(f"{path}: 'input' holds NaN or Inf values")
+        counts = {"NaN": int(np.isnan(batch).sum()), "+Inf": int(np.isposinf(batch).sum()),
+                  "-Inf": int(np.isneginf(batch).sum())}
+        bad = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        raise DataError(f"{path}: 'input' holds NaN or Inf values ({bad} of {batch.size})")
     return batch
 
 

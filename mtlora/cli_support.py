@@ -2,18 +2,57 @@
 
 Library errors are our own exception types; at the CLI boundary they become one
 line on stderr and exit code 1 (click's usage errors keep exit code 2). A
-traceback is shown only with `--debug`.
+traceback is shown only with `--debug`. SIGTERM (a job scheduler, `docker stop`,
+`timeout`) is handled like Ctrl-C: the same clean-up, one line, its own exit
+code. The codes are one table, `EXIT_CODES` (docs/reliability.md shows it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 import click
 
-from mtlora.errors import MTLoRAError
+from mtlora.errors import MTLoRAError, OptionError
+
+# Exit codes of both command lines; 128 + the signal's number for an interrupted command, as shells report it.
+EXIT_CODES = {
+    "ok": 0,
+    "failure": 1,  # our error (one line), or a failed accuracy check / gate regression
+    "usage": 2,  # a bad or conflicting flag (click's usage error)
+    "baseline does not apply": 3,  # `check --baseline` with a baseline of another model or other settings
+    "interrupted (SIGINT)": 128 + signal.SIGINT,  # 130
+    "interrupted (SIGTERM)": 128 + signal.SIGTERM,  # 143
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every clean-up written for Ctrl-C runs for it too."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    # A second SIGTERM must not cut the clean-up of the first short; SIGKILL still ends the process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises `Terminated` (a KeyboardInterrupt); the old handler comes back
+    after. Only the main thread can install signal handlers (click's test runner may use another)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ErrorHandlingGroup(click.Group):
@@ -40,22 +79,24 @@ class ErrorHandlingGroup(click.Group):
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.obj and ctx.obj.get("debug") or os.environ.get("MTLORA_DEBUG"))
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors (exit 2) and explicit exits are click's to report
         except self.handled as err:
             if debug:
                 raise
             click.echo(f"Error: {_one_line(err)}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_CODES["usage" if isinstance(err, OptionError) else "failure"])
+        except KeyboardInterrupt as err:
+            which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+            click.echo(f"Interrupted ({which}).", err=True)
+            sys.exit(EXIT_CODES[f"interrupted ({which})"])
         except Exception as err:  # noqa: BLE001 - the promise: one line, never a traceback
             if debug:
                 raise
             click.echo(f"Error: {describe_unexpected(err)}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_CODES["failure"])
 
 
 def _one_line(err: BaseException) -> str:
@@ -67,11 +108,9 @@ def describe_unexpected(err: BaseException) -> str:
     """One line for an error no library code turned into ours: what the system said, or an internal error."""
     if isinstance(err, OSError):
         where = f"{err.filename}: " if err.filename else ""
-        what = err.strerror or _one_line(err)
-        hint = {28: "free some space or choose another output path", 13: "check the permissions or choose "
-                "another path", 30: "the file system is read-only: choose another path"}.get(err.errno or 0,
-                                                                                             "check the path")
-        return f"{where}{what}; {hint}"
+        from mtlora.fileio import os_error_hint
+
+        return f"{where}{err.strerror or _one_line(err)}; {os_error_hint(err)}"
     if isinstance(err, MemoryError):
         return "out of memory; use a smaller batch, input size or model, or a machine with more memory"
     return (f"internal error ({type(err).__name__}: {_one_line(err)[:300]}); re-run with --debug for the "

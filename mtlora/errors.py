@@ -5,6 +5,11 @@ class MTLoRAError(Exception):
     """Base class: a problem with what the user handed us, not a bug."""
 
 
+class OptionError(MTLoRAError):
+    """A flag's value, or a combination of flags, that cannot work whatever the input: a usage error,
+    exit code 2 like click's own (the check needs more than click's types can see)."""
+
+
 class ConfigError(MTLoRAError, ValueError):
     """An invalid model, adapter or training configuration."""
 

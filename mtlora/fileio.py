@@ -6,6 +6,7 @@ or a kill never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,6 +26,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# What to do about an operating-system error, by its errno: the hint must name the real cause (a permission
+# is not a full disk). `engines.files` keeps the same table (engines imports nothing of ours).
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space or choose another output path",
+    errno.EDQUOT: "your disk quota is used up: free some space or choose another output path",
+    errno.EACCES: "check the permissions or choose another output path",
+    errno.EPERM: "check the permissions or choose another output path",
+    errno.EROFS: "the file system is read-only: choose another output path",
+    errno.EIO: "the disk reported an I/O error: check the device or choose another output path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other programs",
+    errno.ENOENT: "a directory on the path is missing (removed while writing?): check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another output path",
+    errno.EISDIR: "the path is a directory: give a file name",
+}
+
+
+def os_error_hint(err: OSError) -> str:
+    return OS_ERROR_HINTS.get(err.errno or 0, "check the path or choose another output path")
 
 
 def why_not_writable(path: Path, err: OSError) -> str:
@@ -67,8 +89,7 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes,
         os.replace(tmp, path)
     except OSError as err:  # a full disk (ENOSPC), a quota, an I/O error
         Path(tmp).unlink(missing_ok=True)
-        raise error(f"{path}: could not be written ({err.strerror or err}); free some space or choose "
-                    "another output path") from None
+        raise error(f"{path}: could not be written ({err.strerror or err}); {os_error_hint(err)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -230,15 +230,16 @@ def test_bad_precision_choices_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--precision", "backbone=int8,heads=fp16"], "needs --layout split"),
-    (["--precision", "auto", "--precision", "fp16"], "give it alone"),
+@pytest.mark.parametrize("args, message, exit_code", [
+    # Flags that cannot work together are usage errors (2); a precision this backend lacks is a failure (1).
+    (["--precision", "backbone=int8,heads=fp16"], "needs --layout split", 2),
+    (["--precision", "auto", "--precision", "fp16"], "give it alone", 2),
     (["--backend", "onnxruntime", "--layout", "split", "--precision", "backbone=bf16,heads=fp16"],
-     "onnxruntime cannot build precision 'bf16'"),
+     "onnxruntime cannot build precision 'bf16'", 1),
 ])
-def test_conflicting_precision_choices_are_one_line(tmp_path, args, message):
+def test_conflicting_precision_choices_are_one_line(tmp_path, args, message, exit_code):
     code, output = invoke(export_cli, "build", *args, "--out", tmp_path / "b")
-    assert code == 1 and message in output and "Traceback" not in output, output
+    assert code == exit_code and message in output and "Traceback" not in output, output
     assert not (tmp_path / "b").exists()
 
 

@@ -3,6 +3,7 @@ and `build --from-bundle` verify the hashes first and refuse a modified or trunc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
         target.write_bytes(b"old")
 
         def fail(*_args):
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "disk full")
 
         with monkeypatch.context() as patch:
             patch.setattr(os, "replace", fail)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.artifact import EngineArtifact
+from engines.artifact import EngineArtifact, edited_fields, sidecar_field_digests, sidecar_path_for
 from engines.errors import EngineError
 from engines.registry import get_backend
 from engines.runner import Runner
@@ -38,6 +38,9 @@ class EngineSet:
     files: dict[str, str] = field(default_factory=dict)  # role ("model", "backbone", "head_<task>") -> engine file
     interface: ModelInterface | None = None  # what a caller feeds it and gets back
     parts: dict[str, str] = field(default_factory=dict)  # role -> precision, when the parts differ
+    # role -> {sidecar field: SHA-256} as built: a sidecar's fields are trusted (precision_executed is
+    # reported as what ran), so every one is covered, as the engine files are by the sidecar's own hashes.
+    sidecars: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -51,12 +54,28 @@ class EngineSet:
         """Each role's engine artifact. With `verify`, every file must match its sidecar, and every
         sidecar must describe this set: same backend and precision, and the model outputs the set's
         interface states (a sidecar copied in from another model is refused)."""
+        if verify:
+            self._check_sidecar_fields()
         artifacts = {role: EngineArtifact.load(self.directory / f, backend=self.backend, verify=verify)
                      for role, f in self.files.items()}
         if verify:
             for role, artifact in artifacts.items():
                 self._check_sidecar(role, artifact)
         return artifacts
+
+    def _check_sidecar_fields(self) -> None:
+        for role, file in self.files.items():
+            sidecar = sidecar_path_for(self.directory / file)
+            recorded = self.sidecars.get(role)
+            if not recorded:
+                raise ExportError(f"{self.directory / ENGINE_INDEX}: records no digest of {sidecar.name} (built by "
+                                  "an older version); rebuild the engine")
+            if not sidecar_field_digests(sidecar):
+                continue  # missing or not a JSON object: loading it says which
+            edited = edited_fields(recorded, sidecar)
+            if edited:
+                raise ExportError(f"{sidecar}: field(s) {', '.join(edited)} differ from what the build recorded in "
+                                  f"{ENGINE_INDEX} (the sidecar was edited); rebuild the engine")
 
     def _check_sidecar(self, role: str, artifact: EngineArtifact) -> None:
         where = f"{self.directory / self.files[role]}"
@@ -85,6 +104,9 @@ class EngineSet:
                  "model": self.interface.to_dict() if self.interface else {}}
         if self.parts:
             index["parts"] = self.parts
+        self.sidecars = {role: sidecar_field_digests(sidecar_path_for(self.directory / f))
+                         for role, f in self.files.items()}
+        index["sidecars"] = self.sidecars
         write_json_atomic(self.directory / ENGINE_INDEX, index)
 
     @classmethod
@@ -95,7 +117,9 @@ class EngineSet:
                          missing=f"{directory}: no {ENGINE_INDEX}; this engine build did not finish, rebuild it")
         try:
             entry = cls(str(data["backend"]), str(data["precision"]), directory, dict(data["files"]),
-                        parts={str(r): str(p) for r, p in (data.get("parts") or {}).items()})
+                        parts={str(r): str(p) for r, p in (data.get("parts") or {}).items()},
+                        sidecars={str(r): {str(k): str(v) for k, v in dict(d).items()}
+                                  for r, d in (data.get("sidecars") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ExportError(f"{index}: corrupt ({type(err).__name__}: {err}); rebuild the engine") from None
         if any(not isinstance(f, str) or Path(f).name != f for f in entry.files.values()) or not entry.files:

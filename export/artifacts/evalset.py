@@ -29,6 +29,27 @@ def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
         raise ExportError(f"{path}: not a readable {what} ({err})") from None
 
 
+def count_non_finite(a: np.ndarray) -> str:
+    """'' when every value of a float array is finite, else how many are not: '2 NaN, 1 +Inf'."""
+    if a.dtype.kind != "f":
+        return ""
+    counts = {"NaN": int(np.isnan(a).sum()), "+Inf": int(np.isposinf(a).sum()), "-Inf": int(np.isneginf(a).sum())}
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+
+
+def check_numbers(path, arrays: Mapping[str, np.ndarray], finite: tuple[str, ...]) -> None:
+    """Every array must hold numbers (not strings or objects), and those named in `finite` (by name, or by
+    prefix ending in '_') finite ones: a NaN input or reference would make every comparison quietly false."""
+    for name, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise ExportError(f"{path}: array '{name}' holds {a.dtype} values, not numbers; rebuild the file")
+        must_be_finite = any(name == f or (f.endswith("_") and name.startswith(f)) for f in finite)
+        bad = count_non_finite(a) if must_be_finite else ""
+        if bad:
+            raise ExportError(f"{path}: array '{name}' holds non-finite values ({bad} of {a.size}); "
+                              "inputs and references must be finite numbers")
+
+
 @dataclass
 class EvalSet:
     images: np.ndarray
@@ -59,6 +80,7 @@ class EvalSet:
         data = read_npz(path, "evaluation set")
         if "input" not in data:
             raise ExportError(f"{path}: not a readable evaluation set (no 'input' array)")
+        check_numbers(path, data, finite=("input", "ref_"))  # labels may mark unknown depth with NaN
         return cls(data["input"], {k[4:]: v for k, v in data.items() if k.startswith("ref_")},
                    {k[6:]: v for k, v in data.items() if k.startswith("label_")})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from export.bench.machine import available_cpus
-from export.errors import ExportError
+from export.errors import ExportOptionError
 
 
 @dataclass
@@ -24,11 +24,11 @@ class BenchOptions:
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(sorted({int(b) for b in self.batch_sizes}))
         if not self.batch_sizes or self.batch_sizes[0] < 1:
-            raise ExportError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+            raise ExportOptionError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if self.runs < 1 or self.warmup < 0 or self.budget_s < 0:
-            raise ExportError("runs must be at least 1, warmup and the time budget at least 0")
+            raise ExportOptionError("runs must be at least 1, warmup and the time budget at least 0")
         if self.threads is not None and self.threads < 1:
-            raise ExportError(f"threads must be at least 1, got {self.threads}")
+            raise ExportOptionError(f"threads must be at least 1, got {self.threads}")
 
     @property
     def thread_count(self) -> int:

@@ -3,7 +3,9 @@
 A task metric that got worse by more than its tolerance, or an agreement /
 angle / cosine that moved against the baseline by more than a small slack, is a
 regression. An engine or task the baseline has and the new report lacks is one
-too, so a gate can never pass by building less.
+too, so a gate can never pass by building less. A baseline of another model or
+made with other settings does not apply at all, and one holding a NaN or an
+infinity is refused: a NaN makes every comparison false, so it would pass.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from export.checking.results import Report, TaskResult
+from export.errors import ExportError
 
 # How far a value may move against a baseline before the gate fails; `worse` says which way is worse.
 BASELINE_SLACK = {"argmax_agreement": 0.01, "angle_deg": 0.5, "cosine": 1e-3}
@@ -27,6 +30,7 @@ class GateResult:
     regressions: list[str] = field(default_factory=list)
     compared: int = 0
     mismatch: str = ""
+    other_model_only: bool = False  # the mismatch is the model alone, which --allow-other-model waives
 
     @property
     def applies(self) -> bool:
@@ -37,24 +41,90 @@ class GateResult:
         return self.applies and not self.regressions
 
 
-def identity_mismatch(report: Report, baseline: Report) -> str:
-    """Why `baseline` was made from another model than `report` ('' when it was the same model).
+# What a report's identity records, and how a mismatch is named. The model: tasks, channels, input size
+# and weights. The settings that change what the outputs mean or how they are compared: in-graph
+# post-processing, the graph layout, the evaluation data (its source, count and a digest of its inputs)
+# and the tolerances (a digest of the limits in force). `--allow-other-model` waives the model rows only.
+MODEL_IDENTITY = (("tasks", "tasks"), ("output_channels", "output channels per task"), ("input_size", "input size"),
+                  ("source_sha256", "weights (checkpoint SHA-256)"))
+SETTINGS_IDENTITY = (("postprocessed", "post-processing (--postprocess)"), ("layout", "layout (--layout)"),
+                     ("evaluation_data", "evaluation data (--eval-data, --eval-samples)"),
+                     ("tolerances", "tolerances (--tolerances)"))
+# Reports written before a setting was recorded always recorded its default this way: no key means False.
+IDENTITY_DEFAULTS = {"postprocessed": False}
 
-    A model is its tasks, their output channels, its input size and its weights (the source
-    checkpoint's SHA-256, which every export records)."""
+
+def _describe(value) -> str:
+    """A setting's value for people: digests shortened, the rest as written."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {str(v)[:12] if k == 'sha256' else v}" for k, v in sorted(value.items()))
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return str(value)
+
+
+# The parts of a recorded setting that must match: paths differ between machines, digests do not (the same
+# images read from an evalset or made anew are the same evaluation data). Inputs of another input size
+# differ in their digest by necessity, so across models of other sizes only their kind and count must match.
+COMPARED_PARTS = {"tolerances": ("sha256",), "evaluation_data": ("samples", "sha256")}
+COMPARED_ACROSS_INPUT_SIZES = {"evaluation_data": ("kind", "samples")}
+
+
+def _comparable(key: str, value, other_input_size: bool):
+    parts = (COMPARED_ACROSS_INPUT_SIZES if other_input_size else {}).get(key) or COMPARED_PARTS.get(key)
+    if parts and isinstance(value, dict):
+        return {k: value.get(k) for k in parts}
+    return value
+
+
+def identity_mismatch(report: Report, baseline: Report, allow_other_model: bool = False) -> str:
+    """Why `baseline` does not apply to `report` ('' when it does): another model (tasks, output channels,
+    input size, the source checkpoint's SHA-256), or another setting that changes what the outputs mean
+    or how they are compared. With `allow_other_model` only the settings must match."""
     new, old = report.identity, baseline.identity
     if not old:
         return "the baseline does not say which model it was made from (written by an older version)"
     if not new:
         return "the new report does not say which model it was made from"
-    for key, what in (("tasks", "tasks"), ("output_channels", "output channels per task"),
-                      ("input_size", "input size")):
-        if new.get(key) != old.get(key):
-            return f"other {what}: {new.get(key)} now, {old.get(key)} in the baseline"
-    if new.get("source_sha256") != old.get("source_sha256"):
-        return (f"other weights: checkpoint SHA-256 {str(new.get('source_sha256'))[:12]} now, "
-                f"{str(old.get('source_sha256'))[:12]} in the baseline")
+    rows = SETTINGS_IDENTITY if allow_other_model else MODEL_IDENTITY + SETTINGS_IDENTITY
+    other_size = allow_other_model and new.get("input_size") != old.get("input_size")
+    for key, what in rows:
+        default = IDENTITY_DEFAULTS.get(key)
+        now, before = new.get(key, default), old.get(key, default)
+        if before is None and now is not None:
+            return f"the baseline does not record its {what} (written by an older version)"
+        if _comparable(key, now, other_size) != _comparable(key, before, other_size):
+            return f"other {what}: {_describe(now)} now, {_describe(before)} in the baseline"
     return ""
+
+
+def _task_numbers(task: TaskResult) -> dict[str, float]:
+    """Every number of a task result, by the field name a report file uses."""
+    numbers = {f"tensor.{k}": v for k, v in task.tensor.to_dict().items()}
+    numbers.update({"argmax_agreement": task.agreement, "angle_deg": task.angle_deg})
+    if task.metrics is not None:
+        numbers.update({f"metrics.engine.{k}": v for k, v in task.metrics.engine.items()})
+        numbers.update({f"metrics.reference.{k}": v for k, v in task.metrics.reference.items()})
+    for check in task.checks:
+        numbers[f"checks.{check.name}.value"] = check.value
+        numbers[f"checks.{check.name}.limit"] = check.limit
+    return {k: v for k, v in numbers.items() if v is not None}
+
+
+def non_finite_fields(report: Report) -> list[str]:
+    """`engine/task: field` for every NaN, +Inf or -Inf number among a report's task results."""
+    return [f"{engine.key}/{name}: {field_name}" for engine in report.engines for name, task in engine.tasks.items()
+            for field_name, value in _task_numbers(task).items() if not math.isfinite(value)]
+
+
+def refuse_non_finite(report: Report, where: str) -> None:
+    """A baseline holding a NaN or an infinity cannot judge anything (a NaN makes every comparison false,
+    so it would pass): one error naming the file, the first fields and how many there are."""
+    bad = non_finite_fields(report)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ExportError(f"{where}: {len(bad)} non-finite value(s) (NaN or Inf): {'; '.join(bad[:3])}{more}; "
+                          "make the baseline from a build whose checks produced finite numbers")
 
 
 def _metric_regression(key: str, task: str, old: TaskResult, new: TaskResult, slack: float | None) -> str | None:
@@ -72,15 +142,18 @@ def _metric_regression(key: str, task: str, old: TaskResult, new: TaskResult, sl
 
 
 def compare_with_baseline(report: Report, baseline: Report, metric_slack: dict[str, float] | None = None,
-                          allow_other_model: bool = False) -> GateResult:
+                          allow_other_model: bool = False, where: str = "the baseline") -> GateResult:
     """Regressions of `report` against `baseline`.
 
     A baseline of another model (see `identity_mismatch`) does not apply: the result says so and
     does not pass, unless `allow_other_model` (then tasks are compared by name). `metric_slack`
     maps an engine key (e.g. 'openvino-int8') to how many points its primary task metrics may
-    lose; the default is each check's own metric-drop limit.
+    lose; the default is each check's own metric-drop limit. A baseline holding a non-finite number is
+    refused (ExportError naming `where`); a non-finite number in `report` is a regression.
     """
-    gate = GateResult(mismatch="" if allow_other_model else identity_mismatch(report, baseline))
+    refuse_non_finite(baseline, where)
+    gate = GateResult(mismatch=identity_mismatch(report, baseline, allow_other_model))
+    gate.other_model_only = bool(gate.mismatch) and not identity_mismatch(report, baseline, True)
     if gate.mismatch:
         return gate
     for stored in baseline.engines:

@@ -18,6 +18,8 @@ tighter CI limit can never silently vanish.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -141,6 +143,14 @@ class Tolerances:
                 if wrong:
                     raise ExportError(f"{source}: {precision}.{task}: {', '.join(wrong)} cannot apply to a "
                                       f"{kind.replace('_', ' ')} task; it takes {', '.join(KIND_LIMITS[kind])}")
+
+    def identity(self) -> dict[str, str]:
+        """What a baseline records of these tolerances: where they came from, and a digest of the limits
+        in force (defaults included), so that two files with the same limits are the same tolerances."""
+        limits = {"defaults": {p: {k: vars(t) for k, t in kinds.items()} for p, kinds in DEFAULTS.items()},
+                  "overrides": self.overrides}
+        digest = hashlib.sha256(json.dumps(limits, sort_keys=True).encode()).hexdigest()
+        return {"source": self.source if self.overrides else "defaults", "sha256": digest}
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> Tolerances:

@@ -108,7 +108,8 @@ BASELINE_DOES_NOT_APPLY = 3
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A stored report.json; fail on any regression against it.")
 @click.option("--allow-other-model", is_flag=True,
-              help="Compare with a baseline made from another model (other weights or classes) by task name.")
+              help="Compare with a baseline made from another model (other weights or classes) by task name; "
+                   "its settings (post-processing, layout, evaluation data, tolerances) must still match.")
 @click.option("--eval-data", help="Evaluation data to use instead of the build's.")
 @tolerances_option
 @threads_option
@@ -116,22 +117,25 @@ def check(build_dir, baseline, eval_data, tolerances, threads, allow_other_model
     """Re-run the accuracy checks of BUILD_DIR (and compare with a baseline report: the CI gate).
 
     Exit code 0 when every check passes (and nothing regressed), 1 when any fails, 3 when the
-    baseline does not apply: it was made from another model, or it compares nothing.
+    baseline does not apply: it was made from another model or with other settings (post-processing,
+    layout, evaluation data, tolerances), or it compares nothing.
     """
-    from export.checking.baseline import compare_with_baseline
+    from export.checking.baseline import compare_with_baseline, refuse_non_finite
     from export.checking.report import format_table, read_report
     from export.pipeline.check import run_check
 
     stored = read_report(baseline) if baseline else None
+    if stored is not None:
+        refuse_non_finite(stored, baseline)  # before the check's work, which it could never judge
     report = run_check(build_dir, say, eval_data=eval_data, tolerances=tolerances, threads=threads)
     click.echo(format_table(report))
     passed = report.passed
     if stored is not None:
-        gate = compare_with_baseline(report, stored, allow_other_model=allow_other_model)
+        gate = compare_with_baseline(report, stored, allow_other_model=allow_other_model, where=baseline)
         if not gate.applies:
-            hint = "" if allow_other_model or "nothing" in gate.mismatch else " (or pass --allow-other-model)"
+            hint = " (or pass --allow-other-model)" if gate.other_model_only else ""
             click.echo(f"\nBASELINE DOES NOT APPLY: {baseline}: {gate.mismatch}; make a baseline from this model "
-                       f"with 'mtlora-export build' (or 'make baseline'){hint}")
+                       f"and these settings with 'mtlora-export build' (or 'make baseline'){hint}")
             sys.exit(BASELINE_DOES_NOT_APPLY)
         for line in gate.regressions:
             click.echo(f"REGRESSION {line}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from export.cli.options import parse_tasks, say
-from export.errors import ExportError
+from export.errors import ExportError, ExportOptionError
 
 LAYOUT_CHOICES = ("single", "split")
 
@@ -37,7 +37,8 @@ def merge(checkpoint: Path, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another output path")
     if out.resolve() == checkpoint.resolve():
-        raise ExportError(f"{out}: write the merged checkpoint beside the original, not over it")
+        raise ExportOptionError(f"--out {out}: is the checkpoint itself; write the merged checkpoint beside the "
+                                "original, not over it")
     model = load_any(checkpoint)
     report = parameter_report(model)
     merge_model(model, safe=True)
@@ -58,7 +59,8 @@ def merge(checkpoint: Path, out: Path) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
 @click.option("--reference-samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Seeded samples for reference.npz (0: no reference file).")
-@click.option("--img-size", type=int, default=None, help="Input size to export at (default: the checkpoint's).")
+@click.option("--img-size", type=click.IntRange(min=1), default=None,
+              help="Input size to export at (default: the checkpoint's).")
 @click.option("--postprocess", is_flag=True,
               help="Post-process in the graph: class ids (uint8), probabilities, unit normals, instead of raw maps.")
 def onnx_command(checkpoint: Path, out: Path, layout: str, tasks: str | None, opset: int,

@@ -25,7 +25,7 @@ from export.artifacts.records import recover_records
 from export.checking.graph_lint import build_graphs, lint_graphs
 from export.checking.results import Report
 from export.checking.tolerances import Tolerances
-from export.errors import ExportError
+from export.errors import ExportError, ExportOptionError
 from export.pipeline.calibration_step import (
     calibration_set,
     check_calibration_data,
@@ -35,6 +35,7 @@ from export.pipeline.calibration_step import (
 from export.pipeline.check import CheckOutcome, check_engines, eval_batches, write_records
 from export.pipeline.data import parse_spec
 from export.pipeline.eval_cache import EvalBatchCache
+from export.pipeline.keep_fp32 import check_keep_fp32_matches
 from export.pipeline.options import (
     AUTO,
     PARTS,
@@ -321,6 +322,9 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
     tolerances = Tolerances.from_file(opts.tolerances)
     tolerances.check_tasks(info.interface.tasks)
     _check_roles(opts, info, [p for _, p in pairs])
+    check_keep_fp32_matches(opts.keep_fp32, opts.keep_fp32_roles,
+                            {role: export_dir / name for role, name in info.graph_files.items()},
+                            openvino=any(backend == "openvino" for backend, _ in pairs))
     if source is not None and torch_available():
         reference = OriginalModel(source, info.interface.tasks)
     model = {**info.interface.to_dict(), "layout": info.layout, "source": source_line}
@@ -375,6 +379,6 @@ def _check_roles(opts: BuildOptions, info: ExportInfo, precisions: list[str]) ->
                                   f"{', '.join(info.interface.tasks)}")
     unknown = sorted(set(opts.keep_fp32_roles) - set(info.graph_files))
     if unknown:
-        raise ExportError(f"--keep-fp32: the file names graph(s) {', '.join(unknown)}, which the {info.layout} "
+        raise ExportOptionError(f"--keep-fp32: the file names graph(s) {', '.join(unknown)}, which the {info.layout} "
                           f"layout does not have (it has {', '.join(info.graph_files)}); it was made for "
                           "another layout")

@@ -7,6 +7,7 @@ PyTorch, the ones stored in evalset.npz).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from export.artifacts.builddir import BuildDir
 from export.artifacts.engineset import EngineSet, list_engine_sets, load_runner
-from export.artifacts.evalset import EvalSet, read_npz
+from export.artifacts.evalset import EvalSet, check_numbers, read_npz
 from export.artifacts.manifest import ExportInfo, verify_manifest
 from export.artifacts.records import publish_records, read_build_record, recover_records, verify_records
 from export.checking.accuracy import EngineChecker, EvalBatch
@@ -48,6 +49,7 @@ def eval_batches(opts: BuildOptions, info: ExportInfo, export_dir: Path, build: 
         missing = [k for k in ("input", *tasks) if k not in data]
         if missing:
             raise ExportError(f"{ref_file}: lacks the array(s) {', '.join(missing)}; re-run the export")
+        check_numbers(ref_file, data, finite=tuple(data))
         yield EvalBatch(image=data["input"].astype(np.float32), reference={t: data[t] for t in tasks})
     spec = parse_spec(opts.eval_data or "synthetic")
     if reference is None or spec.kind == "evalset":
@@ -137,9 +139,11 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
                                           dict(entry.files), str(entry.directory), tuple(notes))
         source = "pytorch" if reference is not None else "stored"
         count = 0
+        inputs_digest = hashlib.sha256()
         if batches is None:
             batches = eval_batches(opts, info, export_dir, build, reference, say, keep_evalset)
         for batch in batches:
+            inputs_digest.update(np.ascontiguousarray(batch.image, dtype=np.float32).tobytes())
             results = {}
             for key, runner in runners.items():
                 outputs = runner.infer({"image": batch.image})
@@ -159,7 +163,13 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
                         labels={t: v[i] for t, v in batch.labels.items()},
                         kinds={t: interface.kind(t) for t in interface.tasks} if interface.postprocessed else {}))
             say(f"[check] {count} images checked on {len(runners)} engine(s)")
-    report = Report(model, [checkers[k].finish(infos[k], source) for k in runners], identity=info.identity)
+    spec = parse_spec(opts.eval_data or "synthetic")
+    # What a baseline must share with this report besides the model (see checking.baseline).
+    identity = {**info.identity, "postprocessed": interface.postprocessed, "layout": info.layout,
+                "evaluation_data": {"kind": spec.kind, "source": spec.describe(), "samples": count,
+                                    "sha256": inputs_digest.hexdigest()},
+                "tolerances": tolerances.identity()}
+    report = Report(model, [checkers[k].finish(infos[k], source) for k in runners], identity=identity)
     return CheckOutcome(report, html_samples, interface.mean, interface.std, curves_png)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from engines.registry import BACKENDS, PRECISIONS, choose_backend
-from export.errors import ExportError
+from export.errors import ExportError, ExportOptionError
 
 Say = Callable[[str], None]
 
@@ -148,7 +148,7 @@ def role_precisions(precision: str, roles: Iterable[str]) -> dict[str, str]:
     out, missing = {}, []
     for role in roles:
         if role == "model":
-            raise ExportError(f"precision '{precision}' gives parts their own precision; it needs the split layout "
+            raise ExportOptionError(f"precision '{precision}' gives parts their own precision; it needs the split layout "
                               "(--layout split)")
         task = role[len("head_"):] if role.startswith("head_") else None
         chosen = parts.get("backbone") if task is None else parts.get(task, parts.get("heads"))
@@ -156,7 +156,7 @@ def role_precisions(precision: str, roles: Iterable[str]) -> dict[str, str]:
             missing.append(task or role)
         out[role] = chosen
     if missing:
-        raise ExportError(f"precision '{precision}' leaves the head(s) of {', '.join(missing)} without a precision; "
+        raise ExportOptionError(f"precision '{precision}' leaves the head(s) of {', '.join(missing)} without a precision; "
                           "add heads=PRECISION")
     return out
 
@@ -251,15 +251,15 @@ def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
     per-part one such as `backbone=int8,heads=fp16` (split layout), each part checked on its own."""
     precisions = resolve_precisions(opts.precisions)
     if AUTO in precisions and len(precisions) > 1:
-        raise ExportError("--precision auto builds and compares every precision itself; give it alone")
+        raise ExportOptionError("--precision auto builds and compares every precision itself; give it alone")
     parted = [p for p in precisions if is_part_precision(p)]
     if parted and opts.layout != "split" and not opts.from_bundle:  # a bundle has its own layout
-        raise ExportError(f"precision '{parted[0]}' gives the backbone and heads their own precision; "
+        raise ExportOptionError(f"precision '{parted[0]}' gives the backbone and heads their own precision; "
                           "it needs --layout split")
     if opts.int8_fallback not in FALLBACK_MODES:
-        raise ExportError(f"unknown int8 fallback mode '{opts.int8_fallback}'; choose one of {', '.join(FALLBACK_MODES)}")
+        raise ExportOptionError(f"unknown int8 fallback mode '{opts.int8_fallback}'; choose one of {', '.join(FALLBACK_MODES)}")
     if opts.timing_batch < 1:
-        raise ExportError(f"the timing batch must be at least 1, got {opts.timing_batch}")
+        raise ExportOptionError(f"the timing batch must be at least 1, got {opts.timing_batch}")
     backends = resolve_backends(opts.backends, say)
 
     def builds(backend: str, precision: str) -> bool:
