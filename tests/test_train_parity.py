@@ -153,3 +153,31 @@ def test_fp16_needs_a_gpu_and_auto_means_fp32_on_a_cpu():
     assert resolve_precision("bf16", torch.device("cpu")).grad_scaler(torch.device("cpu")) is None
     mode = resolve_precision("fp32", torch.device("cpu"))
     assert mode.dtype is None and not mode.scaled and not math.isnan(0.0)
+
+
+def test_the_trainer_steps_once_per_accumulation_and_with_the_official_rates(tmp_path):
+    from mtlora.train import Distributed, Trainer
+    from tests.test_train import tiny_model_config, tiny_train_config
+
+    torch.set_num_threads(1)
+    # 40 samples of batch 8: 5 batches an epoch, 2 steps of 2 (the fifth is dropped, as upstream drops it).
+    config = tiny_train_config(epochs=3, warmup_epochs=1.5, train_samples=40, val_samples=8, accumulation_steps=2,
+                               eval_every=0, save_every=0, lr=None)
+    trainer = Trainer(tiny_model_config(), config, tmp_path / "run", None, False, Distributed())
+    used = []
+    real_step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    result = trainer.run()
+    assert result.steps == 6 and len(used) == 6
+    assert trainer.peak_lr == pytest.approx(5e-4 * 8 * 2 / 512)
+    schedule = trainer.schedule
+    assert (schedule.warmup_steps, schedule.total_steps) == (3, 6)
+    # Upstream's positions: (epoch * 5 + batch) // 2 after the steps closing batches 1 and 3 of each
+    # epoch: 0, 1 | 3, 4 | 5, 6; each step runs with the position the step before it set.
+    positions = [None, 0, 1, 3, 4, 5]
+    assert used == pytest.approx([schedule.rate(0 if p is None else p) for p in positions], rel=1e-12)
