@@ -175,3 +175,40 @@ def test_fp16_on_a_cpu_is_one_line(tmp_path):
         "Error: --precision fp16 trains on a CUDA GPU only (autocast with a gradient scaler); use bf16 or fp32 on a CPU"
     ], output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_metrics_log_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from mtlora.errors import CheckpointError
+    from mtlora.train import MetricsLog
+
+    log = MetricsLog(tmp_path / METRICS_FILE, [{"epoch": 1, "train/loss": 1.0}])
+    log.write()
+    before = (tmp_path / METRICS_FILE).read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        log.append({"epoch": 2, "train/loss": 0.5})
+    assert (tmp_path / METRICS_FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]  # no temp file left
+
+
+def test_the_gradient_scaler_state_is_saved_and_validated_on_resume(tmp_path):
+    import torch
+
+    from mtlora.model import MultiTaskSwin
+    from mtlora.train import build_optimizer, read_resume_point, save_training_checkpoint
+
+    model = MultiTaskSwin(tiny_model_config())
+    optimizer, names = build_optimizer(model, 1e-3, 0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    state = {"epoch": 1, "step": 4, "train_config": tiny_train_config().to_dict()}
+    save_training_checkpoint(model, tmp_path / "last", {"epoch": 1}, optimizer, names, state, scaler)
+    point = read_resume_point(tmp_path / "last")
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(point.state["scaler"])
+    assert restored.get_scale() == 512.0 and restored.state_dict() == scaler.state_dict()
