@@ -65,7 +65,6 @@ from mtlora.checkpoint import (
 from mtlora.config import ModelConfig
 from mtlora.data.datasets import DATASET_NAMES, build_dataset, collate, dataset_tasks
 from mtlora.errors import CheckpointError, ConfigError, DataError, MTLoRAError
-from mtlora.fileio import write_bytes_atomic
 from mtlora.evaluate import (
     default_baselines,
     evaluate,
@@ -74,6 +73,7 @@ from mtlora.evaluate import (
     worker_error,
     worker_settings,
 )
+from mtlora.fileio import write_bytes_atomic
 from mtlora.losses import MultiTaskLoss
 from mtlora.metrics import TASK_METRICS
 from mtlora.model import MultiTaskSwin

@@ -30,10 +30,9 @@ def _worker(rank: int, port: int, out: str, weights_dir: str, accumulation: int 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
     import torch.distributed as dist
-
-    from mtlora.cli_options import model_config_from_options
     from torch.nn.parallel import DistributedDataParallel
 
+    from mtlora.cli_options import model_config_from_options
     from mtlora.train import TrainConfig, Trainer, setup_distributed
 
     unsynced = []  # micro-batches run under no_sync (their gradients are not all-reduced)
