@@ -21,7 +21,7 @@ from mtlora.errors import ConfigError
 
 _TRAIN_OPTION_NAMES = (
     "data", "data_root", "epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "clip_grad",
-    "steps_per_epoch", "train_samples", "val_samples", "seed", "workers", "save_every", "eval_every",
+    "accumulation_steps", "steps_per_epoch", "train_samples", "val_samples", "seed", "workers", "save_every", "eval_every",
     "eval_initial", "precision", "device", "pretrained", "slim", "threads",
 )  # fmt: skip
 
@@ -84,6 +84,9 @@ def resolve_train_config(
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW weight decay. [default: 0.05]")
 @click.option("--clip-grad", type=click.FloatRange(min=0), default=None,
               help="Gradient norm clipping, 0 = off. [default: 5.0]")
+@click.option("--accumulation-steps", type=click.IntRange(min=1), default=None,
+              help="Sum the gradients of N batches into one optimiser step (the official TRAIN.ACCUMULATION_STEPS; "
+                   "the default learning rate scales with N). [default: 1]")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
               help="At most this many batches per epoch. [default: the whole split]")
 @click.option("--train-samples", type=click.IntRange(min=1), default=None,
@@ -102,16 +105,19 @@ def resolve_train_config(
 @click.option("--baseline-json", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Single-task baselines for Delta_m: {task: metric} or an 'mtlora evaluate --json' report. "
                    "Repeatable. [default: the paper's for PASCAL, none otherwise]")
-@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default=None,
-              help="auto = bf16 autocast on a CUDA GPU, fp32 on CPU. [default: auto]")
+@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16", "fp16")), default=None,
+              help="auto = bf16 autocast on a CUDA GPU that has it, else fp16 autocast with a gradient scaler "
+                   "(the official default); fp32 on CPU. fp16 needs a CUDA GPU. [default: auto]")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default=None, help="[default: auto]")
 @click.option("--slim/--no-slim", default=None,
               help="Keep only the final model and its logs (no best/, no last/ with optimizer state). [default: no]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process. [default: the cores left after the loader workers]")
+@click.option("--force", is_flag=True,
+              help="Replace another run's checkpoint in --out (other model or settings) instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train_cmd(out: str, resume: str | None, baseline_json: tuple[str, ...], quiet: bool, preset: str | None,
-              **options: Any) -> None:
+def train_cmd(out: str, resume: str | None, baseline_json: tuple[str, ...], quiet: bool, force: bool,
+              preset: str | None, **options: Any) -> None:
     """Train a multi-task model (runs under torchrun for several processes / GPUs)."""
     from mtlora.evaluate import load_baselines
     from mtlora.train import read_resume_point, train
@@ -136,7 +142,7 @@ def train_cmd(out: str, resume: str | None, baseline_json: tuple[str, ...], quie
     config = resolve_train_config(explicit, preset, saved, baselines)
     if not quiet:
         _setup_logging()
-    result = train(model_config, config, Path(out), resume=resume, progress=False if quiet else None)
+    result = train(model_config, config, Path(out), resume=resume, progress=False if quiet else None, force=force)
     if result.metrics is not None and _is_main_process():
         from mtlora.evaluate import primary_metrics
 

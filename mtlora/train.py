@@ -1,11 +1,14 @@
 """The multi-task trainer: the official MTLoRA recipe, checkpoints without pickle, one or many processes.
 
 Recipe (scale-lab/MTLoRA `main.py`, `optimizer.py`, `lr_scheduler.py`, `config.py`):
-AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.05, none on biases, norms
-and position-bias tables), a peak learning rate of 5e-4 scaled linearly by
-global batch / 512, per-step linear warm-up from lr * 1e-3 over 20 epochs then
-cosine decay to lr * 1e-2 over the rest of 300 epochs, gradient clipping at
-5.0, the official loss weights, bf16 autocast on CUDA.
+AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.05, none on biases and 1-D
+tensors), a peak learning rate of 5e-4 scaled linearly by global batch / 512
+(times the gradient accumulation steps), per-step linear warm-up from
+lr * 1e-3 over 20 epochs then cosine decay to lr * 1e-2 over the rest of 300
+epochs, applied one step late as the official loop applies it (`WarmupCosine`),
+gradient clipping at 5.0 on the unscaled gradients, the official loss weights,
+bf16 autocast on a CUDA GPU that has it, else fp16 autocast with a gradient
+scaler (the official default).
 
 A run directory `OUT` ends up as::
 
@@ -70,6 +73,7 @@ from mtlora.evaluate import (
     worker_error,
     worker_settings,
 )
+from mtlora.fileio import write_bytes_atomic
 from mtlora.losses import MultiTaskLoss
 from mtlora.metrics import TASK_METRICS
 from mtlora.model import MultiTaskSwin
@@ -89,7 +93,7 @@ OFFICIAL_BASE_LR = 5e-4
 OFFICIAL_WARMUP_LR = 5e-7
 OFFICIAL_MIN_LR = 5e-6
 LR_REFERENCE_BATCH = 512
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -98,8 +102,11 @@ class TrainConfig:
     """Everything about a run except the model. The optimisation defaults are the official recipe
     (whose data set is PASCAL-Context; `data` defaults to the synthetic set, which needs no files).
 
-    `batch_size` is per process. `lr` is the peak learning rate; None applies
-    the official linear scaling 5e-4 x global batch / 512. Warm-up starts at
+    `batch_size` is per process. `accumulation_steps` sums the gradients of
+    that many batches into one optimiser step, as the official
+    TRAIN.ACCUMULATION_STEPS does. `lr` is the peak learning rate; None
+    applies the official linear scaling 5e-4 x global batch / 512 x
+    accumulation steps. Warm-up starts at
     lr x `warmup_lr_ratio` and the cosine ends at lr x `min_lr_ratio` (the
     official 5e-7 and 5e-6 relative to 5e-4). `steps_per_epoch` caps the
     batches of an epoch; `train_samples` / `val_samples` size the synthetic
@@ -120,6 +127,7 @@ class TrainConfig:
     min_lr_ratio: float = OFFICIAL_MIN_LR / OFFICIAL_BASE_LR
     weight_decay: float = 0.05
     clip_grad: float = 5.0
+    accumulation_steps: int = 1
     steps_per_epoch: int | None = None
     train_samples: int | None = None
     val_samples: int | None = None
@@ -137,9 +145,10 @@ class TrainConfig:
     slim: bool = False
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.data not in DATASET_NAMES:
             raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASET_NAMES)}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accumulation_steps": self.accumulation_steps}
         for name, value in positive.items():
             if int(value) <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
@@ -160,6 +169,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise ConfigError("weight_decay and clip_grad must be >= 0 (clip_grad 0 turns clipping off)")
+        if self.warmup_lr_ratio < 0 or self.min_lr_ratio < 0:
+            raise ConfigError("warmup_lr_ratio and min_lr_ratio must be >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
@@ -182,6 +193,34 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+# What each annotation of TrainConfig accepts (JSON types: a saved run's settings come back through from_dict).
+_ANNOTATION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"),
+    "int": ((int,), "a whole number"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "dict[str,float]": ((dict,), "an object of task: number"),
+}
+
+
+def _check_field_types(config: TrainConfig) -> None:
+    """Every field has its annotated type and every number is finite, before any range check reads it."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        spec = str(item.type).replace(" ", "")
+        optional = spec.endswith("|None")
+        accepted, words = _ANNOTATION_TYPES[spec[: -len("|None")] if optional else spec]
+        if value is None and optional:
+            continue
+        # bool is an int to Python, but `epochs: true` is not a number of epochs.
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            raise ConfigError(f"{item.name} must be {words}{' or null' if optional else ''}, got {value!r}")
+        numbers = value.values() if isinstance(value, dict) else [value] if accepted[-1] is float else []
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise ConfigError(f"{item.name} must hold finite numbers, got {value!r}")
 
 
 @dataclass
@@ -245,13 +284,50 @@ def setup_distributed(device: str = "auto") -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, target, owns)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. 'auto' is bf16 on a CUDA GPU that supports it."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: its autocast dtype (None: fp32), and whether the loss needs a gradient scaler.
+
+    fp16's narrow range flushes small gradients to zero, so the official loop
+    multiplies the loss by a running scale and divides it out before clipping
+    (torch's GradScaler); bf16 has fp32's range and needs none.
+    """
+
+    name: str
+    dtype: torch.dtype | None
+    scaled: bool
+    needs_cuda: bool
+    validation: str  # what `evaluate` runs the validation in (it offers fp32 and bf16)
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(device.type) if self.scaled else None
+
+
+PRECISION_MODES = {
+    "fp32": Precision("fp32", None, scaled=False, needs_cuda=False, validation="fp32"),
+    "bf16": Precision("bf16", torch.bfloat16, scaled=False, needs_cuda=False, validation="bf16"),
+    "fp16": Precision("fp16", torch.float16, scaled=True, needs_cuda=True, validation="fp32"),
+}
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """The precision a run uses. 'auto' is bf16 on a CUDA GPU that has it, fp16 with a scaler (the official
+    default) on one that does not, and fp32 on a CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    mode = PRECISION_MODES[precision]
+    if mode.needs_cuda and device.type != "cuda":
+        raise ConfigError(f"--precision {precision} trains on a CUDA GPU only (autocast with a gradient scaler); "
+                          "use bf16 or fp32 on a CPU")
+    return mode
 
 
 def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
@@ -287,9 +363,10 @@ def default_threads(workers: int) -> int:
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # Swin's `no_weight_decay` set and keywords, plus the official rule for biases and 1-D tensors.
-    return param.ndim <= 1 or name.endswith(".bias") or "relative_position_bias_table" in name \
-        or "absolute_pos_embed" in name
+    # The official rule as main.py applies it: biases and 1-D tensors (norms, scales). Its optimizer.py also
+    # skips Swin's `no_weight_decay` names (position-bias tables, absolute position embedding), but it asks the
+    # multi-task wrapper, which does not forward them, so in the official runs those tables decay too.
+    return param.ndim <= 1 or name.endswith(".bias")
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> tuple[torch.optim.AdamW, list[str]]:
@@ -313,7 +390,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 
 @dataclass(frozen=True)
 class WarmupCosine:
-    """Per-step learning rate: linear warm-up, then half a cosine (timm's CosineLRScheduler, warmup_prefix)."""
+    """Per-step learning rate: linear warm-up, then half a cosine (timm's CosineLRScheduler, warmup_prefix).
+
+    `rate(step)` is the schedule itself; `applied(step)` is the rate the official loop has in the optimiser at
+    its optimiser step `step` (0-based). That loop calls timm's `step_update(k)` *after* step k, so step k runs
+    with rate(k - 1), and steps 0 and 1 both run with the warm-up start; we do the same. With accumulation and
+    an epoch whose batches are no multiple of the steps, upstream's k is (epoch * batches + batch) // steps, which
+    skips ahead at each epoch's end: `update_index` reproduces it.
+    """
 
     peak_lr: float
     warmup_lr: float
@@ -321,18 +405,36 @@ class WarmupCosine:
     warmup_steps: int
     total_steps: int
 
-    def __call__(self, step: int) -> float:
+    @classmethod
+    def official(cls, peak_lr: float, warmup_lr: float, min_lr: float, warmup_epochs: float, epochs: int,
+                 steps_per_epoch: int) -> WarmupCosine:
+        """Step counts as the official build_scheduler rounds them (down)."""
+        return cls(peak_lr, warmup_lr, min_lr, int(warmup_epochs * steps_per_epoch), int(epochs * steps_per_epoch))
+
+    def rate(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.warmup_lr + step * (self.peak_lr - self.warmup_lr) / self.warmup_steps
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / decay_steps, 1.0)
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
+    __call__ = rate
+
+    def applied(self, step: int) -> float:
+        return self.rate(max(step - 1, 0))
+
+    @staticmethod
+    def update_index(epoch: int, batch: int, batches_per_epoch: int, accumulation_steps: int) -> int:
+        """Upstream's step_update argument after the step that closes `batch` (0-based) of `epoch` (0-based)."""
+        return (epoch * batches_per_epoch + batch) // accumulation_steps
+
 
 def peak_learning_rate(config: TrainConfig, world_size: int) -> float:
+    """An explicit lr as given; else the official linear scaling, which also multiplies by the accumulation
+    steps (main.py scales its base, warm-up and minimum rates alike; ours follow the peak as ratios)."""
     if config.lr is not None:
         return float(config.lr)
-    return OFFICIAL_BASE_LR * config.batch_size * world_size / LR_REFERENCE_BATCH
+    return OFFICIAL_BASE_LR * config.batch_size * world_size * config.accumulation_steps / LR_REFERENCE_BATCH
 
 
 def unused_parameters(model: MultiTaskSwin) -> list[str]:
@@ -366,6 +468,53 @@ def average_buffers(model: torch.nn.Module) -> None:
             for buffer in (module.running_mean, module.running_var):
                 dist.all_reduce(buffer)
                 buffer /= world_size
+
+
+class OptimizerStep:
+    """Backward passes and optimiser steps as the official loop takes them (utils.NativeScalerWithGradNormCount).
+
+    Gradients of `accumulation_steps` micro-batches are summed (each micro-batch's loss is not divided, as
+    upstream does not divide it), then: unscale (fp16), clip the unscaled gradients' norm, step, update the
+    scale, zero the gradients. With a scaler, a step whose gradients hold inf or NaN is skipped and the scale
+    halved; the schedule moves on regardless, as upstream's does.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], clip_grad: float,
+                 accumulation_steps: int = 1, scaler: torch.amp.GradScaler | None = None):
+        self.optimizer, self.parameters, self.clip_grad = optimizer, parameters, clip_grad
+        self.accumulation_steps, self.scaler = accumulation_steps, scaler
+        self.micro_batch = 0
+        self.skipped = 0
+
+    @property
+    def closes_step(self) -> bool:
+        """Whether the next micro-batch is the last one of an optimiser step (DDP syncs gradients only then)."""
+        return (self.micro_batch + 1) % self.accumulation_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> float | None:
+        """Accumulate one micro-batch's gradients; after the last of a step, take the step and return the
+        gradient norm (before clipping, unscaled); otherwise None."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.micro_batch += 1
+        if self.micro_batch % self.accumulation_steps:
+            return None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_grad if self.clip_grad > 0 else math.inf)
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped += int(self.scaler.get_scale() < scale)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def reset(self) -> None:
+        """Drop a partial accumulation (the official loop zeroes the gradients at each epoch's start)."""
+        self.micro_batch = 0
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints with optimiser state
@@ -403,6 +552,8 @@ def load_optimizer_state(
             raise CheckpointError(f"{source}: unexpected optimizer tensor {key!r}")
         state.setdefault(index[name], {})[item] = value
     for name, values in meta.get("scalars", {}).items():
+        if name not in index:
+            raise CheckpointError(f"{source}: optimizer scalars for an unknown parameter {name!r}")
         state.setdefault(index[name], {}).update(values)
     groups = [dict(g) for g in meta["param_groups"]]
     for group in groups:
@@ -421,6 +572,7 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     names: list[str] | None = None,
     training_state: dict[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """A checkpoint directory, optionally with the optimiser and trainer state beside the weights."""
     out = Path(out)
@@ -432,8 +584,10 @@ def save_training_checkpoint(
         if optimizer is not None:
             tensors, meta = optimizer_state_tensors(optimizer, names or [])
             save_file(tensors, str(target / TRAINING_STATE_TENSORS), metadata={"format": TRAINING_STATE_FORMAT})
-            write_json_atomic(target / TRAINING_STATE_JSON,
-                              {"format": TRAINING_STATE_FORMAT, "optimizer": meta, **(training_state or {})})
+            state = {"format": TRAINING_STATE_FORMAT, "optimizer": meta, **(training_state or {})}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            write_json_atomic(target / TRAINING_STATE_JSON, state)
         commit_directory(target, out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
@@ -472,18 +626,199 @@ class ResumePoint:
 
 
 def read_resume_point(path: str | Path) -> ResumePoint:
+    """The checkpoint to resume, every field of its training state checked before anything is written."""
     directory = resolve_resume_dir(path)
+    source = directory / TRAINING_STATE_JSON
     try:
-        state = json.loads((directory / TRAINING_STATE_JSON).read_text())
+        state = json.loads(source.read_text())
     except (OSError, ValueError) as err:  # ValueError: also undecodable bytes
-        raise CheckpointError(f"{directory / TRAINING_STATE_JSON}: corrupt training state ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT or "epoch" not in state or "train_config" not in state:
+        raise CheckpointError(f"{source}: corrupt training state ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
         raise CheckpointError(f"{directory}: training state has an unknown format; expected {TRAINING_STATE_FORMAT}")
+    problem = training_state_problem(state)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}; the file is damaged or was edited: resume from an intact "
+                              f"'{LAST_DIR}/' or start a new run")
     try:
         tensors = load_file(str(directory / TRAINING_STATE_TENSORS))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{directory / TRAINING_STATE_TENSORS}: corrupt or missing ({err})") from None
     return ResumePoint(directory, read_config(directory), load_weights(directory), state, tensors)
+
+
+# ----------------------------------------------------------------------------- training state validation
+
+
+def _at(where: str, problem: str) -> str:
+    """`where` followed by a problem that may itself start with a deeper path ('.key' or '[i]')."""
+    return f"{where}{problem}" if problem.startswith((".", "[")) else f"{where} {problem}"
+
+
+def _whole(minimum: int):
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number, got {value!r}"
+        return None if value >= minimum else f"must be >= {minimum}, got {value}"
+    return check
+
+
+def _number(minimum: float = -math.inf, maximum: float = math.inf, above: bool = False):
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        low_ok = value > minimum if above else value >= minimum
+        return None if low_ok and value <= maximum else f"is out of range, got {value}"
+    return check
+
+
+def _one_of(*choices: Any):
+    return lambda value: None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+
+
+def _train_config(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"must be an object, got {value!r}"
+    try:
+        TrainConfig.from_dict(value)
+    except (ConfigError, TypeError) as err:
+        return str(err)
+    return None
+
+
+def _record(shape: dict[str, Any]):
+    """An object with exactly these fields, each checked by its row."""
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f"must be an object, got {value!r}"
+        missing, unknown = sorted(set(shape) - set(value)), sorted(set(value) - set(shape))
+        if missing or unknown:
+            return f"must have the fields {', '.join(sorted(shape))}" + (
+                f" (missing {', '.join(missing)})" if missing else f" (unknown {', '.join(unknown)})")
+        for key, rule in shape.items():
+            problem = rule(value[key])
+            if problem:
+                return _at(f".{key}", problem)
+        return None
+    return check
+
+
+def _list_of(rule):
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return f"must be a list, got {value!r}"
+        for i, item in enumerate(value):
+            problem = rule(item)
+            if problem:
+                return _at(f"[{i}]", problem)
+        return None
+    return check
+
+
+def _dict_of(rule):
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f"must be an object, got {value!r}"
+        for key, item in value.items():
+            problem = rule(item)
+            if problem:
+                return _at(f".{key}", problem)
+        return None
+    return check
+
+
+def _optional(rule):
+    return lambda value: None if value is None else rule(value)
+
+
+def _object(value: Any) -> str | None:
+    return None if isinstance(value, dict) else f"must be an object, got {value!r}"
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"must be a string, got {value!r}"
+
+
+# The AdamW hyper-parameters a resumed optimiser takes over from its saved param group; other keys are torch's flags.
+_PARAM_GROUP_FIELDS = {
+    "lr": _number(0.0),
+    "weight_decay": _number(0.0),
+    "eps": _number(0.0, above=True),
+    "betas": lambda v: None if isinstance(v, list) and len(v) == 2 and not any(_number(0.0, 1.0)(b) for b in v)
+    and max(v) < 1 else f"must be two numbers in [0, 1), got {v!r}",
+    "params": _list_of(_whole(0)),
+}
+
+
+def _param_group(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"must be an object, got {value!r}"
+    for key, rule in _PARAM_GROUP_FIELDS.items():
+        problem = rule(value[key]) if key in value else "is missing"
+        if problem:
+            return _at(f".{key}", problem)
+    return None
+
+
+# Every field of training_state.json: (required, rule). The optimiser's hyper-parameters come back into
+# AdamW on resume, so they are checked as strictly as the trainer's own counters.
+TRAINING_STATE_FIELDS: dict[str, tuple[bool, Any]] = {
+    "format": (True, _one_of(TRAINING_STATE_FORMAT)),
+    "epoch": (True, _whole(0)),
+    "step": (True, _whole(0)),
+    "seconds": (False, _number(0.0)),
+    "best": (False, _optional(_record({"epoch": _whole(0), "criterion": _one_of("delta_m", "val_loss"),
+                                       "value": _number()}))),
+    "train_config": (True, _train_config),
+    "world_size": (False, _whole(1)),
+    "optimizer": (True, _record({
+        "names": _list_of(_string),
+        "scalars": _dict_of(_dict_of(_number())),
+        "param_groups": _list_of(_param_group),
+    })),
+    "scaler": (False, _record({"scale": _number(0.0, above=True), "growth_factor": _number(1.0, above=True),
+                               "backoff_factor": _number(0.0, 1.0, above=True), "growth_interval": _whole(1),
+                               "_growth_tracker": _whole(0)})),
+}
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The first NaN or infinity anywhere in a JSON document (json.loads reads NaN and Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the document"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found:
+            return found
+    return None
+
+
+def training_state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a training_state.json document, in words, or None."""
+    bad = _non_finite(state)
+    if bad:
+        return f"{bad.lstrip('.')} is not a finite number"
+    unknown = sorted(set(state) - set(TRAINING_STATE_FIELDS))
+    if unknown:
+        return f"unknown field(s) {', '.join(unknown)}"
+    for name, (required, rule) in TRAINING_STATE_FIELDS.items():
+        if name not in state:
+            if required:
+                return f"the field {name!r} is missing"
+            continue
+        problem = rule(state[name])
+        if problem:
+            return _at(name, problem)
+    epochs = state["train_config"]["epochs"]
+    if state["epoch"] > epochs:
+        return f"epoch {state['epoch']} lies beyond the run's schedule of {epochs} epochs"
+    if state["step"] < state["epoch"]:
+        return f"step {state['step']} is fewer than one optimiser step per finished epoch ({state['epoch']})"
+    if state.get("best") and state["best"]["epoch"] > state["epoch"]:
+        return f"best.epoch {state['best']['epoch']} is after the checkpoint's epoch {state['epoch']}"
+    if len(state["optimizer"]["param_groups"]) != 2:
+        return f"optimizer.param_groups must hold 2 groups (decay, no decay), got {len(state['optimizer']['param_groups'])}"
+    return None
 
 
 # ----------------------------------------------------------------------------- metrics log and curves
@@ -498,16 +833,28 @@ class MetricsLog:
 
     @classmethod
     def read(cls, path: Path, up_to_epoch: int | None = None) -> list[dict]:
+        """The records of a log, those after `up_to_epoch` left out. A line that is not a record is refused
+        (rewriting the log would drop it), except an undecodable last line, which a crash may have cut."""
         path = Path(path)
         if not path.is_file():
             return []
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: cannot be read ({err}); move it away to resume") from None
         records = []
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut by a crash; the epochs after it are retrained anyway
-            if up_to_epoch is None or int(record.get("epoch", 0)) <= up_to_epoch:
+                if number == len(lines):
+                    continue
+                record = None
+            epoch = record.get("epoch") if isinstance(record, dict) else None
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise CheckpointError(f"{path}: line {number} is not a metrics record with an epoch; "
+                                      "fix or remove that line to resume")
+            if up_to_epoch is None or epoch <= up_to_epoch:
                 records.append(record)
         return records
 
@@ -516,9 +863,8 @@ class MetricsLog:
         self.write()
 
     def write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.partial")
-        tmp.write_text("".join(json.dumps(json_ready(r), sort_keys=True) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        payload = "".join(json.dumps(json_ready(r), sort_keys=True) + "\n" for r in self.records)
+        write_bytes_atomic(self.path, payload.encode())
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
@@ -691,18 +1037,21 @@ def train(
     out: str | Path,
     resume: str | Path | None = None,
     progress: bool | None = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train a multi-task model and write the run directory `out` (see the module docstring).
 
     With `resume`, the model comes from that checkpoint (`model_config`, if
     given, must describe the same model) and training continues after its
     last completed epoch; `config.epochs` may be raised to train longer.
+    An `out` that holds another run (another model or settings) is refused
+    unless `force` (see `check_output_directory`).
     `progress`: None = a bar on a terminal and log lines otherwise, False = quiet.
     """
     ctx = setup_distributed(config.device)
     threads = torch.get_num_threads()
     try:
-        return Trainer(model_config, config, Path(out), resume, progress, ctx).run()
+        return Trainer(model_config, config, Path(out), resume, progress, ctx, force).run()
     finally:
         torch.set_num_threads(threads)
         if ctx.owns_group and dist.is_initialized():
@@ -730,11 +1079,72 @@ def resolve_model_config(
     return model_config
 
 
+# What a run directory holds (module docstring); anything else in `--out` is someone else's.
+RUN_ENTRIES = frozenset({"model.safetensors", "config.json", "state.json", METRICS_FILE, CURVES_FILE, BEST_DIR,
+                         LAST_DIR})
+# Settings that change how a run is carried out, not what it trains: a restart may change them.
+_RUN_MECHANICS = frozenset({"workers", "threads", "device", "eval_every", "eval_initial", "save_every", "slim"})
+
+
+def _saved_run(out: Path) -> tuple[dict | None, dict | None]:
+    """The model config and training settings of the run in `out`, as its checkpoints record them."""
+    model, settings = None, None
+    for directory in (out / LAST_DIR, out, out / BEST_DIR):
+        if model is None and (directory / "config.json").is_file():
+            model = read_config(directory).to_dict()
+        for name in (TRAINING_STATE_JSON, "state.json"):
+            if settings is None and (directory / name).is_file():
+                try:
+                    saved = json.loads((directory / name).read_text())
+                except (OSError, ValueError) as err:
+                    raise CheckpointError(f"{directory / name}: unreadable ({err})") from None
+                if isinstance(saved, dict) and isinstance(saved.get("train_config"), dict):
+                    settings = saved["train_config"]
+    return model, settings
+
+
+def check_output_directory(out: Path, model_config: ModelConfig, config: TrainConfig,
+                           resume_point: ResumePoint | None, force: bool) -> None:
+    """Refuse an `out` whose contents this run would replace without being asked to.
+
+    The finished run replaces `out` as a whole, so: files that are not a run's are never replaced; another
+    run's checkpoint (another model or other settings) is replaced only with `force`. Resuming the run
+    that lives in `out`, or restarting the same run, goes ahead as before.
+    """
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # dot-names: our staging
+    foreign = [name for name in entries if name not in RUN_ENTRIES]
+    if foreign:
+        raise ConfigError(f"--out {out}: holds files that are not a training run's ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}), which the finished run would replace; "
+                          "choose a new or empty directory")
+    if not entries or force:
+        return
+    if resume_point is not None and resume_point.path.resolve() in (out.resolve(), (out / LAST_DIR).resolve()):
+        return
+    hint = "pass --force to replace it, --resume it to continue it, or choose another --out"
+    try:
+        model, settings = _saved_run(out)
+    except (CheckpointError, ConfigError) as err:
+        raise ConfigError(f"--out {out}: holds a run that cannot be read ({err}); {hint}") from None
+    if model is None and settings is None:
+        raise ConfigError(f"--out {out}: holds the logs of a run without a checkpoint ({', '.join(entries)}); {hint}")
+    ours = config.to_dict()
+    differences = _dict_diff(model_config.to_dict(), model) if model is not None else []
+    if settings is not None:  # a setting the saved run predates is not a difference
+        differences += [(k, ours[k], settings[k]) for k in ours
+                        if k in settings and k not in _RUN_MECHANICS and _dict_diff(ours[k], settings[k])]
+    if differences:
+        shown = "; ".join(f"{k}: {there!r} there, {here!r} here" for k, here, there in differences[:3])
+        raise ConfigError(f"--out {out}: holds another run ({shown}); {hint}")
+
+
 class Trainer:
     """One training run; `train()` is the way to use it."""
 
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, out: Path, resume,
-                 progress: bool | None, ctx: Distributed):
+                 progress: bool | None, ctx: Distributed, force: bool = False):
         self.started = time.perf_counter()
         self.config, self.out, self.ctx = config, out, ctx
         self.show = progress is not False and ctx.is_main
@@ -742,8 +1152,11 @@ class Trainer:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out}: exists and is not a directory")
 
+        # Everything is checked before the first write to `out` (the metrics log, at the end of __init__).
+        self.precision = resolve_precision(config.precision, ctx.device)
         resume_point = read_resume_point(resume) if resume is not None else None
         self.model_config = resolve_model_config(model_config, config, resume_point)
+        check_output_directory(out, self.model_config, config, resume_point, force)
         self.tasks = tuple(self.model_config.tasks)
         self.train_set, self.val_set = build_datasets(config, self.model_config)
 
@@ -761,6 +1174,7 @@ class Trainer:
 
         self.peak_lr = peak_learning_rate(config, ctx.world_size)
         self.optimizer, self.names = build_optimizer(self.model, self.peak_lr, config.weight_decay)
+        self.scaler = self.precision.grad_scaler(ctx.device)
         self.epoch, self.step, self.best, self.seconds_before = 0, 0, None, 0.0
         if resume_point is not None:
             load_optimizer_state(self.optimizer, self.names, resume_point.optimizer_tensors,
@@ -768,6 +1182,8 @@ class Trainer:
             self.epoch, self.step = resume_point.epoch, int(resume_point.state["step"])
             self.best = resume_point.state.get("best")
             self.seconds_before = float(resume_point.state.get("seconds", 0.0))
+            if self.scaler is not None and "scaler" in resume_point.state:
+                self.scaler.load_state_dict(resume_point.state["scaler"])
             if self.epoch >= config.epochs:
                 raise ConfigError(f"the checkpoint already finished epoch {self.epoch} of {config.epochs}; "
                                   "pass a larger --epochs to train longer")
@@ -786,13 +1202,23 @@ class Trainer:
                 f"the training split has {len(self.train_set)} samples, {len(self.sampler)} per process: fewer "
                 f"than one batch of {config.batch_size}; lower --batch-size or add samples"
             )
-        self.steps_per_epoch = min(len(self.loader), config.steps_per_epoch or len(self.loader))
-        self.schedule = WarmupCosine(
+        available = min(len(self.loader), config.steps_per_epoch or len(self.loader))
+        # Whole optimiser steps only: main.py zeroes the gradients at each epoch's start, dropping a remainder.
+        self.steps_per_epoch = available // config.accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise DataError(f"an epoch has {available} batch(es), fewer than --accumulation-steps "
+                            f"{config.accumulation_steps}; lower it or add samples")
+        self.batches_per_epoch = self.steps_per_epoch * config.accumulation_steps
+        self.available_batches = available
+        # The schedule position upstream's last step_update set (None: the warm-up start, before any step).
+        self.last_update = self.update_index(self.epoch, self.batches_per_epoch - 1) if self.epoch else None
+        self.schedule = WarmupCosine.official(
             self.peak_lr, self.peak_lr * config.warmup_lr_ratio, self.peak_lr * config.min_lr_ratio,
-            int(round(config.warmup_epochs * self.steps_per_epoch)), self.steps_per_epoch * config.epochs,
+            config.warmup_epochs, config.epochs, self.steps_per_epoch,
         )
         self.criterion = MultiTaskLoss(self.tasks, config.loss_weights or None)
-        self.autocast_dtype = resolve_precision(config.precision, ctx.device)
+        self.stepper = OptimizerStep(self.optimizer, [p for p in self.model.parameters() if p.requires_grad],
+                                     config.clip_grad, config.accumulation_steps, self.scaler)
         baselines = config.baselines if config.baselines is not None else default_baselines(config.data)
         # Delta_m is defined over all tasks; without a baseline for every one it is not reported.
         self.baselines = baselines if baselines is not None and set(self.tasks) <= set(baselines) else None
@@ -823,19 +1249,24 @@ class Trainer:
         return metrics_log
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast(self.ctx.device)
+
+    def sync_gradients(self):
+        """DDP all-reduces gradients only on the micro-batch that closes an optimiser step."""
+        if self.ctx.enabled and not self.stepper.closes_step:
+            return self.net.no_sync()
+        return contextlib.nullcontext()
 
     def run(self) -> TrainResult:
         config = self.config
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.info(
             "training %s (%s, %s) on %s: %d train / %d val samples, %d epochs x %d steps of batch %d x %d "
-            "process(es), peak lr %.3g, %s, %d trainable parameters, %d loader worker(s), %s%s",
+            "process(es)%s, peak lr %.3g, %s, %d trainable parameters, %d loader worker(s), %s%s",
             ", ".join(self.tasks), self.model_config.adapter.kind, _variant_text(self.model_config), config.data,
             len(self.train_set), len(self.val_set), config.epochs, self.steps_per_epoch, config.batch_size,
-            self.ctx.world_size, self.peak_lr, "bf16" if self.autocast_dtype else "fp32", trainable, self.workers,
+            self.ctx.world_size,
+            f" x {config.accumulation_steps} accumulated" if config.accumulation_steps > 1 else "", self.peak_lr, self.precision_text(), trainable, self.workers,
             f"{torch.get_num_threads()} CPU thread(s)" if self.ctx.device.type == "cpu" else str(self.ctx.device),
             f", resuming after epoch {self.epoch}" if self.resumed else "",
         )
@@ -860,6 +1291,17 @@ class Trainer:
         self.ctx.barrier()
         return TrainResult(self.out, self.epoch, self.step, seconds, self.last_results, self.best)
 
+    def update_index(self, epoch: int, batch: int) -> int:
+        return WarmupCosine.update_index(epoch - 1, batch, self.available_batches, self.config.accumulation_steps)
+
+    def current_rate(self) -> float:
+        return self.schedule.rate(0 if self.last_update is None else self.last_update)
+
+    def precision_text(self) -> str:
+        if self.scaler is None:
+            return self.precision.name
+        return f"{self.precision.name} with a gradient scaler (scale {self.scaler.get_scale():g})"
+
     def elapsed(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
 
@@ -870,37 +1312,39 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
         self.model.train()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         started = time.perf_counter()
         sums = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=ctx.device)
         bar = _Progress(self.steps_per_epoch, f"epoch {epoch}/{self.config.epochs}", self.show, self.bar)
         batches = iter(self.loader)
+        self.stepper.reset()
+        lr, done = self.current_rate(), 0
+        skipped = self.stepper.skipped
         try:
-            for i in range(self.steps_per_epoch):
+            for i in range(self.batches_per_epoch):
                 try:
                     batch = next(batches)
                 except MTLoRAError as err:
                     raise type(err)(worker_error(err)) from None
-                lr = self.schedule(self.step)
+                lr = self.current_rate()
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 image = batch["image"].to(ctx.device, non_blocking=True)
                 targets = {t: batch[t].to(ctx.device, non_blocking=True) for t in tasks}
-                with self.autocast():
-                    outputs = self.net(image)
-                loss, per_task = self.criterion({t: o.float() for t, o in zip(tasks, outputs, strict=True)}, targets)
-                if not torch.isfinite(loss):
-                    raise MTLoRAError(f"the loss became {loss.item()} at epoch {epoch}, step {i + 1}: training "
-                                      "diverged (lower --lr, or check the labels)")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, self.config.clip_grad)
-                             if self.config.clip_grad > 0 else torch.zeros(()))
-                self.optimizer.step()
-                self.step += 1
+                with self.sync_gradients():
+                    with self.autocast():
+                        outputs = self.net(image)
+                    loss, per_task = self.criterion({t: o.float() for t, o in zip(tasks, outputs, strict=True)},
+                                                    targets)
+                    if not torch.isfinite(loss):
+                        raise MTLoRAError(f"the loss became {loss.item()} at epoch {epoch}, batch {i + 1}: training "
+                                          "diverged (lower --lr, or check the labels)")
+                    grad_norm = self.stepper.backward(loss)
                 values = torch.stack([loss.detach()] + [per_task[t].detach() for t in tasks]).double()
                 sums += values
-                bar.update(i + 1, loss=float(values[0]), lr=lr, grad=float(grad_norm))
+                if grad_norm is not None:
+                    self.last_update = self.update_index(epoch, i)
+                    self.step, done = self.step + 1, done + 1
+                    bar.update(done, loss=float(values[0]), lr=lr, grad=grad_norm)
         finally:
             bar.close()
             del batches
@@ -908,12 +1352,16 @@ class Trainer:
             dist.all_reduce(sums)
             sums /= ctx.world_size
             average_buffers(self.model)
-        means = (sums / self.steps_per_epoch).tolist()
-        return {
-            "epoch": epoch, "step": self.step, "lr": self.schedule(self.step - 1),
+        means = (sums / self.batches_per_epoch).tolist()
+        record = {
+            "epoch": epoch, "step": self.step, "lr": lr,
             "time/train_s": round(time.perf_counter() - started, 3), "train/loss": means[0],
             **{f"train/loss/{t}": v for t, v in zip(tasks, means[1:], strict=True)},
         }
+        if self.scaler is not None:
+            record["train/loss_scale"] = self.scaler.get_scale()
+            record["train/skipped_steps"] = self.stepper.skipped - skipped
+        return record
 
     def validate(self) -> dict | None:
         """Rank 0 evaluates the unwrapped model on the validation split; the others wait."""
@@ -922,7 +1370,7 @@ class Trainer:
             results = evaluate(
                 self.model, self.val_set, self.tasks, batch_size=self.config.batch_size, device=self.ctx.device,
                 workers=self.workers, baselines=self.baselines, criterion=self.criterion,
-                precision="bf16" if self.autocast_dtype else "fp32", progress=self.show and self.bar,
+                precision=self.precision.validation, progress=self.show and self.bar,
             )
             self.model.train()
         self.ctx.barrier()
@@ -948,7 +1396,7 @@ class Trainer:
             save_training_checkpoint(
                 self.model, self.out / LAST_DIR, self.model_state(results), self.optimizer, self.names,
                 {"epoch": epoch, "step": self.step, "seconds": self.elapsed(), "best": self.best,
-                 "train_config": config.to_dict(), "world_size": self.ctx.world_size},
+                 "train_config": config.to_dict(), "world_size": self.ctx.world_size}, self.scaler,
             )
 
     def model_state(self, results: dict | None) -> dict[str, Any]:

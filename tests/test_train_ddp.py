@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -25,33 +26,46 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str, weights_dir: str) -> None:
+def _worker(rank: int, port: int, out: str, weights_dir: str, accumulation: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from mtlora.cli_options import model_config_from_options
     from mtlora.train import TrainConfig, Trainer, setup_distributed
 
+    unsynced = []  # micro-batches run under no_sync (their gradients are not all-reduced)
+    real_no_sync = DistributedDataParallel.no_sync
+
+    def counting_no_sync(self):
+        unsynced.append(1)
+        return real_no_sync(self)
+
+    DistributedDataParallel.no_sync = counting_no_sync
+
     ctx = setup_distributed("cpu")
     assert dist.get_backend() == "gloo" and ctx.world_size == WORLD_SIZE
     model_config = model_config_from_options(preset="default", img_size=32, decoder_channels=(8, 16, 32, 64))
-    config = TrainConfig(data="synthetic", epochs=1, warmup_epochs=0.0, batch_size=4, lr=3e-3, train_samples=32,
-                         val_samples=4, steps_per_epoch=3, workers=0, threads=1, save_every=1, seed=0)
+    config = TrainConfig(data="synthetic", epochs=1, warmup_epochs=0.0, batch_size=4, lr=3e-3, train_samples=32 * accumulation,
+                         val_samples=4, steps_per_epoch=3 * accumulation, workers=0, threads=1, save_every=1, seed=0,
+                         accumulation_steps=accumulation)
     trainer = Trainer(model_config, config, Path(out), None, False, ctx)
     result = trainer.run()
-    assert result.steps == 3
+    assert result.steps == 3  # one optimiser step per `accumulation` batches
+    assert len(unsynced) == 3 * (accumulation - 1), unsynced  # every micro-batch but the step's last
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
     save_file(state, os.path.join(weights_dir, f"rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_gloo_processes_end_with_identical_weights(tmp_path, accumulation):
     out, weights_dir = tmp_path / "run", tmp_path / "weights"
     weights_dir.mkdir()
     script = ("import torch.multiprocessing as mp; from tests.test_train_ddp import _worker, _free_port, WORLD_SIZE; "
-              f"mp.spawn(_worker, args=(_free_port(), {str(out)!r}, {str(weights_dir)!r}), nprocs=WORLD_SIZE, "
-              "join=True)")
+              f"mp.spawn(_worker, args=(_free_port(), {str(out)!r}, {str(weights_dir)!r}, {accumulation}), "
+              "nprocs=WORLD_SIZE, join=True)")
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
