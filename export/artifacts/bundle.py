@@ -128,7 +128,7 @@ def make_bundle(build_dir: str | Path, out: str | Path, say) -> tuple[Path, Path
         write_text_atomic(staging / "README.md", README.format(
             tasks=", ".join(manifest["tasks"]), size=info["shape"][-1], mean=info["mean"], std=info["std"],
             source=source, name=out.name))
-        from export.checking.graph_lint import build_graphs, lint_graphs
+        from export.artifacts.graph_lint import build_graphs, lint_graphs
 
         tensorrt_lint = lint_graphs(staging, build_graphs(staging), say)
         files = index_files(staging, sorted(p for p in staging.rglob("*") if p.is_file()))
