@@ -24,9 +24,24 @@ from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, NORMALS, TASKS, angle_deg
 
 IGNORE_INDEX = 255
 
-# task -> (primary metric, higher is better); the primary metric is what the
-# multi-task delta compares.
-TASK_METRICS: dict[str, tuple[str, bool]] = {t.name: (t.metric, t.higher_is_better) for t in TASKS.values()}
+
+
+class _TaskMetrics(Mapping):
+    """task -> (primary metric, higher is better), read from `mtlora.tasks.TASKS` when asked, so a task
+    registered later is in it too. The primary metric is what the multi-task delta compares."""
+
+    def __getitem__(self, task: str) -> tuple[str, bool]:
+        spec = TASKS[task]
+        return spec.metric, spec.higher_is_better
+
+    def __iter__(self):
+        return iter(TASKS)
+
+    def __len__(self) -> int:
+        return len(TASKS)
+
+
+TASK_METRICS: Mapping[str, tuple[str, bool]] = _TaskMetrics()
 
 # Single-task Swin-T references on PASCAL-Context from the MTLoRA paper:
 # semseg / human_parts / sal mIoU in percent, normals mean angular error in degrees.
