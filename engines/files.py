@@ -5,15 +5,14 @@ Torch-free and SDK-free; `onnx` is imported only when a graph is loaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from engines.errors import EngineError
+from mtlora_base import files
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -25,34 +24,9 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) -> Path:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never half of it.
-
-    A temp file in the same directory is written, fsynced and renamed over `path` (os.replace).
-    """
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot write here ({exc.strerror or exc}); choose another output path") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600; engines and caches are meant to be shared
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise EngineError(f"{path}: could not be written ({exc.strerror or exc}); free some space or choose "
-                          "another output path") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write `data` to `path` so that readers see the old file or the whole new one, never half of it
+    (`mtlora_base.files.write_atomic`; the directory is made, engines and caches are meant to be shared)."""
+    return files.write_atomic(path, data, error=EngineError, make_parents=True, mode=mode)
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
