@@ -102,16 +102,21 @@ def test_merged_and_folded_models_match_unmerged(name):
         assert max_error(split, expected) <= TOL
 
 
-def test_adapters_change_the_outputs():
-    # Guards the tests above: without the adapters the outputs differ, so every branch counts.
-    model = make_model("mtlora+")
-    x = images(2)
+def without_adapter_updates(model: MultiTaskSwin) -> MultiTaskSwin:
+    """A copy whose adapters add nothing (every B is zero): the frozen network's outputs."""
     plain = copy.deepcopy(model)
     with torch.no_grad():
         for _, layer in adapter_layers(plain):
             for factor in layer.lora_B.values():
                 factor.zero_()
-    assert max_error(predict(plain, x), predict(model, x)) > 1e-3
+    return plain
+
+
+def test_adapters_change_the_outputs():
+    # Guards the tests above: without the adapters the outputs differ, so every branch counts.
+    model = make_model("mtlora+")
+    x = images(2)
+    assert max_error(predict(without_adapter_updates(model), x), predict(model, x)) > 1e-3
 
 
 def test_unmerge_restores_weights():
@@ -138,10 +143,7 @@ def test_merge_and_unload_leaves_a_plain_network_with_the_same_outputs():
 def test_unload_drops_the_adapters_and_keeps_the_frozen_weights():
     model = make_model("lora")
     x = images(2)
-    frozen = copy.deepcopy(model)
-    with torch.no_grad():
-        for _, layer in adapter_layers(frozen):
-            layer.lora_B[SHARED].zero_()
+    frozen = without_adapter_updates(model)
     bases = {name: layer.base.weight.clone() for name, layer in adapter_layers(model)}
     unload(model)
     assert not adapter_layers(model)
