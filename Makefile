@@ -40,7 +40,7 @@ bench: install
 	$(PY) -m export.bench.page
 
 lint: install
-	$(VENV)/bin/ruff check mtlora export engines calibration tests
+	$(VENV)/bin/ruff check mtlora mtlora_base export engines calibration tests
 
 # Re-create the embedded default model (a small MTLoRA Swin trained on the synthetic set).
 default-model: install

@@ -25,13 +25,13 @@ from calibration.cache import CalibrationCache, cache_key
 from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
 from calibration.fp16 import COMPUTE_OPS, ensure_node_names, match_nodes, output_layer_nodes
+from calibration.methods import CALIBRATION_METHODS
 from engines.files import copy_atomic, load_onnx, set_onnx_metadata, write_atomic
 
 DEFAULT_EXCLUDED_OP_TYPES = ("LayerNormalization", "Softmax", "Gelu", "Erf")
 # TensorRT's guidance for explicit quantization: Q/DQ on the inputs of the GEMM-like ops only;
 # everything else fuses around them or runs in float.
 DEFAULT_OP_TYPES_TO_QUANTIZE = ("Conv", "MatMul", "Gemm")
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 EXCLUDED_NODES_KEY = "mtlora.qdq.excluded_nodes"
 EXCLUDED_OP_TYPES_KEY = "mtlora.qdq.excluded_op_types"

@@ -5,16 +5,14 @@ Torch-free and SDK-free; `onnx` is imported only when a graph is loaded.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from engines.errors import EngineError
+from mtlora_base import files
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -26,54 +24,10 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) -> Path:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never half of it.
+    """Write `data` to `path` so that readers see the old file or the whole new one, never half of it
+    (`mtlora_base.files.write_atomic`; the directory is made, engines and caches are meant to be shared)."""
+    return files.write_atomic(path, data, error=EngineError, make_parents=True, mode=mode)
 
-    A temp file in the same directory is written, fsynced and renamed over `path` (os.replace).
-    """
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot write here ({exc.strerror or exc}); choose another output path") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600; engines and caches are meant to be shared
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise EngineError(f"{path}: could not be written ({exc.strerror or exc}); {os_error_hint(exc)}") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-# What to do about an operating-system error, by errno (the same table as `mtlora.fileio.OS_ERROR_HINTS`:
-# engines imports nothing of ours).
-OS_ERROR_HINTS = {
-    errno.ENOSPC: "free some space or choose another output path",
-    errno.EDQUOT: "your disk quota is used up: free some space or choose another output path",
-    errno.EACCES: "check the permissions or choose another output path",
-    errno.EPERM: "check the permissions or choose another output path",
-    errno.EROFS: "the file system is read-only: choose another output path",
-    errno.EIO: "the disk reported an I/O error: check the device or choose another output path",
-    errno.ENAMETOOLONG: "choose a shorter path",
-    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other programs",
-    errno.ENOENT: "a directory on the path is missing (removed while writing?): check the path",
-    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another output path",
-    errno.EISDIR: "the path is a directory: give a file name",
-}
-
-
-def os_error_hint(err: OSError) -> str:
-    return OS_ERROR_HINTS.get(err.errno or 0, "check the path or choose another output path")
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -148,19 +148,25 @@ class TaskLoRALinear(LoRALinear):
         shared_mode: str = "matrix",
         dropout: float = 0.0,
         scale_trainable: bool = False,
+        **task_options,
     ):
+        """`task_options` go to `init_task_adapters` (MTL-LoRA: `num_up`, `temperature`)."""
         super().__init__(base, rank, scale, dropout, scale_trainable)
         self.tasks = tuple(task_ranks)
         self.shared_mode = shared_mode
         if shared_mode == "addition":
             del self.lora_A[SHARED], self.lora_B[SHARED]
             self.lora_norm = nn.LayerNorm(self.out_features, device=base.weight.device, dtype=base.weight.dtype)
+        self.scaling.update({t: float(task_scales[t]) for t in self.tasks})
+        self.init_task_adapters(task_ranks, **task_options)
+
+    def init_task_adapters(self, task_ranks: dict[str, int]) -> None:
+        """One independent low-rank pair per task, initialised as LoRA is."""
         for task, task_rank in task_ranks.items():
             if task_rank <= 0:
                 raise ConfigError(f"task rank for '{task}' must be a positive integer, got {task_rank}")
-            self.lora_A[task] = nn.Parameter(base.weight.new_zeros(task_rank, self.in_features))
-            self.lora_B[task] = nn.Parameter(base.weight.new_zeros(self.out_features, task_rank))
-            self.scaling[task] = float(task_scales[task])
+            self.lora_A[task] = nn.Parameter(self.base.weight.new_zeros(task_rank, self.in_features))
+            self.lora_B[task] = nn.Parameter(self.base.weight.new_zeros(self.out_features, task_rank))
             _kaiming(self.lora_A[task])
 
     def task_delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
@@ -215,22 +221,9 @@ class MTLLoRALinear(TaskLoRALinear):
     `num_up` shared up-projections.
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        scale: float,
-        task_ranks: dict[str, int],
-        task_scales: dict[str, float],
-        shared_mode: str = "matrix",
-        dropout: float = 0.0,
-        num_up: int = 3,
-        temperature: float = 0.5,
-        scale_trainable: bool = False,
-    ):
-        LoRALinear.__init__(self, base, rank, scale, dropout, scale_trainable)
-        self.tasks = tuple(task_ranks)
-        self.shared_mode = shared_mode
+    def init_task_adapters(self, task_ranks: dict[str, int], num_up: int = 3, temperature: float = 0.5) -> None:
+        """The shared down-projection, `num_up` up-projections, and per task an r x r transform (identity)
+        and the mixing logits of the up-projections (softmax(w_t / `temperature`))."""
         self.temperature = float(temperature)
         task_rank = set(task_ranks.values())
         if len(task_rank) != 1:
@@ -238,11 +231,11 @@ class MTLLoRALinear(TaskLoRALinear):
         (r,) = task_rank
         if r <= 0:
             raise ConfigError(f"task rank must be a positive integer, got {r}")
-        self.scaling.update({t: float(task_scales[t]) for t in self.tasks})
-        self.lora_mtl_A = nn.Parameter(base.weight.new_zeros(r, self.in_features))
-        self.lora_mtl_B = nn.Parameter(base.weight.new_zeros(num_up, self.out_features, r))
+        weight = self.base.weight
+        self.lora_mtl_A = nn.Parameter(weight.new_zeros(r, self.in_features))
+        self.lora_mtl_B = nn.Parameter(weight.new_zeros(num_up, self.out_features, r))
         self.lora_mtl_transform = nn.ParameterDict({t: nn.Parameter(torch.eye(r)) for t in self.tasks})
-        self.lora_mtl_mix = nn.ParameterDict({t: nn.Parameter(base.weight.new_zeros(num_up)) for t in self.tasks})
+        self.lora_mtl_mix = nn.ParameterDict({t: nn.Parameter(weight.new_zeros(num_up)) for t in self.tasks})
         _kaiming(self.lora_mtl_A)
         for t in self.tasks:
             nn.init.uniform_(self.lora_mtl_mix[t], -1.0, 1.0)

@@ -13,10 +13,6 @@ from typing import Any
 from mtlora.errors import ConfigError
 from mtlora.tasks import TASKS
 
-# Output channels of every task we know, as the PASCAL-Context / NYUD-v2 benchmarks define them.
-# A data set may override the number of classes (NYUD semseg has 40).
-DEFAULT_TASK_CHANNELS: dict[str, int] = {t.name: t.channels for t in TASKS.values()}
-
 # Swin v1 variants as timm names them; custom sizes are built from the same fields.
 SWIN_VARIANTS: dict[str, dict[str, Any]] = {
     "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -290,12 +286,13 @@ class ModelConfig:
         channels = {t: int(c) for t, c in self.task_channels.items()}
         for task in self.tasks:
             if task not in channels:
-                if task not in DEFAULT_TASK_CHANNELS:
+                if task not in TASKS:
                     raise ConfigError(
-                        f"unknown task '{task}'; known tasks: {', '.join(DEFAULT_TASK_CHANNELS)} "
+                        f"unknown task '{task}'; known tasks: {', '.join(TASKS)} "
                         "(or give its output channels explicitly)"
                     )
-                channels[task] = DEFAULT_TASK_CHANNELS[task]
+                # the benchmark's channels; a data set may override the classes (NYUD semseg has 40)
+                channels[task] = TASKS[task].channels
         if any(c <= 0 for c in channels.values()):
             raise ConfigError(f"task output channels must be positive, got {channels}")
         self.task_channels = {t: channels[t] for t in self.tasks}

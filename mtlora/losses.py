@@ -11,7 +11,7 @@ whose ignored pixels are the zero vector; depth 0 = no measurement.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,20 @@ from mtlora.tasks import TASKS
 
 IGNORE_INDEX = 255
 
-# The loss weights of the official PASCAL-Context / NYUD configs.
+# The loss weights of the official PASCAL-Context / NYUD configs (a task registered later brings its own:
+# `MultiTaskLoss` reads `TASKS`).
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {t.name: t.loss_weight for t in TASKS.values()}
+
+# The loss functions a task may name (`mtlora.tasks.Task.loss`): name -> loss(pred, label).
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def register_loss(name: str):
+    """Decorator: `loss(pred, label) -> scalar tensor` is the loss a task names `name`."""
+    def add(loss):
+        LOSSES[name] = loss
+        return loss
+    return add
 
 # Upstream's `edge_w`: edges are rare, so positives get 95% of the weight.
 EDGE_POSITIVE_WEIGHT = 0.95
@@ -42,6 +54,7 @@ def _zero_like(pred: torch.Tensor) -> torch.Tensor:
     return pred.sum() * 0.0
 
 
+@register_loss("cross_entropy")
 def segmentation_loss(
     logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
@@ -55,6 +68,7 @@ def segmentation_loss(
     return F.cross_entropy(logits, label, ignore_index=ignore_index)
 
 
+@register_loss("balanced_bce")
 def balanced_bce_loss(
     logits: torch.Tensor, label: torch.Tensor, positive_weight: float | None = None
 ) -> torch.Tensor:
@@ -82,6 +96,7 @@ def balanced_bce_loss(
     return (weight * loss_positive + (1.0 - weight) * loss_negative) / label.numel()
 
 
+@register_loss("unit_l1")
 def normals_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """L1 between unit-normalised predictions and labels, averaged over valid label components.
 
@@ -100,6 +115,7 @@ def normals_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return (unit[valid] - label[valid]).abs().sum() / count
 
 
+@register_loss("l1")
 def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """L1 over pixels with a measured depth (label > 0)."""
     if pred.shape != label.shape:
@@ -112,21 +128,20 @@ def depth_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred[valid], label[valid])
 
 
+@register_loss("weighted_bce")
+def edge_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Balanced BCE with upstream's fixed positive weight for edges."""
+    return balanced_bce_loss(pred, label, positive_weight=EDGE_POSITIVE_WEIGHT)
+
+
 def task_loss(task: str, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """The loss of one task (see the module docstring for label layouts)."""
     if task not in TASKS:
-        raise ConfigError(f"no loss for task {task!r}; known tasks: {', '.join(DEFAULT_LOSS_WEIGHTS)}")
-    return _LOSSES[TASKS[task].loss](pred, label)
-
-
-# The loss functions `mtlora.tasks.TASKS` names.
-_LOSSES = {
-    "cross_entropy": segmentation_loss,
-    "balanced_bce": balanced_bce_loss,
-    "weighted_bce": lambda pred, label: balanced_bce_loss(pred, label, positive_weight=EDGE_POSITIVE_WEIGHT),
-    "unit_l1": normals_loss,
-    "l1": depth_loss,
-}
+        raise ConfigError(f"no loss for task {task!r}; known tasks: {', '.join(TASKS)}")
+    name = TASKS[task].loss
+    if name not in LOSSES:
+        raise ConfigError(f"task {task!r} names the loss {name!r}, which is not registered; known: {', '.join(LOSSES)}")
+    return LOSSES[name](pred, label)
 
 
 class MultiTaskLoss(nn.Module):
@@ -140,10 +155,10 @@ class MultiTaskLoss(nn.Module):
         super().__init__()
         if not tasks:
             raise ConfigError("MultiTaskLoss needs at least one task")
-        unknown = [t for t in tasks if t not in DEFAULT_LOSS_WEIGHTS]
+        unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ConfigError(
-                f"no loss for task(s) {unknown}; known tasks: {', '.join(DEFAULT_LOSS_WEIGHTS)}"
+                f"no loss for task(s) {unknown}; known tasks: {', '.join(TASKS)}"
             )
         weights = dict(weights or {})
         extra = sorted(set(weights) - set(tasks))
@@ -152,7 +167,7 @@ class MultiTaskLoss(nn.Module):
                 f"loss weights given for task(s) {extra} that are not trained; tasks: {list(tasks)}"
             )
         self.tasks = tuple(tasks)
-        self.weights = {t: float(weights.get(t, DEFAULT_LOSS_WEIGHTS[t])) for t in self.tasks}
+        self.weights = {t: float(weights.get(t, TASKS[t].loss_weight)) for t in self.tasks}
 
     def forward(
         self, preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]

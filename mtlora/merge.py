@@ -1,10 +1,14 @@
-"""Merge the task-agnostic adapters into the frozen weights, and undo it.
+"""Merge the task-agnostic adapters into the frozen weights, undo it, or take the adapters out.
 
 After `merge_model` every LoRALinear (plain LoRA, MTLoRA+'s patch-merging
 LoRA, and the shared part of the task layers) computes y = W' x + b with
 W' = W + s B A. Task-specific branches stay low-rank: `TaskLoRALinear`
 recovers W x for a task as W' x - s B A x, so no task needs its own copy of
 a full-rank weight.
+
+`unload` and `merge_and_unload` have PEFT's shape: both return the network with every adapter layer
+replaced by a plain Linear, the first with the frozen weights as they are, the second with the
+task-agnostic updates folded in.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlora.adapters import SHARED, MTLLoRALinear, TaskLoRALinear, adapter_layers
+from mtlora.adapters import SHARED, LoRALinear, MTLLoRALinear, TaskLoRALinear, adapter_layers
 from mtlora.errors import MergeError
 
 
@@ -62,6 +66,40 @@ def unmerge_model(model: nn.Module) -> nn.Module:
             layer.unmerge()
     model.merged = False
     return model
+
+
+def _replace_adapters(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, LoRALinear):
+            setattr(module, name, child.base)
+        else:
+            _replace_adapters(child)
+
+
+def unload(module: nn.Module) -> nn.Module:
+    """Replace every adapter layer of `module` by its base Linear, in place; returns `module`.
+
+    The adapters are dropped, not merged: what remains is the frozen network (a merged layer's base
+    already holds W + s B A, and keeps it). Task-specific adapters go too, so a multi-task model's
+    task streams are lost; use it for a backbone alone."""
+    _replace_adapters(module)
+    if hasattr(module, "merged"):
+        module.merged = False
+    return module
+
+
+@torch.no_grad()
+def merge_and_unload(module: nn.Module, safe: bool = True) -> nn.Module:
+    """Fold the task-agnostic adapters into the frozen weights (`merge_model`), then `unload`: a plain network
+    that computes what the adapted one did. A layer with task-specific adapters cannot become one Linear,
+    so such a module is refused before anything changes."""
+    tasks = [name for name, layer in adapter_layers(module) if isinstance(layer, TaskLoRALinear)]
+    if tasks:
+        raise MergeError(f"{len(tasks)} layer(s) carry task-specific adapters (e.g. '{tasks[0]}'); a plain network "
+                         "cannot hold them: export the multi-task model instead")
+    if not is_merged(module):
+        merge_model(module, safe=safe)
+    return unload(module)
 
 
 def _count(tensors) -> tuple[int, int]:

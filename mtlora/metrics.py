@@ -20,13 +20,28 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from mtlora.errors import ConfigError, DataError
-from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, NORMALS, TASKS, get_task
+from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, NORMALS, TASKS, angle_degrees, get_task, register_meter
 
 IGNORE_INDEX = 255
 
-# task -> (primary metric, higher is better); the primary metric is what the
-# multi-task delta compares.
-TASK_METRICS: dict[str, tuple[str, bool]] = {t.name: (t.metric, t.higher_is_better) for t in TASKS.values()}
+
+
+class _TaskMetrics(Mapping):
+    """task -> (primary metric, higher is better), read from `mtlora.tasks.TASKS` when asked, so a task
+    registered later is in it too. The primary metric is what the multi-task delta compares."""
+
+    def __getitem__(self, task: str) -> tuple[str, bool]:
+        spec = TASKS[task]
+        return spec.metric, spec.higher_is_better
+
+    def __iter__(self):
+        return iter(TASKS)
+
+    def __len__(self) -> int:
+        return len(TASKS)
+
+
+TASK_METRICS: Mapping[str, tuple[str, bool]] = _TaskMetrics()
 
 # Single-task Swin-T references on PASCAL-Context from the MTLoRA paper:
 # semseg / human_parts / sal mIoU in percent, normals mean angular error in degrees.
@@ -242,8 +257,7 @@ class NormalsMeter(Evaluator):
     vector counts as 90 degrees off). A label pixel is valid when its vector
     is non-zero and none of its components is 255 (the upstream ignore value);
     our loaders mark ignored pixels with the zero vector. The angle is
-    `2 * atan2(|p - g|, |p + g|)`, accurate near 0 and 180 degrees where
-    `acos` of the dot product is not.
+    `mtlora.tasks.angle_degrees`, accurate near 0 and 180 degrees.
 
     Reports `mean` (the paper's mErr), `rmse` (a true root-mean-square: the
     upstream `rmse` field repeats the mean), `median` (from a 0.01-degree
@@ -267,14 +281,8 @@ class NormalsMeter(Evaluator):
         pred = _as_maps(pred, "pred", channels=3).astype(np.float64)
         label = _as_maps(label, "label", channels=3).astype(np.float64)
         _check_same_shape(pred, label)
-        label_norm = np.sqrt((label * label).sum(axis=1, keepdims=True))  # (N, 1, H, W)
-        valid = (label_norm[:, 0] > 0) & ~np.any(label == IGNORE_INDEX, axis=1)
-        pred_norm = np.sqrt((pred * pred).sum(axis=1, keepdims=True))
-        p = np.divide(pred, pred_norm, out=np.zeros_like(pred), where=pred_norm > 0)
-        g = np.divide(label, label_norm, out=np.zeros_like(label), where=label_norm > 0)
-        apart = np.sqrt(((p - g) ** 2).sum(axis=1))
-        together = np.sqrt(((p + g) ** 2).sum(axis=1))
-        error = np.degrees(2 * np.arctan2(apart[valid], together[valid]))
+        valid = (np.linalg.norm(label, axis=1) > 0) & ~np.any(label == IGNORE_INDEX, axis=1)
+        error = angle_degrees(pred, label, axis=1)[valid]
         self.sum_error += float(error.sum())
         self.sum_squared_error += float((error**2).sum())
         self.count += int(error.size)
@@ -487,20 +495,29 @@ class EdgeMeter(Evaluator):
 
 
 def make_evaluator(task: str, num_classes: int | None = None) -> Evaluator:
-    """The meter for `task`; segmentation tasks need `num_classes`.
+    """The meter of `task`'s primary metric, registered on its kind's row; class maps need `num_classes`.
 
     Saliency and edge meters take logits, as the model heads produce them.
     """
     spec = get_task(task)
-    if spec.kind == CLASS_MAP:
-        if num_classes is None:
-            raise ConfigError(f"task {task!r} needs num_classes to build its evaluator")
-        return SegmentationMeter(num_classes)
-    return _METERS[spec.kind, spec.metric]()
+    factory = spec.spec.meters.get(spec.metric)
+    if factory is None:
+        raise ConfigError(f"no meter for the {spec.metric} of {spec.kind} task {task!r}; register one with "
+                          "mtlora.tasks.register_meter")
+    return factory(task, num_classes)
 
 
-# The meter of each (kind, primary metric) that is not a class map.
-_METERS: dict[tuple[str, str], type[Evaluator]] = {}
+@register_meter(CLASS_MAP, "mIoU")
+def _segmentation_meter(task: str, num_classes: int | None) -> Evaluator:
+    if num_classes is None:
+        raise ConfigError(f"task {task!r} needs num_classes to build its evaluator")
+    return SegmentationMeter(num_classes)
+
+
+# The meters that need nothing but the task's kind and metric.
+for (_kind, _metric), _meter in {(BINARY_MAP, "mIoU"): SaliencyMeter, (BINARY_MAP, "odsF"): EdgeMeter,
+                                 (NORMALS, "mean"): NormalsMeter, (DEPTH, "rmse"): DepthMeter}.items():
+    register_meter(_kind, _metric)(lambda task, num_classes, meter=_meter: meter())
 
 
 def multi_task_delta(
@@ -535,10 +552,3 @@ def multi_task_delta(
         total += -relative if task in lower else relative
     return 100.0 * total / len(results)
 
-
-_METERS.update({
-    (BINARY_MAP, "mIoU"): SaliencyMeter,
-    (BINARY_MAP, "odsF"): EdgeMeter,
-    (NORMALS, "mean"): NormalsMeter,
-    (DEPTH, "rmse"): DepthMeter,
-})

@@ -96,7 +96,8 @@ def inject_adapters(backbone: SwinTransformer, config: ModelConfig) -> None:
                     if adapter.task_adapter == "mtl-lora":
                         def make(base, r=rank, sc=scale, rs=ranks, ss=scales):
                             return MTLLoRALinear(base, r, sc, rs, ss, adapter.shared_mode, adapter.dropout,
-                                                 adapter.mtl_num_up, adapter.mtl_temperature, trainable_scale)
+                                                 trainable_scale, num_up=adapter.mtl_num_up,
+                                                 temperature=adapter.mtl_temperature)
                     else:
                         def make(base, r=rank, sc=scale, rs=ranks, ss=scales):
                             return TaskLoRALinear(base, r, sc, rs, ss, adapter.shared_mode, adapter.dropout,

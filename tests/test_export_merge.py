@@ -13,7 +13,7 @@ from export.onnx.fold import ExportModel
 from mtlora.adapters import SHARED, adapter_layers
 from mtlora.config import AdapterConfig, ModelConfig, SwinConfig
 from mtlora.errors import MergeError
-from mtlora.merge import is_merged, merge_model, parameter_report, unmerge_model
+from mtlora.merge import is_merged, merge_and_unload, merge_model, parameter_report, unload, unmerge_model
 from mtlora.model import MultiTaskSwin
 from mtlora.upstream import import_upstream
 
@@ -102,16 +102,21 @@ def test_merged_and_folded_models_match_unmerged(name):
         assert max_error(split, expected) <= TOL
 
 
-def test_adapters_change_the_outputs():
-    # Guards the tests above: without the adapters the outputs differ, so every branch counts.
-    model = make_model("mtlora+")
-    x = images(2)
+def without_adapter_updates(model: MultiTaskSwin) -> MultiTaskSwin:
+    """A copy whose adapters add nothing (every B is zero): the frozen network's outputs."""
     plain = copy.deepcopy(model)
     with torch.no_grad():
         for _, layer in adapter_layers(plain):
             for factor in layer.lora_B.values():
                 factor.zero_()
-    assert max_error(predict(plain, x), predict(model, x)) > 1e-3
+    return plain
+
+
+def test_adapters_change_the_outputs():
+    # Guards the tests above: without the adapters the outputs differ, so every branch counts.
+    model = make_model("mtlora+")
+    x = images(2)
+    assert max_error(predict(without_adapter_updates(model), x), predict(model, x)) > 1e-3
 
 
 def test_unmerge_restores_weights():
@@ -124,6 +129,36 @@ def test_unmerge_restores_weights():
     assert not is_merged(model)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
+
+
+def test_merge_and_unload_leaves_a_plain_network_with_the_same_outputs():
+    model = make_model("lora")
+    x = images(2)
+    expected = predict(model, x)
+    plain = merge_and_unload(model)
+    assert plain is model and not adapter_layers(plain) and not is_merged(plain)
+    assert max_error(predict(plain, x), expected) <= TOL
+
+
+def test_unload_drops_the_adapters_and_keeps_the_frozen_weights():
+    model = make_model("lora")
+    x = images(2)
+    frozen = without_adapter_updates(model)
+    bases = {name: layer.base.weight.clone() for name, layer in adapter_layers(model)}
+    unload(model)
+    assert not adapter_layers(model)
+    weights = dict(model.named_parameters())
+    assert all(torch.equal(weights[f"{name}.weight"], w) for name, w in bases.items())
+    assert max_error(predict(model, x), predict(frozen, x)) <= TOL
+
+
+def test_merge_and_unload_refuses_task_adapters_and_changes_nothing():
+    model = make_model("mtlora+")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MergeError, match="task-specific adapters"):
+        merge_and_unload(model)
+    assert not is_merged(model) and adapter_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_merging_twice_is_refused():

@@ -10,7 +10,8 @@ from PIL import Image
 from export.checking.accuracy import EvalBatch, check_engine
 from export.checking.html import Sample, render_html
 from export.checking.results import EngineInfo, Report
-from export.checking.visualize import error_map, render_label, render_output, voc_palette
+from export.checking.visualize import error_map, render_label, render_output
+from mtlora.palette import voc_palette
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

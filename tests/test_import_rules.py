@@ -1,6 +1,7 @@
 """The package layout's import rules, read from the source with `ast` (so lazy imports inside
 functions count too): `export -> mtlora, calibration, engines`; `calibration -> engines`; `engines`
-and `mtlora` import nothing of ours; torch only where the PyTorch side lives."""
+and `mtlora` import nothing of ours but the shared base `mtlora_base`, which imports nothing of ours;
+torch only where the PyTorch side lives; inside export, its layers point down."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = ("mtlora", "export", "calibration", "engines")
-ALLOWED = {"mtlora": {"mtlora"}, "engines": {"engines"}, "calibration": {"calibration", "engines"},
-           "export": set(OURS)}
+OURS = ("mtlora", "export", "calibration", "engines", "mtlora_base")
+BASE = "mtlora_base"  # atomic files and staging directories, below every other package
+ALLOWED = {"mtlora": {"mtlora", BASE}, "engines": {"engines", BASE}, "calibration": {"calibration", "engines", BASE},
+           "export": set(OURS), BASE: {BASE}}
 # The only modules of export/, engines/ and calibration/ that may import torch (all of mtlora may).
 TORCH_MODULES = ("export/onnx/", "export/pipeline/original_model.py", "export/pipeline/sources.py",
                  "export/bench/plain_backbone.py", "export/bench/model.py", "export/bench/page.py",
@@ -46,7 +48,7 @@ def test_imports_point_one_way(package):
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("package", ("engines", "calibration", "export"))
+@pytest.mark.parametrize("package", ("engines", "calibration", "export", BASE))
 def test_torch_only_on_the_pytorch_side(package):
     wrong = []
     for path in sources(package):
@@ -59,7 +61,39 @@ def test_torch_only_on_the_pytorch_side(package):
     assert not wrong, "\n".join(wrong)
 
 
+# The layers inside export/, top to bottom: a sub-package imports only its own layer's modules and the
+# layers below it (`cli > bench > pipeline > checking, onnx > artifacts > errors`). The package's top-level
+# modules (`__init__`, `demo`) stand with the CLI.
+EXPORT_LAYERS = (("cli", "__init__", "__main__", "demo"), ("bench",), ("pipeline",), ("checking", "onnx"),
+                 ("artifacts",), ("errors",))
+
+
+def export_layer(name: str) -> tuple[int, str]:
+    """(layer number from the top, part) of an export/ part: `cli`, `demo`, `errors`, ..."""
+    for rank, parts in enumerate(EXPORT_LAYERS):
+        if name in parts:
+            return rank, name
+    raise AssertionError(f"export/{name} is in no layer of EXPORT_LAYERS; add it there")
+
+
+def test_export_layers_point_down():
+    wrong = []
+    for path in sources("export"):
+        rel = path.relative_to(ROOT / "export")
+        rank, part = export_layer(rel.parts[0] if len(rel.parts) > 1 else rel.stem)
+        for name, line in imports(path):
+            words = name.split(".")
+            if words[0] != "export" or len(words) < 2:
+                continue
+            their_rank, theirs = export_layer(words[1])
+            if their_rank < rank or (their_rank == rank and theirs != part):
+                wrong.append(f"export/{rel.as_posix()}:{line} ({part}) imports {name} ({theirs})")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_rules_catch_a_wrong_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from export.errors import ExportError\n    import torch.nn\n")
     assert imports(bad) == [("export.errors", 2), ("torch.nn", 3)]
+    assert export_layer("onnx") == export_layer("checking")[:1] + ("onnx",)
+    assert export_layer("artifacts")[0] > export_layer("checking")[0] > export_layer("bench")[0]

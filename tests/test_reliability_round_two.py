@@ -47,7 +47,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, size, monk
             how = f"a real {size} tmpfs"
         else:
             # No tmpfs here: the same failure, raised where the writer would meet it.
-            import mtlora.fileio
+            import mtlora_base.files
 
             real_fdopen = os.fdopen
 
@@ -56,7 +56,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, size, monk
                 handle.write = lambda _data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
                 return handle
 
-            monkeypatch.setattr(mtlora.fileio.os, "fdopen", full)
+            monkeypatch.setattr(mtlora_base.files.os, "fdopen", full)
             disk = tmp_path / "disk"
             code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
                                   "--eval-samples", "2", "--out", disk / "build")

@@ -221,7 +221,7 @@ def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool 
             constraints=CONSTRAINTS_FILE, commands=device_commands(out.name, wheel.name),
             table=install_table(out.name, wheel.name), tolerances_file=TOLERANCES_FILE,
             tolerances_source=verdict.tolerances_source or "the defaults"))
-        from export.checking.graph_lint import build_graphs, lint_graphs
+        from export.artifacts.graph_lint import build_graphs, lint_graphs
 
         tensorrt_lint = lint_graphs(staging, build_graphs(staging), say)
         files = index_files(staging, sorted(p for p in staging.rglob("*") if p.is_file()))

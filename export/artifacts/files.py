@@ -16,12 +16,12 @@ from typing import Any
 
 from engines.files import sha256_file
 from export.errors import ExportError
-from mtlora import fileio
+from mtlora_base.files import write_atomic
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
     """Readers see the old file or the whole new one, never half of it (an unwritable place is an ExportError)."""
-    return fileio.write_bytes_atomic(path, payload, error=ExportError)
+    return write_atomic(path, payload, error=ExportError)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

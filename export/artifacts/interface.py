@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError
-from mtlora.tasks import CLASS_IDS, TASKS, kind_of
+from mtlora.tasks import KINDS, TASKS, kind_of
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class ModelInterface:
     @property
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         """task -> shape of one image's output: (C, H, W), or (H, W) for post-processed class ids."""
-        return {t: (self.size, self.size) if self.kind(t) == CLASS_IDS else (self.channels[t], self.size, self.size)
-                for t in self.tasks}
+        return {t: (self.channels[t], self.size, self.size) if KINDS[self.kind(t)].has_channels
+                else (self.size, self.size) for t in self.tasks}
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """An (H, W, 3) uint8 RGB image -> the (3, size, size) float32 input, exactly as at inference."""

@@ -7,11 +7,11 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from export.pipeline.speed import cpu_flags, cpu_model
 
 
 def available_cpus() -> int:
@@ -19,26 +19,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                                      "amx_bf16", "amx_int8")) -> dict[str, bool]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {f: f in flags for f in wanted}
 
 
 def library_versions() -> dict[str, str]:

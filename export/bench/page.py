@@ -47,7 +47,6 @@ from export.bench.breakdown import (
     structural_lines,
     time_breakdown,
 )
-from export.bench.machine import cpu_flags
 from export.bench.model import (
     IMG_SIZE,
     SCALE,
@@ -70,6 +69,7 @@ from export.bench.tables import MEASUREMENT_NOTES, PERF_HEADER, accuracy_rows, m
 from export.bench.targets import PASSED, Target, engine_targets, runtime_targets, torch_targets
 from export.bench.timing import interleaved_latency, wait_for_quiet
 from export.onnx.flops import count_flops
+from export.pipeline.speed import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "benchmarks.md"

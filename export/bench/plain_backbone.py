@@ -22,6 +22,7 @@ from export.artifacts.files import write_json_atomic
 from export.onnx.flops import count_flops
 from export.onnx.fold import ExportBackbone, swap_linears
 from mtlora.loading import load_any
+from mtlora.merge import unload
 
 
 class BackboneAlone(nn.Module):
@@ -75,7 +76,7 @@ def build_backbones(checkpoint: Path, work: Path, keys: list[str], img_size: int
     if not onnx_path.is_file() or not agreement.is_file():
         swin = load_any(checkpoint, img_size).float().eval().backbone
         # The backbone alone: every adapter layer's frozen base weight, as a plain Linear.
-        _strip_adapters(swin)
+        unload(swin)
         write_json_atomic(agreement, {"max_abs_vs_timm": export_backbone(swin, onnx_path, image)})
     max_abs = json.loads(agreement.read_text())["max_abs_vs_timm"]
     rng = np.random.default_rng(2)
@@ -99,13 +100,3 @@ def build_backbones(checkpoint: Path, work: Path, keys: list[str], img_size: int
     return {"engines": engines, "flops": count_flops(onnx_path)["flops"], "max_abs_vs_timm": max_abs,
             "executed": executed, "img_size": img_size}
 
-
-def _strip_adapters(module: nn.Module) -> None:
-    """Replace every (unmerged) adapter layer by its frozen base Linear: the network without adapters."""
-    from mtlora.adapters import LoRALinear
-
-    for name, child in module.named_children():
-        if isinstance(child, LoRALinear):
-            setattr(module, name, child.base)
-        else:
-            _strip_adapters(child)

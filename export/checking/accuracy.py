@@ -25,8 +25,8 @@ from export.checking.results import (
 )
 from export.checking.tolerances import Tolerance, Tolerances
 from export.errors import ExportError
-from mtlora.metrics import TASK_METRICS, make_evaluator
-from mtlora.tasks import CLASS_IDS, CLASS_MAP, KINDS, PROBABILITY, kind_of, postprocess
+from mtlora.metrics import make_evaluator
+from mtlora.tasks import AGREEMENTS, KINDS, get_task, kind_of, postprocess
 
 
 @dataclass
@@ -73,11 +73,6 @@ class _TensorMeter:
                                mean_abs=self.sum_abs / max(self.count, 1), cosine=cosine, non_finite=self.non_finite)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(v, axis=1, keepdims=True)
-    return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
-
-
 class TaskCheck:
     """Everything measured for one task of one engine."""
 
@@ -86,12 +81,12 @@ class TaskCheck:
         self.channels = channels
         self.postprocessed = postprocessed
         self.tensor = _TensorMeter()
-        self.agree = 0
+        self.agreement_sum = 0.0
         self.pixels = 0
-        self.angle_sum = 0.0
         # The kind of the engine's output: the task's own, or what in-graph post-processing makes of it.
         self.kind = kind_of(task, postprocessed)
-        self.agreement = KINDS[self.kind].agreement
+        self.spec = KINDS[self.kind]
+        self.agreement = AGREEMENTS[self.spec.agreement] if self.spec.agreement else None
         self.engine_meter = None
         self.reference_meter = None
 
@@ -105,49 +100,30 @@ class TaskCheck:
                 f"engine output '{self.task}' has shape {engine.shape}, the reference has {reference.shape}"
             )
         self.tensor.update(engine, reference)
-        if self.agreement == "argmax":
-            self.agree += int((engine.argmax(1) == reference.argmax(1)).sum())
-            self.pixels += engine.shape[0] * engine.shape[2] * engine.shape[3]
-        elif self.agreement == "sign":
-            self.agree += int(((engine > 0) == (reference > 0)).sum())
-            self.pixels += engine.size
-        elif self.agreement == "equal":
-            self.agree += int((engine == reference).sum())
-            self.pixels += engine.size
-        elif self.agreement == "half":
-            self.agree += int(((engine > 0.5) == (reference > 0.5)).sum())
-            self.pixels += engine.size
-        elif self.agreement == "angle":
-            e, r = _unit(engine.astype(np.float64)), _unit(reference.astype(np.float64))
-            angle = np.degrees(2 * np.arctan2(np.linalg.norm(e - r, axis=1), np.linalg.norm(e + r, axis=1)))
-            self.angle_sum += float(angle.sum())
-            self.pixels += angle.size
-        if label is not None and self.task in TASK_METRICS:
+        if self.agreement is not None:
+            total, count = self.agreement.measure(engine, reference)
+            self.agreement_sum += total
+            self.pixels += count
+        if label is not None and get_task(self.task).spec.meters:
             if self.engine_meter is None:
-                classes = self.channels if self.kind in (CLASS_MAP, CLASS_IDS) else None
-                self.engine_meter = make_evaluator(self.task, classes)
-                self.reference_meter = make_evaluator(self.task, classes)
-            self.engine_meter.update(self._for_meter(engine), label)
-            self.reference_meter.update(self._for_meter(reference), label)
-
-    def _for_meter(self, output: np.ndarray) -> np.ndarray:
-        """The meters take what the model outputs (logits); probabilities go back through the logit."""
-        if self.kind != PROBABILITY:
-            return output
-        p = np.clip(output.astype(np.float64), 1e-7, 1 - 1e-7)
-        return np.log(p) - np.log1p(-p)
+                self.engine_meter = make_evaluator(self.task, self.channels)
+                self.reference_meter = make_evaluator(self.task, self.channels)
+            # The meters take what the model outputs (logits): probabilities go back through the logit.
+            self.engine_meter.update(self.spec.for_meter(engine), label)
+            self.reference_meter.update(self.spec.for_meter(reference), label)
 
     def result(self, tolerance: Tolerance) -> TaskResult:
-        agreement = self.agree / max(self.pixels, 1) if self.agreement in ("argmax", "sign", "equal", "half") else None
-        angle = self.angle_sum / max(self.pixels, 1) if self.agreement == "angle" else None
+        measured = {}
+        if self.agreement is not None:
+            measured[self.agreement.measurement] = self.agreement_sum / max(self.pixels, 1)
+        agreement, angle = measured.get("argmax_agreement"), measured.get("angle_deg")
         metrics = None
         if self.engine_meter is not None:
-            metric, higher_is_better = TASK_METRICS[self.task]
-            metrics = MetricComparison(metric, higher_is_better, _floats(self.engine_meter.result()),
+            task = get_task(self.task)
+            metrics = MetricComparison(task.metric, task.higher_is_better, _floats(self.engine_meter.result()),
                                        _floats(self.reference_meter.result()))
         tensor = self.tensor.result()
-        measured = {"max_abs": tensor.max_abs, "mean_abs": tensor.mean_abs, "cosine": tensor.cosine,
-                    "argmax_agreement": agreement, "angle_deg": angle}
+        measured |= {"max_abs": tensor.max_abs, "mean_abs": tensor.mean_abs, "cosine": tensor.cosine}
         if metrics is not None:
             measured[f"{metrics.primary}_drop"] = metrics.drop
         checks = tuple(Check(name, measured[name], limit, op)

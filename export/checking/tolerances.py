@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from export.errors import ExportError
-from mtlora.tasks import BINARY_MAP, CLASS_IDS, CLASS_MAP, DEPTH, KINDS, NORMALS, PROBABILITY, TASKS
+from mtlora.tasks import KINDS, TASKS
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EVERY_TASK = "*"
@@ -54,42 +54,31 @@ class Tolerance:
 LIMIT_NAMES = tuple(f.name for f in fields(Tolerance))
 # The range each limit may take: cosine is in [-1, 1], agreement a fraction, the rest non-negative.
 LIMIT_RANGES = {"min_cosine": (-1.0, 1.0), "min_argmax_agreement": (0.0, 1.0)}
-# Which limits a kind of task has a measurement for (`export.checking.accuracy` measures these).
-_TENSOR_LIMITS = ("max_abs", "mean_abs", "min_cosine", "max_metric_drop")
-_AGREEMENT_LIMITS = {"argmax": ("min_argmax_agreement",), "sign": ("min_argmax_agreement",),
-                     "equal": ("min_argmax_agreement",), "half": ("min_argmax_agreement",),
-                     "angle": ("max_angle_deg",)}
-KIND_LIMITS: dict[str, tuple[str, ...]] = {
-    kind: (_TENSOR_LIMITS if spec.tensor_checks else ("max_metric_drop",)) + _AGREEMENT_LIMITS.get(spec.agreement, ())
-    for kind, spec in KINDS.items()
-}
 
 
-def _defaults(cosine: float, drop: float, agreement: float | None, angle: float, ids: float) -> dict[str, Tolerance]:
-    """One precision's limits per kind. Post-processed class ids have no tensor to compare: their floor is
-    the fraction of pixels with the reference's class (`ids`)."""
-    return {
-        CLASS_MAP: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
-        BINARY_MAP: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
-        NORMALS: Tolerance(min_cosine=cosine, max_angle_deg=angle, max_metric_drop=0.5),
-        DEPTH: Tolerance(min_cosine=cosine, max_metric_drop=drop),
-        CLASS_IDS: Tolerance(min_argmax_agreement=max(agreement or 0.0, ids), max_metric_drop=drop),
-        PROBABILITY: Tolerance(min_cosine=cosine, min_argmax_agreement=agreement, max_metric_drop=drop),
-    }
+def kind_limits(kind: str) -> tuple[str, ...]:
+    """The limits a kind of task has a measurement for (`export.checking.accuracy` measures these)."""
+    return KINDS[kind].limit_names
 
 
-# precision -> kind of task -> limits.
-DEFAULTS: dict[str, dict[str, Tolerance]] = {
+# A precision's levels, which each kind's row turns into its limits (`mtlora.tasks.TaskKind.default_limits`):
+# max_abs and cosine for tensors, agreement for pixels that keep their class or side, angle for normals (degrees),
+# drop for the primary metric against labels, ids the floor for post-processed class ids (no tensor to compare).
+LEVELS: dict[str, dict[str, float | None]] = {
     # fp32 is judged on the tensors; class ids (post-processed) may differ only where two classes tie.
-    "fp32": {**dict.fromkeys(KINDS, Tolerance(max_abs=1e-3, min_cosine=0.99999)),
-             CLASS_IDS: Tolerance(min_argmax_agreement=0.9999)},
-    "fp16": _defaults(cosine=0.999, drop=0.5, agreement=0.99, angle=0.5, ids=0.99),
-    "bf16": _defaults(cosine=0.99, drop=0.5, agreement=0.97, angle=1.5, ids=0.97),
+    "fp32": {"max_abs": 1e-3, "cosine": 0.99999, "agreement": None, "angle": None, "drop": None, "ids": 0.9999},
+    "fp16": {"max_abs": None, "cosine": 0.999, "agreement": 0.99, "angle": 0.5, "drop": 0.5, "ids": 0.99},
+    "bf16": {"max_abs": None, "cosine": 0.99, "agreement": 0.97, "angle": 1.5, "drop": 0.5, "ids": 0.97},
     # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error
     # <= 0.5 degrees worse); the cosine, angle and class-id floors only catch an engine that is broken
     # outright, and are what remains when the evaluation set has no labels.
-    "int8": _defaults(cosine=0.95, drop=1.0, agreement=None, angle=5.0, ids=0.9),
+    "int8": {"max_abs": None, "cosine": 0.95, "agreement": None, "angle": 5.0, "drop": 1.0, "ids": 0.9},
 }
+
+
+def default_tolerance(precision: str, kind: str) -> Tolerance:
+    """The limits of a kind of task at `precision` before any override."""
+    return Tolerance(**KINDS[kind].default_limits(LEVELS[precision]))
 
 
 def _parse_limits(raw, where: str) -> dict[str, float | None]:
@@ -139,15 +128,15 @@ class Tolerances:
                 if task == EVERY_TASK:
                     continue
                 kind = TASKS[task].kind
-                wrong = sorted(set(limits) - set(KIND_LIMITS[kind]))
+                wrong = sorted(set(limits) - set(kind_limits(kind)))
                 if wrong:
                     raise ExportError(f"{source}: {precision}.{task}: {', '.join(wrong)} cannot apply to a "
-                                      f"{kind.replace('_', ' ')} task; it takes {', '.join(KIND_LIMITS[kind])}")
+                                      f"{kind.replace('_', ' ')} task; it takes {', '.join(kind_limits(kind))}")
 
     def identity(self) -> dict[str, str]:
         """What a baseline records of these tolerances: where they came from, and a digest of the limits
         in force (defaults included), so that two files with the same limits are the same tolerances."""
-        limits = {"defaults": {p: {k: vars(t) for k, t in kinds.items()} for p, kinds in DEFAULTS.items()},
+        limits = {"defaults": {p: {k: vars(default_tolerance(p, k)) for k in KINDS} for p in LEVELS},
                   "overrides": self.overrides}
         digest = hashlib.sha256(json.dumps(limits, sort_keys=True).encode()).hexdigest()
         return {"source": self.source if self.overrides else "defaults", "sha256": digest}
@@ -174,13 +163,13 @@ class Tolerances:
 
     def for_task(self, precision: str, task: str, kind: str | None = None) -> Tolerance:
         """The limits of `task` at `precision`; `kind` is its output's kind (post-processed or not)."""
-        if precision not in DEFAULTS:
+        if precision not in LEVELS:
             raise ExportError(f"no tolerances for precision '{precision}'; use {', '.join(PRECISIONS)}")
         kind = kind or TASKS[task].kind
-        tolerance = DEFAULTS[precision][kind]
+        tolerance = default_tolerance(precision, kind)
         override = self.overrides.get(precision, {})
         for key in (EVERY_TASK, task):
             if key in override:
-                applicable = {k: v for k, v in override[key].items() if k in KIND_LIMITS[kind]}
+                applicable = {k: v for k, v in override[key].items() if k in kind_limits(kind)}
                 tolerance = replace(tolerance, **applicable)
         return tolerance

@@ -12,8 +12,7 @@ import click
 
 from export.cli.options import parse_tasks, say
 from export.errors import ExportError, ExportOptionError
-
-LAYOUT_CHOICES = ("single", "split")
+from export.pipeline.options import LAYOUTS
 
 
 def _mib(nbytes: int) -> str:
@@ -53,7 +52,7 @@ def merge(checkpoint: Path, out: Path) -> None:
 @click.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the export.")
-@click.option("--layout", type=click.Choice(LAYOUT_CHOICES), default="single", show_default=True,
+@click.option("--layout", type=click.Choice(LAYOUTS), default="single", show_default=True,
               help="single: model.onnx; split: backbone.onnx + head_<task>.onnx.")
 @click.option("--tasks", default=None, help="Comma-separated subset of the model's tasks (default: all).")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
+
 import click
 
-from engines.registry import BACKENDS, PRECISIONS
+from engines.registry import PRECISIONS
 from export.errors import ExportError
+from export.pipeline.options import BACKEND_CHOICES, BuildOptions
 
 PRECISION_CHOICES = [*PRECISIONS, "all"]
-BACKEND_CHOICES = ["auto", "all", *BACKENDS]
 
 
 def say(line: str) -> None:
@@ -16,10 +18,6 @@ def say(line: str) -> None:
     click.echo(line, err=True)
 
 
-threads_option = click.option("--threads", type=click.IntRange(min=1),
-                              help="CPU threads per engine [default: the runtime's own choice].")
-tolerances_option = click.option("--tolerances", type=click.Path(dir_okay=False),
-                                 help="JSON file of per-precision, per-task limits (see export/checking/tolerances.py).")
 
 
 class BuildPrecision(click.ParamType):
@@ -117,3 +115,68 @@ def from_project_config(ctx: click.Context) -> str | None:
                     for p in ctx.command.params):
         return path
     return None
+
+
+# ----------------------------------------------------------------------------- options from fields
+
+# The command-line parsers a field may name (`export.pipeline.options.Option.parser`): click type, callback.
+PARSERS = {
+    "precision": dict(type=BuildPrecision()),
+    "keep_fp32": dict(callback=check_keep_fp32),
+    "tasks": {},  # a comma-separated string, split by `parse_tasks` in the command
+}
+
+
+def _field_default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _field_option(f):
+    """The click option (or argument) of one `BuildOptions` field, from its type, default and `Option` metadata."""
+    spec = f.metadata["option"]
+    default = _field_default(f)
+    kinds = {}
+    if spec.path is not None:
+        kinds["type"] = click.Path(**spec.path)
+    elif spec.choices:
+        first = () if isinstance(default, tuple) or default is None else (default,)  # a single choice lists its default first
+        kinds["type"] = click.Choice([*first, *(c for c in spec.choices if c not in first)])
+    elif spec.minimum is not None or spec.maximum is not None:
+        kinds["type"] = click.IntRange(min=spec.minimum, max=spec.maximum)
+    if spec.parser is not None:
+        kinds.update(PARSERS[spec.parser])
+    if spec.argument:
+        return click.argument(f.name, required=False, **kinds)
+    annotation = str(f.type)
+    if annotation == "bool":
+        kinds["is_flag"] = True
+    elif annotation.startswith("tuple") and spec.parser != "tasks":
+        kinds["multiple"] = True
+    if default not in (None, (), False):
+        kinds.update(default=default, show_default=True)
+    if spec.metavar:
+        kinds["metavar"] = spec.metavar
+    return click.option(spec.flag or "--" + f.name.replace("_", "-"), f.name, help=spec.help, **kinds)
+
+
+def options_from_fields(cls):
+    """Decorator: one click parameter per field of the dataclass `cls` that has `option` metadata, in field
+    order (`build` is `options_from_fields(BuildOptions)`: adding an option is adding a field)."""
+    def add(command):
+        for f in reversed(fields(cls)):
+            if "option" in f.metadata:
+                command = _field_option(f)(command)
+        return command
+    return add
+
+
+build_options = options_from_fields(BuildOptions)
+
+
+def field_option(name: str):
+    """The option of one `BuildOptions` field, for another command (`check --tolerances`)."""
+    return _field_option(next(f for f in fields(BuildOptions) if f.name == name))
+
+
+threads_option = field_option("threads")
+tolerances_option = field_option("tolerances")

@@ -44,7 +44,7 @@ backbone of the split layout, or one task's head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ from mtlora.adapters import SHARED, LoRALinear, MTLLoRALinear, TaskLoRALinear
 from mtlora.attention import relative_position_bias, window_attention
 from mtlora.heads import HRNetHead
 from mtlora.model import TARGET_PATHS, MultiTaskSwin
-from mtlora.tasks import KINDS, NORMALIZE_EPS, get_task
+from mtlora.tasks import NORMALIZE_EPS, get_task
 
 TASK_TARGETS = ("proj", "fc1", "fc2")
 
@@ -349,9 +349,9 @@ class ExportModel(nn.Module):
         super().__init__()
         config = model.config
         self.tasks = tuple(tasks)
-        # In-graph post-processing (`mtlora.tasks.KINDS[...].postprocess`): what a device application wants,
-        # and far less to copy out than full-resolution logits.
-        self.postprocess = {t: KINDS[get_task(t).kind].postprocess if postprocess else "none" for t in self.tasks}
+        # In-graph post-processing (the op its kind's row names, `mtlora.tasks.TaskKind.postprocess`): what a
+        # device application wants, and far less to copy out than full-resolution logits.
+        self.postprocess = {t: get_task(t).spec.postprocess if postprocess else "none" for t in self.tasks}
         self.num_stages = config.swin.num_stages
         self.has_task_streams = model.has_task_streams
         self.shared_down = self.has_task_streams and config.adapter.task_adapter == "mtl-lora"
@@ -656,13 +656,15 @@ class ExportModel(nn.Module):
 
     def _finish(self, task: str, output: torch.Tensor) -> torch.Tensor:
         """A head's (B, C, H, W) output, post-processed when the export asks for it."""
-        op = self.postprocess[task]
-        if op == "argmax":
-            # (B, H, W) class ids, through float32: TensorRT converts uint8 only to or from float32/float16
-            # (its UINT8 data-type rule), and ArgMax's indices are INT64; ids below 256 are exact in float.
-            return output.argmax(dim=1).to(torch.float32).to(torch.uint8)
-        if op == "sigmoid":
-            return torch.sigmoid(output)
-        if op == "normalize":
-            return F.normalize(output, dim=1, eps=NORMALIZE_EPS)
-        return output
+        return POSTPROCESS[self.postprocess[task]](output)
+
+
+# The in-graph post-processing ops, by the names `mtlora.tasks.POSTPROCESS` gives their numpy twins.
+POSTPROCESS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda output: output,
+    # (B, H, W) class ids, through float32: TensorRT converts uint8 only to or from float32/float16 (its
+    # UINT8 data-type rule), and ArgMax's indices are INT64; ids below 256 are exact in float.
+    "argmax": lambda output: output.argmax(dim=1).to(torch.float32).to(torch.uint8),
+    "sigmoid": torch.sigmoid,
+    "normalize": lambda output: F.normalize(output, dim=1, eps=NORMALIZE_EPS),
+}

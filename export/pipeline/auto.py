@@ -25,7 +25,7 @@ from export.pipeline.fallback import (
     publish_as,
     run_fallback,
 )
-from export.pipeline.speed import RUNS, engine_set_bytes, time_in_build
+from export.pipeline.speed import RUNS, cpu_flags, cpu_model, engine_set_bytes, time_in_build
 
 FALLBACK = f"int8{FALLBACK_SUFFIX}"
 
@@ -84,8 +84,6 @@ def run_auto(ctx, backends: list[str], timings: dict):
     """Build, check and time every candidate of each backend; publish the fastest passing one.
 
     Returns (the published engine sets, the check outcome for the report, the record for build.json)."""
-    from export.bench.machine import cpu_flags, cpu_model
-
     say = ctx.say
     built: dict[str, dict[str, EngineSet]] = {}
     for backend in backends:

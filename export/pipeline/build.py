@@ -20,9 +20,9 @@ from engines.registry import BACKENDS, get_backend
 from export.artifacts.builddir import BuildDir
 from export.artifacts.engineset import EngineSet
 from export.artifacts.evalset import EvalSet
+from export.artifacts.graph_lint import build_graphs, lint_graphs
 from export.artifacts.manifest import ExportInfo, verify_manifest
 from export.artifacts.records import recover_records
-from export.checking.graph_lint import build_graphs, lint_graphs
 from export.checking.results import Report
 from export.checking.tolerances import Tolerances
 from export.errors import ExportError, ExportOptionError

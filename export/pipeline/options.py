@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from calibration.methods import CALIBRATION_METHODS
 from engines.registry import BACKENDS, PRECISIONS, choose_backend
 from export.errors import ExportError, ExportOptionError
 
@@ -35,35 +36,100 @@ KEEP_FILE_PREFIX = "@"
 KEEP_FILE_FORMAT = "mtlora-export/keep-fp32/1"
 
 
+@dataclass(frozen=True)
+class Option:
+    """How a `BuildOptions` field is asked for on the command line (`export.cli.options.option_decorators`
+    makes the click option from it; the default is the field's).
+
+    help: the help text; choices: the table the value comes from (listed default first); minimum and
+    maximum: an integer's range; metavar: the value's name in the help; path: click.Path's arguments
+    (file_okay / dir_okay) for a path; flag: the flag when it is not `--<field-name>`; parser: a command-line parser the CLI names ("precision", "keep_fp32");
+    argument: a positional argument (optional) instead of an option.
+    """
+
+    help: str | None = None
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    path: Mapping[str, bool] | None = None
+    flag: str | None = None
+    parser: str | None = None
+    argument: bool = False
+    maximum: int | None = None
+    metavar: str | None = None
+
+
+def option(help: str | None = None, **how) -> dict:
+    """Field metadata: the field is a command-line option of `build` (see `Option`)."""
+    return {"option": Option(help, **how)}
+
+
+# `--dla`: what may run on a DLA core (TensorRT, split layout).
+DLA_TARGETS = ("heads",)
+
+# `--backend`: a backend of the table, 'auto' (the best usable here) or 'all'.
+BACKEND_CHOICES = ("auto", "all", *BACKENDS)
+
+
 @dataclass
 class BuildOptions:
-    checkpoint: str | None = None
-    from_bundle: str | None = None
-    precisions: tuple[str, ...] = ("fp16",)
-    backends: tuple[str, ...] = ("auto",)
-    layout: str = "single"
-    postprocess: bool = False  # outputs post-processed in the graph (class ids, probabilities, unit normals)
-    tasks: tuple[str, ...] | None = None
-    img_size: int | None = None
-    calib_data: str | None = None
-    calib_samples: int = 256
-    calib_method: str = "percentile"
-    eval_data: str | None = None
-    eval_samples: int = 32
-    batch_size: int = 4
-    keep_fp32: tuple[str, ...] = ()
+    """What a build is asked to do. The fields with `option` metadata are the `build` command's options,
+    in this order; adding one is adding a field."""
+
+    checkpoint: str | None = field(default=None, metadata=option(argument=True, path={}))
+    precisions: tuple[str, ...] = field(default=("fp16",), metadata=option(
+        "Engine precision; repeat for several, or 'all'. 'auto' builds fp32, 16-bit, int8 (and int8 with the "
+        "fallback), times each here and keeps the fastest that passes every task. With --layout split, parts "
+        "may differ: backbone=int8,heads=fp16 (a task name sets that task's head).",
+        flag="--precision", parser="precision"))
+    backends: tuple[str, ...] = field(default=("auto",), metadata=option(
+        "auto = TensorRT if usable, else OpenVINO, else ONNX Runtime; repeat for several, or 'all'.",
+        flag="--backend", choices=BACKEND_CHOICES))
+    layout: str = field(default="single", metadata=option(
+        "One graph, or a shared backbone plus one head per task.", choices=LAYOUTS))
+    postprocess: bool = field(default=False, metadata=option(
+        "Post-process in the graph: class ids (uint8), probabilities, unit normals, instead of raw maps."))
+    tasks: tuple[str, ...] | None = field(default=None, metadata=option(
+        "Comma-separated subset of the model's tasks.", parser="tasks"))
+    img_size: int | None = field(default=None, metadata=option("Input size (default: the model's).", minimum=1))
+    calib_data: str | None = field(default=None, metadata=option(
+        "INT8 calibration data: synthetic[:split], pascal:ROOT[:split], nyud:ROOT, or an image directory."))
+    calib_samples: int = field(default=256, metadata=option(minimum=1))
+    calib_method: str = field(default="percentile", metadata=option(choices=CALIBRATION_METHODS))
+    eval_data: str | None = field(default=None, metadata=option(
+        "Evaluation data (same forms as --calib-data, or an evalset .npz)."))
+    eval_samples: int = field(default=32, metadata=option(minimum=1))
+    batch_size: int = field(default=4, metadata=option(minimum=1))
+    keep_fp32: tuple[str, ...] = field(default=(), metadata=option(
+        "Glob over node names or op types to keep in fp32 (repeatable); @FILE reads them from FILE: "
+        "one per line, or the JSON an int8 fallback saves (BUILD/fallback/<engine>.json).", parser="keep_fp32"))
     # Globs for one graph role only ("model", "backbone", "head_<task>"), from a --keep-fp32 @FILE.json.
     keep_fp32_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    int8_fallback: str = "on"
-    timing_batch: int = 1  # the batch size speed comparisons (auto, fallback) time
-    tolerances: str | None = None
-    threads: int | None = None
-    max_batch: int | None = None  # TensorRT: the largest batch of the optimisation profile
-    workspace_mib: int | None = None  # TensorRT: the builder's workspace cap (default: the device memory)
-    optimization_level: int | None = None  # TensorRT: builder optimisation level 0-5 (default 3)
-    dla: str | None = None  # TensorRT, split layout: "heads" builds every task head for DLA core 0 (GPU fallback)
+    int8_fallback: str = field(default="on", metadata=option(
+        "When int8 fails a task's gate, keep the fewest layers in fp32 until every task passes. on: "
+        "stop when int8 is no faster than the 16-bit engine here; always: whatever the speed "
+        "(e.g. for another device); off: int8 as calibrated.", choices=FALLBACK_MODES))
+    timing_batch: int = field(default=1, metadata=option(
+        "Batch size of the timings that choose between precisions (auto, the fallback).", minimum=1))
+    tolerances: str | None = field(default=None, metadata=option(
+        "JSON file of per-precision, per-task limits (see export/checking/tolerances.py).", path={"dir_okay": False}))
+    threads: int | None = field(default=None, metadata=option(
+        "CPU threads per engine [default: the runtime's own choice].", minimum=1))
+    max_batch: int | None = field(default=None, metadata=option(
+        "TensorRT: the largest batch the engine takes (its optimisation profile is 1 to this) [default: 8].",
+        minimum=1))
+    workspace_mib: int | None = field(default=None, metadata=option(
+        "TensorRT: cap the builder's workspace at MIB mebibytes [default: TensorRT's, the whole device "
+        "memory, which a Jetson shares with the CPU].", flag="--workspace", minimum=1, metavar="MIB"))
+    optimization_level: int | None = field(default=None, metadata=option(
+        "TensorRT: builder optimisation level, 0 (fast build) to 5 (longest search) [default: 3].",
+        flag="--opt-level", minimum=0, maximum=5))
+    dla: str | None = field(default=None, metadata=option(
+        "TensorRT, --layout split: build every task head for DLA core 0 with GPU fallback (the backbone "
+        "stays on the GPU); refused on a device without DLA.", choices=DLA_TARGETS))
+    from_bundle: str | None = field(default=None, metadata=option(
+        "Build on a device from a bundle (no PyTorch needed).", path={"file_okay": False}))
     report_samples: int = 3
-    out: str = "build"
+    out: str = field(default="build", metadata=option("Build directory.", path={}))
 
     @classmethod
     def names(cls) -> set[str]:

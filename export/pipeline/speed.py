@@ -10,9 +10,11 @@ latency. This is a decision helper, not a benchmark: `mtlora-export bench` measu
 
 from __future__ import annotations
 
+import platform
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +50,24 @@ def time_in_build(ctx, entries: Mapping[str, EngineSet]) -> dict[str, float]:
 def engine_set_bytes(entry: EngineSet) -> int:
     """Bytes of every engine file of the set (IR .bin and compiled blobs included, sidecars not)."""
     return sum(p.stat().st_size for a in entry.artifacts(verify=False).values() for p in a.paths if p.is_file())
+
+
+# The machine the times were taken on: a choice made from timings is recorded with it.
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                                      "amx_bf16", "amx_int8")) -> dict[str, bool]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {f: f in flags for f in wanted}

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from export.artifacts.builddir import STEP_FILE
 from export.artifacts.files import write_json_atomic
+from export.errors import ExportError
+from mtlora_base.files import commit_directory, staging_dir
 
 
 def step_key(*parts) -> str:
@@ -33,14 +34,10 @@ def mark_step(directory: Path, key: str, **info) -> None:
 
 
 def staging_for(directory: Path) -> Path:
-    """An empty staging directory next to `directory`, for an atomic replace when done."""
-    staging = directory.with_name(f".{directory.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
+    """An empty staging directory next to `directory`, for `publish` when the step is done (one a killed
+    step left behind goes with `BuildDir.stale_partials`)."""
+    return staging_dir(directory, error=ExportError)
 
 
 def publish(staging: Path, directory: Path) -> None:
-    from mtlora.fileio import commit_directory
-
     commit_directory(staging, directory)

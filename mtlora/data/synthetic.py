@@ -33,21 +33,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from mtlora.errors import ConfigError
 
-# task -> output channels of its head; the order is the fixed task order.
-SYNTHETIC_TASKS: dict[str, int] = {
-    "semseg": 6,
-    "human_parts": 4,
-    "sal": 1,
-    "normals": 3,
-    "edge": 1,
-    "depth": 1,
-}
+# task -> output channels of its head, in the fixed task order (`register_synthetic_label` fills it).
+SYNTHETIC_TASKS: dict[str, int] = {}
 SYNTHETIC_CLASSES = ("background", "sphere", "box", "cylinder", "cone", "figure")
 SYNTHETIC_PARTS = ("background", "head", "torso", "legs")
 FIGURE_CLASS = 5
@@ -201,8 +195,8 @@ def _rotation(yaw: float, pitch: float) -> np.ndarray:
     return about_x @ about_y
 
 
-def render_scene(rng: np.random.Generator, size: int = 64) -> dict[str, np.ndarray]:
-    """Render one random scene; returns the image and every label (see the module docstring)."""
+def render_scene(rng: np.random.Generator, size: int = 64) -> Scene:
+    """Render one random scene: the image and the geometry its labels are drawn from (`SYNTHETIC_LABELS`)."""
     # The render frame is the world's orientation (y up) with the camera at the origin;
     # the camera looks down by `pitch`, so the floor fills the lower part of the view.
     camera_height = rng.uniform(1.3, 2.0)
@@ -288,30 +282,83 @@ def render_scene(rng: np.random.Generator, size: int = 64) -> dict[str, np.ndarr
     colour += rng.normal(0.0, 0.015, size=colour.shape)
     image = np.clip(np.rint(colour * 255), 0, 255).astype(np.uint8).reshape(size, size, 3)
 
-    instance = instance.reshape(size, size)
-    depth = depth.reshape(size, size)
-    semseg = np.asarray(classes, dtype=np.uint8)[instance]
-    areas = np.bincount(instance.ravel(), minlength=len(classes))
-    areas[0] = 0
-    sal = (instance == int(np.argmax(areas))).astype(np.uint8) if areas.max() > 0 else np.zeros_like(semseg)
-    human_parts = np.zeros((size, size), dtype=np.uint8)
-    for k, part in enumerate(parts):
-        if part is not None:
-            mine = instance == k
-            human_parts[mine] = part.reshape(size, size)[mine]
-    if not (semseg == FIGURE_CLASS).any():
-        human_parts[:] = 255
     # Back to the camera's axes, then flip z: labels use z towards the viewer.
     normal_label = (normal @ camera_to_world) * np.array([1.0, 1.0, -1.0])
-    return {
-        "image": image,
-        "semseg": semseg,
-        "human_parts": human_parts,
-        "sal": sal,
-        "normals": normal_label.reshape(size, size, 3).astype(np.float32),
-        "edge": _occluding_contours(instance, depth),
-        "depth": depth.astype(np.float32),
-    }
+    return Scene(image=image, instance=instance.reshape(size, size), depth=depth.reshape(size, size),
+                 classes=np.asarray(classes, dtype=np.uint8), parts=parts,
+                 normals=normal_label.reshape(size, size, 3))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One rendered scene: the image and the geometry every label is drawn from.
+
+    instance (H, W): which object each pixel shows, 0 the background (floor and wall); classes: the class of
+    each object; parts: each object's per-ray part labels (figures) or None; depth (H, W) z-depth in metres;
+    normals (H, W, 3) unit normals in the label frame (x right, y up, z towards the viewer).
+    """
+
+    image: np.ndarray
+    instance: np.ndarray
+    depth: np.ndarray
+    classes: np.ndarray
+    parts: list
+    normals: np.ndarray
+
+
+# task -> how its label is drawn from a scene; SYNTHETIC_TASKS (above) holds each task's output channels.
+SYNTHETIC_LABELS: dict[str, Callable[[Scene], np.ndarray]] = {}
+
+
+def register_synthetic_label(task: str, channels: int):
+    """Decorator: `draw(scene) -> label` (image layout, as a loader returns it) is task's synthetic label, and
+    its head has `channels` outputs. A task's kind decides how the transforms move the label."""
+    def add(draw):
+        SYNTHETIC_TASKS[task] = channels
+        SYNTHETIC_LABELS[task] = draw
+        return draw
+    return add
+
+
+@register_synthetic_label("semseg", channels=len(SYNTHETIC_CLASSES))
+def _semseg(scene: Scene) -> np.ndarray:
+    return scene.classes[scene.instance]
+
+
+@register_synthetic_label("human_parts", channels=len(SYNTHETIC_PARTS))
+def _human_parts(scene: Scene) -> np.ndarray:
+    if not (scene.classes[scene.instance] == FIGURE_CLASS).any():
+        return np.full(scene.instance.shape, 255, dtype=np.uint8)
+    human_parts = np.zeros(scene.instance.shape, dtype=np.uint8)
+    for k, part in enumerate(scene.parts):
+        if part is not None:
+            mine = scene.instance == k
+            human_parts[mine] = part.reshape(scene.instance.shape)[mine]
+    return human_parts
+
+
+@register_synthetic_label("sal", channels=1)
+def _saliency(scene: Scene) -> np.ndarray:
+    areas = np.bincount(scene.instance.ravel(), minlength=len(scene.classes))
+    areas[0] = 0
+    if areas.max() == 0:
+        return np.zeros(scene.instance.shape, dtype=np.uint8)
+    return (scene.instance == int(np.argmax(areas))).astype(np.uint8)
+
+
+@register_synthetic_label("normals", channels=3)
+def _normals(scene: Scene) -> np.ndarray:
+    return scene.normals.astype(np.float32)
+
+
+@register_synthetic_label("edge", channels=1)
+def _edge(scene: Scene) -> np.ndarray:
+    return _occluding_contours(scene.instance, scene.depth)
+
+
+@register_synthetic_label("depth", channels=1)
+def _depth(scene: Scene) -> np.ndarray:
+    return scene.depth.astype(np.float32)
 
 
 def _background_texture(
@@ -398,6 +445,6 @@ class SyntheticMultiTask:
         index %= self.num_samples
         rng = np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index])
         scene = render_scene(rng, self.size)
-        sample = {"image": scene["image"]} | {task: scene[task] for task in self.tasks}
+        sample = {"image": scene.image} | {task: SYNTHETIC_LABELS[task](scene) for task in self.tasks}
         sample["meta"] = {"id": f"{self.split}-{index:06d}", "size": (self.size, self.size)}
         return sample

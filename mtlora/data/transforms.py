@@ -46,7 +46,7 @@ Randomness comes only from the `np.random.Generator` passed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,12 +54,9 @@ from PIL import Image
 
 from mtlora.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from mtlora.errors import ConfigError
-from mtlora.tasks import BINARY_MAP, CLASS_MAP, tasks_of_kind
+from mtlora.tasks import BINARY_MAP, CLASS_MAP, DEPTH, NORMALS, TASKS
 
 IGNORE_INDEX = 255
-CLASS_MAPS = tasks_of_kind(CLASS_MAP)
-BINARY_MAPS = tasks_of_kind(BINARY_MAP)
-_KNOWN_KEYS = {"image", "meta", "normals", "depth", *CLASS_MAPS, *BINARY_MAPS}
 
 
 @dataclass(frozen=True)
@@ -95,23 +92,31 @@ NYUD_AUGMENTATION = Augmentation(rotation_range=(0.0, 0.0), scale_choices=(1.0, 
 NO_AUGMENTATION = Augmentation(flip_probability=0.0, scale_range=(1.0, 1.0), rotation_range=(0.0, 0.0))
 
 
+def _known_keys() -> set[str]:
+    return {"image", "meta", *(t.name for t in TASKS.values() if t.kind in LABEL_LAYOUTS)}
+
+
 def _check_keys(sample: dict) -> None:
-    unknown = sorted(set(sample) - _KNOWN_KEYS)
+    known = _known_keys()
+    unknown = sorted(set(sample) - known)
     if unknown:
-        raise ConfigError(f"no transform for sample key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
+        raise ConfigError(f"no transform for sample key(s) {unknown}; known: {sorted(known)}")
+
+
+def _layout(key: str) -> LabelLayout:
+    return LABEL_LAYOUTS[TASKS[key].kind]
 
 
 def hflip(sample: dict) -> dict:
     """Mirror every map left-right; the normals' x component changes sign."""
+    _check_keys(sample)
     out = {}
     for key, value in sample.items():
         if key == "meta":
             out[key] = value
             continue
         flipped = np.ascontiguousarray(value[:, ::-1])
-        if key == "normals":
-            flipped[..., 0] = np.where(flipped[..., 0] != 0, -flipped[..., 0], 0.0)
-        out[key] = flipped
+        out[key] = flipped if key == "image" else _layout(key).flip(flipped)
     return out
 
 
@@ -220,19 +225,8 @@ def _resample_sample(sample: dict, resample_fn) -> dict:
             out[key] = value
         elif key == "image":
             out[key] = resample_fn(value, Image.Resampling.BILINEAR, (0, 0, 0))
-        elif key in CLASS_MAPS:
-            out[key] = resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, IGNORE_INDEX)
-        elif key in BINARY_MAPS:
-            out[key] = resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, 0)
-        elif key == "normals":
-            normals = value.astype(np.float32)
-            moved, valid = _resample_masked(normals, _normals_valid(normals), resample_fn)
-            out[key] = _unit_normals(moved, valid)
-        elif key == "depth":
-            depth = value.astype(np.float32)
-            valid = _depth_valid(depth)
-            moved, _ = _resample_masked(np.where(valid, depth, 0.0).astype(np.float32), valid, resample_fn)
-            out[key] = moved.astype(np.float32)
+        else:
+            out[key] = _layout(key).resample(value, resample_fn)
     return out
 
 
@@ -258,17 +252,10 @@ def scale_rotate(sample: dict, scale: float, angle: float) -> dict:
     def warp(plane, resample, fill):
         return _warp_plane(plane, coefficients, resample, fill)
 
-    rotated = dict(sample)
-    if "normals" in sample:
-        normals = sample["normals"].astype(np.float32).copy()
-        x, y = normals[..., 0].copy(), normals[..., 1].copy()
-        normals[..., 0] = cos * x - sin * y
-        normals[..., 1] = sin * x + cos * y
-        rotated["normals"] = normals
+    rotated = {key: value if key in ("image", "meta") else _layout(key).rotate(value, cos, sin)
+               for key, value in sample.items()}
     out = _resample_sample(rotated, warp)
-    if "depth" in out:
-        out["depth"] = (out["depth"] / scale).astype(np.float32)
-    return out
+    return {key: value if key in ("image", "meta") else _layout(key).zoom(value, scale) for key, value in out.items()}
 
 
 def resize_sample(sample: dict, size: Sequence[int], renormalize_normals: bool = True) -> dict:
@@ -283,10 +270,8 @@ def resize_sample(sample: dict, size: Sequence[int], renormalize_normals: bool =
             out[key] = value
         elif key == "image":
             out[key] = resize_image(value, size)
-        elif key == "normals":
-            out[key] = resize_normals(value, size, renormalize=renormalize_normals)
-        else:  # class maps, binary maps, depth
-            out[key] = resize_nearest(value, size)
+        else:
+            out[key] = _layout(key).resize(value, size, renormalize_normals)
     return out
 
 
@@ -304,20 +289,91 @@ def to_model_layout(
     resized = resize_sample(sample, size)
     out = {"image": preprocess(resized.pop("image"), size, mean, std)}
     for key, value in resized.items():
-        if key == "meta":
-            out[key] = value
-        elif key == "human_parts":
-            # Upstream's AddIgnoreRegions: a map without any part after resizing has no annotation.
-            out[key] = np.full(value.shape, IGNORE_INDEX, np.int64) if not value.any() else value.astype(np.int64)
-        elif key in CLASS_MAPS:
-            out[key] = value.astype(np.int64)
-        elif key in BINARY_MAPS:
-            out[key] = (value > 0).astype(np.float32)[None]
-        elif key == "normals":
-            out[key] = np.ascontiguousarray(value.transpose(2, 0, 1), dtype=np.float32)
-        elif key == "depth":
-            out[key] = value.astype(np.float32)[None]
+        out[key] = value if key == "meta" else _layout(key).to_model(value, TASKS[key])
     return out
+
+
+def _unchanged(value, *_):
+    return value
+
+
+def _resize_nearest(value, size, renormalize_normals):
+    return resize_nearest(value, size)
+
+
+@dataclass(frozen=True)
+class LabelLayout:
+    """How the transforms move one kind's label (image layout in, model layout out).
+
+    flip(value) after a left-right mirror; rotate(value, cos, sin) before a rotation (vector labels turn
+    with the image); resample(value, resample_fn) for a scale-and-rotate warp; zoom(value, scale) after
+    it; resize(value, size, renormalize_normals) for the fixed resize; to_model(value, task) to the
+    layout the model and the losses take.
+    """
+
+    resample: Callable
+    to_model: Callable
+    resize: Callable = _resize_nearest
+    flip: Callable = _unchanged
+    rotate: Callable = _unchanged
+    zoom: Callable = _unchanged
+
+
+LABEL_LAYOUTS: dict[str, LabelLayout] = {}
+
+
+def register_label_layout(kind: str, layout: LabelLayout) -> LabelLayout:
+    """The transforms move labels of tasks of `kind` as `layout` says."""
+    LABEL_LAYOUTS[kind] = layout
+    return layout
+
+
+def _class_map_to_model(value: np.ndarray, task) -> np.ndarray:
+    # Upstream's AddIgnoreRegions: a map without any part after resizing has no annotation.
+    if task.empty_is_unlabelled and not value.any():
+        return np.full(value.shape, IGNORE_INDEX, np.int64)
+    return value.astype(np.int64)
+
+
+def _flip_normals(normals: np.ndarray) -> np.ndarray:
+    normals[..., 0] = np.where(normals[..., 0] != 0, -normals[..., 0], 0.0)
+    return normals
+
+
+def _rotate_normals(normals: np.ndarray, cos: float, sin: float) -> np.ndarray:
+    normals = normals.astype(np.float32).copy()
+    x, y = normals[..., 0].copy(), normals[..., 1].copy()
+    normals[..., 0] = cos * x - sin * y
+    normals[..., 1] = sin * x + cos * y
+    return normals
+
+
+def _resample_normals(value: np.ndarray, resample_fn) -> np.ndarray:
+    normals = value.astype(np.float32)
+    moved, valid = _resample_masked(normals, _normals_valid(normals), resample_fn)
+    return _unit_normals(moved, valid)
+
+
+def _resample_depth(value: np.ndarray, resample_fn) -> np.ndarray:
+    depth = value.astype(np.float32)
+    valid = _depth_valid(depth)
+    moved, _ = _resample_masked(np.where(valid, depth, 0.0).astype(np.float32), valid, resample_fn)
+    return moved.astype(np.float32)
+
+
+register_label_layout(CLASS_MAP, LabelLayout(
+    resample=lambda value, resample_fn: resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, IGNORE_INDEX),
+    to_model=_class_map_to_model))
+register_label_layout(BINARY_MAP, LabelLayout(
+    resample=lambda value, resample_fn: resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, 0),
+    to_model=lambda value, task: (value > 0).astype(np.float32)[None]))
+register_label_layout(NORMALS, LabelLayout(
+    resample=_resample_normals, flip=_flip_normals, rotate=_rotate_normals,
+    resize=lambda value, size, renormalize: resize_normals(value, size, renormalize=renormalize),
+    to_model=lambda value, task: np.ascontiguousarray(value.transpose(2, 0, 1), dtype=np.float32)))
+register_label_layout(DEPTH, LabelLayout(
+    resample=_resample_depth, zoom=lambda value, scale: (value / scale).astype(np.float32),
+    to_model=lambda value, task: value.astype(np.float32)[None]))
 
 
 @dataclass(frozen=True)
