@@ -64,7 +64,7 @@ def test_torch_only_on_the_pytorch_side(package):
 # The layers inside export/, top to bottom: a sub-package imports only its own layer's modules and the
 # layers below it (`cli > bench > pipeline > checking, onnx > artifacts > errors`). The package's top-level
 # modules (`__init__`, `demo`) stand with the CLI.
-EXPORT_LAYERS = (("cli", "__init__", "__main__", "demo"), ("bench",), ("pipeline",), ("checking", "onnx"),
+EXPORT_LAYERS = (("cli", "__init__", "__main__", "demo"), ("bench",), ("pipeline", "video"), ("checking", "onnx"),
                  ("artifacts",), ("errors",))
 
 

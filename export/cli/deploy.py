@@ -25,7 +25,7 @@ def bundle(build_dir: str, out: str, allow_failed: bool) -> None:
 
     A build that failed its accuracy gate is refused (exit 1) unless --allow-failed.
     """
-    from export.artifacts.bundle import make_bundle
+    from export.pipeline.bundle import make_bundle
 
     directory, archive = make_bundle(build_dir, out, say, allow_failed=allow_failed)
     click.echo(f"bundle: {directory}\narchive: {archive}\nsee {directory}/README.md for the commands on the device")
