@@ -7,6 +7,7 @@ build; a test that damages a file works on its own copy (`copy_build`).
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,18 @@ def invoke(cli, *args, **kwargs):
 
         output += "".join(traceback.format_exception(result.exception))
     return result.exit_code, output
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count (a Trainer made directly, a one-thread timing) gives it back:
+    later exports in the same worker would otherwise reduce in another order and differ in the last bit."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
