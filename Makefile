@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 	$(PY) -m pip install -q -c requirements-pinned.txt -e '.[train,onnxruntime,openvino,dev]'
 	touch $(STAMP)
 
+# Tests run on every core, a test file per worker (module fixtures are built once); the slowest 15 are
+# printed so growth is seen. Budget: pytest plus the gate in 6 minutes on 2 cores.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 	$(MAKE) gate
 
 # The accuracy gate CI runs: build real engines from the embedded default model and fail on any
