@@ -338,9 +338,17 @@ def test_every_sidecar_field_is_covered_by_the_build_record(ort_build, tmp_path)
 # ----------------------------------------------------------------------------- signals and exit codes
 
 
+def _interruptible() -> None:
+    # As a terminal starts a command: a shell without job control starts its `&` jobs with SIGINT ignored,
+    # and Python keeps an ignored SIGINT ignored (right for `nohup`), so the suite run that way would
+    # otherwise test nothing but that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+                            preexec_fn=_interruptible)
 
 
 def _signal_when(process: subprocess.Popen, line_start: str, sig: int) -> list[str]:
