@@ -153,14 +153,16 @@ def prepare_graph(
     return PreparedGraph(path, precision, backend, metadata)
 
 
-def _record_purpose(path: Path, kind: str, model=None) -> None:
-    """Write GRAPH_PURPOSES[kind] into the graph's metadata (and the graph, `model` or read from `path`).
-    Its uint8 casts are made TensorRT-buildable on the way (`cast_uint8_through_float`)."""
+def _record_purpose(path: Path, kind: str, model=None):
+    """Write GRAPH_PURPOSES[kind] into the graph's metadata (and the graph, `model` or read from `path`);
+    returns the model as written. Its uint8 casts are made TensorRT-buildable on the way
+    (`cast_uint8_through_float`)."""
     model = model if model is not None else load_onnx(path)
     cast_uint8_through_float(model)
     for key, value in purpose_metadata(*GRAPH_PURPOSES[kind]).items():
         set_onnx_metadata(model, key, value)
     write_atomic(path, model.SerializeToString())
+    return model
 
 
 def _fp16_graph(onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool, metadata: dict) -> Path:
@@ -204,24 +206,30 @@ def _qdq_graph(
         exclude_output_layers=keep_output_layers,
         cache=cache,
     )
-    _record_purpose(path, QDQ_DIR)
+    model = _record_purpose(path, QDQ_DIR)
     metadata.update(
         calibration_method=method,
         calibration_fingerprint=calibration.fingerprint(),
         calibration_samples=calibration.num_samples,
         calibration_cache="off" if cache is None else ("hit" if cache.hits > hits else "miss"),
         keep_fp32=list(keep_fp32),
-        excluded_nodes=_recorded_list(load_onnx(path), EXCLUDED_NODES_KEY),
+        excluded_nodes=_recorded_list(model, EXCLUDED_NODES_KEY),
     )
     return path
 
 
-def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool, metadata: dict) -> Path:
-    """TensorRT's int8 graph: the Q/DQ graph with the unquantized rest in fp16 (see calibration.qdq_fp16)."""
+def _tensorrt_qdq_fp16(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool):
+    """The Q/DQ graph with the unquantized rest in fp16 (see calibration.qdq_fp16), its purpose recorded:
+    (path, model as written)."""
     path = to_qdq_fp16_graph(
         qdq_path, _output_path(onnx_path, out_dir / onnx_path.name), keep_fp32=keep_fp32, keep_output_layers=keep_output_layers
     )
-    _record_purpose(path, QDQ_FP16_DIR)
+    return path, _record_purpose(path, QDQ_FP16_DIR)
+
+
+def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, keep_output_layers: bool, metadata: dict) -> Path:
+    """TensorRT's int8 graph: the Q/DQ graph with the unquantized rest in fp16 (see calibration.qdq_fp16)."""
+    path, model = _tensorrt_qdq_fp16(qdq_path, onnx_path, out_dir, keep_fp32, keep_output_layers)
     metadata.update(
         qdq_fp32_onnx=str(qdq_path),
         qdq_fp32_sha256=sha256_file(qdq_path),
@@ -229,7 +237,7 @@ def _qdq_fp16_graph(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_fp32, k
         qdq_fp16_opset=QDQ_FP16_OPSET,
         keep_fp32=list(keep_fp32),
         keep_output_layers=keep_output_layers,
-        fp32_nodes=_recorded_list(load_onnx(path), KEPT_NODES_KEY),
+        fp32_nodes=_recorded_list(model, KEPT_NODES_KEY),
     )
     return path
 
@@ -239,9 +247,7 @@ def _tensorrt_int8_sibling(qdq_path: Path, onnx_path: Path, out_dir: Path, keep_
     """Beside ONNX Runtime's int8 graph, the fp16 Q/DQ graph TensorRT 11 would build from the same
     calibration (no calibration of its own: a conversion), so that a workstation build has a graph for
     every TensorRT release to lint and to bundle, and the lint of the uint8 graph can name it."""
-    path = to_qdq_fp16_graph(qdq_path, _output_path(onnx_path, out_dir / onnx_path.name),
-                             keep_fp32=keep_fp32, keep_output_layers=keep_output_layers)
-    _record_purpose(path, QDQ_FP16_DIR)
+    path, _ = _tensorrt_qdq_fp16(qdq_path, onnx_path, out_dir, keep_fp32, keep_output_layers)
     metadata["tensorrt_int8_graph"] = str(path)
 
 

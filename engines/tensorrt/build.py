@@ -289,7 +289,7 @@ def _build_with_tensorrt(trt, graph_path: Path, plan, profile, settings, timing_
     builder = trt.Builder(logger)
     flags = 0
     # TensorRT 11.4 deprecates the flag (strong typing is always on) and a later release removes it.
-    if plan["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+    if plan["strongly_typed"] and settings.strongly_typed_flag:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     if settings.dla_core is not None and builder.num_DLA_cores == 0:
         raise EngineError(dla_refusal(graph_path.name))

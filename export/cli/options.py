@@ -43,12 +43,11 @@ class BuildPrecision(click.ParamType):
                   param, ctx)
 
 
-def precision_option(default=("fp16",), help_text="Engine precision; repeat for several, or 'all'.",
-                     build: bool = False):
-    """`--precision`; with `build`, also 'auto' and per-part precisions (`BuildPrecision`)."""
-    kind = BuildPrecision() if build else click.Choice(PRECISION_CHOICES)
+def precision_option(default=("fp16",), help_text="Engine precision; repeat for several, or 'all'."):
+    """`--precision` of the table's precisions (`build`'s, with 'auto' and per-part precisions, is its
+    `BuildOptions.precisions` field, parsed by `BuildPrecision`)."""
     return click.option("--precision", "precisions", multiple=True, default=default, show_default=True,
-                        type=kind, help=help_text)
+                        type=click.Choice(PRECISION_CHOICES), help=help_text)
 
 
 def check_keep_fp32(ctx: click.Context, param: click.Parameter, values):

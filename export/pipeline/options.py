@@ -38,7 +38,7 @@ KEEP_FILE_FORMAT = "mtlora-export/keep-fp32/1"
 
 @dataclass(frozen=True)
 class Option:
-    """How a `BuildOptions` field is asked for on the command line (`export.cli.options.option_decorators`
+    """How a `BuildOptions` field is asked for on the command line (`export.cli.options.options_from_fields`
     makes the click option from it; the default is the field's).
 
     help: the help text; choices: the table the value comes from (listed default first); minimum and
