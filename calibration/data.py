@@ -20,6 +20,7 @@ import numpy as np
 
 from calibration.errors import CalibrationError
 from calibration.progress import with_progress
+from mtlora_base.numbers import count_non_finite
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Fewer samples than this give activation ranges that swing with every image; allowed on request only.
@@ -318,8 +319,7 @@ def _check_finite(a: np.ndarray, where: str) -> None:
     finite = np.isfinite(a)
     if finite.all():
         return
-    counts = {"NaN": int(np.isnan(a).sum()), "+Inf": int(np.isposinf(a).sum()), "-Inf": int(np.isneginf(a).sum())}
-    bad = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    bad = count_non_finite(a)
     samples = np.flatnonzero(~finite.reshape(len(a), -1).all(axis=1)) if a.ndim else np.array([0])
     listed = ", ".join(map(str, samples[:5])) + (", ..." if len(samples) > 5 else "")
     raise CalibrationError(f"{where} holds non-finite values ({bad} of {a.size}) in sample(s) {listed}; "

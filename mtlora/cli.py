@@ -131,6 +131,7 @@ def _read_npz_batch(path: Path, size: tuple[int, int]) -> numpy.ndarray:  # noqa
     import numpy as np
 
     from mtlora.data.preprocess import NPZ_READ_ERRORS, open_npz
+    from mtlora_base.numbers import count_non_finite
 
     try:
         data = open_npz(path)
@@ -150,10 +151,8 @@ def _read_npz_batch(path: Path, size: tuple[int, int]) -> numpy.ndarray:  # noqa
     expected = (3, *size)
     if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] == 0:
         raise DataError(f"{path}: 'input' has shape {batch.shape}, the model expects (N, {', '.join(map(str, expected))})")
-    if not np.isfinite(batch).all():
-        counts = {"NaN": int(np.isnan(batch).sum()), "+Inf": int(np.isposinf(batch).sum()),
-                  "-Inf": int(np.isneginf(batch).sum())}
-        bad = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    bad = count_non_finite(batch)
+    if bad:
         raise DataError(f"{path}: 'input' holds NaN or Inf values ({bad} of {batch.size})")
     return batch
 

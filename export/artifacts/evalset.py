@@ -16,6 +16,7 @@ import numpy as np
 
 from export.artifacts.files import write_bytes_atomic
 from export.errors import ExportError
+from mtlora_base.numbers import count_non_finite
 
 
 def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
@@ -27,14 +28,6 @@ def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except NPZ_READ_ERRORS as err:
         raise ExportError(f"{path}: not a readable {what} ({err})") from None
-
-
-def count_non_finite(a: np.ndarray) -> str:
-    """'' when every value of a float array is finite, else how many are not: '2 NaN, 1 +Inf'."""
-    if a.dtype.kind != "f":
-        return ""
-    counts = {"NaN": int(np.isnan(a).sum()), "+Inf": int(np.isposinf(a).sum()), "-Inf": int(np.isneginf(a).sum())}
-    return ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
 
 
 def check_numbers(path, arrays: Mapping[str, np.ndarray], finite: tuple[str, ...]) -> None:

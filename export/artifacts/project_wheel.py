@@ -25,6 +25,7 @@ from email.parser import Parser
 from pathlib import Path
 
 from export.errors import ExportError
+from mtlora_base.files import commit_directory
 
 PROJECT = "mtlora-export"
 # Extras a device never installs: the PyTorch side and the developer tools.
@@ -133,8 +134,13 @@ def build_wheel(say) -> Path:
         staged = work / "wheel"
         staged.mkdir()
         built[0].replace(staged / built[0].name)
-        shutil.rmtree(target, ignore_errors=True)  # an unusable cache entry
-        staged.replace(target)
+        try:
+            commit_directory(staged, target)  # replaces an unusable cache entry
+        except OSError as err:
+            # Another bundle run may have published the same sources' wheel a moment earlier: take it.
+            if _cached(target) is None:
+                raise ExportError(f"{target}: cannot write the wheel cache ({err.strerror or err}); "
+                                  "set MTLORA_EXPORT_CACHE to a writable directory") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target / built[0].name
