@@ -134,7 +134,7 @@ class TaskKind:
       instead of the precision's level.
     render(output) / render_label(label) -> RGB; difference(engine, reference) -> (RGB, legend).
     for_meter(output) -> what its meter takes (the model's logits).
-    meters: metric name -> factory(num_classes) of a `mtlora.metrics.Evaluator` (`register_meter`).
+    meters: metric name -> factory(task, num_classes) of a `mtlora.metrics.Evaluator` (`register_meter`).
     """
 
     name: str
@@ -225,7 +225,7 @@ for _kind in (
 
 
 def register_meter(kind: str, metric: str):
-    """Decorator: `factory(num_classes) -> Evaluator` is the meter of `metric` for tasks of `kind`."""
+    """Decorator: `factory(task, num_classes) -> Evaluator` is the meter of `metric` for tasks of `kind`."""
     def add(factory):
         KINDS[kind].meters[metric] = factory
         return factory
@@ -291,10 +291,6 @@ def kind_of(name: str, postprocessed: bool = False) -> str:
     """The kind of a task's output: as trained, or after in-graph post-processing."""
     kind = get_task(name).kind
     return KINDS[kind].after_postprocess if postprocessed else kind
-
-
-def tasks_of_kind(kind: str) -> tuple[str, ...]:
-    return tuple(t.name for t in TASKS.values() if t.kind == kind)
 
 
 def postprocess(task: str, output):

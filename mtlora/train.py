@@ -54,6 +54,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from mtlora.checkpoint import (
+    CONFIG_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
     commit_directory,
     load_into,
     load_weights,
@@ -730,10 +733,6 @@ def _optional(rule):
     return lambda value: None if value is None else rule(value)
 
 
-def _object(value: Any) -> str | None:
-    return None if isinstance(value, dict) else f"must be an object, got {value!r}"
-
-
 def _string(value: Any) -> str | None:
     return None if isinstance(value, str) else f"must be a string, got {value!r}"
 
@@ -1080,7 +1079,7 @@ def resolve_model_config(
 
 
 # What a run directory holds (module docstring); anything else in `--out` is someone else's.
-RUN_ENTRIES = frozenset({"model.safetensors", "config.json", "state.json", METRICS_FILE, CURVES_FILE, BEST_DIR,
+RUN_ENTRIES = frozenset({WEIGHTS_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE, CURVES_FILE, BEST_DIR,
                          LAST_DIR})
 # Settings that change how a run is carried out, not what it trains: a restart may change them.
 _RUN_MECHANICS = frozenset({"workers", "threads", "device", "eval_every", "eval_initial", "save_every", "slim"})
@@ -1090,9 +1089,9 @@ def _saved_run(out: Path) -> tuple[dict | None, dict | None]:
     """The model config and training settings of the run in `out`, as its checkpoints record them."""
     model, settings = None, None
     for directory in (out / LAST_DIR, out, out / BEST_DIR):
-        if model is None and (directory / "config.json").is_file():
+        if model is None and (directory / CONFIG_FILE).is_file():
             model = read_config(directory).to_dict()
-        for name in (TRAINING_STATE_JSON, "state.json"):
+        for name in (TRAINING_STATE_JSON, STATE_FILE):
             if settings is None and (directory / name).is_file():
                 try:
                     saved = json.loads((directory / name).read_text())
