@@ -29,9 +29,8 @@ def video_vs_infer(engine_dir: Path, frames: int, rounds: int, threads: int | No
                    frame_size: tuple[int, int] = VIDEO_FRAME_SIZE) -> dict:
     """Frames per second end to end, and `infer`-only images per second over as many calls, in turn."""
     from export.artifacts.engineset import open_engine
-    from export.video.frames import FrameSource, VideoSink
-    from export.video.overlay import overlay_size
-    from export.video.pipeline import STAGES, run_video
+    from export.video.frames import FrameSource
+    from export.video.pipeline import STAGES, video_to_file
 
     stages = []
     with tempfile.TemporaryDirectory(prefix="mtlora-app-") as tmp, open_engine(engine_dir, threads) as engine:
@@ -44,13 +43,7 @@ def video_vs_infer(engine_dir: Path, frames: int, rounds: int, threads: int | No
                 engine.infer(image)
 
         def end_to_end():
-            source = FrameSource.video(clip)
-            sink = VideoSink(Path(tmp) / "out.avi", source.fps, overlay_size(engine.interface, engine.tasks))
-            try:
-                run = run_video(engine, source, sink, engine.tasks)
-                sink.publish()
-            finally:
-                source.close()
+            run, _ = video_to_file(engine, FrameSource.video(clip), Path(tmp) / "out.avi", engine.tasks)
             stages.append({s: run.ms_per_frame(s) for s in STAGES})
 
         timed = interleaved_latency({"infer": infer_only, "video": end_to_end}, rounds=rounds)

@@ -165,9 +165,8 @@ def time_video(spec: dict[str, Any]) -> dict[str, Any]:
     """A generated clip through the engine end to end (`export.video`): frames per second over the whole run,
     and the time between frames written as the latency rows."""
     from export.artifacts.engineset import open_engine
-    from export.video.frames import FrameSource, VideoSink, opencv
-    from export.video.overlay import overlay_size
-    from export.video.pipeline import STAGES, run_video
+    from export.video.frames import FrameSource, opencv
+    from export.video.pipeline import STAGES, video_to_file
 
     load = spec["load"]
     cv2 = opencv()
@@ -181,13 +180,8 @@ def time_video(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(int(spec["warmup"])):
                 engine.infer(np.zeros((1, 3, engine.interface.size, engine.interface.size), np.float32))
             source = FrameSource.video(clip)
-            sink = VideoSink(Path(tmp) / "out.avi", source.fps, overlay_size(engine.interface, tasks))
             _reset_peak_rss()
-            try:
-                run = run_video(engine, source, sink, tasks)
-                sink.publish()
-            finally:
-                source.close()
+            run, _ = video_to_file(engine, source, Path(tmp) / "out.avi", tasks)
             executed = engine.precision_executed
     stats = latency_stats(np.diff([0.0, *run.frame_times]).tolist(), 1)
     stats.update({"images_per_s": run.fps, "peak_rss_mib": _peak_rss_mib(), "peak_rss_scope": "this batch size",

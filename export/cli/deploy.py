@@ -140,27 +140,16 @@ def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]
 
 def _run_video(model, video: str | None, camera: int | None, out: str | None, tasks: tuple[str, ...],
                max_frames: int | None) -> None:
-    from export.video.frames import CODECS, FrameSource, VideoSink
-    from export.video.overlay import overlay_size
-    from export.video.pipeline import run_video
+    from export.video.frames import CODECS, FrameSource
+    from export.video.pipeline import video_to_file
 
     if out is None:
         raise click.BadParameter("name the overlay video to write, e.g. --out overlay.mp4", param_hint="--out")
     if Path(out).suffix.lower() not in CODECS:
         raise click.BadParameter(f"a video needs one of the suffixes {', '.join(CODECS)}", param_hint="--out")
     source = FrameSource.video(video) if video is not None else FrameSource.camera(camera)
-    sink = None
-    try:
-        sink = VideoSink(out, source.fps, overlay_size(model.interface, tasks))
-        with model:
-            result = run_video(model, source, sink, tasks, max_frames=max_frames, say=say)
-        written = sink.publish()
-    except BaseException:
-        if sink is not None:
-            sink.discard()  # nothing half-written: the staged video goes
-        raise
-    finally:
-        source.close()
+    with model:
+        result, written = video_to_file(model, source, out, tasks, max_frames=max_frames, say=say)
     stopped = " (stopped with Ctrl-C)" if result.interrupted else ""
     click.echo(f"{model.entry.key} on {source.name}: {result.summary()}{stopped} -> {written} "
                f"(input | {' | '.join(tasks)})")

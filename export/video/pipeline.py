@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from export.errors import ExportError
 from export.video.frames import FrameSource, VideoSink
-from export.video.overlay import compose
+from export.video.overlay import compose, overlay_size
 
 STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
 QUEUE_DEPTH = 2  # frames in flight between two stages: enough to overlap them, little memory
@@ -194,3 +194,20 @@ def _stop(workers: list[threading.Thread], stopping: threading.Event) -> None:
     stopping.set()
     for worker in workers:
         worker.join()
+
+
+def video_to_file(engine, source: FrameSource, out, tasks: Sequence[str], *, max_frames: int | None = None,
+                  say: Callable[[str], None] = lambda _line: None):
+    """`run_video` into a new overlay video at `out`: (the run, the published path). The video is
+    published only when the run ends well, and nothing half-written stays otherwise; `source` is closed."""
+    sink = None
+    try:
+        sink = VideoSink(out, source.fps, overlay_size(engine.interface, tasks))
+        run = run_video(engine, source, sink, tasks, max_frames=max_frames, say=say)
+        return run, sink.publish()
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
+    finally:
+        source.close()
