@@ -71,10 +71,11 @@ def test_geometry_is_consistent(samples):
     for s in samples:
         normals, depth = s["normals"], s["depth"]
         assert (normals[..., 2] > -0.5).all()  # visible surfaces face the camera
-        # Background rows at the bottom are floor: normal points up and depth shrinks towards the camera.
+        # Background rows at the bottom are floor: normal points up (y is down) and depth shrinks towards
+        # the camera.
         bottom = s["semseg"][-1] == 0
         if bottom.any():
-            assert (normals[-1][bottom][:, 1] > 0.7).all()
+            assert (normals[-1][bottom][:, 1] < -0.7).all()
             assert depth[-1][bottom].mean() < depth[0][s["semseg"][0] == 0].mean()
 
 
@@ -115,12 +116,17 @@ def test_val_transform_image_is_the_inference_preprocessing_of_the_resized_image
 
 def test_quarter_turn_moves_labels_and_turns_normals(samples):
     s = samples[1]
-    turned = scale_rotate(s, 1.0, 90.0)  # counter-clockwise
+    turned = scale_rotate(s, 1.0, 90.0)  # counter-clockwise on screen
+    # About upstream's centre (w / 2, h / 2), half a pixel off the middle: a quarter turn one row down,
+    # the top row from outside the image.
     for key in ("semseg", "human_parts", "sal", "edge", "depth"):
-        assert np.array_equal(turned[key], np.rot90(s[key])), key
-    expected = np.rot90(s["normals"]).copy()
-    expected[..., 0], expected[..., 1] = -np.rot90(s["normals"])[..., 1], np.rot90(s["normals"])[..., 0]
-    np.testing.assert_allclose(turned["normals"], expected, atol=1e-5)
+        assert np.array_equal(turned[key][1:], np.rot90(s[key])[:-1]), key
+    assert (turned["semseg"][0] == 255).all() and (turned["sal"][0] == 0).all() and (turned["depth"][0] == 0).all()
+    # y points down: a normal pointing right (x) turns to point up (-y), one pointing down (y) to the right.
+    moved = np.rot90(s["normals"])[:-1]
+    expected = np.stack([moved[..., 1], -moved[..., 0], moved[..., 2]], axis=-1)
+    np.testing.assert_allclose(turned["normals"][1:], expected, atol=1e-5)
+    assert (turned["normals"][0] == 0).all()
 
 
 def test_flip_negates_normal_x(samples):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from export.checking.tolerances import Tolerances
 from export.cli import main as export_cli
@@ -52,7 +51,7 @@ def toy_kind():
     register_loss("brightness_l1")(lambda pred, label: (pred - label).abs().mean())
     tasks.register_task(tasks.Task(TASK, KIND, 1, "mae", False, "brightness_l1", 1.0))
     transforms.register_label_layout(KIND, transforms.LabelLayout(
-        resample=lambda value, resample_fn: resample_fn(value.astype(np.float32), Image.Resampling.BILINEAR, 0.0),
+        resample=lambda value, warp: warp(value.astype(np.float32), transforms.LINEAR, 0.0),
         to_model=lambda value, task: value.astype(np.float32)[None]))
     synthetic.register_synthetic_label(TASK, channels=1)(
         lambda scene: (scene.image.astype(np.float32) / 255.0).mean(axis=-1))

@@ -21,9 +21,9 @@ Labels (H = W = `size`):
   (lower body, drawn darker); 0 elsewhere; all 255 (ignore) when no figure is
   visible, as PASCAL marks images without people.
 - `sal` uint8 {0, 1}: the shape with the largest visible area.
-- `normals` float32 (H, W, 3): unit outward surface normals in the camera
-  frame x right, y up, z towards the viewer. Floor and wall are real geometry
-  and carry their own normals; no pixel is ignored.
+- `normals` float32 (H, W, 3): unit outward surface normals in the NYU label
+  frame of the real data sets: x right, y down, z towards the viewer. Floor
+  and wall are real geometry and carry their own normals; no pixel is ignored.
 - `depth` float32 (H, W): z-depth (distance along the optical axis) in metres.
 - `edge` uint8 {0, 1}: occluding contours, one pixel wide, on the nearer side
   of every boundary between two shapes or a shape and the background.
@@ -282,8 +282,8 @@ def render_scene(rng: np.random.Generator, size: int = 64) -> Scene:
     colour += rng.normal(0.0, 0.015, size=colour.shape)
     image = np.clip(np.rint(colour * 255), 0, 255).astype(np.uint8).reshape(size, size, 3)
 
-    # Back to the camera's axes, then flip z: labels use z towards the viewer.
-    normal_label = (normal @ camera_to_world) * np.array([1.0, 1.0, -1.0])
+    # Back to the camera's axes, then to the label frame: y down, z towards the viewer (as NYUD's labels).
+    normal_label = (normal @ camera_to_world) * np.array([1.0, -1.0, -1.0])
     return Scene(image=image, instance=instance.reshape(size, size), depth=depth.reshape(size, size),
                  classes=np.asarray(classes, dtype=np.uint8), parts=parts,
                  normals=normal_label.reshape(size, size, 3))
@@ -295,7 +295,7 @@ class Scene:
 
     instance (H, W): which object each pixel shows, 0 the background (floor and wall); classes: the class of
     each object; parts: each object's per-ray part labels (figures) or None; depth (H, W) z-depth in metres;
-    normals (H, W, 3) unit normals in the label frame (x right, y up, z towards the viewer).
+    normals (H, W, 3) unit normals in the label frame (x right, y down, z towards the viewer).
     """
 
     image: np.ndarray

@@ -26,19 +26,28 @@ with `astype`, which wraps bicubic overshoot around (-3 becomes 253, 258
 becomes 2); we clamp to [0, 255] first. Only pixels whose bicubic value falls
 outside [0, 255] differ, and there ours is the nearest 8-bit value.
 
-Augmentation follows the official recipe as well: random horizontal flip,
-random scale and rotation about the image centre, then the fixed resize.
-Class maps are resampled with nearest neighbour and the pixels that rotation
-brings in from outside the image are 255 (upstream fills them with class 0,
-which teaches "background" where there is no image); binary maps use nearest
-with 0 fill; the image and continuous maps are bilinear. Normals and depth
-are interpolated only from valid pixels, so a hole never bleeds into its
-neighbours.
+Augmentation is the official recipe (`RandomHorizontalFlip`, `ScaleNRotate`,
+then the fixed resize above) with upstream's OpenCV calls: one affine map,
+`cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)`, for every map, applied
+with `cv2.warpAffine`; the image (in float64, so its bicubic overshoot reaches
+the resize as upstream's does) and normals bicubically, every other label with
+nearest neighbour; pixels brought in from outside the image are 0 (no
+normal, no depth, not salient, no edge). Zooming in by a factor s divides
+depth by s (the scene looks s times closer).
 
-Normals live in the camera frame x right, y up, z towards the viewer: a
-flip negates x, and rotating the image counter-clockwise by an angle rotates
-the in-plane part (x, y) counter-clockwise by the same angle. Zooming in by a
-factor s divides depth by s (the scene looks s times closer).
+One more deliberate difference, besides the clamp: class maps (semseg, human
+parts) get 255 (ignore) where rotation or zooming out brings pixels in from
+outside the image; upstream fills them with class 0, which teaches
+"background" on padding the model never sees at evaluation. Every other
+pixel is upstream's. A human-parts map with no part left (nothing but
+background and that padding) is all ignore, as upstream's AddIgnoreRegions
+makes a map of only background.
+
+Normals are in the NYU convention that the PASCAL-Context and NYUD labels
+follow: x right, y down, z towards the camera. A flip negates x; rotating the
+image counter-clockwise (on screen) by an angle turns each normal's in-plane
+part counter-clockwise on screen too, which in these axes is
+(x, y) -> (x cos + y sin, -x sin + y cos), as upstream's ScaleNRotate does.
 
 Randomness comes only from the `np.random.Generator` passed in.
 """
@@ -50,7 +59,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from mtlora.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from mtlora.errors import ConfigError
@@ -120,37 +128,30 @@ def hflip(sample: dict) -> dict:
     return out
 
 
-def _warp_plane(plane: np.ndarray, coefficients, resample, fill) -> np.ndarray:
-    image = Image.fromarray(plane)
-    warped = image.transform(
-        image.size, Image.Transform.AFFINE, coefficients, resample=resample, fillcolor=fill
-    )
-    return np.asarray(warped).copy()
-
-
 def _cv2():
     try:
         import cv2
     except ImportError:
         raise ConfigError(
-            "resizing data set samples needs OpenCV, as the official MTLoRA loaders use it: "
+            "resizing and augmenting data set samples needs OpenCV, as the official MTLoRA loaders use it: "
             "pip install opencv-python-headless (part of the 'train' extra)"
         ) from None
     return cv2
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """An RGB uint8 image resized to `size = (h, w)` as upstream's FixedResize does, then clamped to 8 bits.
+    """An RGB image resized to `size = (h, w)` as upstream's FixedResize does, then clamped to 8 bits.
 
-    OpenCV bicubic on the float64 image; the result is clamped to [0, 255] (upstream wraps it) and
-    truncated to uint8 (as upstream's cast does).
+    OpenCV bicubic on the image in float64 (uint8 from a loader, or float64 from augmentation); the result
+    is clamped to [0, 255] (upstream wraps it) and truncated to uint8 (as upstream's cast does).
     """
     height, width = int(size[0]), int(size[1])
     if image.shape[:2] == (height, width):
-        return image.copy()
-    cv2 = _cv2()
-    resized = cv2.resize(image.astype(np.float64), (width, height), interpolation=cv2.INTER_CUBIC)
-    return np.clip(resized, 0.0, 255.0).astype(np.uint8)
+        resized = image
+    else:
+        cv2 = _cv2()
+        resized = cv2.resize(image.astype(np.float64), (width, height), interpolation=cv2.INTER_CUBIC)
+    return image.copy() if resized.dtype == np.uint8 else np.clip(resized, 0.0, 255.0).astype(np.uint8)
 
 
 def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -182,58 +183,29 @@ def resize_normals(normals: np.ndarray, size: Sequence[int], renormalize: bool =
     return normals
 
 
-def _resample_masked(values: np.ndarray, valid: np.ndarray, resample_fn) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear resampling of `values` (H, W[, C]) that uses valid pixels only.
-
-    Returns the resampled values (0 where invalid) and the new validity,
-    which is the nearest-neighbour resampling of `valid`.
-    """
-    mask = valid.astype(np.float32)
-    weight = resample_fn(mask, Image.Resampling.BILINEAR, 0.0)
-    new_valid = resample_fn(valid.astype(np.uint8), Image.Resampling.NEAREST, 0) > 0
-    channels = values[..., None] if values.ndim == 2 else values
-    planes = []
-    for c in range(channels.shape[-1]):
-        plane = resample_fn((channels[..., c] * mask).astype(np.float32), Image.Resampling.BILINEAR, 0.0)
-        planes.append(np.divide(plane, weight, out=np.zeros_like(plane), where=weight > 1e-6))
-    out = np.stack(planes, axis=-1)
-    new_valid &= weight > 1e-6
-    out[~new_valid] = 0.0
-    return (out[..., 0] if values.ndim == 2 else out), new_valid
+# Interpolations a label layout may ask the warp for, as upstream's flag values name them.
+NEAREST, LINEAR, CUBIC = "nearest", "linear", "cubic"
 
 
-def _unit_normals(normals: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    length = np.linalg.norm(normals, axis=-1, keepdims=True)
-    valid = valid & (length[..., 0] > 1e-6)
-    out = np.divide(normals, length, out=np.zeros_like(normals), where=valid[..., None])
-    return out.astype(np.float32)
+def _warp_function(matrix: np.ndarray, width: int, height: int) -> Callable:
+    """`warp(plane, interpolation, fill)`: one map through upstream's affine warp, same size out."""
+    cv2 = _cv2()
+    flags = {NEAREST: cv2.INTER_NEAREST, LINEAR: cv2.INTER_LINEAR, CUBIC: cv2.INTER_CUBIC}
 
+    def warp(plane: np.ndarray, interpolation: str, fill: float) -> np.ndarray:
+        if interpolation not in flags:
+            raise ConfigError(f"unknown interpolation {interpolation!r}; known: {sorted(flags)}")
+        return cv2.warpAffine(plane, matrix, (width, height), flags=flags[interpolation],
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
-def _normals_valid(normals: np.ndarray) -> np.ndarray:
-    return np.any(normals != 0, axis=-1)
-
-
-def _depth_valid(depth: np.ndarray) -> np.ndarray:
-    return np.isfinite(depth) & (depth > 0)
-
-
-def _resample_sample(sample: dict, resample_fn) -> dict:
-    """Apply one geometric resampling (`resample_fn(plane, filter, fill)`) to every map of a sample."""
-    out = {}
-    for key, value in sample.items():
-        if key == "meta":
-            out[key] = value
-        elif key == "image":
-            out[key] = resample_fn(value, Image.Resampling.BILINEAR, (0, 0, 0))
-        else:
-            out[key] = _layout(key).resample(value, resample_fn)
-    return out
+    return warp
 
 
 def scale_rotate(sample: dict, scale: float, angle: float) -> dict:
-    """Zoom by `scale` and rotate by `angle` degrees (counter-clockwise) about the image centre.
+    """Zoom by `scale` and rotate by `angle` degrees (counter-clockwise on screen) about the image centre.
 
-    The output keeps the input size, as upstream's `ScaleNRotate` does.
+    Upstream's `ScaleNRotate` with that one scale and angle (module doc): same size out, the image as
+    float64 (unclamped, for the resize), labels in their own dtypes.
     """
     if scale <= 0:
         raise ConfigError(f"scale must be positive, got {scale}")
@@ -241,27 +213,28 @@ def scale_rotate(sample: dict, scale: float, angle: float) -> dict:
     if scale == 1.0 and angle == 0.0:
         return dict(sample)
     height, width = sample["image"].shape[:2]
-    theta = math.radians(angle)
-    cos, sin = math.cos(theta), math.sin(theta)
-    # Pillow maps each output pixel to an input position; this is the inverse of
-    # "rotate counter-clockwise on screen (y points down), then zoom".
-    a, b, d, e = cos / scale, -sin / scale, sin / scale, cos / scale
-    cx, cy = width / 2.0, height / 2.0
-    coefficients = (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
-
-    def warp(plane, resample, fill):
-        return _warp_plane(plane, coefficients, resample, fill)
-
-    rotated = {key: value if key in ("image", "meta") else _layout(key).rotate(value, cos, sin)
-               for key, value in sample.items()}
-    out = _resample_sample(rotated, warp)
-    return {key: value if key in ("image", "meta") else _layout(key).zoom(value, scale) for key, value in out.items()}
+    # Upstream's centre (w / 2, h / 2), not the middle pixel ((w - 1) / 2): the same map, not a shifted one.
+    matrix = _cv2().getRotationMatrix2D((width / 2, height / 2), float(angle), float(scale))
+    warp = _warp_function(matrix, width, height)
+    theta = np.deg2rad(angle)
+    out = {}
+    for key, value in sample.items():
+        if key == "meta":
+            out[key] = value
+        elif key == "image":
+            out[key] = warp(value.astype(np.float64), CUBIC, 0.0)
+        else:
+            layout = _layout(key)
+            moved = layout.resample(layout.rotate(value, math.cos(theta), math.sin(theta)), warp)
+            out[key] = layout.zoom(moved, scale)
+    return out
 
 
 def resize_sample(sample: dict, size: Sequence[int], renormalize_normals: bool = True) -> dict:
     """Every map resized to `size = (h, w)` (aspect ratio not kept) by the official protocol (module doc).
 
-    The image stays uint8; labels keep their dtype; normals are renormalised unless told not to.
+    The image comes out uint8 (`resize_image`); labels keep their dtype; normals are renormalised unless
+    told not to.
     """
     _check_keys(sample)
     out = {}
@@ -306,7 +279,8 @@ class LabelLayout:
     """How the transforms move one kind's label (image layout in, model layout out).
 
     flip(value) after a left-right mirror; rotate(value, cos, sin) before a rotation (vector labels turn
-    with the image); resample(value, resample_fn) for a scale-and-rotate warp; zoom(value, scale) after
+    with the image); resample(value, warp) for the scale-and-rotate warp, where `warp(plane, interpolation,
+    fill)` takes NEAREST, LINEAR or CUBIC and the value for pixels from outside; zoom(value, scale) after
     it; resize(value, size, renormalize_normals) for the fixed resize; to_model(value, task) to the
     layout the model and the losses take.
     """
@@ -329,8 +303,9 @@ def register_label_layout(kind: str, layout: LabelLayout) -> LabelLayout:
 
 
 def _class_map_to_model(value: np.ndarray, task) -> np.ndarray:
-    # Upstream's AddIgnoreRegions: a map without any part after resizing has no annotation.
-    if task.empty_is_unlabelled and not value.any():
+    # Upstream's AddIgnoreRegions: a map without any part after resizing has no annotation. Ignore
+    # counts as no part too: augmentation pads with it where upstream pads with background.
+    if task.empty_is_unlabelled and not ((value != 0) & (value != IGNORE_INDEX)).any():
         return np.full(value.shape, IGNORE_INDEX, np.int64)
     return value.astype(np.int64)
 
@@ -341,38 +316,34 @@ def _flip_normals(normals: np.ndarray) -> np.ndarray:
 
 
 def _rotate_normals(normals: np.ndarray, cos: float, sin: float) -> np.ndarray:
-    normals = normals.astype(np.float32).copy()
+    # y points down: a counter-clockwise turn on screen is clockwise in (x, y), as upstream turns them.
+    normals = normals.copy() if np.issubdtype(normals.dtype, np.floating) else normals.astype(np.float64)
     x, y = normals[..., 0].copy(), normals[..., 1].copy()
-    normals[..., 0] = cos * x - sin * y
-    normals[..., 1] = sin * x + cos * y
+    normals[..., 0] = cos * x + sin * y
+    normals[..., 1] = cos * y - sin * x
     return normals
 
 
-def _resample_normals(value: np.ndarray, resample_fn) -> np.ndarray:
-    normals = value.astype(np.float32)
-    moved, valid = _resample_masked(normals, _normals_valid(normals), resample_fn)
-    return _unit_normals(moved, valid)
-
-
-def _resample_depth(value: np.ndarray, resample_fn) -> np.ndarray:
-    depth = value.astype(np.float32)
-    valid = _depth_valid(depth)
-    moved, _ = _resample_masked(np.where(valid, depth, 0.0).astype(np.float32), valid, resample_fn)
-    return moved.astype(np.float32)
+def _warp_map(value: np.ndarray, warp, fill: int) -> np.ndarray:
+    # In float64, as upstream's loaders hand maps over: OpenCV's nearest warp of any other dtype puts a
+    # few pixels on the other side of a tie. (Depth and normals warp in the dtype they arrive in, as
+    # upstream warps what np.load gives.)
+    return warp(value.astype(np.float64), NEAREST, float(fill)).astype(value.dtype)
 
 
 register_label_layout(CLASS_MAP, LabelLayout(
-    resample=lambda value, resample_fn: resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, IGNORE_INDEX),
+    resample=lambda value, warp: _warp_map(value, warp, IGNORE_INDEX),
     to_model=_class_map_to_model))
 register_label_layout(BINARY_MAP, LabelLayout(
-    resample=lambda value, resample_fn: resample_fn(value.astype(np.uint8), Image.Resampling.NEAREST, 0),
+    resample=lambda value, warp: _warp_map(value, warp, 0),
     to_model=lambda value, task: (value > 0).astype(np.float32)[None]))
 register_label_layout(NORMALS, LabelLayout(
-    resample=_resample_normals, flip=_flip_normals, rotate=_rotate_normals,
+    resample=lambda value, warp: warp(value, CUBIC, 0.0), flip=_flip_normals, rotate=_rotate_normals,
     resize=lambda value, size, renormalize: resize_normals(value, size, renormalize=renormalize),
     to_model=lambda value, task: np.ascontiguousarray(value.transpose(2, 0, 1), dtype=np.float32)))
 register_label_layout(DEPTH, LabelLayout(
-    resample=_resample_depth, zoom=lambda value, scale: (value / scale).astype(np.float32),
+    resample=lambda value, warp: warp(value, NEAREST, 0.0),
+    zoom=lambda value, scale: (value / scale).astype(np.float32),
     to_model=lambda value, task: value.astype(np.float32)[None]))
 
 
