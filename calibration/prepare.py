@@ -16,12 +16,16 @@ takes its path and never imports this package, so the dependency points calibrat
 | tensorrt           | ONNX | fp16 graph (strongly typed)  | -    | fp16 Q/DQ ONNX (`qdq_fp16`)    |
 | openvino           | ONNX | ONNX (OpenVINO compresses)   | ONNX | NNCF IR (`.xml` + `.bin`)      |
 
+OpenVINO's fp16 and bf16 with `keep_fp32` build from an IR whose kept ops carry OpenVINO's fp32 mark
+(`engines.openvino.keep`): OpenVINO chooses the 16-bit precision itself, so the graph cannot say it
+with types as the fp16 graph does.
+
 TensorRT's int8 graph is the Q/DQ ONNX with everything outside the Q/DQ pairs in fp16
 (`calibration.qdq_fp16`): a strongly typed network has no fallback, so from the fp32 Q/DQ graph it
 would run LayerNorm, Softmax, GELU and the residual adds in fp32.
 
-Prepared files go to ``<work_dir>/fp16/``, ``<work_dir>/qdq/``, ``<work_dir>/qdq_fp16/`` or
-``<work_dir>/nncf/`` under the source ONNX's own file name, so an engine built from one is named after
+Prepared files go to ``<work_dir>/fp16/``, ``<work_dir>/qdq/``, ``<work_dir>/qdq_fp16/``,
+``<work_dir>/nncf/`` or ``<work_dir>/openvino16/`` under the source ONNX's own file name, so an engine built from one is named after
 the model, not after the step.
 """
 
@@ -39,7 +43,14 @@ import numpy as np
 from calibration.cache import CalibrationCache
 from calibration.data import CalibrationSet, as_calibration_set
 from calibration.errors import CalibrationError
-from calibration.fp16 import KEPT_NODES_KEY, cast_uint8_through_float, check_fp16_graph, to_fp16_graph
+from calibration.fp16 import (
+    KEPT_NODES_KEY,
+    cast_uint8_through_float,
+    check_fp16_graph,
+    ensure_node_names,
+    match_nodes,
+    to_fp16_graph,
+)
 from calibration.nncf_quant import quantize_openvino
 from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_qdq, to_uint8_activations
 from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
@@ -48,6 +59,7 @@ from engines.graph_purpose import purpose_metadata
 from engines.registry import BACKENDS
 
 FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, QDQ_U8_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "qdq_u8", "nncf"
+OPENVINO16_DIR = "openvino16"
 
 # Which engines build from each prepared graph (engines.graph_purpose), recorded in the graph, so that
 # the TensorRT lint knows ONNX Runtime's variant from TensorRT's. The fp16 graph serves ONNX Runtime and
@@ -107,7 +119,8 @@ def prepare_graph(
     graph calibrated on `calibration` with `calibration_method`; for tensorrt that Q/DQ graph is then
     made the fp16 Q/DQ graph (`keep_fp32` and the output layers in fp32). int8 (openvino): `qdq_onnx` when
     given, else NNCF quantization on `calibration` for `device`, saved as IR. fp32, and OpenVINO's fp16/bf16,
-    are the ONNX itself.
+    are the ONNX itself; OpenVINO's fp16/bf16 with `keep_fp32` is an IR with the matched nodes marked to
+    stay fp32 (OpenVINO leaves the output layers and sensitive ops to its own choice, as without keep_fp32).
     `cache` (a CalibrationCache or its directory) reuses earlier int8 results for the same inputs.
     """
     if backend not in BACKENDS:
@@ -125,9 +138,15 @@ def prepare_graph(
         "source_sha256": sha256_file(onnx_path),
         "prepared_for": backend,
     }
-    if precision == "fp32" or (backend == "openvino" and precision in ("fp16", "bf16")):
+    openvino16 = backend == "openvino" and precision in ("fp16", "bf16")
+    # A model of several graphs takes the same globs for each: one may match nothing in this graph.
+    source, kept_nodes = _openvino_kept_nodes(onnx_path, keep_fp32) if openvino16 and keep_fp32 else (None, [])
+    if precision == "fp32" or (openvino16 and not kept_nodes):
         notes = () if precision == "fp32" else (f"OpenVINO converts the ONNX and runs it in {precision} itself",)
         return PreparedGraph(onnx_path, precision, backend, metadata, notes)
+    if openvino16:
+        path = _openvino_kept_ir(onnx_path, source, Path(work_dir) / OPENVINO16_DIR, keep_fp32, kept_nodes, metadata)
+        return PreparedGraph(path, precision, backend, metadata)
 
     if cache is not None and not isinstance(cache, CalibrationCache):
         cache = CalibrationCache(cache)
@@ -287,6 +306,39 @@ def _nncf_ir(
         calibration_fingerprint=calibration.fingerprint(),
         calibration_samples=calibration.num_samples,
         keep_fp32=list(keep_fp32),
+        prepared_bin_sha256=sha256_file(xml.with_suffix(".bin")),
+    )
+    return xml
+
+
+def _openvino_kept_nodes(onnx_path: Path, keep_fp32):
+    """(the ONNX, the names of the nodes `keep_fp32` matches), named as the other backends name them."""
+    source = load_onnx(onnx_path)
+    ensure_node_names(source)
+    return source, match_nodes(source, keep_fp32)
+
+
+def _openvino_kept_ir(onnx_path: Path, source, out_dir: Path, keep_fp32, kept_nodes: list[str], metadata: dict) -> Path:
+    """The IR of `onnx_path` with `kept_nodes` marked to stay fp32 (engines.openvino.keep); OpenVINO's build
+    proves from the compiled model which of them did."""
+    import openvino as ov
+
+    from engines.openvino.build import save_ir
+    from engines.openvino.keep import mark_kept, ops_of_onnx_nodes
+
+    xml = _output_path(onnx_path, out_dir / f"{onnx_path.stem}.xml")
+    core = ov.Core()
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as exc:
+        raise CalibrationError(f"OpenVINO cannot convert {onnx_path}: {exc}") from exc
+    kept = ops_of_onnx_nodes(model, source, kept_nodes)
+    save_ir(ov, mark_kept(core, model, kept, out_dir), xml)
+    metadata.update(
+        keep_fp32=list(keep_fp32),
+        fp32_nodes=kept_nodes,
+        openvino_kept_ops=kept,
+        prepared_sha256=sha256_file(xml),
         prepared_bin_sha256=sha256_file(xml.with_suffix(".bin")),
     )
     return xml

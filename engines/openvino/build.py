@@ -1,10 +1,11 @@
 """Build OpenVINO engines: IR (xml + bin) from a prepared graph, compiled once and exported as a blob.
 
 The graph comes prepared (``calibration.prepare.prepare_graph('openvino', ...)``): the ONNX for fp32,
-fp16 and bf16 (fp16 compresses weights to fp16 here, on saving the IR), and the NNCF-quantized IR for
-int8. Every compile sets INFERENCE_PRECISION_HINT explicitly, and the artifact records the precision
-read back from the compiled model, so an "fp32" engine that a bf16-capable CPU would have run in bf16
-cannot pass unnoticed.
+fp16 and bf16 (fp16 compresses weights to fp16 here, on saving the IR), for fp16 and bf16 with
+``keep_fp32`` an IR whose kept ops carry OpenVINO's fp32 mark (`engines.openvino.keep`), and the
+NNCF-quantized IR for int8. Every compile sets INFERENCE_PRECISION_HINT explicitly, and the artifact
+records the precision read back from the compiled model, so an "fp32" engine that a bf16-capable CPU
+would have run in bf16 cannot pass unnoticed; likewise kept nodes are proven from the runtime graph.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from engines.artifact import EngineArtifact, onnx_io_metadata
 from engines.errors import EngineError
 from engines.files import engine_file, load_onnx, sha256_file, source_metadata, write_atomic
+from engines.openvino.keep import kept_note, kept_record, mark_kept, ops_of_onnx_nodes, prove_kept
 from engines.openvino.runner import (
     CAPABILITY_OF,
     HINTS,
@@ -53,6 +55,7 @@ def build(
     export_blob: bool = True,
     performance_hint: str = "LATENCY",
     threads: int | None = None,
+    keep_fp32: Sequence[str] = (),
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.xml/.bin` (+ `.<device>.blob`) and the sidecar.
 
@@ -64,8 +67,15 @@ def build(
     same way. "bf16" runs bf16 where the device has it, else f32. The notes and
     `precision_executed` (read back from the compiled model) say what ran; the measurements go into
     the sidecar (`inference_precision_selection`). `metadata` (the prepared graph's) goes there too.
+
+    `keep_fp32` (ONNX node names, globs already expanded) keeps those nodes in fp32 at fp16/bf16: an
+    ONNX graph is marked here; an IR prepared with ``prepare_graph(..., keep_fp32=...)`` carries its
+    marks and the names are checked against them. Whatever was kept, the runtime graph says which kept
+    nodes really ran f32: ``metadata["kept_fp32"]`` = {"asked", "ran_f32", "not_f32" (with the layers
+    and precisions that ran), "not_executed", "layer_types"}, and a note names those not kept.
     """
     BACKENDS["openvino"].check_precision(precision)
+    keep_fp32 = _checked_keep(keep_fp32, precision)
     ov = _ov()
     core = ov.Core()
     check_device(core, device)
@@ -78,13 +88,16 @@ def build(
         notes.append(f"{device} ({full_name}) has no {capability} support: runs f32")
 
     graph_path = Path(graph_path)
-    model, inputs, outputs = _read_graph(ov, core, graph_path, precision)
+    model, inputs, outputs, source = _read_graph(ov, core, graph_path, precision)
+    kept = _kept_nodes(model, source, graph_path, precision, keep_fp32)
+    if kept and source is not None:
+        model = mark_kept(core, model, kept, output_dir)
     selection = None
     if precision in MEASURED_PRECISIONS:
         # "fp16" is a request for 16-bit speed, and an int8 model's float remainder should be as fast as it
         # can: which format that is depends on the CPU (bf16 on AMX / AVX-512 BF16, f16 only with AMX-FP16;
         # f16 where it is emulated is slower than f32), so it is measured here, not assumed.
-        selection = fastest_inference_precision(core, model, device, capabilities, inputs, threads)
+        selection = fastest_inference_precision(core, model, device, capabilities, inputs, threads, kept=kept)
         hint = selection["chosen"]
         notes.append(_selection_note(precision, selection))
     config = compile_config(inference_precision=hint, performance_hint=performance_hint, num_threads=threads)
@@ -110,6 +123,12 @@ def build(
     executed = read_back_precision(compiled)
     runtime = runtime_precisions(compiled)
     metadata.update(config=config, inference_precision=executed, runtime_precisions=runtime["counts"])
+    if kept:
+        proof = prove_kept(compiled, model, kept)
+        metadata["kept_fp32"] = proof
+        note = kept_note(proof, hint, device)
+        if note:
+            notes.append(note)
     if selection is not None:
         metadata["inference_precision_selection"] = selection
     if precision == "int8":
@@ -145,26 +164,36 @@ def build(
 
 # Precisions whose float part runs in the fastest format measured on the device (see `build`).
 MEASURED_PRECISIONS = ("fp16", "int8")
+# Precisions at which nodes can be kept in fp32 (keep_fp32).
+KEEPS_FP32 = ("fp16", "bf16")
 # OpenVINO inference precisions a 16-bit request may run in, with the capability the device must report.
 SIXTEEN_BIT = (("bf16", "BF16"), ("f16", "FP16"))
 SELECTION_RUNS = 3
 SELECTION_MARGIN = 0.9  # a 16-bit format is chosen only when at least 10% faster than f32
 
 
-def fastest_inference_precision(core, model, device: str, capabilities, inputs, threads: int | None) -> dict[str, Any]:
+def fastest_inference_precision(
+    core, model, device: str, capabilities, inputs, threads: int | None, kept: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Compile `model` with every inference precision the device offers (f32 and its 16-bit formats),
-    time a batch of one with each, and return {"chosen": hint, "ms": {hint: fastest of the runs}}."""
+    time a batch of one with each, and return {"chosen": hint, "ms": {hint: fastest of the runs}}.
+    With `kept` (`kept_record` of a marked model) it also says how many kept nodes each format ran in
+    f32 ("kept_f32"): the choice stays the fastest, the count shows what it costs in kept layers."""
     import numpy as np
 
     feed = {m.name: np.random.default_rng(0).standard_normal([d or 1 for d in m.shape]).astype(m.dtype)
             for m in inputs}
     timings: dict[str, float] = {}
+    kept_f32: dict[str, int] = {}
     for hint in ["f32", *(h for h, capability in SIXTEEN_BIT if capability in capabilities)]:
         config = compile_config(inference_precision=hint, performance_hint="LATENCY", num_threads=threads)
         try:
-            request = core.compile_model(model, device, config).create_infer_request()
+            compiled = core.compile_model(model, device, config)
         except Exception:  # noqa: BLE001 - a format this device cannot compile is simply not a candidate
             continue
+        if kept:
+            kept_f32[hint] = len(prove_kept(compiled, model, kept)["ran_f32"])
+        request = compiled.create_infer_request()
         request.infer(feed)  # first run: kernel selection and caches
         runs = []
         for _ in range(SELECTION_RUNS):
@@ -176,7 +205,11 @@ def fastest_inference_precision(core, model, device: str, capabilities, inputs, 
     # A lower precision has to pay for itself clearly: within the noise of a few runs, f32 (exact) stays.
     if chosen != "f32" and "f32" in timings and timings[chosen] > SELECTION_MARGIN * timings["f32"]:
         chosen = "f32"
-    return {"chosen": chosen, "ms": timings, "runs": SELECTION_RUNS, "batch": 1, "margin": SELECTION_MARGIN}
+    selection = {"chosen": chosen, "ms": timings, "runs": SELECTION_RUNS, "batch": 1, "margin": SELECTION_MARGIN}
+    if kept:
+        selection["kept_f32"] = kept_f32
+        selection["kept_asked"] = len(kept)
+    return selection
 
 
 def _selection_note(precision: str, selection: Mapping[str, Any]) -> str:
@@ -189,8 +222,38 @@ def _selection_note(precision: str, selection: Mapping[str, Any]) -> str:
     return f"fp16 asked, {chosen} ran: the fastest 16-bit format on this device ({measured})"
 
 
+def _checked_keep(keep_fp32: Sequence[str], precision: str) -> list[str]:
+    """The kept node names, each once; refused where they cannot apply (int8: NNCF keeps them)."""
+    if isinstance(keep_fp32, str) or any(not isinstance(n, str) or not n for n in keep_fp32):
+        raise EngineError(f"keep_fp32 must be a list of ONNX node names, got {keep_fp32!r}")
+    if keep_fp32 and precision == "int8":
+        raise EngineError(
+            "keep_fp32 applies to OpenVINO fp16/bf16 builds; for int8 keep the nodes when quantizing: "
+            "prepare_graph('openvino', onnx_path, work_dir, 'int8', keep_fp32=...)"
+        )
+    return list(dict.fromkeys(keep_fp32))
+
+
+def _kept_nodes(model, source, graph_path: Path, precision: str, keep_fp32: list[str]) -> dict:
+    """{ONNX node: [OpenVINO ops]} to keep in fp32: asked for an ONNX graph (mapped here, unknown names
+    refused), or recorded in a prepared IR (the names asked must be among them). None at fp32 and int8."""
+    if precision not in KEEPS_FP32:
+        return {}  # fp32 is all f32 already; int8 was refused above
+    if source is not None:
+        return ops_of_onnx_nodes(model, source, keep_fp32) if keep_fp32 else {}
+    recorded = kept_record(model)
+    missing = [n for n in keep_fp32 if n not in recorded]
+    if missing:
+        raise EngineError(
+            f"{graph_path.name} does not keep {', '.join(repr(n) for n in missing[:5])} in fp32; prepare it with "
+            f"prepare_graph('openvino', onnx_path, work_dir, '{precision}', keep_fp32=...) naming them"
+        )
+    return recorded
+
+
 def _read_graph(ov, core, graph_path: Path, precision: str):
-    """(openvino.Model, inputs, outputs) of an ONNX or an IR `.xml`; an int8 build needs a quantized one."""
+    """(openvino.Model, inputs, outputs, the ONNX or None for an IR) of an ONNX or an IR `.xml`; an int8
+    build needs a quantized one."""
     if graph_path.suffix == ".xml":
         if not graph_path.is_file() or not graph_path.with_suffix(".bin").is_file():
             raise EngineError(f"OpenVINO IR not found: {graph_path} (and its .bin); prepare it first or check the path")
@@ -200,7 +263,7 @@ def _read_graph(ov, core, graph_path: Path, precision: str):
             raise EngineError(f"OpenVINO cannot read the IR {graph_path}: {exc}") from exc
         if precision == "int8" and not is_quantized(model):
             raise EngineError(_not_quantized(graph_path))
-        return model, io_metadata(model.inputs), io_metadata(model.outputs)
+        return model, io_metadata(model.inputs), io_metadata(model.outputs), None
     source = load_onnx(graph_path)
     # Checked before converting (the slow part): OpenVINO turns Q/DQ pairs into FakeQuantize.
     if precision == "int8" and not any(node.op_type in QDQ_ONNX_OPS for node in source.graph.node):
@@ -210,7 +273,7 @@ def _read_graph(ov, core, graph_path: Path, precision: str):
         model = ov.convert_model(str(graph_path))
     except Exception as exc:
         raise EngineError(f"OpenVINO cannot convert {graph_path}: {exc}") from exc
-    return model, inputs, outputs
+    return model, inputs, outputs, source
 
 
 def _not_quantized(graph_path: Path) -> str:

@@ -33,6 +33,7 @@ MODULE = "trt"
 OBJECT_NAMES = {
     "builder": "Builder",
     "network": "INetworkDefinition",
+    "network_layer": "ILayer",
     "parser": "OnnxParser",
     "config": "IBuilderConfig",
     "optimization_profile": "IOptimizationProfile",

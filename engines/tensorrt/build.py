@@ -11,7 +11,9 @@ feature detection, not by version numbers:
   would run in fp32. TensorRT 11 knows nothing else.
 - weakly typed (``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` exist, TensorRT 10): the FP16 flag on the
   fp32 ONNX (``typing='weak'`` takes it as is) or on the fp16 graph; INT8 together with FP16 on a
-  Q/DQ graph, so that TensorRT may run what is not quantized in fp16.
+  Q/DQ graph, so that TensorRT may run what is not quantized in fp16. Nodes kept in fp32
+  (``keep_fp32``) are pinned: their layers' precision and output types set to fp32, obeyed
+  (``OBEY_PRECISION_CONSTRAINTS``); strongly typed, the prepared graph's types already keep them.
 
 TF32 is cleared in every plan: it is on by default in a builder config, and would make the fp32
 parts (fp32 plans, and the ops an fp16 or int8 graph keeps in fp32) compute in TF32.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,16 @@ FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DEFAULT_BATCH = (1, 1, 8)
 
-__all__ = ["DEFAULT_BATCH", "TYPINGS", "batch_range", "build", "plan_precision", "trt_features"]
+__all__ = ["DEFAULT_BATCH", "TYPINGS", "batch_range", "build", "layers_to_pin", "plan_precision", "trt_features"]
 
 
-def plan_precision(precision: str, features: Mapping[str, Any], typing: str = "auto") -> dict[str, Any]:
+def plan_precision(
+    precision: str, features: Mapping[str, Any], typing: str = "auto", keep_fp32: Sequence[str] = ()
+) -> dict[str, Any]:
     """How to build `precision` with these features: which graph ('source', 'fp16', 'qdq_fp16', 'qdq'),
     whether the network is strongly typed, which builder flags to set, and whether to clear TF32.
+    Weakly typed with `keep_fp32` (ONNX node names), the plan also names those nodes ("keep_fp32") and
+    adds OBEY_PRECISION_CONSTRAINTS: without it TensorRT takes a layer's precision as a hint only.
     Pure, so it is testable anywhere."""
     if typing not in TYPINGS:
         raise EngineError(f"unknown typing '{typing}'; choose one of {', '.join(TYPINGS)}")
@@ -74,7 +80,27 @@ def plan_precision(precision: str, features: Mapping[str, Any], typing: str = "a
         return {"graph": "fp16" if precision == "fp16" else "qdq_fp16", "strongly_typed": True, "flags": [], "clear_tf32": clear_tf32}
     # Weakly typed int8 without FP16 would run every unquantized layer in fp32.
     flags = ["FP16"] if precision == "fp16" else (["FP16", "INT8"] if features.get("fp16_flag") else ["INT8"])
-    return {"graph": "source" if precision == "fp16" else "qdq", "strongly_typed": False, "flags": flags, "clear_tf32": clear_tf32}
+    plan = {"graph": "source" if precision == "fp16" else "qdq", "strongly_typed": False, "flags": flags, "clear_tf32": clear_tf32}
+    if keep_fp32:
+        # In the plan, so that the plan cache's key (which hashes the plan) tells keeps apart.
+        plan.update(flags=[*flags, "OBEY_PRECISION_CONSTRAINTS"], keep_fp32=sorted(set(keep_fp32)))
+    return plan
+
+
+def layers_to_pin(layer_names: Sequence[str], keep_fp32: Iterable[str], node_names: Iterable[str] = ()) -> list[int]:
+    """Indices of the network layers that TensorRT's ONNX parser made from the `keep_fp32` ONNX nodes.
+
+    The parser names a node's layer after the node, and further layers of the same node after it with
+    a numeric suffix (``<node>_<n>``); a suffixed name that is itself an ONNX node (``/MatMul_1`` beside
+    ``/MatMul``) is that node's layer, not a helper of the shorter one.
+    """
+    keep, nodes = set(keep_fp32), set(node_names)
+    indices = []
+    for index, name in enumerate(layer_names):
+        base, _, suffix = name.rpartition("_")
+        if name in keep or (base in keep and suffix.isdigit() and name not in nodes):
+            indices.append(index)
+    return indices
 
 
 def batch_range(batch: tuple[int, int, int] | None = None, max_batch: int | None = None) -> tuple[int, int, int]:
@@ -110,6 +136,7 @@ def build(
     dla_core: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     prefer_polygraphy: bool = True,
+    keep_fp32: Sequence[str] = (),
 ) -> EngineArtifact:
     """Build `<output_dir>/<name>.<precision>.plan` and its sidecar from a prepared graph; returns the artifact.
 
@@ -130,6 +157,11 @@ def build(
     fallback (refused on a device without DLA). `cache_dir` keeps a timing cache and finished plans
     (`engines.tensorrt.cache`), keyed by TensorRT version, compute capability and device name, so a
     rebuild on the same device reuses both.
+
+    `keep_fp32` (ONNX node names, globs already expanded; the prepared graph's ``fp32_nodes``) keeps
+    those nodes in fp32: strongly typed, the prepared fp16 graph's types do it and the names are only
+    checked; weakly typed, their layers are pinned to fp32 (`layers_to_pin`). The sidecar records
+    them (``metadata["kept_fp32"]``).
     """
     BACKENDS["tensorrt"].check_precision(precision)
     batch = batch_range(batch, max_batch)
@@ -144,12 +176,14 @@ def build(
             f"{graph_path.name} {problem}; prepare it first with "
             f"calibration.prepare.prepare_graph('tensorrt', onnx_path, work_dir, '{precision}', ...)"
         )
+    node_names = [node.name for node in source.graph.node]
+    keep_fp32 = checked_keep(keep_fp32, node_names, graph_path.name) if precision != "fp32" else []
     inputs, outputs = onnx_io_metadata(source)
     profile = batch_profile(inputs, batch)
     trt = _trt()
     device = cuda_api().device_info()
     features = trt_features(trt)
-    plan = plan_precision(precision, features, typing)
+    plan = plan_precision(precision, features, typing, keep_fp32)
     plan_file = engine_file(graph_path, output_dir, name, precision, ".plan")
     settings = BuildSettings(workspace_bytes, optimization_level, dla_core, bool(features.get("strongly_typed_flag")))
 
@@ -165,14 +199,15 @@ def build(
     if serialized is not None:
         notes.append(f"plan reused from the plan cache ({caches.plans.name}/{key[:12]}...)")
     else:
-        poly, poly_note = usable_polygraphy(trt, prefer_polygraphy and dla_core is None)
+        # Pinning layers needs the parsed network in hand: that build runs on the TensorRT API.
+        poly, poly_note = usable_polygraphy(trt, prefer_polygraphy and dla_core is None and "keep_fp32" not in plan)
         if poly_note:
             notes.append(poly_note)
         timing = caches.timing_cache if caches else None
         if poly is not None:
             serialized = _build_with_polygraphy(poly, trt, graph_path, plan, profile, settings, timing)
         else:
-            serialized = _build_with_tensorrt(trt, graph_path, plan, profile, settings, timing)
+            serialized = _build_with_tensorrt(trt, graph_path, plan, profile, settings, timing, node_names)
         if caches:
             caches.keep_plan(key, serialized)
     plan_path = write_atomic(plan_file, serialized)
@@ -201,6 +236,9 @@ def build(
         "layer_precisions": layer_precisions,
         "opaque_layers": opaque_layers,
     }
+    if keep_fp32:
+        how = "pinned layers (OBEY_PRECISION_CONSTRAINTS)" if "keep_fp32" in plan else "the fp16 graph's types"
+        metadata["kept_fp32"] = {"asked": keep_fp32, "how": how}
     artifact = EngineArtifact(
         backend="tensorrt",
         path=plan_path,
@@ -284,7 +322,43 @@ def _build_with_polygraphy(poly, trt, graph_path: Path, plan, profile, settings,
     return bytes(serialized)
 
 
-def _build_with_tensorrt(trt, graph_path: Path, plan, profile, settings, timing_cache: Path | None) -> bytes:
+def checked_keep(keep_fp32: Sequence[str], node_names: Sequence[str], graph: str) -> list[str]:
+    """The kept ONNX node names, each once; an EngineError names those the graph does not have."""
+    if isinstance(keep_fp32, str) or any(not isinstance(n, str) or not n for n in keep_fp32):
+        raise EngineError(f"keep_fp32 must be a list of ONNX node names, got {keep_fp32!r}")
+    keep = list(dict.fromkeys(keep_fp32))
+    unknown = [n for n in keep if n not in set(node_names)]
+    if unknown:
+        raise EngineError(
+            f"{graph} has no node named {', '.join(repr(n) for n in unknown[:5])}; keep_fp32 takes node names of "
+            "the graph built (expand globs with calibration.fp16.match_nodes first)"
+        )
+    return keep
+
+
+def pin_fp32(trt, network, keep_fp32: Sequence[str], node_names: Sequence[str]) -> list[str]:
+    """Set precision and output types to fp32 on the layers of the kept ONNX nodes whose outputs are
+    floating point (shape and index layers keep their integer types); returns their names."""
+    float_types = (trt.DataType.FLOAT, trt.DataType.HALF)
+    names = [network.get_layer(i).name for i in range(network.num_layers)]
+    pinned = []
+    for index in layers_to_pin(names, keep_fp32, node_names):
+        network_layer = network.get_layer(index)
+        outputs = range(network_layer.num_outputs)
+        if not all(network_layer.get_output(i).dtype in float_types for i in outputs):
+            continue
+        # Weak typing's API (TensorRT 10); plan_precision plans a pin only where weak typing exists.
+        if hasattr(network_layer, "precision") and hasattr(network_layer, "set_output_type"):
+            network_layer.precision = trt.DataType.FLOAT
+            for i in outputs:
+                network_layer.set_output_type(i, trt.DataType.FLOAT)
+            pinned.append(network_layer.name)
+    return pinned
+
+
+def _build_with_tensorrt(
+    trt, graph_path: Path, plan, profile, settings, timing_cache: Path | None, node_names: Sequence[str] = ()
+) -> bytes:
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
@@ -298,6 +372,8 @@ def _build_with_tensorrt(trt, graph_path: Path, plan, profile, settings, timing_
     if not parser.parse_from_file(str(graph_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT's ONNX parser rejected {graph_path.name}: {errors}")
+    if plan.get("keep_fp32") and not pin_fp32(trt, network, plan["keep_fp32"], node_names):
+        raise EngineError(f"no TensorRT layer of {graph_path.name} comes from the kept nodes {plan['keep_fp32'][:5]}")
     config = builder.create_builder_config()
     optimization_profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.items():
