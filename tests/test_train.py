@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mtlora.checkpoint import load_checkpoint, save_checkpoint
 from mtlora.cli import main
-from mtlora.cli_options import model_config_from_options
+from mtlora.cli.options import model_config_from_options
 from mtlora.data.synthetic import SYNTHETIC_TASKS
 from mtlora.errors import CheckpointError
 from mtlora.train import (
