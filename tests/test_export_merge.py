@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.onnx.fold import ExportModel
-from mtlora.adapters import SHARED, adapter_layers
+from mtlora.adapters import SHARED, LoRALinear, adapter_layers
 from mtlora.config import AdapterConfig, ModelConfig, SwinConfig
 from mtlora.errors import MergeError
 from mtlora.merge import is_merged, merge_and_unload, merge_model, parameter_report, unload, unmerge_model
@@ -135,8 +135,11 @@ def test_merge_and_unload_leaves_a_plain_network_with_the_same_outputs():
     model = make_model("lora")
     x = images(2)
     expected = predict(model, x)
+    frozen = predict(without_adapter_updates(model), x)
+    assert max_error(frozen, expected) > 1e-3  # the adapters count, so folding them in is what keeps the outputs
     plain = merge_and_unload(model)
     assert plain is model and not adapter_layers(plain) and not is_merged(plain)
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
     assert max_error(predict(plain, x), expected) <= TOL
 
 
@@ -144,6 +147,7 @@ def test_unload_drops_the_adapters_and_keeps_the_frozen_weights():
     model = make_model("lora")
     x = images(2)
     frozen = without_adapter_updates(model)
+    assert max_error(predict(frozen, x), predict(model, x)) > 1e-3  # so matching `frozen` means they were dropped
     bases = {name: layer.base.weight.clone() for name, layer in adapter_layers(model)}
     unload(model)
     assert not adapter_layers(model)

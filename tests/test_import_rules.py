@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("mtlora", "export", "calibration", "engines", "mtlora_base")
-BASE = "mtlora_base"  # atomic files and staging directories, below every other package
+BASE = "mtlora_base"  # atomic files, the CLIs' click group: below every other package
 ALLOWED = {"mtlora": {"mtlora", BASE}, "engines": {"engines", BASE}, "calibration": {"calibration", "engines", BASE},
            "export": set(OURS), BASE: {BASE}}
 # The only modules of export/, engines/ and calibration/ that may import torch (all of mtlora may).
@@ -58,6 +58,20 @@ def test_torch_only_on_the_pytorch_side(package):
         for name, line in imports(path):
             if name.split(".")[0] in TORCH_PACKAGES:
                 wrong.append(f"{rel}:{line} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_only_the_command_line_imports_the_command_line():
+    """`mtlora.cli` is the top of mtlora: library code and export's commands (which share the click group
+    through `mtlora_base.cli`) never reach into it."""
+    wrong = []
+    for package in OURS:
+        for path in sources(package):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("mtlora/cli/"):
+                continue
+            wrong += [f"{rel}:{line} imports {name}" for name, line in imports(path)
+                      if name == "mtlora.cli" or name.startswith("mtlora.cli.")]
     assert not wrong, "\n".join(wrong)
 
 

@@ -25,7 +25,7 @@ from export.checking.accuracy import EvalBatch, check_engine
 from export.cli import main as export_cli
 from export.errors import ExportError
 from mtlora.cli import main as mtlora_cli
-from mtlora.cli_support import EXIT_CODES, describe_unexpected
+from mtlora_base.cli import EXIT_CODES, describe_unexpected
 from tests.conftest import FIXTURE, invoke
 from tests.test_hostile_inputs import Case, Inputs
 

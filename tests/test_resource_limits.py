@@ -38,7 +38,7 @@ def assert_flat(small: float, large: float, what: str) -> None:
 def small_checkpoint(tmp_path_factory) -> Path:
     """A 32x32 two-task model with the synthetic set's heads: evaluation cost is the data, not the model."""
     from mtlora.checkpoint import save_checkpoint
-    from mtlora.cli_options import model_config_from_options
+    from mtlora.cli.options import model_config_from_options
     from mtlora.data.synthetic import SYNTHETIC_TASKS
     from mtlora.model import MultiTaskSwin
 

@@ -97,7 +97,7 @@ def test_upstream_import_refuses_pickled_code(hostile, tmp_path):
 
 
 def test_pretrained_backbone_loader_refuses_pickled_code(hostile):
-    from mtlora.cli_options import model_config_from_options
+    from mtlora.cli.options import model_config_from_options
     from mtlora.errors import CheckpointError
     from mtlora.model import MultiTaskSwin
     from mtlora.pretrained import load_pretrained_backbone

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from export.checking.tolerances import Tolerances
 from export.cli import main as export_cli
 from mtlora import tasks
-from mtlora.cli_options import model_config_from_options
+from mtlora.cli.options import model_config_from_options
 from mtlora.data import synthetic, transforms
 from mtlora.losses import LOSSES, register_loss
 from mtlora.metrics import Evaluator

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mtlora.checkpoint import load_checkpoint, save_checkpoint
 from mtlora.cli import main
-from mtlora.cli_options import model_config_from_options
+from mtlora.cli.options import model_config_from_options
 from mtlora.data.synthetic import SYNTHETIC_TASKS
 from mtlora.errors import CheckpointError
 from mtlora.train import (
@@ -143,12 +143,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     save_training_checkpoint(model, out, {"epoch": 1}, optimizer, names, {"epoch": 1, "step": 1, "train_config": {}})
     before = sorted(p.name for p in out.iterdir())
 
-    import mtlora.train as train_module
+    import mtlora.train.state as training_state  # where save_training_checkpoint looks up save_file
 
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module, "save_file", broken_save_file)
+    monkeypatch.setattr(training_state, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_training_checkpoint(model, out, {"epoch": 2}, optimizer, names, {"epoch": 2, "step": 2, "train_config": {}})
     assert sorted(p.name for p in out.iterdir()) == before

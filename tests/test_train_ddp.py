@@ -32,7 +32,7 @@ def _worker(rank: int, port: int, out: str, weights_dir: str, accumulation: int 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from mtlora.cli_options import model_config_from_options
+    from mtlora.cli.options import model_config_from_options
     from mtlora.train import TrainConfig, Trainer, setup_distributed
 
     unsynced = []  # micro-batches run under no_sync (their gradients are not all-reduced)
@@ -79,7 +79,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, accumulation):
         assert torch.equal(rank0[key], rank1[key]), key
         assert torch.equal(rank0[key], written[key]), key
     # The ranks trained (on different shards) rather than agreeing on the initial weights.
-    from mtlora.cli_options import model_config_from_options
+    from mtlora.cli.options import model_config_from_options
     from mtlora.model import MultiTaskSwin
 
     torch.manual_seed(0)

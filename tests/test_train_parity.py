@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtlora.cli_options import model_config_from_options
+from mtlora.cli.options import model_config_from_options
 from mtlora.model import MultiTaskSwin
 from mtlora.train import (
     OptimizerStep,

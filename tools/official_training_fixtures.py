@@ -55,7 +55,7 @@ def main(official_root: str, out_dir: str) -> None:
     from lr_scheduler import build_scheduler
     from optimizer import build_optimizer
 
-    from mtlora.cli_options import model_config_from_options
+    from mtlora.cli.options import model_config_from_options
     from mtlora.model import MultiTaskSwin
 
     out = Path(out_dir)

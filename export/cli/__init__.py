@@ -12,8 +12,8 @@ import click
 
 from engines.errors import EngineError
 from mtlora import __version__
-from mtlora.cli_support import ErrorHandlingGroup, debug_option
-from mtlora.errors import MTLoRAError
+from mtlora.errors import MTLoRAError, OptionError
+from mtlora_base.cli import ErrorHandlingGroup, debug_option
 
 # command name -> "module:function"; adding a command means adding a row.
 COMMANDS = {
@@ -30,6 +30,7 @@ COMMANDS = {
 
 class ExportGroup(ErrorHandlingGroup):
     handled = (MTLoRAError, EngineError)
+    usage_errors = (OptionError,)
     lazy_commands = COMMANDS
 
 

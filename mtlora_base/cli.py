@@ -1,7 +1,9 @@
 """Click plumbing shared by the `mtlora` and `mtlora-export` command lines.
 
 Library errors are our own exception types; at the CLI boundary they become one
-line on stderr and exit code 1 (click's usage errors keep exit code 2). A
+line on stderr and exit code 1 (click's usage errors keep exit code 2). Each
+command line's group names its library's error types (`handled`, and
+`usage_errors` for those that are bad flags), so this module knows none. A
 traceback is shown only with `--debug`. SIGTERM (a job scheduler, `docker stop`,
 `timeout`) is handled like Ctrl-C: the same clean-up, one line, its own exit
 code. The codes are one table, `EXIT_CODES` (docs/reliability.md shows it).
@@ -18,7 +20,7 @@ import threading
 
 import click
 
-from mtlora.errors import MTLoRAError, OptionError
+from mtlora_base.files import os_error_hint
 
 # Exit codes of both command lines; 128 + the signal's number for an interrupted command, as shells report it.
 EXIT_CODES = {
@@ -63,7 +65,8 @@ class ErrorHandlingGroup(click.Group):
     never import the group back and a command's heavy imports cost nothing elsewhere.
     """
 
-    handled: tuple[type[BaseException], ...] = (MTLoRAError,)
+    handled: tuple[type[BaseException], ...] = ()  # the library's own errors: one line, exit 1
+    usage_errors: tuple[type[BaseException], ...] = ()  # those of them that are bad flags: exit 2
     lazy_commands: dict[str, str] = {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -87,7 +90,7 @@ class ErrorHandlingGroup(click.Group):
             if debug:
                 raise
             click.echo(f"Error: {_one_line(err)}", err=True)
-            sys.exit(EXIT_CODES["usage" if isinstance(err, OptionError) else "failure"])
+            sys.exit(EXIT_CODES["usage" if isinstance(err, self.usage_errors) else "failure"])
         except KeyboardInterrupt as err:
             which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
             click.echo(f"Interrupted ({which}).", err=True)
@@ -108,8 +111,6 @@ def describe_unexpected(err: BaseException) -> str:
     """One line for an error no library code turned into ours: what the system said, or an internal error."""
     if isinstance(err, OSError):
         where = f"{err.filename}: " if err.filename else ""
-        from mtlora.fileio import os_error_hint
-
         return f"{where}{err.strerror or _one_line(err)}; {os_error_hint(err)}"
     if isinstance(err, MemoryError):
         return "out of memory; use a smaller batch, input size or model, or a machine with more memory"
