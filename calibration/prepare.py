@@ -45,6 +45,7 @@ from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_
 from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
 from engines.files import load_onnx, set_onnx_metadata, sha256_file, write_atomic
 from engines.graph_purpose import purpose_metadata
+from engines.precision import PRECISIONS
 from engines.registry import BACKENDS
 
 FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, QDQ_U8_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "qdq_u8", "nncf"
@@ -116,7 +117,8 @@ def prepare_graph(
             "(resolve 'auto' with engines.registry.choose_backend first)"
         )
     BACKENDS[backend].check_precision(precision)
-    if qdq_onnx is not None and precision != "int8":
+    wanted = PRECISIONS[precision]
+    if qdq_onnx is not None and not wanted.calibrated:
         raise CalibrationError(f"qdq_onnx is an int8 graph; {backend} {precision} does not take one")
     onnx_path = Path(onnx_path)
     load_onnx(onnx_path)  # a missing or unreadable ONNX fails here, whatever the precision
@@ -125,13 +127,14 @@ def prepare_graph(
         "source_sha256": sha256_file(onnx_path),
         "prepared_for": backend,
     }
-    if precision == "fp32" or (backend == "openvino" and precision in ("fp16", "bf16")):
-        notes = () if precision == "fp32" else (f"OpenVINO converts the ONNX and runs it in {precision} itself",)
+    # The export's own precision is the ONNX itself; OpenVINO converts a float graph to any float itself.
+    if wanted.source or (backend == "openvino" and wanted.family == "float"):
+        notes = () if wanted.source else (f"OpenVINO converts the ONNX and runs it in {precision} itself",)
         return PreparedGraph(onnx_path, precision, backend, metadata, notes)
 
     if cache is not None and not isinstance(cache, CalibrationCache):
         cache = CalibrationCache(cache)
-    if precision == "fp16":
+    if precision == "fp16":  # fp16's own graph; another float precision built from a graph needs its branch here
         path = _fp16_graph(onnx_path, Path(work_dir) / FP16_DIR, keep_fp32, keep_output_layers, metadata)
     elif qdq_onnx is not None:
         # A calibrated Q/DQ graph (from a bundle): every backend builds int8 from it as it is, OpenVINO
@@ -143,9 +146,9 @@ def prepare_graph(
         path = _qdq_graph(
             onnx_path, Path(work_dir) / QDQ_DIR, calibration, keep_fp32, keep_output_layers, calibration_method, cache, metadata
         )
-    if backend == "tensorrt" and precision == "int8":
+    if backend == "tensorrt" and wanted.calibrated:
         path = _qdq_fp16_graph(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
-    if backend == "onnxruntime" and precision == "int8":
+    if backend == "onnxruntime" and wanted.calibrated:
         if qdq_onnx is None:
             _tensorrt_int8_sibling(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
         path = _qdq_u8_graph(path, onnx_path, Path(work_dir) / QDQ_U8_DIR, metadata)
