@@ -56,6 +56,7 @@ from calibration.qdq import EXCLUDED_NODES_KEY, check_qdq_conventions, quantize_
 from calibration.qdq_fp16 import QDQ_FP16_OPSET, to_qdq_fp16_graph
 from engines.files import load_onnx, set_onnx_metadata, sha256_file, write_atomic
 from engines.graph_purpose import purpose_metadata
+from engines.precision import PRECISIONS
 from engines.registry import BACKENDS
 
 FP16_DIR, QDQ_DIR, QDQ_FP16_DIR, QDQ_U8_DIR, NNCF_DIR = "fp16", "qdq", "qdq_fp16", "qdq_u8", "nncf"
@@ -129,7 +130,8 @@ def prepare_graph(
             "(resolve 'auto' with engines.registry.choose_backend first)"
         )
     BACKENDS[backend].check_precision(precision)
-    if qdq_onnx is not None and precision != "int8":
+    wanted = PRECISIONS[precision]
+    if qdq_onnx is not None and not wanted.calibrated:
         raise CalibrationError(f"qdq_onnx is an int8 graph; {backend} {precision} does not take one")
     onnx_path = Path(onnx_path)
     load_onnx(onnx_path)  # a missing or unreadable ONNX fails here, whatever the precision
@@ -138,11 +140,13 @@ def prepare_graph(
         "source_sha256": sha256_file(onnx_path),
         "prepared_for": backend,
     }
-    openvino16 = backend == "openvino" and precision in ("fp16", "bf16")
+    # The export's own precision is the ONNX itself; OpenVINO converts a float graph to any float itself,
+    # unless nodes are kept in fp32: then it gets an IR with those nodes marked.
+    openvino16 = backend == "openvino" and wanted.sixteen_bit
     # A model of several graphs takes the same globs for each: one may match nothing in this graph.
     source, kept_nodes = _openvino_kept_nodes(onnx_path, keep_fp32) if openvino16 and keep_fp32 else (None, [])
-    if precision == "fp32" or (openvino16 and not kept_nodes):
-        notes = () if precision == "fp32" else (f"OpenVINO converts the ONNX and runs it in {precision} itself",)
+    if wanted.source or (openvino16 and not kept_nodes):
+        notes = () if wanted.source else (f"OpenVINO converts the ONNX and runs it in {precision} itself",)
         return PreparedGraph(onnx_path, precision, backend, metadata, notes)
     if openvino16:
         path = _openvino_kept_ir(onnx_path, source, Path(work_dir) / OPENVINO16_DIR, keep_fp32, kept_nodes, metadata)
@@ -150,7 +154,7 @@ def prepare_graph(
 
     if cache is not None and not isinstance(cache, CalibrationCache):
         cache = CalibrationCache(cache)
-    if precision == "fp16":
+    if precision == "fp16":  # fp16's own graph; another float precision built from a graph needs its branch here
         path = _fp16_graph(onnx_path, Path(work_dir) / FP16_DIR, keep_fp32, keep_output_layers, metadata)
     elif qdq_onnx is not None:
         # A calibrated Q/DQ graph (from a bundle): every backend builds int8 from it as it is, OpenVINO
@@ -162,9 +166,9 @@ def prepare_graph(
         path = _qdq_graph(
             onnx_path, Path(work_dir) / QDQ_DIR, calibration, keep_fp32, keep_output_layers, calibration_method, cache, metadata
         )
-    if backend == "tensorrt" and precision == "int8":
+    if backend == "tensorrt" and wanted.calibrated:
         path = _qdq_fp16_graph(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
-    if backend == "onnxruntime" and precision == "int8":
+    if backend == "onnxruntime" and wanted.calibrated:
         if qdq_onnx is None:
             _tensorrt_int8_sibling(path, onnx_path, Path(work_dir) / QDQ_FP16_DIR, keep_fp32, keep_output_layers, metadata)
         path = _qdq_u8_graph(path, onnx_path, Path(work_dir) / QDQ_U8_DIR, metadata)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from engines.errors import BackendUnavailable, EngineError
+from engines.precision import built_by
 
 AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
-# Every precision any backend builds; each backend's row says which of them it can.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# The precision table (`engines.precision`) says which backends build each precision; each backend's row
+# below reads its list from there.
 
 
 # cuInit results worth naming (CUresult); any other nonzero one is reported by its number.
@@ -125,7 +126,7 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {
     "tensorrt": BackendSpec(
         name="tensorrt",
-        precisions=("fp32", "fp16", "int8"),
+        precisions=built_by("tensorrt"),
         devices=("cuda",),
         suffix=".plan",
         module="engines.tensorrt",
@@ -136,7 +137,7 @@ BACKENDS: dict[str, BackendSpec] = {
     ),
     "openvino": BackendSpec(
         name="openvino",
-        precisions=("fp32", "fp16", "bf16", "int8"),
+        precisions=built_by("openvino"),
         devices=("CPU", "GPU", "NPU"),
         suffix=".xml",
         module="engines.openvino",
@@ -144,7 +145,7 @@ BACKENDS: dict[str, BackendSpec] = {
     ),
     "onnxruntime": BackendSpec(
         name="onnxruntime",
-        precisions=("fp32", "fp16", "int8"),
+        precisions=built_by("onnxruntime"),
         devices=("cpu", "cuda", "tensorrt"),
         suffix=".onnx",
         module="engines.onnxruntime",

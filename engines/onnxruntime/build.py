@@ -20,6 +20,7 @@ from engines.artifact import EngineArtifact
 from engines.errors import EngineError
 from engines.files import copy_atomic, engine_file, load_onnx, sha256_file, source_metadata
 from engines.onnxruntime.runner import _ort, create_session, io_metadata, resolve_providers, session_options
+from engines.precision import PRECISIONS
 from engines.registry import BACKENDS
 
 INT8_KERNEL_OPS = frozenset(
@@ -109,8 +110,8 @@ def graph_precision_problem(model, precision: str) -> str:
 
     int8 needs QuantizeLinear/DequantizeLinear nodes; fp16 needs float16 weights.
     """
-    if precision == "int8" and not any(node.op_type in QDQ_OPS for node in model.graph.node):
-        return "has no QuantizeLinear/DequantizeLinear nodes: it is not a Q/DQ int8 graph"
+    if PRECISIONS[precision].calibrated and not any(node.op_type in QDQ_OPS for node in model.graph.node):
+        return f"has no QuantizeLinear/DequantizeLinear nodes: it is not a Q/DQ {precision} graph"
     if precision == "fp16" and not any(init.data_type == FLOAT16 for init in model.graph.initializer):
         return "has no float16 weights: it is not an fp16 graph"
     return ""
@@ -149,8 +150,8 @@ def executed_precision(path: Path, precision: str, providers: Sequence[str]) -> 
             "the CPU provider has no fp16 Conv/MatMul kernels: onnxruntime casts them to fp32, "
             "so the fp16 graph only rounds weights and activations to fp16 here"
         )
-    if precision == "int8" and int8 == 0:
+    if PRECISIONS[precision].calibrated and int8 == 0:
         return "fp32", kernels, "onnxruntime fused no Q/DQ pair into an int8 kernel: int8 is only simulated in float"
-    if precision == "fp32" and (fp16 or int8):
+    if PRECISIONS[precision].source and (fp16 or int8):
         return "mixed", kernels, "the fp32 engine runs fp16/int8 kernels: the source ONNX was not fp32"
     return precision, kernels, ""

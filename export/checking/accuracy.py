@@ -19,6 +19,7 @@ from export.checking.results import (
     Check,
     EngineCheck,
     EngineInfo,
+    Judgement,
     MetricComparison,
     TaskResult,
     TensorAgreement,
@@ -112,7 +113,7 @@ class TaskCheck:
             self.engine_meter.update(self.spec.for_meter(engine), label)
             self.reference_meter.update(self.spec.for_meter(reference), label)
 
-    def result(self, tolerance: Tolerance) -> TaskResult:
+    def result(self, tolerance: Tolerance, judged: Judgement | None = None) -> TaskResult:
         measured = {}
         if self.agreement is not None:
             measured[self.agreement.measurement] = self.agreement_sum / max(self.pixels, 1)
@@ -129,7 +130,7 @@ class TaskCheck:
         checks = tuple(Check(name, measured[name], limit, op)
                        for name, limit, op in _limits(tolerance, metrics)
                        if limit is not None and measured.get(name) is not None)
-        return TaskResult(self.task, tensor, agreement, angle, metrics, checks)
+        return TaskResult(self.task, tensor, agreement, angle, metrics, checks, judged)
 
 
 def _floats(result: Mapping) -> dict[str, float]:
@@ -147,7 +148,11 @@ def _limits(tolerance: Tolerance, metrics: MetricComparison | None) -> list[tupl
 
 
 class EngineChecker:
-    """Accumulates one engine's outputs batch by batch; `finish` judges every task."""
+    """Accumulates one engine's outputs batch by batch; `finish` judges every task.
+
+    `precision` is what was asked for; `finish` judges each task by the limits `tolerances.judge` gives for
+    it and for what the engine reports it ran (`EngineInfo.precision_executed`), and records whose they are.
+    """
 
     def __init__(self, task_channels: Mapping[str, int], precision: str, tolerances: Tolerances | None = None,
                  postprocessed: bool = False):
@@ -170,7 +175,7 @@ class EngineChecker:
     def finish(self, engine: EngineInfo, reference_source: str = "pytorch") -> EngineCheck:
         if self.samples == 0:
             raise ExportError("the evaluation set is empty; give --eval-data with at least one image")
-        tasks = {task: check.result(self.tolerances.for_task(self.precision, task, check.kind))
+        tasks = {task: check.result(*self.tolerances.judge(self.precision, engine.precision_executed, task, check.kind))
                  for task, check in self.checks.items()}
         return EngineCheck(engine, self.samples, self.labelled, reference_source, tasks)
 

@@ -95,9 +95,9 @@ def render_html(report: Report, samples: list[Sample], mean, std, curves_png: Pa
         _table(report),
     ]
     for engine in report.engines:
+        judged = engine.describe_judged() or f"precision that ran: {engine.engine.precision_executed or '?'}"
         parts.append(f"<p>{html.escape(engine.key)}: {engine.samples} samples, "
-                     f"reference from {html.escape(engine.reference_source)}, precision that ran: "
-                     f"{html.escape(engine.engine.precision_executed or '?')}</p>")
+                     f"reference from {html.escape(engine.reference_source)}, {html.escape(judged)}</p>")
     parts += _sections(report)
     for index, sample in enumerate(samples):
         size = sample.image.shape[-1]

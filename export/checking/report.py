@@ -20,7 +20,16 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-HEADER = ["backend", "precision (asked/ran)", "task", "max abs", "cosine", "agree/angle", "metric vs labels", "verdict"]
+HEADER = ["backend", "precision: asked, ran, limits", "task", "max abs", "cosine", "agree/angle", "metric vs labels",
+          "verdict"]
+
+
+def _precision_cell(info, result) -> str:
+    """What was asked, what ran and whose limits judged the task ('fp16 asked, bf16 ran, bf16 defaults');
+    a report of an older version, which does not say whose, shows asked/ran."""
+    if result.judged is None:
+        return f"{info.precision_requested}/{info.precision_executed or '?'}"
+    return result.judged.describe(short=True)
 
 
 def rows(report: Report) -> list[list[str]]:
@@ -28,6 +37,8 @@ def rows(report: Report) -> list[list[str]]:
     out = []
     for engine in report.engines:
         info = engine.engine
+        # A per-part engine set's rows say each task's path; its backend cell names the plan.
+        backend = f"{info.backend} ({info.precision_requested})" if "=" in info.precision_requested else info.backend
         for task, result in engine.tasks.items():
             metric = ""
             if result.metrics:
@@ -35,8 +46,8 @@ def rows(report: Report) -> list[list[str]]:
                 metric = f"{name} {result.metrics.engine[name]:.2f} (ref {result.metrics.reference[name]:.2f})"
             failed = [c.name for c in result.failed]
             out.append([
-                info.backend,
-                f"{info.precision_requested}/{info.precision_executed or '?'}",
+                backend,
+                _precision_cell(info, result),
                 task,
                 _fmt(result.tensor.max_abs),
                 _fmt(result.tensor.cosine),
@@ -151,8 +162,10 @@ def format_markdown(report: Report) -> str:
     lines += _markdown_table(HEADER, rows(report))
     for engine in report.engines:
         lines.append("")
+        judged = engine.describe_judged()
         lines.append(f"- {engine.key}: {engine.samples} samples, "
-                     f"{'labelled' if engine.labelled else 'no labels'}, reference from {engine.reference_source}")
+                     f"{'labelled' if engine.labelled else 'no labels'}, reference from {engine.reference_source}"
+                     + (f"; {judged}" if judged else ""))
     if report.fallbacks:
         lines += ["", "## INT8 fallback", ""]
         lines += _markdown_table(FALLBACK_HEADER, fallback_rows(report))
@@ -171,10 +184,19 @@ def format_junit(report: Report) -> str:
         cases = [(task, c) for task, result in engine.tasks.items() for c in result.checks]
         suite = ET.SubElement(suites, "testsuite", name=engine.key, tests=str(len(cases)),
                               failures=str(sum(not c.passed for _, c in cases)))
+        properties = ET.SubElement(suite, "properties")
+        info = engine.engine
+        for name, value in (("precision_requested", info.precision_requested),
+                            ("precision_executed", info.precision_executed), ("judged", engine.describe_judged())):
+            if value:
+                ET.SubElement(properties, "property", name=name, value=value)
         for task, c in cases:
             case = ET.SubElement(suite, "testcase", classname=engine.key, name=f"{task}.{c.name}")
             if not c.passed:
-                failure = ET.SubElement(case, "failure", message=f"{c.name} = {_fmt(c.value)}, limit {c.op} {c.limit}")
+                judged = engine.tasks[task].judged
+                whose = f" ({judged.describe()})" if judged is not None else ""
+                failure = ET.SubElement(case, "failure",
+                                        message=f"{c.name} = {_fmt(c.value)}, limit {c.op} {c.limit}{whose}")
                 failure.text = json.dumps(c.to_dict())
     return ET.tostring(suites, encoding="unicode") + "\n"
 

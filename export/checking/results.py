@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
@@ -81,6 +82,49 @@ class MetricComparison:
                    {k: float(v) for k, v in d["engine"].items()}, {k: float(v) for k, v in d["reference"].items()})
 
 
+DEFAULT_LIMITS = "defaults"  # `Judgement.limits` when no tolerance file entry applied
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Whose limits judged one task of one engine (`export.checking.tolerances.Tolerances.judge`).
+
+    precision_asked: the precision asked for on the task's path; precision_ran: what the backend reports
+    ran there ('' when unknown); precision_judged: the precision whose default limits apply (the looser of
+    asked and ran, never tighter than asked); limits: "defaults", or the tolerance file whose entry
+    applied; limits_precision: the precision of that entry (precision_judged with the defaults)."""
+
+    precision_asked: str
+    precision_ran: str
+    precision_judged: str
+    limits: str = DEFAULT_LIMITS
+    limits_precision: str = ""
+
+    @property
+    def from_file(self) -> bool:
+        return self.limits != DEFAULT_LIMITS
+
+    def describe(self, short: bool = False) -> str:
+        """'fp16 asked, bf16 ran, bf16 defaults'; with a file entry, 'fp16 limits of tol.json' (`short`:
+        the file's name only), with the defaults it sits on when they are another precision's."""
+        head = f"{self.precision_asked} asked, {self.precision_ran or '?'} ran, "
+        if not self.from_file:
+            return head + f"{self.precision_judged} defaults"
+        where = Path(self.limits).name if short else self.limits
+        over = f" over {self.precision_judged} defaults" if self.limits_precision != self.precision_judged else ""
+        return head + f"{self.limits_precision} limits of {where}{over}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision_asked": self.precision_asked, "precision_ran": self.precision_ran,
+                "precision_judged": self.precision_judged, "limits": self.limits,
+                "limits_precision": self.limits_precision or self.precision_judged}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Judgement:
+        return cls(str(d["precision_asked"]), str(d.get("precision_ran", "")), str(d["precision_judged"]),
+                   str(d.get("limits", DEFAULT_LIMITS)), str(d.get("limits_precision", "")))
+
+
 @dataclass(frozen=True)
 class TaskResult:
     """Everything measured and judged for one task of one engine."""
@@ -91,6 +135,7 @@ class TaskResult:
     angle_deg: float | None = None  # mean angle between engine and reference normals
     metrics: MetricComparison | None = None
     checks: tuple[Check, ...] = ()
+    judged: Judgement | None = None  # whose limits the checks are (None in reports of older versions)
 
     @property
     def passed(self) -> bool:
@@ -116,6 +161,8 @@ class TaskResult:
             out["angle_deg"] = self.angle_deg
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_dict()
+        if self.judged is not None:
+            out["judged"] = self.judged.to_dict()
         return out
 
     @classmethod
@@ -124,7 +171,8 @@ class TaskResult:
                    None if d.get("argmax_agreement") is None else float(d["argmax_agreement"]),
                    None if d.get("angle_deg") is None else float(d["angle_deg"]),
                    MetricComparison.from_dict(d["metrics"]) if d.get("metrics") else None,
-                   tuple(Check.from_dict(c) for c in d.get("checks", [])))
+                   tuple(Check.from_dict(c) for c in d.get("checks", [])),
+                   Judgement.from_dict(d["judged"]) if d.get("judged") else None)
 
 
 @dataclass(frozen=True)
@@ -176,10 +224,31 @@ class EngineCheck:
     def __bool__(self) -> bool:
         return self.passed
 
+    @property
+    def judged(self) -> list[tuple[Judgement, tuple[str, ...]]]:
+        """Whose limits judged this engine: each distinct judgement with its tasks, in task order."""
+        groups: dict[Judgement, list[str]] = {}
+        for task, result in self.tasks.items():
+            if result.judged is not None:
+                groups.setdefault(result.judged, []).append(task)
+        return [(j, tuple(tasks)) for j, tasks in groups.items()]
+
+    def describe_judged(self, short: bool = False) -> str:
+        """One line: 'fp16 asked, bf16 ran, bf16 defaults', per task where the tasks differ ('' when unknown)."""
+        groups = self.judged
+        if len(groups) == 1 and len(groups[0][1]) == len(self.tasks):
+            return groups[0][0].describe(short)
+        return "; ".join(f"{', '.join(tasks)}: {j.describe(short)}" for j, tasks in groups)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine.to_dict(), "samples": self.samples, "labelled": self.labelled,
-                "reference": self.reference_source, "passed": self.passed,
-                "tasks": {t: r.to_dict() for t, r in self.tasks.items()}}
+        out = {"engine": self.engine.to_dict(), "samples": self.samples, "labelled": self.labelled,
+               "reference": self.reference_source, "passed": self.passed,
+               "tasks": {t: r.to_dict() for t, r in self.tasks.items()}}
+        if self.judged:  # per engine, for people reading the JSON; the tasks' own entries are what is read back,
+            # sorted, as the JSON's task keys are: a report read back gives the same dict
+            out["judged"] = sorted(({**j.to_dict(), "tasks": sorted(tasks)} for j, tasks in self.judged),
+                                   key=lambda group: group["tasks"])
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineCheck:

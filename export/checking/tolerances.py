@@ -14,6 +14,14 @@ The file is checked against this schema, and against the model's tasks once
 they are known: a misspelt task or limit, a negative, NaN or boolean limit, or a
 limit that cannot apply to the task (an angle for a class map) is an error, so a
 tighter CI limit can never silently vanish.
+
+Which limits judge an engine (`Tolerances.judge`): default limits follow the
+precision that ran; limits a user wrote are never loosened. A task is judged by
+the file's entry for the precision that ran, else the file's entry for the
+precision asked (over the defaults of the one that ran), else the defaults of
+the precision that ran. "Ran" is the numerics the engine had, not only its
+kernels: the looser of asked and reported (`engines.precision.judged_precision`),
+so an fp16 graph that ran fp32 kernels is still judged as fp16, never tighter.
 """
 
 from __future__ import annotations
@@ -21,14 +29,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from engines.precision import PRECISIONS, Precision, PrecisionError, get_precision, judged_precision
+from export.checking.results import DEFAULT_LIMITS, Judgement
 from export.errors import ExportError
 from mtlora.tasks import KINDS, TASKS
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EVERY_TASK = "*"
 
 
@@ -64,21 +73,20 @@ def kind_limits(kind: str) -> tuple[str, ...]:
 # A precision's levels, which each kind's row turns into its limits (`mtlora.tasks.TaskKind.default_limits`):
 # max_abs and cosine for tensors, agreement for pixels that keep their class or side, angle for normals (degrees),
 # drop for the primary metric against labels, ids the floor for post-processed class ids (no tensor to compare).
-LEVELS: dict[str, dict[str, float | None]] = {
-    # fp32 is judged on the tensors; class ids (post-processed) may differ only where two classes tie.
-    "fp32": {"max_abs": 1e-3, "cosine": 0.99999, "agreement": None, "angle": None, "drop": None, "ids": 0.9999},
-    "fp16": {"max_abs": None, "cosine": 0.999, "agreement": 0.99, "angle": 0.5, "drop": 0.5, "ids": 0.99},
-    "bf16": {"max_abs": None, "cosine": 0.99, "agreement": 0.97, "angle": 1.5, "drop": 0.5, "ids": 0.97},
-    # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error
-    # <= 0.5 degrees worse); the cosine, angle and class-id floors only catch an engine that is broken
-    # outright, and are what remains when the evaluation set has no labels.
-    "int8": {"max_abs": None, "cosine": 0.95, "agreement": None, "angle": 5.0, "drop": 1.0, "ids": 0.9},
-}
+# They are the precision table's (`engines.precision.PRECISIONS`, each row's `levels`).
+LEVELS: dict[str, Mapping[str, float | None]] = {p.name: p.levels for p in PRECISIONS.values()}
 
 
-def default_tolerance(precision: str, kind: str) -> Tolerance:
+def _precision(name: str | Precision) -> Precision:
+    try:
+        return get_precision(name)
+    except PrecisionError:
+        raise ExportError(f"no tolerances for precision '{name}'; use {', '.join(PRECISIONS)}") from None
+
+
+def default_tolerance(precision: str | Precision, kind: str) -> Tolerance:
     """The limits of a kind of task at `precision` before any override."""
-    return Tolerance(**KINDS[kind].default_limits(LEVELS[precision]))
+    return Tolerance(**KINDS[kind].default_limits(_precision(precision).levels))
 
 
 def _parse_limits(raw, where: str) -> dict[str, float | None]:
@@ -161,15 +169,29 @@ class Tolerances:
                 raise ExportError(f"{self.source}: {precision} sets limits for {', '.join(missing)}, which the "
                                   f"model does not have; its tasks: {', '.join(sorted(tasks))}")
 
-    def for_task(self, precision: str, task: str, kind: str | None = None) -> Tolerance:
-        """The limits of `task` at `precision`; `kind` is its output's kind (post-processed or not)."""
-        if precision not in LEVELS:
-            raise ExportError(f"no tolerances for precision '{precision}'; use {', '.join(PRECISIONS)}")
-        kind = kind or TASKS[task].kind
-        tolerance = default_tolerance(precision, kind)
+    def entry(self, precision: str, task: str, kind: str) -> dict[str, float | None]:
+        """The limits this file gives `task` (its `*` entry, then its own) at `precision` that apply to its kind."""
         override = self.overrides.get(precision, {})
+        limits: dict[str, float | None] = {}
         for key in (EVERY_TASK, task):
-            if key in override:
-                applicable = {k: v for k, v in override[key].items() if k in kind_limits(kind)}
-                tolerance = replace(tolerance, **applicable)
-        return tolerance
+            limits |= {k: v for k, v in override.get(key, {}).items() if k in kind_limits(kind)}
+        return limits
+
+    def judge(self, asked: str | Precision, executed: str, task: str, kind: str | None = None, *,
+              judged_as: str | Precision | None = None) -> tuple[Tolerance, Judgement]:
+        """The limits of `task` on an engine asked for `asked` whose backend reports `executed` ran, and
+        whose they are (see the module's docstring). `judged_as` (default: the looser of asked and executed)
+        is the precision whose numerics the task had, when the caller worked it out per part."""
+        asked = _precision(asked)
+        ran = _precision(judged_as) if judged_as is not None else judged_precision(asked, executed)
+        kind = kind or TASKS[task].kind
+        tolerance = default_tolerance(ran, kind)
+        for entry in dict.fromkeys((ran.name, asked.name)):
+            written = self.entry(entry, task, kind)
+            if written:
+                return replace(tolerance, **written), Judgement(asked.name, executed, ran.name, self.source, entry)
+        return tolerance, Judgement(asked.name, executed, ran.name, DEFAULT_LIMITS, ran.name)
+
+    def for_task(self, precision: str, task: str, kind: str | None = None) -> Tolerance:
+        """The limits of `task` at `precision` (asked and ran); `kind` is its output's kind (post-processed or not)."""
+        return self.judge(precision, precision, task, kind)[0]

@@ -6,11 +6,11 @@ from dataclasses import MISSING, fields
 
 import click
 
-from engines.registry import PRECISIONS
+from engines.precision import PRECISIONS
 from export.errors import ExportError
-from export.pipeline.options import BACKEND_CHOICES, BuildOptions
+from export.pipeline.options import ALL, AUTO, BACKEND_CHOICES, BuildOptions, plan_of
 
-PRECISION_CHOICES = [*PRECISIONS, "all"]
+PRECISION_CHOICES = [*PRECISIONS, ALL]
 
 
 def say(line: str) -> None:
@@ -21,10 +21,13 @@ def say(line: str) -> None:
 
 
 class BuildPrecision(click.ParamType):
-    """A backend precision, 'all', 'auto', or one per part of a split layout (backbone=int8,heads=fp16)."""
+    """A precision of the table, 'all', 'auto', or one per part of a split layout (backbone=int8,heads=fp16).
+
+    The one place a `--precision` value is parsed (`export.pipeline.options.plan_of`: a `PrecisionPlan`);
+    what it gives the build is the plan's canonical name, which build.json and engine directories record."""
 
     name = "precision"
-    choices = [*PRECISION_CHOICES, "auto"]
+    choices = [*PRECISION_CHOICES, AUTO]
 
     def get_metavar(self, param, ctx=None) -> str:
         return f"[{'|'.join(self.choices)}|backbone=P,heads=P]"
@@ -33,10 +36,8 @@ class BuildPrecision(click.ParamType):
         if value in self.choices:
             return value
         if "=" in str(value):
-            from export.pipeline.options import normalize_precision
-
             try:
-                return normalize_precision(str(value))
+                return str(plan_of(str(value)))
             except ExportError as err:
                 self.fail(str(err), param, ctx)
         self.fail(f"'{value}' is not one of {', '.join(self.choices)}, nor parts like backbone=int8,heads=fp16",

@@ -8,26 +8,29 @@ PyTorch, the ones stored in evalset.npz).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from engines.artifact import EngineArtifact
+from engines.precision import Precision, PrecisionPlan, judged_precision
+from engines.runner import Runner
 from export.artifacts.builddir import BuildDir
-from export.artifacts.engineset import EngineSet, list_engine_sets, load_runner
+from export.artifacts.engineset import EngineSet, SplitRunner, list_engine_sets, load_runner
 from export.artifacts.evalset import EvalSet, check_numbers, read_npz
 from export.artifacts.manifest import ExportInfo, verify_manifest
 from export.artifacts.records import publish_records, read_build_record, recover_records, verify_records
 from export.checking.accuracy import EngineChecker, EvalBatch
 from export.checking.html import Sample, render_html
 from export.checking.report import report_files
-from export.checking.results import EngineInfo, Report
-from export.checking.tolerances import Tolerances
+from export.checking.results import EngineInfo, Judgement, Report
+from export.checking.tolerances import Tolerance, Tolerances
 from export.errors import ExportError
 from export.pipeline.data import batched, iter_samples, parse_spec
-from export.pipeline.options import BuildOptions, Say, is_part_precision, task_precisions
+from export.pipeline.options import BuildOptions, Say, plan_of
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import DEFAULT_MODEL, ModelSource, default_model_present
 from mtlora.tasks import postprocess
@@ -96,22 +99,70 @@ class CheckOutcome:
         return render_html(self.report, self.samples, self.mean, self.std, self.curves_png)
 
 
+@dataclass(frozen=True)
+class TaskPath:
+    """The precisions on one task's path through a split engine set (its backbone, its head): the loosest
+    asked; what ran as reported ("int8", or "int8/bf16" where backbone and head differ); and the loosest
+    of what each part really computed (`engines.precision.judged_precision`, per part)."""
+
+    asked: Precision
+    ran: str
+    judged: Precision
+
+
+def task_paths(plan: PrecisionPlan, executed: Mapping[str, str], tasks: Iterable[str]) -> dict[str, TaskPath]:
+    """Each task's `TaskPath` in an engine set of `plan` whose parts report `executed` ({role: precision})."""
+    paths = {}
+    for task in tasks:
+        roles = ("backbone", f"head_{task}")
+        judged = [judged_precision(plan.for_role(r), executed.get(r, "")) for r in roles]
+        ran = "/".join(dict.fromkeys(executed.get(r) or "?" for r in roles))
+        paths[task] = TaskPath(plan.for_task(task), ran, judged[0].looser(judged[1]))
+    return paths
+
+
 class PartTolerances:
     """Tolerances for an engine set whose parts have different precisions: each task is judged at the
-    loosest precision on its path (its backbone's, its head's)."""
+    loosest precision on its path (its backbone's, its head's), as asked and as ran."""
 
-    def __init__(self, tolerances: Tolerances, task_precision: dict[str, str]):
+    def __init__(self, tolerances: Tolerances, paths: Mapping[str, TaskPath]):
         self.tolerances = tolerances
-        self.task_precision = task_precision
+        self.paths = dict(paths)
 
-    def for_task(self, precision: str, task: str, kind: str | None = None):
-        return self.tolerances.for_task(self.task_precision.get(task, precision), task, kind)
+    def judge(self, asked: str, executed: str, task: str, kind: str | None = None) -> tuple[Tolerance, Judgement]:
+        path = self.paths.get(task)
+        if path is None:
+            return self.tolerances.judge(asked, executed, task, kind)
+        return self.tolerances.judge(path.asked, path.ran, task, kind, judged_as=path.judged)
+
+    def for_task(self, precision: str, task: str, kind: str | None = None) -> Tolerance:
+        return self.judge(precision, precision, task, kind)[0]
 
 
-def tolerances_for(entry: EngineSet, tolerances: Tolerances, tasks) -> Tolerances | PartTolerances:
-    if not is_part_precision(entry.precision):
+def executed_by_role(entry: EngineSet, runner: Runner | None = None,
+                     artifacts: Mapping[str, EngineArtifact] | None = None) -> dict[str, str]:
+    """What each graph role of `entry` reports it ran: its open runner's (read back here) when it says,
+    else its sidecar's (read back where it was built)."""
+    artifacts = artifacts if artifacts is not None else entry.artifacts(verify=False)
+    live: dict[str, str] = {}
+    if isinstance(runner, SplitRunner):
+        live = {"backbone": runner.backbone.precision_executed,
+                **{f"head_{t}": head.precision_executed for t, head in runner.heads.items()}}
+    elif runner is not None:
+        live = dict.fromkeys(entry.files, runner.precision_executed)
+    return {role: live.get(role) or artifact.precision_executed for role, artifact in artifacts.items()}
+
+
+def tolerances_for(entry: EngineSet, tolerances: Tolerances, tasks,
+                   executed: Mapping[str, str] | None = None) -> Tolerances | PartTolerances:
+    """The tolerances that judge `entry`: as they are for one precision (the checker reads what ran from
+    the engine's `EngineInfo`), per task path for per-part precisions (`executed`, {role: what ran},
+    read from the sidecars when not given)."""
+    plan = plan_of(entry.precision)
+    if not plan.per_part:
         return tolerances
-    return PartTolerances(tolerances, task_precisions(entry.precision, tasks))
+    return PartTolerances(tolerances, task_paths(plan, executed if executed is not None else executed_by_role(entry),
+                                                 tasks))
 
 
 def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo, export_dir: Path, build: BuildDir,
@@ -128,10 +179,11 @@ def check_engines(entries: list[EngineSet], opts: BuildOptions, info: ExportInfo
         for entry in entries:
             runner = stack.enter_context(load_runner(entry, opts.threads))
             runners[entry.key] = runner
-            checkers[entry.key] = EngineChecker(interface.channels, entry.precision,
-                                                tolerances_for(entry, tolerances, interface.tasks),
-                                                postprocessed=interface.postprocessed)
             artifacts = entry.artifacts(verify=False)
+            executed = executed_by_role(entry, runner, artifacts)
+            checkers[entry.key] = EngineChecker(interface.channels, entry.precision,
+                                                tolerances_for(entry, tolerances, interface.tasks, executed),
+                                                postprocessed=interface.postprocessed)
             first = next(iter(artifacts.values()))
             notes = sorted(set(runner.notes) | {n for a in artifacts.values() for n in a.notes})
             infos[entry.key] = EngineInfo(entry.backend, entry.precision,

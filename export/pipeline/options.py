@@ -1,8 +1,10 @@
 """What a build is asked to do, checked once before any work: options, backends, precisions.
 
-Precision names and what each backend builds come from the backend table
-(`engines.registry`); this is the one place they are checked against it. Every
-later step takes the resolved (backend, precision) pairs as given.
+Precisions are rows of the precision table (`engines.precision`), and a `--precision` value is a
+`PrecisionPlan`, parsed by the command line (`export.cli.options.BuildPrecision`) into its canonical name;
+`BuildOptions.plans()` and `plan_of` give the plan back. What each backend builds comes from the backend
+table (`engines.registry`); `engine_plan` is the one place a plan is checked against it. Every later step
+takes the resolved (backend, precision) pairs as given.
 """
 
 from __future__ import annotations
@@ -10,24 +12,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 
 from calibration.methods import CALIBRATION_METHODS
-from engines.registry import BACKENDS, PRECISIONS, choose_backend
+from engines.precision import PARTS, PRECISIONS, PrecisionError, PrecisionPlan
+from engines.registry import BACKENDS, choose_backend
 from export.errors import ExportError, ExportOptionError
 
 Say = Callable[[str], None]
 
-# What `--precision all` builds (bf16 only when asked for by name: few devices run it natively).
-ALL_PRECISIONS = ("fp32", "fp16", "int8")
+# What `--precision all` builds: the table's rows marked `in_all` (bf16 only when asked for by name).
+ALL_PRECISIONS = tuple(p.name for p in PRECISIONS.values() if p.in_all)
+ALL = "all"  # `--precision all`, `--backend all`
 # `--precision auto`: build every candidate, time each here, keep the fastest that passes (pipeline.auto).
 AUTO = "auto"
 LAYOUTS = ("single", "split")
-# The parts of a split layout that may take their own precision (`backbone=int8,heads=fp16`); a task
-# name as a part sets that task's head alone.
-PARTS = ("backbone", "heads")
-# Tightest tolerances first: a task is judged by the loosest precision on its path (backbone, its head).
-LOOSENESS = ("fp32", "fp16", "bf16", "int8")
 # `--int8-fallback`: on = keep the fewest layers in fp32 until every task passes, stopping when int8 is
 # no faster than the 16-bit engine here; always = whatever the speed; off = int8 as calibrated.
 FALLBACK_MODES = ("on", "always", "off")
@@ -131,6 +131,10 @@ class BuildOptions:
     report_samples: int = 3
     out: str = field(default="build", metadata=option("Build directory.", path={}))
 
+    def plans(self) -> tuple[PrecisionPlan, ...]:
+        """The precision plans asked for ('all' expanded; `auto`, which builds candidates, is not a plan)."""
+        return tuple(plan_of(p) for p in resolve_precisions(self.precisions) if p != AUTO)
+
     @classmethod
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
@@ -145,13 +149,30 @@ class BuildOptions:
 
 
 def resolve_precisions(requested: tuple[str, ...]) -> tuple[str, ...]:
-    """The precisions asked for, 'all' standing for fp32, fp16 and int8 (a precision named beside it, such
-    as bf16, is kept)."""
-    expanded = (p for r in requested for p in (ALL_PRECISIONS if r == "all" else (normalize_precision(r),)))
+    """The precisions asked for, 'all' standing for the table's `in_all` rows (a precision named beside it,
+    such as bf16, is kept), each by its plan's canonical name."""
+    expanded = (p for r in requested for p in (ALL_PRECISIONS if r == ALL else (normalize_precision(r),)))
     return tuple(dict.fromkeys(expanded))
 
 
-# ----------------------------------------------------------------------------- per-part precision
+# ----------------------------------------------------------------------------- the precision plan
+#
+# A `--precision` value is parsed into a `PrecisionPlan` once, where it enters (the command line); the
+# canonical name it gives is what `BuildOptions.precisions`, build.json and engine directories record.
+# `plan_of` gives the plan of such a name back (parsed once per name, then remembered); the string
+# helpers below are that plan asked one question, for callers that still hold names.
+
+
+@lru_cache(maxsize=256)
+def plan_of(precision: str) -> PrecisionPlan:
+    """The plan of a precision name or per-part precision, its part names checked against the known tasks
+    (not yet against a backend: `engine_plan` does that, nor against the model: the build does)."""
+    from mtlora.tasks import TASKS
+
+    try:
+        return PrecisionPlan.parse(precision, tasks=TASKS)
+    except PrecisionError as err:
+        raise ExportError(str(err)) from None
 
 
 def is_part_precision(precision: str) -> bool:
@@ -159,81 +180,37 @@ def is_part_precision(precision: str) -> bool:
 
 
 def parse_part_precision(text: str) -> dict[str, str]:
-    """`backbone=int8,heads=fp16` -> {"backbone": "int8", "heads": "fp16"}, checked against the names
-    of parts, tasks and precisions (not yet against a backend: `engine_plan` does that)."""
-    from mtlora.tasks import TASKS
-
-    parts: dict[str, str] = {}
-    for item in text.split(","):
-        name, sep, precision = (x.strip() for x in item.partition("="))
-        if not sep or not name or not precision:
-            raise ExportError(f"precision '{text}': write parts as backbone=PRECISION,heads=PRECISION "
-                              "(a task name sets that task's head alone)")
-        if name not in PARTS and name not in TASKS:
-            raise ExportError(f"precision '{text}': unknown part '{name}'; parts are {', '.join(PARTS)} or a task "
-                              f"name ({', '.join(TASKS)})")
-        if precision not in PRECISIONS:
-            raise ExportError(f"precision '{text}': unknown precision '{precision}' for {name}; "
-                              f"choose one of {', '.join(PRECISIONS)}")
-        if name in parts:
-            raise ExportError(f"precision '{text}': {name} is given twice")
-        parts[name] = precision
-    if "backbone" not in parts:
-        raise ExportError(f"precision '{text}': give the backbone's precision too (backbone=...)")
-    return parts
-
-
-def part_label(parts: Mapping[str, str]) -> str:
-    """The canonical name of a per-part precision: backbone, heads, then single heads by name."""
-    order = [p for p in PARTS if p in parts] + sorted(p for p in parts if p not in PARTS)
-    return ",".join(f"{p}={parts[p]}" for p in order)
+    """`backbone=int8,heads=fp16` -> {"backbone": "int8", "heads": "fp16"} (as given, before a plan that
+    gives every part one precision becomes that precision)."""
+    plan = plan_of(text)
+    if not plan.per_part:  # backbone=X,heads=X
+        return dict.fromkeys(PARTS, plan.whole.name)
+    return {part: p.name for part, p in plan.parts}
 
 
 def normalize_precision(precision: str) -> str:
     """A precision as the pipeline names it: per-part ones in canonical order, and one that gives every
     part the same precision as that precision."""
-    if not is_part_precision(precision):
-        return precision
-    parts = parse_part_precision(precision)
-    if set(parts) == set(PARTS) and parts["backbone"] == parts["heads"]:
-        return parts["backbone"]
-    return part_label(parts)
+    return str(plan_of(precision)) if is_part_precision(precision) else precision
 
 
 def precisions_used(precision: str) -> set[str]:
     """Every backend precision an engine set of `precision` builds."""
-    return set(parse_part_precision(precision).values()) if is_part_precision(precision) else {precision}
+    return {p.name for p in plan_of(precision).used}
 
 
 def role_precisions(precision: str, roles: Iterable[str]) -> dict[str, str]:
     """Each graph role's precision ("model", "backbone", "head_<task>")."""
-    roles = list(roles)
-    if not is_part_precision(precision):
-        return dict.fromkeys(roles, precision)
-    parts = parse_part_precision(precision)
-    out, missing = {}, []
-    for role in roles:
-        if role == "model":
-            raise ExportOptionError(f"precision '{precision}' gives parts their own precision; it needs the split layout "
-                              "(--layout split)")
-        task = role[len("head_"):] if role.startswith("head_") else None
-        chosen = parts.get("backbone") if task is None else parts.get(task, parts.get("heads"))
-        if chosen is None:
-            missing.append(task or role)
-        out[role] = chosen
-    if missing:
-        raise ExportOptionError(f"precision '{precision}' leaves the head(s) of {', '.join(missing)} without a precision; "
-                          "add heads=PRECISION")
-    return out
+    try:
+        return {role: p.name for role, p in plan_of(precision).for_roles(roles).items()}
+    except PrecisionError as err:
+        raise ExportOptionError(str(err)) from None
 
 
 def task_precisions(precision: str, tasks: Iterable[str]) -> dict[str, str]:
     """The precision each task is judged at: the loosest of the parts it runs through."""
-    tasks = list(tasks)
-    if not is_part_precision(precision):
-        return dict.fromkeys(tasks, precision)
-    roles = role_precisions(precision, ["backbone", *(f"head_{t}" for t in tasks)])
-    return {t: max(roles["backbone"], roles[f"head_{t}"], key=LOOSENESS.index) for t in tasks}
+    plan = plan_of(precision)
+    return {t: plan.for_task(t).name for t in tasks}
 
 
 # ----------------------------------------------------------------------------- --keep-fp32 @FILE
@@ -329,7 +306,7 @@ def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
     backends = resolve_backends(opts.backends, say)
 
     def builds(backend: str, precision: str) -> bool:
-        return precision == AUTO or all(u in BACKENDS[backend].precisions for u in precisions_used(precision))
+        return precision == AUTO or all(backend in used.backends for used in plan_of(precision).used)
 
     for precision in precisions:
         if not any(builds(b, precision) for b in backends):  # the first backend's error says what it builds
