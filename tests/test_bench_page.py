@@ -316,3 +316,24 @@ def test_page_help_runs():
     done = subprocess.run([sys.executable, "-m", "export.bench.page", "--help"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and "--rerender" in done.stdout
+
+
+def test_a_bench_json_from_before_the_yardsticks_still_renders(tmp_path):
+    # --rerender of an older run: no engine MatMul rates, search, ladder or fp16 build of its own.
+    result = _result()
+    del result["machine"]["engine_matmul"]
+    for row in result["rows"]:
+        for key in ("matmul_yardstick", "matmul_gflops", "fraction_of_sgemm"):
+            row.pop(key)
+        row["fraction_of_matmul"] = row["achieved_gflops"] / 283.0  # what older runs divided by
+    extra = _extra(None)
+    for key in ("search", "ladder", "default_label", "default_failure", "lscpu"):
+        extra.pop(key)
+    extra["turns"]["choice"]["median_ms"]["openvino-fp16"] = 175.0
+    page = tmp_path / "benchmarks.md"
+    write_page(result, extra, page)
+    text = page.read_text()
+    assert "(openvino-fp16) within 1.15x of the fastest passing engine (openvino-bf16), passing every gate with the " \
+           "default tolerances | 1.09x | PASS |" in text
+    assert "## 3. Pure 16-bit" not in text and "The mixed-precision search" not in text
+    assert "| 117% | numpy sgemm fp32 |" in text  # openvino-bf16, 330 / 283: the rate it was divided by, named
