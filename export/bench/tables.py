@@ -12,7 +12,7 @@ def _num(value, fmt: str = ".1f") -> str:
 
 
 PERF_HEADER = ["format", "precision", "status", "size MiB", "batch", "min ms", "p50 ms", "p90 ms", "p99 ms", "runs",
-               "img/s", "GFLOP/s", "of matmul", "peak RSS MiB", "cpu busy"]
+               "img/s", "GFLOP/s", "of matmul", "matmul", "peak RSS MiB", "cpu busy"]
 
 
 def runs_cell(row: dict[str, Any]) -> str:
@@ -35,8 +35,19 @@ def perf_rows(result: dict[str, Any]) -> list[list[str]]:
                     _num(row.get("min_ms")), _num(row.get("p50_ms")), _num(row.get("p90_ms")), _num(row.get("p99_ms")),
                     runs_cell(row), _num(row.get("images_per_s"), ".2f"),
                     _num(row.get("achieved_gflops")), _num(row.get("fraction_of_matmul"), ".0%"),
+                    _yardstick_cell(row),
                     _num(row.get("peak_rss_mib"), ".0f"), _num(row.get("cpu_busy"), ".2f")])
     return out
+
+
+def _yardstick_cell(row: dict[str, Any]) -> str:
+    """Which matrix-multiply rate "of matmul" divides by: the row's own backend and executed precision where
+    it was measured (`engine_matmul`), else numpy's fp32 sgemm."""
+    if row.get("fraction_of_matmul") is None:
+        return ""
+    name = row.get("matmul_yardstick") or "numpy sgemm fp32"
+    rate = row.get("matmul_gflops")
+    return name if rate is None else f"{name}, {rate:.0f} GFLOP/s"
 
 
 def _accuracy_cell(summary: dict[str, Any]) -> str:
@@ -128,7 +139,9 @@ def format_markdown(result: dict[str, Any]) -> str:
 MEASUREMENT_NOTES = (
     "Each format is timed in its own fresh worker process. Latency is one `infer` call, numpy in and numpy out; "
     "img/s is batch x runs / timed seconds; GFLOP/s is the model's FLOPs (counted once from the fp32 ONNX "
-    "graph) x img/s, and \"of matmul\" divides it by this machine's fp32 sgemm rate. Peak RSS is the worker "
+    "graph) x img/s, and \"of matmul\" divides it by the matrix-multiply rate the \"matmul\" column names: "
+    "a large MatMul built into the row's own backend at the precision the row executed, where the benchmark "
+    "measured one (the bench page does), else this machine's fp32 sgemm (numpy). Peak RSS is the worker "
     "process's resident-set high-water mark (VmHWM), reset after loading and before each batch size: it "
     "includes the interpreter, the runtime and the loaded model. A run during which other processes (or the "
     "hypervisor) took more than a tenth of a CPU is discarded and retried a few times: \"runs\" counts the kept "

@@ -27,11 +27,13 @@ The model's FLOPs are counted once, per image, from the fp32 ONNX graph: two
 per multiply-accumulate of every MatMul, Gemm and Conv, from the shapes ONNX
 shape inference gives at batch 1 (elementwise ops, softmax and norms are not
 counted). An engine's achieved rate is those FLOPs times its images/s, reported
-as a fraction of this machine's fp32 matrix-multiply rate (numpy's BLAS sgemm
-on a large square matrix, measured in the benchmarking process at the start
-and the end of the run with the same thread count; the better of the two is
-the reference). An int8 engine does the same arithmetic in int8, so its
-fraction can exceed 1.
+as a fraction of a matrix-multiply rate of this machine: numpy's BLAS sgemm on a
+large square matrix (measured in the benchmarking process at the start and the
+end of the run with the same thread count; the better of the two), or, where the
+benchmark measured it (the bench page: `export.bench.engine_matmul`), a large
+MatMul built into the row's own backend at the precision the row executed.
+Against sgemm an int8 or bf16 engine can exceed 1; against its own precision's
+MatMul it says how much of that precision's speed the model's graph keeps.
 """
 
 from __future__ import annotations
@@ -108,6 +110,14 @@ def _open_target(spec: dict[str, Any], threads: int):
         return (infer, getattr(runner, "precision_executed", ""),
                 lambda: runner.__exit__(None, None, None), list(getattr(runner, "notes", [])))
 
+    if kind == "artifact":  # one engine file of a backend, not an engine set (the per-precision MatMul)
+        from engines.registry import get_backend
+
+        runner = get_backend(load["backend"]).load(load["path"], threads=threads)
+        runner.__enter__()
+        name = runner.input_names[0]
+        return ((lambda x: runner.infer({name: x})), runner.precision_executed,
+                lambda: runner.__exit__(None, None, None), list(getattr(runner, "notes", [])))
     if kind == "onnx":
         from engines.onnxruntime.runner import OnnxRuntimeRunner
 
@@ -222,7 +232,9 @@ def run_worker_spec(spec: dict[str, Any]) -> dict[str, Any]:
     results = {}
     try:
         for batch in spec["batch_sizes"]:
-            image = np.random.default_rng(batch).standard_normal((batch, 3, size, size), dtype=np.float32)
+            # An image batch, or a batch of the target's own input shape (the MatMul yardstick's matrices).
+            shape = spec["load"].get("input_shape") or (3, size, size)
+            image = np.random.default_rng(batch).standard_normal((batch, *shape), dtype=np.float32)
             resettable = _reset_peak_rss()
             timings = time_runs(lambda image=image: infer(image), spec["warmup"], spec["runs"], spec["budget_s"],
                                 spare_cpus=max(0, available_cpus() - threads))
