@@ -150,7 +150,11 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
             say(f"[{key}] {STOPS[found.stop]}")
             break
         keep = judge.keep(found.chosen, keep)
-        layers += [layer_record(step) for step in found.steps]
+        for step in found.steps:
+            layer = layer_record(step)
+            say(f"[{key}] keeping {layer.node} in fp32: {layer.task} {layer.check} {layer.before:.4g} -> "
+                f"{layer.after:.4g}")
+            layers.append(layer)
         kept += found.chosen
         say(f"[{key}] rebuilding {precision} with {len(kept) + cached} layer(s) in fp32")
         current = ctx.engine(entry.backend, entry.precision, name=name, target=target, extra_keep=keep)

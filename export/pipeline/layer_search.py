@@ -174,6 +174,7 @@ def ranked_search(judge: Judge, errors: Mapping[Layer, float], limits: Limits = 
         best = min(window, key=lambda c: tried[c].shortfall)
         gain = current.shortfall - tried[best].shortfall
         if chosen and big_step and gain < limits.min_gain * current.shortfall:
+            say("the next layer closes little of what is left; judging the rebuilt engine first")
             stop = "small gain"
             break
         if gain > 1e-9:
