@@ -134,10 +134,11 @@ def test_a_mix_no_faster_than_fp32_gives_way_to_fp32(fp16_build, fp16_culprit_mo
     """Mode "on": fp16 no faster than fp32 here (timings scripted: speed on this machine must not decide
     what the test sees), so layers in fp32 cannot pay off; the build takes fp32, which passes, and says why."""
     import export.pipeline.fallback as fallback
+    from export.artifacts.builddir import BuildDir
 
     out = tmp_path / "build"
     shutil.copytree(fp16_build["out"], out)
-    shutil.rmtree(out / "calibration_cache", ignore_errors=True)  # no cached list: the search decides
+    shutil.rmtree(BuildDir(out).calibration_cache)  # no cached list: the search decides
     shutil.rmtree(out / "engines")
 
     def timed(_ctx, entries):
@@ -201,3 +202,30 @@ def test_the_fp16_probe_ranks_the_layer_fp16_cannot_hold_and_keeps_it_in_fp32(tm
             graph.runner(["C"])
     finally:
         graph.close()
+
+
+def test_auto_has_fp16_with_the_fallback_among_its_candidates(fp16_build, fp16_culprit_model, tmp_path):
+    """`--precision auto` runs the build's own fallback for a 16-bit candidate that fails (int8's limits
+    opened up here, so that only fp16 needs it)."""
+    from export.artifacts.builddir import BuildDir
+
+    out = tmp_path / "auto"
+    shutil.copytree(fp16_build["out"], out)  # the export is reused; no cached list, no engines
+    shutil.rmtree(BuildDir(out).calibration_cache)
+    shutil.rmtree(out / "engines")
+    tolerances = tmp_path / "tolerances.json"
+    tolerances.write_text(json.dumps({**TIGHT, "int8": {"*": {"max_metric_drop": 100.0, "min_cosine": -1.0,
+                                                               "max_angle_deg": 180.0}}}))
+    code, output = invoke(export_cli, "build", fp16_culprit_model, "--backend", "onnxruntime", "--precision", "auto",
+                          "--calib-samples", "8", *SMALL, "--tolerances", tolerances, "--int8-fallback", "always",
+                          "--out", out)
+    assert code == 0, output
+    report = read_report(out)
+    candidates = {c.name: c for c in report.auto.candidates}
+    assert list(candidates)[:3] == ["fp32", "fp16", "int8"] and "fp16+fallback" in candidates
+    assert not candidates["fp16"].passed and candidates["fp16+fallback"].passed
+    assert candidates["fp16+fallback"].note.startswith("1 layer in fp32")
+    [record] = [f for f in report.fallbacks if f.engine == "onnxruntime-fp16"]
+    assert [layer.node for layer in record.layers] == [CULPRIT] and not record.cached
+    [chosen] = [c for c in candidates.values() if c.chosen]
+    assert chosen.latency_ms == min(c.latency_ms for c in candidates.values() if c.passed)
