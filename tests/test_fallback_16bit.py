@@ -11,6 +11,7 @@ fp16 makes the fp16 engine fail; the same engine with that conv in fp32 passes i
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -229,3 +230,32 @@ def test_auto_has_fp16_with_the_fallback_among_its_candidates(fp16_build, fp16_c
     assert [layer.node for layer in record.layers] == [CULPRIT] and not record.cached
     [chosen] = [c for c in candidates.values() if c.chosen]
     assert chosen.latency_ms == min(c.latency_ms for c in candidates.values() if c.passed)
+
+
+def test_without_a_graph_probe_each_try_rebuilds_the_engine_and_the_search_bisects(
+        fp16_build, fp16_culprit_model, tight, tmp_path, monkeypatch):
+    """The path OpenVINO's 16-bit engines take (no graph the search can run here): every try is the real
+    engine set rebuilt with the layers in fp32 and checked, and with no ranking the search bisects. Shown
+    on ONNX Runtime's fp16, its graph probe taken away."""
+    import export.pipeline.probes as probes
+    from export.artifacts.builddir import BuildDir
+
+    monkeypatch.delitem(probes.GRAPH_PROBES, ("onnxruntime", "fp16"))
+    out = tmp_path / "build"
+    shutil.copytree(fp16_build["out"], out)
+    shutil.rmtree(BuildDir(out).calibration_cache)
+    code, output = _build(fp16_culprit_model, out, "--tolerances", tight, "--int8-fallback", "always")
+    assert code == 0, output
+    assert "no one-pass ranking for onnxruntime: each try rebuilds the engine set" in output
+    assert "narrowing them down by halves" in output
+    [fallback] = read_report(out).fallbacks
+    assert fallback.passed and [layer.node for layer in fallback.layers] == [CULPRIT]
+    assert fallback.probes <= probes_limit() and math.isnan(fallback.layers[0].local_error)
+    engine = out / "engines" / "onnxruntime-fp16"
+    assert CULPRIT in _fp32_nodes(engine / json.loads((engine / "engine.json").read_text())["files"]["model"])
+
+
+def probes_limit() -> int:
+    from export.pipeline.fallback import REBUILD_LIMITS
+
+    return REBUILD_LIMITS.max_probes

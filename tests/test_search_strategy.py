@@ -9,6 +9,7 @@ import pytest
 
 from export.pipeline.layer_search import (
     Limits,
+    Unjudgeable,
     Verdict,
     bisect_search,
     cannot_pay_off,
@@ -139,6 +140,23 @@ def test_bisection_finds_a_set_from_which_no_layer_can_be_dropped():
     assert found.passed and sorted(found.chosen) == ["L02", "L13", "L21"]
     for layer in found.chosen:  # 1-minimal: each one is needed
         assert not judge.judge(frozenset(found.chosen) - {layer}).passed
+
+
+def test_bisection_does_without_a_first_check_it_cannot_make():
+    """A graph with every layer in fp32 may be refused (ONNX Runtime's fp16 graph with nothing left in fp16):
+    the search narrows down by halves all the same."""
+    class Refusing(Scripted):
+        def judge(self, keep):
+            if len(keep) == len(LAYERS):
+                raise Unjudgeable("no layer left in fp16")
+            return super().judge(keep)
+
+    said = []
+    found = bisect_search(Refusing({"L20"}), LAYERS, say=said.append)
+    assert found.passed and found.chosen == ["L20"]
+    assert said[0] == "all 24 candidate layers in fp32 cannot be tried at once; narrowing them down by halves"
+    found = bisect_search(Refusing(set(), passes=lambda keep: False), LAYERS, Limits(max_probes=30))
+    assert not found.passed and found.stop == "cannot help" and found.probes <= 30
 
 
 def test_a_flat_ranking_is_not_informative_so_the_search_bisects():

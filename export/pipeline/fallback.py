@@ -135,7 +135,7 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
     for _ in range(ROUNDS):
         graph_name = key if current is entry else name
         try:
-            judge = open_judge(ctx, current, precision, roles, keep, graph_name, name, target)
+            judge = open_judge(ctx, current, current_check, precision, roles, keep, graph_name, name, target)
             try:
                 found = _search(ctx, judge, key)
             finally:

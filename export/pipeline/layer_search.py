@@ -55,6 +55,11 @@ class Judge(Protocol):
         """The error each candidate layer adds, measured in one pass; None when the backend has no such probe."""
 
 
+class Unjudgeable(Exception):
+    """A judge's word that a set of layers cannot be tried (e.g. a graph with every layer in fp32 is refused
+    as not converted); the search counts it as failing, and bisection does without its first check."""
+
+
 @dataclass(frozen=True)
 class Limits:
     shortlist: int = 8  # layers tried one at a time per step, from the top of the ranking
@@ -99,6 +104,9 @@ class SearchResult:
         return self.verdict.passed
 
 
+UNJUDGEABLE = Verdict(False, math.inf, None)
+
+
 class _Memo:
     """The judge, each set judged once and counted."""
 
@@ -113,7 +121,10 @@ class _Memo:
     def __call__(self, keep: Iterable[Layer]) -> Verdict:
         key = frozenset(keep)
         if key not in self.judged:
-            self.judged[key] = self.judge_.judge(key)
+            try:
+                self.judged[key] = self.judge_.judge(key)
+            except Unjudgeable:
+                self.judged[key] = UNJUDGEABLE
         return self.judged[key]
 
 
@@ -216,10 +227,13 @@ def bisect_search(judge: Judge, candidates: Sequence[Layer], limits: Limits = Li
     if not candidates:
         return SearchResult("bisection", [], [], base, probe.count, "no candidates", errors)
     every = probe(candidates)
-    if not every.passed:
+    if every is UNJUDGEABLE:
+        say(f"all {len(candidates)} candidate layers in fp32 cannot be tried at once; narrowing them down by halves")
+    elif not every.passed:
         say(f"even all {len(candidates)} candidate layers in fp32 fail a task's gate: layers in fp32 cannot help")
         return SearchResult("bisection", [], [], base, probe.count, "cannot help", errors)
-    say(f"all {len(candidates)} candidate layers in fp32 pass; narrowing them down by halves")
+    else:
+        say(f"all {len(candidates)} candidate layers in fp32 pass; narrowing them down by halves")
     current, verdict, parts = candidates, every, 2
     while len(current) >= 2:
         chunks = _split(current, parts)
@@ -243,6 +257,9 @@ def bisect_search(judge: Judge, candidates: Sequence[Layer], limits: Limits = Li
         if parts >= len(current):
             break  # no single layer can be dropped
         parts = min(2 * parts, len(current))
+    if not verdict.passed:
+        say("no set of candidate layers in fp32 that could be tried makes every task pass")
+        return SearchResult("bisection", [], [], base, probe.count, "cannot help", errors)
     if len(current) > limits.max_layers:
         say(f"{len(current)} layers are needed in fp32, more than the {limits.max_layers} the search keeps")
         return SearchResult("bisection", [], [], base, probe.count, "budget", errors)

@@ -7,10 +7,10 @@ A judge turns "these layers in fp32" into every task's gate on the evaluation se
 |---------------------------|-----------------------------------------------------------|------------------|
 | any, int8                 | the int8 graph with the layers back in float, no          | local int8 error |
 |                           | recalibration (`calibration.sensitivity`), run here       |                  |
-| onnxruntime, fp16         | the fp16 graph converted with the layers kept in fp32     | local fp16 error |
-|                           | (`calibration.fp16_sensitivity`): the engine's own graph  |                  |
-| openvino fp16/bf16,       | the engine set rebuilt with the layers kept in fp32       | none: bisection  |
-| tensorrt fp16             | (`BuildContext.engine(extra_keep=...)`) and checked       |                  |
+| onnxruntime, tensorrt,    | the fp16 graph converted with the layers kept in fp32     | local fp16 error |
+| fp16                      | (`calibration.fp16_sensitivity`), run by ONNX Runtime     |                  |
+| openvino, fp16/bf16       | the engine set rebuilt with the layers kept in fp32       | none: bisection  |
+| (and any other)           | (`BuildContext.engine(extra_keep=...)`) and checked       |                  |
 
 A layer is (graph role, node name): "model", "backbone" or "head_<task>", and the node's name in the
 graph the search edits (the ONNX's, or OpenVINO's for an NNCF graph).
@@ -22,13 +22,14 @@ import glob
 import math
 from collections.abc import Mapping, Sequence
 
+from calibration.errors import CalibrationError
 from engines.registry import get_backend
 from export.artifacts.engineset import EngineSet
 from export.checking.accuracy import EngineChecker
 from export.checking.results import Check, EngineCheck, EngineInfo, FallbackLayer, FallbackTask
 from export.pipeline.check import tolerances_for
 from export.pipeline.context import BuildContext
-from export.pipeline.layer_search import Step, Verdict
+from export.pipeline.layer_search import Step, Unjudgeable, Verdict
 
 RANK_BATCHES = 2  # evaluation batches the one-pass ranking runs on
 Layer = tuple[str, str]  # (graph role, node name)
@@ -201,11 +202,14 @@ def _fp16_graph(ctx: BuildContext, entry: EngineSet, role: str, name: str, keep:
 
 
 # Which (backend, precision) has a graph the search can edit and run here; the rest rebuild the engine.
+# TensorRT builds int8 and fp16 from the graphs ONNX Runtime runs here (the Q/DQ graph; the fp16 graph,
+# strongly typed): the search judges those, with no GPU, and the rebuilt engine is checked for real.
 GRAPH_PROBES = {
     ("onnxruntime", "int8"): _int8_graph,
     ("tensorrt", "int8"): _int8_graph,
     ("openvino", "int8"): _int8_graph,
     ("onnxruntime", "fp16"): _fp16_graph,
+    ("tensorrt", "fp16"): _fp16_graph,
 }
 
 
@@ -224,18 +228,13 @@ def compute_nodes(ctx: BuildContext, role: str, keep: Sequence[str]) -> list[str
     return [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and n.name not in kept]
 
 
-# How an ONNX node is named to a backend's `prepare_graph(keep_fp32=...)` at 16-bit: OpenVINO names a Conv
-# with a bias '<onnx name>/WithoutBiases' (the bias Add keeps the ONNX name), so both are kept.
-KEEP_GLOBS = {"openvino": lambda node: [node_glob(node), node_glob(node) + "/*"]}
-
-
-def keep_for(layers, base: Mapping[str, Sequence[str]] | None = None, to_globs=lambda node: [node_glob(node)]) \
-        -> dict[str, list[str]]:
-    """{graph role: globs}: `base`'s, then the globs of each layer (role, node)."""
+def keep_for(layers, base: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """{graph role: globs}: `base`'s, then one glob per layer (role, node), matching that node alone."""
     keep = {role: list(globs) for role, globs in (base or {}).items()}
     for role, node in layers:
-        keep.setdefault(role, [])
-        keep[role] += [g for g in to_globs(node) if g not in keep[role]]
+        globs = keep.setdefault(role, [])
+        if node_glob(node) not in globs:
+            globs.append(node_glob(node))
     return keep
 
 
@@ -244,19 +243,26 @@ class RebuildJudge:
     (`BuildContext.engine`) and checked like any engine. Backend-agnostic and exact, and a build per try,
     so the search has no one-pass ranking here and bisects."""
 
-    def __init__(self, ctx: BuildContext, entry: EngineSet, roles: Sequence[str],
+    def __init__(self, ctx: BuildContext, entry: EngineSet, check: EngineCheck, roles: Sequence[str],
                  base: Mapping[str, Sequence[str]], name: str, target):
         self.ctx, self.entry, self.base, self.name, self.target = ctx, entry, dict(base), name, target
+        self.check = check  # the engine set as built: no layer added, nothing to rebuild
         self.candidates: list[Layer] = [(role, node) for role in roles
                                         for node in compute_nodes(ctx, role, ctx.keep_globs(role, base))]
 
     def keep(self, layers, base: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-        return keep_for(layers, base, KEEP_GLOBS.get(self.entry.backend, lambda node: [node_glob(node)]))
+        """`base` with `layers` added: ONNX node names, which every backend's `prepare_graph` matches."""
+        return keep_for(layers, base)
 
     def judge(self, keep: frozenset) -> Verdict:
+        if not keep:
+            return verdict_of(self.check)
         extra = self.keep(sorted(keep), self.base)
-        engine = self.ctx.engine(self.entry.backend, self.entry.precision, name=self.name, target=self.target,
-                                 extra_keep=extra)
+        try:
+            engine = self.ctx.engine(self.entry.backend, self.entry.precision, name=self.name, target=self.target,
+                                     extra_keep=extra)
+        except CalibrationError as err:
+            raise Unjudgeable(str(err)) from None
         return verdict_of(self.ctx.check([engine]).report.engines[0])
 
     def ranking(self) -> None:
@@ -266,11 +272,12 @@ class RebuildJudge:
         pass
 
 
-def open_judge(ctx: BuildContext, entry: EngineSet, precision: str, roles: Sequence[str],
+def open_judge(ctx: BuildContext, entry: EngineSet, check: EngineCheck, precision: str, roles: Sequence[str],
                keep: Mapping[str, Sequence[str]], graph_name: str, name: str, target):
-    """The judge for the `roles` of `entry` at `precision`, with `keep` ({role: globs}) in fp32 already:
-    a graph variant run here where `GRAPH_PROBES` has one, else the engine rebuilt as `name` in `target`."""
+    """The judge for the `roles` of `entry` (checked: `check`) at `precision`, with `keep` ({role: globs})
+    in fp32 already: a graph variant run here where `GRAPH_PROBES` has one, else the engine rebuilt as
+    `name` in `target`."""
     make = GRAPH_PROBES.get((entry.backend, precision))
     if make is None:
-        return RebuildJudge(ctx, entry, roles, keep, name, target)
+        return RebuildJudge(ctx, entry, check, roles, keep, name, target)
     return GraphJudge(ctx, entry, {role: make(ctx, entry, role, graph_name, keep) for role in roles})
