@@ -3,7 +3,8 @@
 Every step records the key it was computed from (`.step.json`); a later build
 reuses a step only when its key matches and its files verify, so an
 interrupted build never leaves a step that looks complete. Where each step's
-results live is `export.artifacts.builddir.BuildDir`.
+results live is `export.artifacts.builddir.BuildDir`. The steps themselves, and the typed context
+they share, are `pipeline.context`; what happens to an engine set that fails its gate, `pipeline.fallback`.
 """
 
 from __future__ import annotations
