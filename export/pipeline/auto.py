@@ -27,7 +27,6 @@ from export.pipeline.fallback import (
     publish_as,
     reduced_precision,
 )
-from export.pipeline.options import LOOSENESS
 from export.pipeline.speed import RUNS, cpu_flags, cpu_model, engine_set_bytes, time_in_build
 
 
@@ -55,7 +54,7 @@ def _fallback_candidates(ctx: BuildContext, backend: str, built: dict, checks: d
             ctx.say(f"[auto] {backend}: {precision} fails a gate; no fallback candidate ({why})")
             continue
         # Layers in fp32 pay off only while the mix beats every tighter candidate that passes.
-        tighter = LOOSENESS[:LOOSENESS.index(precision)]
+        tighter = candidate_precisions(backend)[:candidate_precisions(backend).index(precision)]
         compare = {p: e for p, e in built.items() if p in tighter and checks[p].passed}
         outcome = fallback_candidate(ctx, entry, check, compare=compare, hit=cached.get((backend, precision)))
         fallbacks.append(outcome.record)

@@ -38,7 +38,7 @@ from export.artifacts.files import write_json_atomic
 from export.checking.results import EngineCheck, Fallback, FallbackLayer, Report
 from export.pipeline.context import BuildContext
 from export.pipeline.layer_search import STOPS, Limits, cannot_pay_off, rank_order, search
-from export.pipeline.options import KEEP_FILE_FORMAT, LOOSENESS, precisions_used, role_precisions
+from export.pipeline.options import KEEP_FILE_FORMAT, precisions_used, role_precisions
 from export.pipeline.probes import RebuildJudge, check_value, failing_tasks, layer_record, open_judge
 from export.pipeline.speed import time_in_build
 from export.pipeline.steps import publish, staging_for
@@ -49,6 +49,10 @@ SEARCH_VERSION = 2  # in the cache key: a changed search makes new lists
 GRAPH_LIMITS = Limits()
 REBUILD_LIMITS = Limits(max_probes=24)
 SIXTEEN_BIT = ("fp16", "bf16")
+# The formats a mix at each reduced precision has to beat, nearest first, where its backend builds them:
+# the next formats a build may take instead. Loosest precision first: an engine set's search works on its
+# loosest part.
+MUST_BEAT = {"int8": SIXTEEN_BIT, "bf16": ("fp16", "fp32"), "fp16": ("fp32",)}
 FALLBACK_FILE = "fallback.json"  # its name in a calibration cache entry
 FALLBACK_SUFFIX = "+fallback"  # the name of the engine set a fallback builds: <backend>-<precision>+fallback
 
@@ -75,8 +79,7 @@ def reduced_precision(precision: str) -> str | None:
     """The precision a search puts layers of back in fp32: int8 where any part is int8, else the loosest
     16-bit part; None for fp32."""
     used = precisions_used(precision)
-    reduced = [p for p in LOOSENESS if p in used and p != "fp32"]
-    return "int8" if "int8" in used else (reduced[-1] if reduced else None)
+    return next((p for p in MUST_BEAT if p in used), None)
 
 
 def _roles(entry: EngineSet, precision: str) -> list[str]:
@@ -298,12 +301,8 @@ def compare_engines(ctx: BuildContext, entry: EngineSet, entries: list[EngineSet
     since a faster engine that fails is no reason to give up on a mix."""
     precision = reduced_precision(entry.precision)
     backend = entry.backend
-    if precision == "int8":
-        wanted = SIXTEEN_BIT
-    else:
-        wanted = tuple(reversed(LOOSENESS[:LOOSENESS.index(precision)]))
     out = {}
-    for other in wanted:
+    for other in MUST_BEAT[precision]:
         if other not in BACKENDS[backend].precisions:
             continue
         own = next((e for e in entries if e.backend == backend and e.precision == other), None)
