@@ -133,6 +133,7 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
     layers: list[FallbackLayer] = []
     probes, current, current_check, verdict, faster = 0, entry, failed, "failed", None
     kept: list = []  # the layers this search put in fp32
+    stop = ""  # why a round found no layer, when one did not
     cached = sum(len(v) for v in (start_keep or {}).values())  # and a cached list's globs
     target = ctx.build.candidate(name)
     for _ in range(ROUNDS):
@@ -150,7 +151,7 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
             return FallbackOutcome(None, None, record("failed", message, layers, probes))
         probes += found.probes
         if not found.chosen:
-            say(f"[{key}] {STOPS[found.stop]}")
+            stop = found.stop
             break
         keep = judge.keep(found.chosen, keep)
         for step in found.steps:
@@ -175,7 +176,7 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
             break
     after = {t.task: check_value(current_check, t.task, t.check) for t in tasks} if current is not entry else {}
     tasks = [replace(t, after=after.get(t.task)) for t in tasks]
-    message = _message(precision, verdict, len(kept) + cached, latency, compare)
+    message = _message(precision, verdict, len(kept) + cached, latency, compare, stop)
     say(f"[{key}] {message}")
     result = record(verdict, message, layers, probes, tasks)
     if current is not entry and verdict in ("fixed", "not faster"):
@@ -203,7 +204,7 @@ def _search(ctx: BuildContext, judge, key: str):
     return search(judge, judge.candidates, limits, say, errors=errors)
 
 
-def _message(precision: str, verdict: str, kept: int, latency: dict[str, float], compare: dict) -> str:
+def _message(precision: str, verdict: str, kept: int, latency: dict[str, float], compare: dict, stop: str = "") -> str:
     layers = f"{kept} layer{'s' if kept != 1 else ''} in fp32"
     mix = f"{precision}{FALLBACK_SUFFIX}"
     fastest = min(compare, key=latency.get) if compare and all(c in latency for c in compare) else None
@@ -217,7 +218,8 @@ def _message(precision: str, verdict: str, kept: int, latency: dict[str, float],
         return f"{precision} with {layers} is no faster than {fastest} here{speed}: prefer {fastest}"
     if verdict == "stopped":
         return f"still failing with {layers} and no faster than {fastest}{speed}: stopped; prefer {fastest}"
-    return f"could not make every task pass ({layers} tried){speed}; the {precision} engine stays as it was built"
+    why = STOPS[stop] if stop and not kept else f"could not make every task pass ({layers} tried)"
+    return f"{why}{speed}; the {precision} engine stays as it was built"
 
 
 # ----------------------------------------------------------------------------- the list, cached and saved
