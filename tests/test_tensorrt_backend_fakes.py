@@ -177,6 +177,7 @@ def test_the_build_command_passes_workspace_opt_level_and_dla(monkeypatch, tmp_p
     from export.artifacts.builddir import BuildDir
     from export.cli import main as export_cli
     from export.pipeline import build as pipeline
+    from export.pipeline.context import device_build_options
 
     seen = {}
 
@@ -192,10 +193,10 @@ def test_the_build_command_passes_workspace_opt_level_and_dla(monkeypatch, tmp_p
     opts = seen["options"]
     assert (opts.workspace_mib, opts.optimization_level, opts.dla) == (512, 2, "heads")
     build = BuildDir(tmp_path / "b")
-    head = pipeline.device_build_options("tensorrt", "head_semseg", opts, build)
+    head = device_build_options("tensorrt", "head_semseg", opts, build)
     assert head == {"cache_dir": build.calibration_cache / "tensorrt", "dla_core": 0}
-    assert pipeline.device_build_options("tensorrt", "backbone", opts, build) == {"cache_dir": build.calibration_cache / "tensorrt"}
-    assert pipeline.device_build_options("onnxruntime", "head_semseg", opts, build) == {}
+    assert device_build_options("tensorrt", "backbone", opts, build) == {"cache_dir": build.calibration_cache / "tensorrt"}
+    assert device_build_options("onnxruntime", "head_semseg", opts, build) == {}
     for bad in (["--opt-level", "6"], ["--workspace", "0"], ["--dla", "heads"]):  # --dla needs --layout split
         assert CliRunner().invoke(export_cli, ["build", *bad, "--out", str(tmp_path / "c")]).exit_code == 2
 

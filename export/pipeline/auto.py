@@ -3,8 +3,8 @@ runner, and keep the fastest that passes every gate.
 
 Candidates, per backend: fp32; every 16-bit precision the backend builds (fp16, and bf16 on OpenVINO:
 which 16-bit format is fastest depends on the machine, so it is measured, not assumed); int8; and,
-when int8 fails a gate, int8 with the accuracy-aware fallback (`pipeline.fallback`). They are built
-under BUILD/candidates/, checked in one pass over the evaluation set, and timed round-robin with their
+for each 16-bit or int8 candidate that fails a gate, the same with layers in fp32 (`<precision>+fallback`,
+the build's own fallback: `pipeline.fallback`). They are built under BUILD/candidates/, checked in one pass over the evaluation set, and timed round-robin with their
 own runners (`pipeline.speed`: batch `--timing-batch`, the median of several calls). The fastest that
 passes is copied to engines/<backend>-<precision>, the build's result; the report lists every candidate
 (latency, size, worst drop per task, verdict) and this machine's CPU flags (`AutoSelection`).
@@ -17,17 +17,17 @@ import time
 from engines.registry import BACKENDS
 from export.artifacts.engineset import EngineSet
 from export.checking.results import AutoSelection, Candidate, EngineCheck
+from export.pipeline.context import BuildContext
 from export.pipeline.fallback import (
     FALLBACK_SUFFIX,
     SIXTEEN_BIT,
     cached_fallbacks,
     fallback_applies,
+    fallback_candidate,
     publish_as,
-    run_fallback,
+    reduced_precision,
 )
 from export.pipeline.speed import RUNS, cpu_flags, cpu_model, engine_set_bytes, time_in_build
-
-FALLBACK = f"int8{FALLBACK_SUFFIX}"
 
 
 def candidate_precisions(backend: str) -> list[str]:
@@ -37,39 +37,35 @@ def candidate_precisions(backend: str) -> list[str]:
 
 
 def candidate_precision(name: str) -> str:
-    """The engine precision of a candidate's name (int8 with the fallback is an int8 engine)."""
-    return "int8" if name == FALLBACK else name
+    """The engine precision of a candidate's name (fp16 with the fallback is an fp16 engine)."""
+    return name.removesuffix(FALLBACK_SUFFIX)
 
 
-def _fallback_candidate(ctx, backend: str, built: dict, checks: dict, cached: dict, fallbacks: list) -> None:
-    """Add int8 with the fallback to `built`/`checks` when int8 fails a gate and the fallback applies."""
-    int8, check = built.get("int8"), checks.get("int8")
-    if int8 is None or check.passed:
-        return
-    if not fallback_applies(ctx, "int8"):
-        why = "--int8-fallback off" if ctx.opts.int8_fallback == "off" else "a bundle's int8 is calibrated already"
-        ctx.say(f"[auto] {backend}: int8 fails a gate; no fallback candidate ({why})")
-        return
-    key = f"{backend}-{FALLBACK}"
-    hit = cached.get((backend, "int8"))
-    if hit is not None:
-        entry = ctx.engine(backend, "int8", name=key, target=ctx.build.candidate(key), extra_keep=hit.keep)
-        result = ctx.check([entry]).report.engines[0]
-        if result.passed:
-            built[FALLBACK], checks[FALLBACK] = entry, result
-            fallbacks.append(hit.record)
-            return
-    # Layers in fp32 pay off only while int8 beats every passing candidate that is not int8.
-    compare = {p: e for p, e in built.items() if p != "int8" and checks[p].passed}
-    entry, result, record = run_fallback(ctx, int8, check, compare=compare, start_keep=hit.keep if hit else None)
-    fallbacks.append(record)
-    if entry is not None:
-        built[FALLBACK], checks[FALLBACK] = entry, result
+def _fallback_candidates(ctx: BuildContext, backend: str, built: dict, checks: dict, cached: dict,
+                         fallbacks: list) -> None:
+    """Add `<precision>+fallback` to `built`/`checks` for every reduced precision (16-bit, int8) that fails
+    a gate, where the fallback applies: the same search and rebuild a build runs (`fallback_candidate`)."""
+    for precision in [p for p in candidate_precisions(backend) if reduced_precision(p)]:
+        entry, check = built.get(precision), checks.get(precision)
+        if entry is None or check.passed:
+            continue
+        if not fallback_applies(ctx, precision):
+            why = "--int8-fallback off" if ctx.opts.int8_fallback == "off" else "a bundle's int8 is calibrated already"
+            ctx.say(f"[auto] {backend}: {precision} fails a gate; no fallback candidate ({why})")
+            continue
+        # Layers in fp32 pay off only while the mix beats every tighter candidate that passes.
+        tighter = candidate_precisions(backend)[:candidate_precisions(backend).index(precision)]
+        compare = {p: e for p, e in built.items() if p in tighter and checks[p].passed}
+        outcome = fallback_candidate(ctx, entry, check, compare=compare, hit=cached.get((backend, precision)))
+        fallbacks.append(outcome.record)
+        if outcome.entry is not None:
+            name = f"{precision}{FALLBACK_SUFFIX}"
+            built[name], checks[name] = outcome.entry, outcome.check
 
 
 def _note(name: str, check: EngineCheck, fallback_layers: int | None) -> str:
     notes = []
-    if name == FALLBACK and fallback_layers is not None:
+    if name.endswith(FALLBACK_SUFFIX) and fallback_layers is not None:
         notes.append(f"{fallback_layers} layer{'s' if fallback_layers != 1 else ''} in fp32")
     ran = check.engine.precision_executed
     if ran and ran != candidate_precision(name):
@@ -80,7 +76,7 @@ def _note(name: str, check: EngineCheck, fallback_layers: int | None) -> str:
     return "; ".join(notes)
 
 
-def run_auto(ctx, backends: list[str], timings: dict):
+def run_auto(ctx: BuildContext, backends: list[str], timings: dict):
     """Build, check and time every candidate of each backend; publish the fastest passing one.
 
     Returns (the published engine sets, the check outcome for the report, the record for build.json)."""
@@ -99,10 +95,10 @@ def run_auto(ctx, backends: list[str], timings: dict):
     checks = {b: {p: first.engine(e.key) for p, e in per.items()} for b, per in built.items()}
 
     fallbacks: list = []
-    cached = cached_fallbacks(ctx, [(b, "int8") for b in backends if "int8" in built[b]])
+    cached = cached_fallbacks(ctx, [(b, p) for b in backends for p in built[b] if reduced_precision(p)])
     for backend in backends:
         t0 = time.perf_counter()
-        _fallback_candidate(ctx, backend, built[backend], checks[backend], cached, fallbacks)
+        _fallback_candidates(ctx, backend, built[backend], checks[backend], cached, fallbacks)
         timings[f"{backend} fallback"] = round(time.perf_counter() - t0, 2)
 
     candidates: list[Candidate] = []
@@ -116,8 +112,9 @@ def run_auto(ctx, backends: list[str], timings: dict):
         timings[f"{backend} timing"] = round(time.perf_counter() - t0, 2)
         passing = [n for n in built[backend] if checks[backend][n].passed]
         best = min(passing, key=latency[backend].get) if passing else None
-        layers = next((len(f.layers) for f in fallbacks if f.engine == f"{backend}-int8" and f.passed), None)
         for name, entry in built[backend].items():
+            key = f"{backend}-{candidate_precision(name)}"
+            layers = next((len(f.layers) for f in fallbacks if f.engine == key and f.passed), None)
             candidates.append(Candidate(name, checks[backend][name], latency[backend][name], engine_set_bytes(entry),
                                         name == best, _note(name, checks[backend][name], layers)))
         others = ", ".join(f"{n} {ms:.3g} ms" for n, ms in latency[backend].items() if n != best)

@@ -3,7 +3,8 @@
 Every step records the key it was computed from (`.step.json`); a later build
 reuses a step only when its key matches and its files verify, so an
 interrupted build never leaves a step that looks complete. Where each step's
-results live is `export.artifacts.builddir.BuildDir`.
+results live is `export.artifacts.builddir.BuildDir`. The steps themselves, and the typed context
+they share, are `pipeline.context`; what happens to an engine set that fails its gate, `pipeline.fallback`.
 """
 
 from __future__ import annotations
@@ -11,30 +12,22 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engines.files import sha256_file
-from engines.registry import BACKENDS, get_backend
+from engines.registry import BACKENDS
 from export.artifacts.builddir import BuildDir
-from export.artifacts.engineset import EngineSet
 from export.artifacts.evalset import EvalSet
 from export.artifacts.graph_lint import build_graphs, lint_graphs
-from export.artifacts.manifest import ExportInfo, verify_manifest
+from export.artifacts.manifest import ExportInfo
 from export.artifacts.records import recover_records
 from export.checking.results import Report
 from export.checking.tolerances import Tolerances
 from export.errors import ExportError, ExportOptionError
-from export.pipeline.calibration_step import (
-    calibration_set,
-    check_calibration_data,
-    graph_inputs,
-    head_calibration,
-)
-from export.pipeline.check import CheckOutcome, check_engines, eval_batches, write_records
+from export.pipeline.calibration_step import check_calibration_data
+from export.pipeline.check import write_records
+from export.pipeline.context import BuildContext, export_step
 from export.pipeline.data import parse_spec
-from export.pipeline.eval_cache import EvalBatchCache
 from export.pipeline.keep_fp32 import check_keep_fp32_matches
 from export.pipeline.options import (
     AUTO,
@@ -46,11 +39,9 @@ from export.pipeline.options import (
     is_part_precision,
     parse_part_precision,
     precisions_used,
-    role_precisions,
 )
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import ModelSource, resolve_model
-from export.pipeline.steps import mark_step, publish, staging_for, step_key, step_matches
 
 
 @dataclass
@@ -62,143 +53,6 @@ class BuildOutcome:
     @property
     def passed(self) -> bool:
         return self.report.passed
-
-
-def export_step(opts: BuildOptions, source: ModelSource, build: BuildDir, say: Say, reused: list[str]) -> Path:
-    from export.onnx.exporter import export_model, exporter_fingerprint
-
-    target = build.export
-    key = step_key("export", source.sha256, opts.layout, opts.tasks, opts.img_size, exporter_fingerprint(),
-                   *(["postprocess"] if opts.postprocess else []))
-    if step_matches(target, key):
-        try:
-            verify_manifest(target)
-            reused.append("export")
-            say(f"[export] reusing {target} (same checkpoint, settings and exporter)")
-            return target
-        except ExportError as err:
-            say(f"[export] cached export is damaged ({err}); exporting again")
-    say(f"[export] {source.checkpoint} -> {target} ({opts.layout} layout)")
-    export_model(source.model(), target, source_name=source.checkpoint.name, source_sha256=source.sha256,
-                 layout=opts.layout, tasks=opts.tasks, progress=lambda line: say(f"[export] {line}"),
-                 postprocess=opts.postprocess)
-    mark_step(target, key, checkpoint=str(source.checkpoint))
-    return target
-
-
-def engine_step(backend: str, precision: str, opts: BuildOptions, info: ExportInfo, export_dir: Path,
-                build: BuildDir, calib: Callable[[], object], say: Say, reused: list[str],
-                bundle_graphs: Path | None = None, *, name: str | None = None, target: Path | None = None,
-                extra_keep: Mapping[str, Sequence[str]] | None = None) -> EngineSet:
-    """Build (or reuse) the engine set of `backend` at `precision` (a backend precision, or per part).
-
-    `name` (default `<backend>-<precision>`) names its prepared graphs and its progress lines; `target`
-    (default `build.engine(name)`) is where it is published; `extra_keep` ({graph role: globs}) keeps
-    more nodes in fp32 for one engine set only (the int8 fallback's layers)."""
-    from calibration.prepare import prepare_graph
-
-    name = name or f"{backend}-{precision}"
-    target = target or build.engine(name)
-    graph_hashes = {role: sha256_file(export_dir / f) for role, f in info.graph_files.items()}
-    precisions = role_precisions(precision, info.graph_files)
-    # From a bundle every int8 engine is built from the bundled Q/DQ graph, calibrated on the
-    # workstation: a device needs no calibration data.
-    calibration = calib() if "int8" in precisions.values() and bundle_graphs is None else None
-    keep = {role: keep_globs(opts, role, extra_keep) for role in info.graph_files}
-    extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options}
-    if BACKENDS[backend].dla:
-        extra["dla"] = opts.dla
-    key_parts = [backend, precision, graph_hashes, list(opts.keep_fp32), opts.calib_method,
-                 calibration.fingerprint() if calibration is not None else None, str(bundle_graphs), extra]
-    if any(tuple(k) != tuple(opts.keep_fp32) for k in keep.values()):
-        key_parts.append({role: list(k) for role, k in keep.items()})
-    key = step_key("engine", *key_parts)
-    if step_matches(target, key):
-        try:
-            entry = EngineSet.read(target)
-            entry.artifacts(verify=True)
-            reused.append(name)
-            say(f"[{name}] reusing the engine in {target}")
-            return entry
-        except Exception as err:  # noqa: BLE001 - any damage means rebuild
-            say(f"[{name}] cached engine unusable ({err}); rebuilding")
-    staging = staging_for(target)
-    try:
-        entry = _build_engine_set(backend, precision, precisions, keep, opts, info, export_dir, build, calibration,
-                                  staging, say, bundle_graphs, prepare_graph, name)
-        mark_step(staging, key)
-        publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed step leaves no half-built engine directory
-        raise
-    entry.directory = target
-    return entry
-
-
-def device_build_options(backend: str, role: str, opts: BuildOptions, build: BuildDir) -> dict:
-    """Per-role options of a backend's `build`: its cache directory (TensorRT's timing cache and plans,
-    beside the calibration cache) and, with --dla heads, a DLA core for every task head."""
-    spec = BACKENDS[backend]
-    extra: dict = {}
-    if spec.build_cache:
-        extra["cache_dir"] = build.calibration_cache / backend
-    if spec.dla and opts.dla == "heads" and role.startswith("head_"):
-        extra["dla_core"] = 0
-    return extra
-
-
-def keep_globs(opts: BuildOptions, role: str, extra_keep: Mapping[str, Sequence[str]] | None = None) -> tuple[str, ...]:
-    """The globs of nodes kept in fp32 in the graph of `role`: every graph's, then its own."""
-    own = [*opts.keep_fp32_roles.get(role, ()), *((extra_keep or {}).get(role, ()))]
-    return tuple(dict.fromkeys([*opts.keep_fp32, *own]))
-
-
-def prepare_role(backend: str, precision: str, role: str, opts: BuildOptions, info: ExportInfo, export_dir: Path,
-                 build: BuildDir, calibration, name: str, keep: Sequence[str], bundle_graphs: Path | None = None,
-                 prepare_graph=None):
-    """The graph of one role prepared at `precision` (`calibration.prepare.prepare_graph`): a split head
-    calibrates on the backbone's outputs; from a bundle, int8 is its calibrated Q/DQ graph."""
-    if prepare_graph is None:
-        from calibration.prepare import prepare_graph
-    file = info.graph_files[role]
-    graph = export_dir / file
-    role_calibration = calibration if precision == "int8" else None
-    if role_calibration is not None and role.startswith("head_"):
-        role_calibration = head_calibration(export_dir / info.graph_files["backbone"], calibration,
-                                            graph_inputs(graph))
-    qdq = None
-    if bundle_graphs is not None and precision == "int8":
-        qdq = bundle_graphs / f"{Path(file).stem}.int8.qdq.onnx"
-        if not qdq.is_file():
-            raise ExportError(f"the bundle has no Q/DQ graph {qdq.name}; build the bundle from an int8 build")
-    work = build.graphs(name)
-    work.mkdir(parents=True, exist_ok=True)
-    return prepare_graph(backend, graph, work, precision, calibration=role_calibration, qdq_onnx=qdq,
-                         keep_fp32=keep, calibration_method=opts.calib_method, cache=build.calibration_cache)
-
-
-def _build_engine_set(backend, precision, precisions, keep, opts, info, export_dir, build, calibration, staging, say,
-                      bundle_graphs, prepare_graph, name) -> EngineSet:
-    parts = dict(precisions) if len(set(precisions.values())) > 1 else {}
-    entry = EngineSet(backend, precision, staging, interface=info.interface, parts=parts)
-    started = time.perf_counter()
-    for role, file in info.graph_files.items():
-        role_precision = precisions[role]
-        calibrating = role_precision == "int8" and calibration is not None
-        say(f"[{name}] preparing {file}" + (f" at {role_precision}" if parts else "")
-            + (" (calibrating)" if calibrating else ""))
-        prepared = prepare_role(backend, role_precision, role, opts, info, export_dir, build, calibration, name,
-                                keep[role], bundle_graphs, prepare_graph)
-        say(f"[{name}] building engine for {file}")
-        extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options if getattr(opts, k) is not None}
-        extra.update(device_build_options(backend, role, opts, build))
-        artifact = get_backend(backend).build(prepared.path, staging, precision=role_precision,
-                                              metadata=dict(prepared.metadata), name=Path(file).stem,
-                                              threads=opts.threads, **extra)
-        entry.files[role] = artifact.path.name
-    entry.save()
-    say(f"[{name}] built in {time.perf_counter() - started:.1f} s")
-    return entry
 
 
 def _check_inputs(opts: BuildOptions, pairs: list[tuple[str, str]]) -> None:
@@ -245,52 +99,6 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
         raise
 
 
-@dataclass
-class BuildContext:
-    """What the steps of one build share once the model is exported: options, the export, the build
-    directory, and the calibration set and evaluation batches, each made once when first needed."""
-
-    opts: BuildOptions
-    info: ExportInfo
-    export_dir: Path
-    build: BuildDir
-    say: Say
-    reused: list[str]
-    tolerances: Tolerances
-    model: dict
-    reference: OriginalModel | None = None
-    bundle_graphs: Path | None = None
-    curves_png: Path | None = None
-    _calibration: object = None
-    _batches: EvalBatchCache | None = None
-
-    def calibration(self):
-        if self._calibration is None:
-            self._calibration = calibration_set(self.opts, self.info.interface, self.say)
-        return self._calibration
-
-    def engine(self, backend: str, precision: str, **kwargs) -> EngineSet:
-        """`engine_step` for this build (`name`, `target`, `extra_keep` as there)."""
-        return engine_step(backend, precision, self.opts, self.info, self.export_dir, self.build, self.calibration,
-                           self.say, self.reused, self.bundle_graphs, **kwargs)
-
-    def batches(self) -> EvalBatchCache:
-        """The evaluation batches with their references, computed once (PyTorch runs once per build) and
-        kept on disk for the later passes (`export.pipeline.eval_cache`)."""
-        if self._batches is None:
-            self._batches = EvalBatchCache(lambda: eval_batches(self.opts, self.info, self.export_dir, self.build,
-                                                                self.reference, self.say), self.build.root)
-        return self._batches
-
-    def close(self) -> None:
-        if self._batches is not None:
-            self._batches.close()
-
-    def check(self, entries: list[EngineSet]) -> CheckOutcome:
-        return check_engines(entries, self.opts, self.info, self.export_dir, self.build, self.reference, self.say,
-                             self.tolerances, self.model, curves_png=self.curves_png, batches=self.batches())
-
-
 def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]], source: ModelSource | None,
                say: Say) -> BuildOutcome:
     reused: list[str] = []
@@ -328,8 +136,8 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
     if source is not None and torch_available():
         reference = OriginalModel(source, info.interface.tasks)
     model = {**info.interface.to_dict(), "layout": info.layout, "source": source_line}
-    ctx = BuildContext(opts, info, export_dir, build, say, reused, tolerances, model, reference, bundle_graphs,
-                       source.curves_png if source is not None else None)
+    ctx = BuildContext(opts, info, export_dir, build, say, tolerances, model, reused=reused, reference=reference,
+                       bundle_graphs=bundle_graphs, curves_png=source.curves_png if source is not None else None)
     try:
         record: dict = {}
         if pairs[0][1] == AUTO:
@@ -351,10 +159,10 @@ def _run_build(opts: BuildOptions, build: BuildDir, pairs: list[tuple[str, str]]
             t0 = time.perf_counter()
             outcome = ctx.check(entries)
             timings["check"] = round(time.perf_counter() - t0, 2)
-            entries, fallbacks = run_fallbacks(ctx, entries, outcome.report, cached, timings)
-            if any(f.passed and not f.cached for f in fallbacks):
-                # an engine the fallback rebuilt took the failing one's place: check the set again (a search
-                # that stopped or failed replaced nothing, and the first check stands)
+            entries, fallbacks, replaced = run_fallbacks(ctx, entries, outcome.report, cached, timings)
+            if replaced:
+                # an engine set the fallback rebuilt, or the next format that passes, took a failing one's
+                # place: check the set again (a search that replaced nothing leaves the first check standing)
                 outcome = ctx.check(entries)
             outcome.report.fallbacks = fallbacks
             outcome.report.notes = speed_notes(ctx, entries, outcome.report, timings)

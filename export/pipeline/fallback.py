@@ -1,73 +1,60 @@
-"""Accuracy-aware INT8: when an int8 engine fails a task's gate, keep the fewest layers in fp32 until
-every task passes.
+"""Mixed precision: when an engine set at a reduced precision (int8, fp16, bf16) fails a task's gate, keep
+the fewest layers in fp32 until every task passes; when no mix pays off, take the next format that passes.
 
-The search (`search_layers`) works on the int8 graph the engine was built from
-(`calibration.sensitivity`: the Q/DQ ONNX for ONNX Runtime and TensorRT, the NNCF IR for OpenVINO),
-putting layers back in float without recalibrating, so each try is cheap:
+One orchestration, used by the build (`run_fallbacks`) and by `--precision auto` (`fallback_candidate`):
 
-1. Rank every quantized compute layer by its local error: the relative error quantizing its own
-   inputs adds to its output, all layers measured in one run on a few evaluation images.
-2. Confirm with the gate: the top `SHORTLIST` layers are tried one at a time in float, each judged
-   on the whole evaluation set by every task's checks, the failing task's own metric (mIoU drop,
-   normals error...) among them; the layer that closes the most of the gap is kept, and the step
-   repeats from there until every task passes. When no layer of the window helps, the next window
-   down the ranking is tried. Every set tried is judged once (cached).
-3. Prune: a kept layer whose removal still passes is dropped again.
-4. The engine is rebuilt with those layers in fp32 (`prepare_graph(keep_fp32=names)`, which
-   recalibrates: NNCF's ignored scope, or nodes the Q/DQ quantizer leaves alone) and checked like
-   any engine. If it still fails, the search goes on from its graph (at most `ROUNDS` rebuilds).
+1. Time the failing engine set against the engine sets a mix has to beat (`compare_engines`: for int8 the
+   backend's 16-bit ones, for 16-bit the tighter formats, bf16 -> fp16 -> fp32), those that pass only.
+   In mode "on", a set already no faster than one of them stops here: layers in fp32 only slow it down
+   (`layer_search.cannot_pay_off`).
+2. Search (`layer_search.search`) with the backend's judge (`pipeline.probes`): a graph variant run here
+   where there is one (int8 graphs; ONNX Runtime's fp16 graph), ranked by the error each layer adds, or
+   the engine rebuilt per try, by bisection.
+3. Rebuild the engine set with those layers in fp32 as candidates/<engine>+fallback and check it like any
+   engine; time it again. An int8 rebuild recalibrates, so while it fails the search goes on from its
+   graph (at most `ROUNDS` rebuilds).
+4. Save the list as BUILD/fallback/<engine>.json (`--keep-fp32 @FILE` reads it) and in the calibration
+   cache, keyed by the graphs, settings, tolerances and evaluation data that decided it (and for int8 the
+   calibration data), so a later build with the same inputs skips the search.
 
-Speed: the int8 engine, the 16-bit engine(s) of its backend and the result are timed here with their
-own runners (`pipeline.speed`). In mode "on" the search stops, and says so, when int8 is no faster
-than the 16-bit engine: layers in fp32 only make it slower. Mode "always" searches anyway (for a
-device other than this machine, e.g. a TensorRT target); "off" builds int8 as calibrated.
-
-The list is cached with the calibration (the build's calibration cache, keyed like a calibration:
-graphs, calibration data, settings, plus the tolerances and evaluation data that decided it) and saved
-as BUILD/fallback/<engine>.json, which `--keep-fp32 @FILE` reads back.
+Verdicts: "fixed" (every task passes, and the mix is faster than what it had to beat), "not faster"
+(passes, but is not), "stopped" (mode "on": cannot pay off), "failed" (no mix found). In a build, a
+"fixed" set takes the failing one's place; otherwise the build takes the next format that passes (the
+fastest of the compare sets) and says why, except in mode "always" with a mix that passes (built for
+another device, whatever the speed here). Mode "off" builds as asked.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from calibration.errors import CalibrationError
-from engines.registry import BACKENDS, get_backend
+from engines.registry import BACKENDS
 from export.artifacts.engineset import EngineSet
 from export.artifacts.files import write_json_atomic
-from export.checking.accuracy import EngineChecker
-from export.checking.results import (
-    Check,
-    EngineCheck,
-    EngineInfo,
-    Fallback,
-    FallbackLayer,
-    FallbackTask,
-    Report,
-)
-from export.pipeline.check import tolerances_for
+from export.checking.results import EngineCheck, Fallback, FallbackLayer, Report
+from export.pipeline.context import BuildContext
+from export.pipeline.layer_search import STOPS, Limits, cannot_pay_off, rank_order, search
 from export.pipeline.options import KEEP_FILE_FORMAT, precisions_used, role_precisions
+from export.pipeline.probes import RebuildJudge, check_value, failing_tasks, layer_record, open_judge
 from export.pipeline.speed import time_in_build
 from export.pipeline.steps import publish, staging_for
 
-SHORTLIST = 8  # layers tried one at a time per step, from the top of the ranking
-MAX_LAYERS = 16  # most layers kept in fp32 before the search gives up
-MAX_PROBES = 96  # most int8 graph variants judged per round
 ROUNDS = 4  # rebuilds: the search goes on from a rebuilt engine's graph while it still fails
-# After a layer that closed much of the gap, a next one that closes less than this share of what is left
-# ends the round: the rebuilt engine (recalibrated without the first) is judged before adding more.
-MIN_GAIN = 0.1
-RANK_BATCHES = 2  # evaluation batches the local-error ranking runs on
-SEARCH_VERSION = 1  # in the cache key: a changed search makes new lists
-# The 16-bit precisions an int8 engine has to beat, where its backend builds them.
+SEARCH_VERSION = 2  # in the cache key: a changed search makes new lists
+# A try that is a graph variant run here is cheap; one that rebuilds the engine set is a build and a check.
+GRAPH_LIMITS = Limits()
+REBUILD_LIMITS = Limits(max_probes=24)
 SIXTEEN_BIT = ("fp16", "bf16")
+# The formats a mix at each reduced precision has to beat, nearest first, where its backend builds them:
+# the next formats a build may take instead. Loosest precision first: an engine set's search works on its
+# loosest part.
+MUST_BEAT = {"int8": SIXTEEN_BIT, "bf16": ("fp16", "fp32"), "fp16": ("fp32",)}
 FALLBACK_FILE = "fallback.json"  # its name in a calibration cache entry
-FALLBACK_SUFFIX = "+fallback"  # the name of the engine set a fallback builds: <backend>-int8+fallback
+FALLBACK_SUFFIX = "+fallback"  # the name of the engine set a fallback builds: <backend>-<precision>+fallback
 
 
 @dataclass
@@ -78,333 +65,192 @@ class CachedFallback:
     record: Fallback
 
 
-# ----------------------------------------------------------------------------- judging
-
-
-def _gap(check: Check) -> float:
-    """How far a check is from passing, relative to its limit (0 when it passes)."""
-    if not math.isfinite(check.value):
-        return 1e6
-    gap = check.value - check.limit if check.op == "<=" else check.limit - check.value
-    return max(gap, 0.0) / max(abs(check.limit), 1e-3)
-
-
-def shortfall(result: EngineCheck) -> float:
-    """How far an engine is from passing every task's gate (0 when it passes)."""
-    return sum(_gap(c) for task in result.tasks.values() for c in task.checks)
-
-
-def _task_shortfall(result: EngineCheck) -> dict[str, float]:
-    return {t: sum(_gap(c) for c in r.checks) for t, r in result.tasks.items()}
-
-
-def failing_tasks(result: EngineCheck) -> list[FallbackTask]:
-    """Each failing task's worst check (the metric drop when that fails)."""
-    out = []
-    for task, r in result.tasks.items():
-        if r.failed:
-            worst = max(r.failed, key=lambda c: (c.name.endswith("_drop"), _gap(c)))
-            out.append(FallbackTask(task, worst.name, worst.limit, worst.op, worst.value))
-        # a task that passes has nothing to report
-    return out
-
-
-def _value(result: EngineCheck, task: str, name: str) -> float | None:
-    return next((c.value for c in result.tasks[task].checks if c.name == name), None)
-
-
-# ----------------------------------------------------------------------------- the search
-
-
-class _Probe:
-    """The engine set as the search sees it: each int8 role's quantized graph with the chosen layers in
-    float, the other roles' engines as built, chained as the set runs; judged on the evaluation set."""
-
-    def __init__(self, ctx, entry: EngineSet, graphs: dict):
-        self.ctx = ctx
-        self.entry = entry
-        self.graphs = graphs
-        self.count = 0
-        self._engines: dict = {}
-        self._runners: dict = {}
-        self._judged: dict[frozenset, EngineCheck] = {}
-        self._tolerances = tolerances_for(entry, ctx.tolerances, ctx.info.interface.tasks)
-
-    def close(self) -> None:
-        for runner in self._engines.values():
-            runner.deactivate()
-        self._engines.clear()
-        self._runners.clear()
-
-    def _infer(self, role: str, floats: frozenset):
-        if role not in self.graphs:
-            if role not in self._engines:
-                runner = get_backend(self.entry.backend).load(self.entry.directory / self.entry.files[role],
-                                                              threads=self.ctx.opts.threads)
-                self._engines[role] = runner.activate()
-            return self._engines[role].infer
-        key = (role, floats)
-        if key not in self._runners:
-            # At most two variants of a graph alive at once: the state kept so far and the one being tried.
-            mine = [k for k in self._runners if k[0] == role]
-            for old in mine[:-1]:
-                del self._runners[old]
-            self._runners[key] = self.graphs[role].runner(floats)
-        return self._runners[key]
-
-    def _inputs(self, role: str) -> list[str]:
-        if role in self.graphs:
-            return self.graphs[role].inputs
-        self._infer(role, frozenset())
-        return self._engines[role].input_names
-
-    def infer(self, chosen: frozenset, feed) -> dict:
-        floats = {role: frozenset(n for r, n in chosen if r == role) for role in self.entry.files}
-        if "model" in self.entry.files:
-            return self._infer("model", floats["model"])(feed)
-        shared = self._infer("backbone", floats["backbone"])(feed)
-        outputs = {}
-        for role in self.entry.files:
-            if role.startswith("head_"):
-                outputs.update(self._infer(role, floats[role])({n: shared[n] for n in self._inputs(role)}))
-        return outputs
-
-    def judge(self, chosen) -> EngineCheck:
-        key = frozenset(chosen)
-        if key not in self._judged:
-            interface = self.ctx.info.interface
-            checker = EngineChecker(interface.channels, self.entry.precision, self._tolerances,
-                                    postprocessed=interface.postprocessed)
-            for batch in self.ctx.batches():
-                checker.update(self.infer(key, {"image": batch.image}), batch)
-            self._judged[key] = checker.finish(EngineInfo(self.entry.backend, self.entry.precision))
-            self.count += 1
-        return self._judged[key]
-
-    def local_errors(self) -> dict[tuple[str, str], float]:
-        feeds = [{"image": b.image} for b in self.ctx.batches()[:RANK_BATCHES]]
-        errors = {}
-        for role, graph in self.graphs.items():
-            role_feeds = feeds
-            if role.startswith("head_"):
-                backbone = self._infer("backbone", frozenset())
-                names = graph.inputs
-                role_feeds = [{n: out[n] for n in names} for out in (backbone(f) for f in feeds)]
-            errors.update({(role, name): e for name, e in graph.local_errors(role_feeds).items()})
-        return errors
-
-
 @dataclass
-class SearchResult:
-    chosen: list[tuple[str, str]]  # (graph role, node name), in the order they were kept
-    layers: list[FallbackLayer]
-    result: EngineCheck  # the judgement with `chosen` in float
-    probes: int
+class FallbackOutcome:
+    """What a fallback made: the engine set with layers in fp32 (candidates/<key>+fallback) and its check,
+    both None when none was built, and the record for the report."""
+
+    entry: EngineSet | None
+    check: EngineCheck | None
+    record: Fallback
 
 
-def _layer(candidate: tuple[str, str], before: EngineCheck, after: EngineCheck, error: float) -> FallbackLayer:
-    """What keeping `candidate` in float bought: the failing task it helped most, that task's worst check."""
-    gaps_before, gaps_after = _task_shortfall(before), _task_shortfall(after)
-    failing = [t for t, r in before.tasks.items() if r.failed] or list(before.tasks)
-    task = max(failing, key=lambda t: gaps_before[t] - gaps_after[t])
-    checks = before.tasks[task].failed or before.tasks[task].checks
-    worst = max(checks, key=lambda c: (c.name.endswith("_drop"), _gap(c)))
-    after_value = _value(after, task, worst.name)
-    return FallbackLayer(candidate[1], candidate[0], task, worst.name, worst.value,
-                         worst.value if after_value is None else after_value, error)
+def reduced_precision(precision: str) -> str | None:
+    """The precision a search puts layers of back in fp32: int8 where any part is int8, else the loosest
+    16-bit part; None for fp32."""
+    used = precisions_used(precision)
+    return next((p for p in MUST_BEAT if p in used), None)
 
 
-def search_layers(probe: _Probe, say, name: str) -> SearchResult:
-    """Greedy search for the fewest layers in float that make every task pass (see the module docstring)."""
-    base = probe.judge(())
-    t0 = time.perf_counter()
-    errors = probe.local_errors()
-    ranking_s = time.perf_counter() - t0
-    ranked = sorted(errors, key=lambda c: -(errors[c] if not math.isnan(errors[c]) else math.inf))
-    if ranked:
-        top = ", ".join(f"{n} ({errors[(r, n)]:.3g})" for r, n in ranked[:3])
-        say(f"[{name}] ranked {len(ranked)} quantized layers by local error in {ranking_s:.1f} s; top: {top}")
-    chosen: list[tuple[str, str]] = []
-    layers: list[FallbackLayer] = []
-    current, offset, big_step = base, 0, False
-    while not current.passed and len(chosen) < MAX_LAYERS and probe.count < MAX_PROBES:
-        window = [c for c in ranked if c not in chosen][offset:offset + SHORTLIST]
-        window = window[:max(0, MAX_PROBES - probe.count)]
-        if not window:
-            break
-        say(f"[{name}] trying {len(window)} layer(s) in fp32, one at a time"
-            + (f" (ranks {offset + 1}-{offset + len(window)})" if offset else ""))
-        tried = {c: probe.judge([*chosen, c]) for c in window}
-        best = min(window, key=lambda c: shortfall(tried[c]))
-        gain = shortfall(current) - shortfall(tried[best])
-        if chosen and big_step and gain < MIN_GAIN * shortfall(current):
-            say(f"[{name}] the next layer closes little of what is left; judging the rebuilt engine first")
-            break
-        if gain > 1e-9:
-            big_step = big_step or gain >= MIN_GAIN * shortfall(current)
-            layer = _layer(best, current, tried[best], errors[best])
-            say(f"[{name}] keeping {best[1]} in fp32: {layer.task} {layer.check} {layer.before:.4g} -> {layer.after:.4g}")
-            chosen.append(best)
-            layers.append(layer)
-            current, offset = tried[best], 0
-        else:
-            offset += SHORTLIST
-    if current.passed and len(chosen) > 1:
-        for candidate in list(reversed(chosen[:-1])):
-            trial = [c for c in chosen if c != candidate]
-            result = probe.judge(trial)
-            if result.passed:
-                say(f"[{name}] {candidate[1]} is not needed once the others are in fp32; dropped")
-                chosen, current = trial, result
-                layers = [layer for layer in layers if (layer.role, layer.node) != candidate]
-    return SearchResult(chosen, layers, current, probe.count)
+def _roles(entry: EngineSet, precision: str) -> list[str]:
+    return [r for r, p in role_precisions(entry.precision, entry.files).items() if p == precision]
+
+
+def fallback_applies(ctx: BuildContext, precision: str) -> bool:
+    """Whether a failing engine set at `precision` gets a search: it has a reduced precision, the mode is
+    not off, and (for int8) its graph was calibrated here, not on the workstation a bundle came from."""
+    reduced = reduced_precision(precision)
+    if reduced is None or ctx.opts.int8_fallback == "off":
+        return False
+    return reduced != "int8" or ctx.bundle_graphs is None
 
 
 # ----------------------------------------------------------------------------- one engine set
 
 
-def _quantized_graph(ctx, entry: EngineSet, role: str, name: str, keep: dict[str, list[str]]):
-    """The int8 graph behind the engine of `role`, prepared again (a calibration-cache hit) to find it."""
-    from calibration.sensitivity import open_quantized_graph
-    from export.pipeline.build import keep_globs, prepare_role
-
-    prepared = prepare_role(entry.backend, "int8", role, ctx.opts, ctx.info, ctx.export_dir, ctx.build,
-                            ctx.calibration(), name, keep_globs(ctx.opts, role, keep))
-    config = entry.artifacts(verify=False)[role].metadata.get("config")
-    return open_quantized_graph(entry.backend, prepared.path, prepared.metadata, threads=ctx.opts.threads,
-                                config=config)
-
-
-def _int8_roles(entry: EngineSet) -> list[str]:
-    return [r for r, p in role_precisions(entry.precision, entry.files).items() if p == "int8"]
-
-
-def run_fallback(ctx, entry: EngineSet, failed: EngineCheck, *, compare: dict[str, EngineSet],
-                 start_keep: dict[str, tuple[str, ...]] | None = None) \
-        -> tuple[EngineSet | None, EngineCheck | None, Fallback]:
-    """Search and rebuild until every task passes (see the module docstring).
-
-    `compare` holds the engine sets int8 has to beat ({label: set}, the 16-bit ones). Returns the engine
-    set with layers in fp32, built as candidates/<key>+fallback, and its check (both None when none was
-    built), and the record.
-    """
+def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, compare: dict[str, EngineSet],
+                 start_keep: dict[str, tuple[str, ...]] | None = None) -> FallbackOutcome:
+    """Search and rebuild until every task passes (see the module docstring). `compare` holds the passing
+    engine sets a mix has to beat ({precision: set})."""
     say, mode = ctx.say, ctx.opts.int8_fallback
     key = entry.key
+    precision = reduced_precision(entry.precision)
+    mix = f"{precision}{FALLBACK_SUFFIX}"
     name = f"{key}{FALLBACK_SUFFIX}"
     started = time.perf_counter()
     tasks = failing_tasks(failed)
-    say(f"[{key}] fails its int8 gate ({'; '.join(t.describe() for t in tasks)}): looking for the layers "
+
+    def record(verdict: str, message: str, layers=(), probes: int = 0, tasks_=tasks) -> Fallback:
+        return Fallback(key, verdict, message, tuple(tasks_), tuple(layers), latency, probes,
+                        round(time.perf_counter() - started, 2))
+
+    say(f"[{key}] fails its {precision} gate ({'; '.join(t.describe() for t in tasks)}): looking for the layers "
         "responsible")
     latency: dict[str, float] = {}
     if compare:
-        latency.update(time_in_build(ctx, {"int8": entry, **compare}))
+        latency.update(time_in_build(ctx, {precision: entry, **compare}))
         fastest = min(compare, key=latency.get)
-        say(f"[{key}] int8 runs {latency['int8']:.3g} ms here, {fastest} {latency[fastest]:.3g} ms "
+        say(f"[{key}] {precision} runs {latency[precision]:.3g} ms here, {fastest} {latency[fastest]:.3g} ms "
             f"(batch {ctx.opts.timing_batch})")
-        if mode == "on" and latency["int8"] >= latency[fastest]:
-            message = (f"int8 ({latency['int8']:.3g} ms) is no faster than {fastest} ({latency[fastest]:.3g} ms) "
-                       f"here, so layers in fp32 cannot pay off: build --precision {fastest}, or search anyway with "
-                       "--int8-fallback always")
+        if mode == "on" and cannot_pay_off(latency, precision, compare):
+            message = (f"{precision} ({latency[precision]:.3g} ms) is no faster than {fastest} "
+                       f"({latency[fastest]:.3g} ms) here, so layers in fp32 cannot pay off: build --precision "
+                       f"{fastest}, or search anyway with --int8-fallback always")
             say(f"[{key}] {message}")
-            return None, None, Fallback(key, "stopped", message, tuple(tasks), (), latency,
-                                        seconds=round(time.perf_counter() - started, 2))
-    # Per graph role, --keep-fp32 globs: a node name escaped so that it matches only itself.
-    keep = {role: list((start_keep or {}).get(role, ())) for role in _int8_roles(entry)}
+            return FallbackOutcome(None, None, record("stopped", message))
+    roles = _roles(entry, precision)
+    keep = {role: list((start_keep or {}).get(role, ())) for role in roles}
     layers: list[FallbackLayer] = []
     probes, current, current_check, verdict, faster = 0, entry, failed, "failed", None
+    kept: list = []  # the layers this search put in fp32
+    stop = ""  # why a round found no layer, when one did not
+    cached = sum(len(v) for v in (start_keep or {}).values())  # and a cached list's globs
     target = ctx.build.candidate(name)
     for _ in range(ROUNDS):
         graph_name = key if current is entry else name
         try:
-            graphs = {role: _quantized_graph(ctx, current, role, graph_name, keep) for role in keep}
-            probe = _Probe(ctx, current, graphs)
+            judge = open_judge(ctx, current, current_check, precision, roles, keep, graph_name, name, target)
             try:
-                found = search_layers(probe, say, key)
+                found = _search(ctx, judge, key)
             finally:
-                probe.close()
+                judge.close()
         except CalibrationError as err:
-            # The search is a help, not a step the build needs: its failure leaves int8 as it was.
-            message = f"the layer search could not run ({err}); the int8 engine stays as calibrated"
+            # The search is a help, not a step the build needs: its failure leaves the engine as it was.
+            message = f"the layer search could not run ({err}); the {precision} engine stays as it was built"
             say(f"[{key}] {message}")
-            return None, None, Fallback(key, "failed", message, tuple(tasks), tuple(layers), latency, probes,
-                                        round(time.perf_counter() - started, 2))
+            return FallbackOutcome(None, None, record("failed", message, layers, probes))
         probes += found.probes
         if not found.chosen:
-            say(f"[{key}] no layer in fp32 brings the failing tasks closer to passing")
+            stop = found.stop
             break
-        for role, node in found.chosen:
-            keep[role].append(glob.escape(node))
-        layers += found.layers
-        count = sum(len(v) for v in keep.values())
-        say(f"[{key}] rebuilding int8 with {count} layer(s) in fp32")
+        keep = judge.keep(found.chosen, keep)
+        for step in found.steps:
+            layer = layer_record(step)
+            say(f"[{key}] keeping {layer.node} in fp32: {layer.task} {layer.check} {layer.before:.4g} -> "
+                f"{layer.after:.4g}")
+            layers.append(layer)
+        kept += found.chosen
+        say(f"[{key}] rebuilding {precision} with {len(kept) + cached} layer(s) in fp32")
         current = ctx.engine(entry.backend, entry.precision, name=name, target=target, extra_keep=keep)
         current_check = ctx.check([current]).report.engines[0]
         if compare:
-            # Timed together, so the three numbers compare (the first int8 is still where it was built).
-            times = time_in_build(ctx, {"int8": entry, "int8+fallback": current, **compare})
+            # Timed together, so the numbers compare (the first engine set is still where it was built).
+            times = time_in_build(ctx, {precision: entry, mix: current, **compare})
             latency.update(times)
-            fastest = min(compare, key=times.get)
-            faster = times["int8+fallback"] < times[fastest]
+            faster = cannot_pay_off(times, mix, compare) is None
         if current_check.passed:
             verdict = "fixed" if faster is not False else "not faster"
             break
         if mode == "on" and faster is False:
             verdict = "stopped"
             break
-    after = {t.task: _value(current_check, t.task, t.check) for t in tasks} if current is not entry else {}
-    tasks = [FallbackTask(t.task, t.check, t.limit, t.op, t.before, after.get(t.task)) for t in tasks]
-    kept = sum(len(v) for v in keep.values())
-    message = _message(verdict, kept, latency, compare)
+    after = {t.task: check_value(current_check, t.task, t.check) for t in tasks} if current is not entry else {}
+    tasks = [replace(t, after=after.get(t.task)) for t in tasks]
+    message = _message(precision, verdict, len(kept) + cached, latency, compare, stop)
     say(f"[{key}] {message}")
-    record = Fallback(key, verdict, message, tuple(tasks), tuple(layers), latency, probes,
-                      round(time.perf_counter() - started, 2))
+    result = record(verdict, message, layers, probes, tasks)
     if current is not entry and verdict in ("fixed", "not faster"):
-        record = _save(ctx, entry, keep, record)
+        result = _save(ctx, entry, keep, result)
     if current is entry:
-        return None, None, record
-    return current, current_check, record
+        return FallbackOutcome(None, None, result)
+    return FallbackOutcome(current, current_check, result)
 
 
-def _message(verdict: str, kept: int, latency: dict[str, float], compare: dict) -> str:
+def _search(ctx: BuildContext, judge, key: str):
+    """One round of the layer search with `judge`, its ranking said in one line."""
+    def say(line: str) -> None:
+        ctx.say(f"[{key}] {line}")
+
+    limits = REBUILD_LIMITS if isinstance(judge, RebuildJudge) else GRAPH_LIMITS
+    t0 = time.perf_counter()
+    errors = judge.ranking()
+    if errors:
+        ranked = rank_order(errors)
+        top = ", ".join(f"{n} ({errors[(r, n)]:.3g})" for r, n in ranked[:3])
+        say(f"ranked {len(errors)} layers by the error each adds in {time.perf_counter() - t0:.1f} s; top: {top}")
+    elif errors is None:
+        say(f"no one-pass ranking for {judge.entry.backend}: each try rebuilds the engine set (at most "
+            f"{limits.max_probes})")
+    return search(judge, judge.candidates, limits, say, errors=errors)
+
+
+def _message(precision: str, verdict: str, kept: int, latency: dict[str, float], compare: dict, stop: str = "") -> str:
     layers = f"{kept} layer{'s' if kept != 1 else ''} in fp32"
+    mix = f"{precision}{FALLBACK_SUFFIX}"
+    fastest = min(compare, key=latency.get) if compare and all(c in latency for c in compare) else None
     speed = ""
-    if "int8+fallback" in latency:
-        fastest = min(compare, key=latency.get)
-        speed = (f"; {latency['int8+fallback']:.3g} ms vs int8 {latency.get('int8', math.nan):.3g} ms and "
+    if mix in latency and fastest is not None:
+        speed = (f"; {latency[mix]:.3g} ms vs {precision} {latency.get(precision, float('nan')):.3g} ms and "
                  f"{fastest} {latency[fastest]:.3g} ms")
     if verdict == "fixed":
         return f"every task passes with {layers}{speed}"
     if verdict == "not faster":
-        fastest = min(compare, key=latency.get)
-        return f"every task passes with {layers}, but it is no faster than {fastest} here{speed}: prefer {fastest}"
+        return f"{precision} with {layers} is no faster than {fastest} here{speed}: prefer {fastest}"
     if verdict == "stopped":
-        return f"still failing with {layers} and no faster than the 16-bit engine{speed}: stopped; prefer 16-bit"
-    return f"could not make every task pass ({layers} tried){speed}; the int8 engine stays as calibrated"
+        return f"still failing with {layers} and no faster than {fastest}{speed}: stopped; prefer {fastest}"
+    why = STOPS[stop] if stop and not kept else f"could not make every task pass ({layers} tried)"
+    return f"{why}{speed}; the {precision} engine stays as it was built"
 
 
 # ----------------------------------------------------------------------------- the list, cached and saved
 
 
-def _cache_key(ctx, backend: str, precision: str) -> str:
+def _cache_key(ctx: BuildContext, backend: str, precision: str) -> str:
     from calibration.cache import cache_key
     from engines.files import sha256_file
 
     graphs = {role: sha256_file(ctx.export_dir / f) for role, f in ctx.info.graph_files.items()}
     opts = ctx.opts
-    settings = {"kind": "int8-fallback", "search": SEARCH_VERSION, "backend": backend, "precision": precision,
-                "calib_method": opts.calib_method, "keep_fp32": list(opts.keep_fp32),
+    reduced = reduced_precision(precision)
+    settings = {"kind": f"{reduced}-fallback", "search": SEARCH_VERSION, "backend": backend, "precision": precision,
+                "keep_fp32": list(opts.keep_fp32),
                 "keep_fp32_roles": {r: list(g) for r, g in opts.keep_fp32_roles.items()},
                 "tolerances": ctx.tolerances.overrides, "eval_data": opts.eval_data, "eval_samples": opts.eval_samples,
                 "max_batch": opts.max_batch}
-    return cache_key(json.dumps(graphs, sort_keys=True).encode(), ctx.calibration().fingerprint(), settings)
+    if reduced == "int8":
+        settings["calib_method"] = opts.calib_method
+        calibration = ctx.calibration().fingerprint()
+    else:
+        calibration = ""  # 16-bit needs no calibration data, and must not ask for it
+    return cache_key(json.dumps(graphs, sort_keys=True).encode(), calibration, settings)
 
 
-def _save(ctx, entry: EngineSet, keep: dict[str, list[str]], record: Fallback) -> Fallback:
+def _save(ctx: BuildContext, entry: EngineSet, keep: dict[str, list[str]], record: Fallback) -> Fallback:
     """Write BUILD/fallback/<engine>.json and store the same bytes in the calibration cache."""
     from calibration.cache import CalibrationCache
 
     path = ctx.build.fallback_file(entry.key)
-    record = Fallback(**{**record.__dict__, "file": str(path)})
+    record = replace(record, file=str(path))
     data = {"format": KEEP_FILE_FORMAT, "engine": entry.key, "backend": entry.backend,
             "precision": entry.precision, "layout": ctx.info.layout,
             "keep_fp32": {role: globs for role, globs in keep.items() if globs},
@@ -417,12 +263,8 @@ def _save(ctx, entry: EngineSet, keep: dict[str, list[str]], record: Fallback) -
     return record
 
 
-def fallback_applies(ctx, precision: str) -> bool:
-    return "int8" in precisions_used(precision) and ctx.opts.int8_fallback != "off" and ctx.bundle_graphs is None
-
-
-def cached_fallbacks(ctx, pairs) -> dict[tuple[str, str], CachedFallback]:
-    """The cached layer lists of this build's int8 engine sets, by (backend, precision)."""
+def cached_fallbacks(ctx: BuildContext, pairs) -> dict[tuple[str, str], CachedFallback]:
+    """The cached layer lists of this build's engine sets with a reduced precision, by (backend, precision)."""
     from calibration.cache import CalibrationCache
 
     cache = CalibrationCache(ctx.build.calibration_cache)
@@ -444,41 +286,60 @@ def cached_fallbacks(ctx, pairs) -> dict[tuple[str, str], CachedFallback]:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, data)
         count = sum(len(v) for v in keep.values())
-        ctx.say(f"[{backend}-{precision}] the int8 fallback of an earlier build applies: {count} layer(s) in fp32 "
-                f"({path})")
-        found[(backend, precision)] = CachedFallback(keep, Fallback(**{**record.__dict__, "cached": True,
-                                                                          "file": str(path)}))
+        ctx.say(f"[{backend}-{precision}] the {reduced_precision(precision)} fallback of an earlier build applies: "
+                f"{count} layer(s) in fp32 ({path})")
+        found[(backend, precision)] = CachedFallback(keep, replace(record, cached=True, file=str(path)))
     return found
 
 
-# ----------------------------------------------------------------------------- in a build
+# ----------------------------------------------------------------------------- shared by build and auto
 
 
-def sixteen_bit_engines(ctx, backend: str, entries: list[EngineSet], report: Report) -> dict[str, EngineSet]:
-    """The 16-bit engine sets of `backend` an int8 one is compared with: the build's own, else built as
+def compare_engines(ctx: BuildContext, entry: EngineSet, entries: list[EngineSet], report: Report) \
+        -> dict[str, EngineSet]:
+    """The engine sets of `entry`'s backend a mix has to beat: for int8 its 16-bit ones, for 16-bit the
+    tighter formats (bf16: fp16, fp32; fp16: fp32). The build's own when it has them, else built as
     candidates/<backend>-<precision> (not part of the build's results); only those that pass every gate,
-    since a faster 16-bit engine that fails is no reason to give up on int8."""
+    since a faster engine that fails is no reason to give up on a mix."""
+    precision = reduced_precision(entry.precision)
+    backend = entry.backend
     out = {}
-    for precision in SIXTEEN_BIT:
-        if precision not in BACKENDS[backend].precisions:
+    for other in MUST_BEAT[precision]:
+        if other not in BACKENDS[backend].precisions:
             continue
-        own = next((e for e in entries if e.backend == backend and e.precision == precision), None)
-        key = f"{backend}-{precision}"
-        engine = own or ctx.engine(backend, precision, name=key, target=ctx.build.candidate(key))
+        own = next((e for e in entries if e.backend == backend and e.precision == other), None)
+        key = f"{backend}-{other}"
+        engine = own or ctx.engine(backend, other, name=key, target=ctx.build.candidate(key))
         check = report.engine(key) if own is not None else None
         if check is None:
             check = ctx.check([engine]).report.engines[0]
         if check.passed:
-            out[precision] = engine
+            out[other] = engine
         else:
-            ctx.say(f"[{key}] fails its gate too, so int8 is not measured against it")
+            ctx.say(f"[{key}] fails its gate too, so {precision} is not measured against it")
     return out
 
 
-def publish_as(ctx, entry: EngineSet, key: str) -> EngineSet:
+def fallback_candidate(ctx: BuildContext, entry: EngineSet, check: EngineCheck, *, compare: dict[str, EngineSet],
+                       hit: CachedFallback | None, applied: bool = False) -> FallbackOutcome:
+    """The fallback of a failing engine set: a cached list first (rebuilt as candidates/<key>+fallback
+    unless `applied`, i.e. the set was built with it already), then the search from it."""
+    if hit is not None and not applied:
+        name = f"{entry.key}{FALLBACK_SUFFIX}"
+        rebuilt = ctx.engine(entry.backend, entry.precision, name=name, target=ctx.build.candidate(name),
+                             extra_keep=hit.keep)
+        result = ctx.check([rebuilt]).report.engines[0]
+        if result.passed:
+            return FallbackOutcome(rebuilt, result, hit.record)
+    return run_fallback(ctx, entry, check, compare=compare, start_keep=hit.keep if hit else None)
+
+
+def publish_as(ctx: BuildContext, entry: EngineSet, key: str) -> EngineSet:
     """Copy a candidate engine set (and its prepared graphs, which bundles take) to engines/<key>."""
     build = ctx.build
     target = build.engine(key)
+    if entry.directory == target:
+        return entry
     staging = staging_for(target)
     try:
         shutil.copytree(entry.directory, staging, dirs_exist_ok=True)
@@ -495,14 +356,38 @@ def publish_as(ctx, entry: EngineSet, key: str) -> EngineSet:
     return published
 
 
-def run_fallbacks(ctx, entries: list[EngineSet], report: Report, cached: dict, timings: dict) \
-        -> tuple[list[EngineSet], list]:
-    """The fallback for every int8 engine set of a build that fails its gate; returns the engine sets
-    (a fixed one in place of the failing one) and the fallback records for the report."""
+def _retire(ctx: BuildContext, entry: EngineSet) -> None:
+    """Move a failing engine set out of engines/ (to candidates/<key>), so that the build's results, and a
+    later `check`, are the engine sets that took its place."""
+    build = ctx.build
+    if entry.directory != build.engine(entry.key) or not entry.directory.is_dir():
+        return
+    retired = build.candidate(entry.key)
+    shutil.rmtree(retired, ignore_errors=True)
+    retired.parent.mkdir(parents=True, exist_ok=True)
+    entry.directory.rename(retired)
+
+
+def next_format(compare: dict[str, EngineSet], latency: dict[str, float]) -> str | None:
+    """Of the passing formats a mix had to beat, the one a build takes instead: the fastest here when they
+    were timed, else the nearest (fp16 before fp32)."""
+    if not compare:
+        return None
+    timed = [p for p in compare if p in latency]
+    return min(timed, key=latency.__getitem__) if timed else next(iter(compare))
+
+
+def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, cached: dict, timings: dict) \
+        -> tuple[list[EngineSet], list[Fallback], bool]:
+    """The fallback for every engine set of a build with a reduced precision that fails its gate; returns
+    the engine sets (a fixed one, or the next format that passes, in place of a failing one), the records
+    for the report, and whether any engine set was replaced."""
     entries = list(entries)
     records = []
-    for i, entry in enumerate(entries):
-        if "int8" not in precisions_used(entry.precision):
+    replaced = False
+    for entry in list(entries):
+        precision = reduced_precision(entry.precision)
+        if precision is None:
             continue
         check = report.engine(entry.key)
         hit = cached.get((entry.backend, entry.precision))
@@ -511,23 +396,41 @@ def run_fallbacks(ctx, entries: list[EngineSet], report: Report, cached: dict, t
                 records.append(hit.record)
             continue
         if ctx.opts.int8_fallback == "off":
-            ctx.say(f"[{entry.key}] fails its int8 gate; --int8-fallback on would look for layers to keep in fp32")
+            ctx.say(f"[{entry.key}] fails its {precision} gate; --int8-fallback on would look for layers to keep "
+                    "in fp32")
             continue
-        if ctx.bundle_graphs is not None:
+        if not fallback_applies(ctx, entry.precision):
             ctx.say(f"[{entry.key}] fails its int8 gate; no fallback from a bundle (its Q/DQ graph was calibrated "
                     "on the workstation): run the fallback there and bundle that build")
             continue
         t0 = time.perf_counter()
-        compare = sixteen_bit_engines(ctx, entry.backend, entries, report)
-        fixed, _, record = run_fallback(ctx, entry, check, compare=compare, start_keep=hit.keep if hit else None)
-        if fixed is not None and record.passed:
-            entries[i] = publish_as(ctx, fixed, entry.key)
+        compare = compare_engines(ctx, entry, entries, report)
+        outcome = fallback_candidate(ctx, entry, check, compare=compare, hit=hit, applied=True)
+        record = outcome.record
+        always = ctx.opts.int8_fallback == "always"
+        i = entries.index(entry)
+        if outcome.entry is not None and (record.verdict == "fixed" or (record.passed and always)):
+            entries[i] = publish_as(ctx, outcome.entry, entry.key)
+            replaced = True
+        else:
+            instead = next_format(compare, record.latency_ms)
+            if instead is not None:
+                taken = compare[instead]
+                why = f"; the build takes {taken.key} instead, which passes every task"
+                record = replace(record, message=record.message + why)
+                ctx.say(f"[{entry.key}] {record.message}")
+                _retire(ctx, entry)
+                if any(e.key == taken.key for e in entries):
+                    del entries[i]
+                else:
+                    entries[i] = publish_as(ctx, taken, taken.key)
+                replaced = True
         records.append(record)
         timings[f"{entry.key} fallback"] = round(time.perf_counter() - t0, 2)
-    return entries, records
+    return entries, records, replaced
 
 
-def speed_notes(ctx, entries: list[EngineSet], report: Report, timings: dict) -> list[str]:
+def speed_notes(ctx: BuildContext, entries: list[EngineSet], report: Report, timings: dict) -> list[str]:
     """One line for each passing engine set slower here than another passing one of its backend."""
     notes = []
     for backend in dict.fromkeys(e.backend for e in entries):

@@ -28,8 +28,10 @@ ALL = "all"  # `--precision all`, `--backend all`
 # `--precision auto`: build every candidate, time each here, keep the fastest that passes (pipeline.auto).
 AUTO = "auto"
 LAYOUTS = ("single", "split")
-# `--int8-fallback`: on = keep the fewest layers in fp32 until every task passes, stopping when int8 is
-# no faster than the 16-bit engine here; always = whatever the speed; off = int8 as calibrated.
+# `--int8-fallback` (int8 and 16-bit alike; the name is kept for the build records and configs that use it):
+# on = keep the fewest layers in fp32 until every task passes, stopping when the engine is no faster than
+# the tighter format it must beat (int8: 16-bit; bf16: fp16, fp32; fp16: fp32), and then taking that
+# format; always = whatever the speed; off = build as asked.
 FALLBACK_MODES = ("on", "always", "off")
 # `--keep-fp32 @FILE` reads the globs from FILE (see `read_keep_fp32`).
 KEEP_FILE_PREFIX = "@"
@@ -105,9 +107,10 @@ class BuildOptions:
     # Globs for one graph role only ("model", "backbone", "head_<task>"), from a --keep-fp32 @FILE.json.
     keep_fp32_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     int8_fallback: str = field(default="on", metadata=option(
-        "When int8 fails a task's gate, keep the fewest layers in fp32 until every task passes. on: "
-        "stop when int8 is no faster than the 16-bit engine here; always: whatever the speed "
-        "(e.g. for another device); off: int8 as calibrated.", choices=FALLBACK_MODES))
+        "When an int8, fp16 or bf16 engine fails a task's gate, keep the fewest layers in fp32 until every "
+        "task passes. on: stop when it is no faster here than the next format that passes (int8: 16-bit; "
+        "16-bit: fp32), and build that instead; always: whatever the speed (e.g. for another device); "
+        "off: as asked.", choices=FALLBACK_MODES))
     timing_batch: int = field(default=1, metadata=option(
         "Batch size of the timings that choose between precisions (auto, the fallback).", minimum=1))
     tolerances: str | None = field(default=None, metadata=option(
@@ -300,7 +303,7 @@ def engine_plan(opts: BuildOptions, say: Say) -> list[tuple[str, str]]:
         raise ExportOptionError(f"precision '{parted[0]}' gives the backbone and heads their own precision; "
                           "it needs --layout split")
     if opts.int8_fallback not in FALLBACK_MODES:
-        raise ExportOptionError(f"unknown int8 fallback mode '{opts.int8_fallback}'; choose one of {', '.join(FALLBACK_MODES)}")
+        raise ExportOptionError(f"unknown fallback mode '{opts.int8_fallback}'; choose one of {', '.join(FALLBACK_MODES)}")
     if opts.timing_batch < 1:
         raise ExportOptionError(f"the timing batch must be at least 1, got {opts.timing_batch}")
     backends = resolve_backends(opts.backends, say)

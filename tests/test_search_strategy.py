@@ -1,0 +1,208 @@
+"""The layer search as a strategy (`export.pipeline.layer_search`), judged by a scripted judge: which layers
+it keeps, in what order, when it stops, what it costs, and when a mix cannot pay off. No engines here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from export.pipeline.layer_search import (
+    Limits,
+    Unjudgeable,
+    Verdict,
+    bisect_search,
+    cannot_pay_off,
+    is_informative,
+    ranked_search,
+    search,
+)
+
+LAYERS = [f"L{i:02d}" for i in range(24)]
+
+
+class Scripted:
+    """Every task passes when the `needed` layers are all in fp32; each needed layer missing costs its
+    weight (`costs`, default 1), and a `decoy` layer closes part of the gap without being needed."""
+
+    def __init__(self, needed, *, costs=None, decoys=None, errors=None, passes=None):
+        self.needed = set(needed)
+        self.costs = costs or {}
+        self.decoys = decoys or {}
+        self.errors = errors
+        self.passes = passes
+        self.calls: list[frozenset] = []
+
+    def judge(self, keep: frozenset) -> Verdict:
+        self.calls.append(keep)
+        passed = self.passes(keep) if self.passes else self.needed <= keep
+        gap = sum(self.costs.get(n, 1.0) for n in self.needed - keep)
+        gap -= sum(v for d, v in self.decoys.items() if d in keep)
+        return Verdict(passed, 0.0 if passed else max(gap, 0.05), {"keep": sorted(keep)})
+
+    def ranking(self):
+        return self.errors
+
+
+def ranking(top: list[str], rest: float = 0.01) -> dict[str, float]:
+    """Every layer at `rest`, the `top` ones above it in that order."""
+    errors = dict.fromkeys(LAYERS, rest)
+    errors.update({name: 1.0 - 0.1 * i for i, name in enumerate(top)})
+    return errors
+
+
+def test_ranked_keeps_the_culprit_and_stops_at_the_first_pass():
+    judge = Scripted({"L05"}, errors=ranking(["L05", "L01", "L02"]))
+    said = []
+    found = search(judge, LAYERS, say=said.append)
+    assert found.strategy == "ranked" and found.passed and found.stop == "passed"
+    assert found.chosen == ["L05"]
+    # The base, then one window of SHORTLIST layers one at a time; each set judged once.
+    assert found.probes == 1 + Limits().shortlist == len(judge.calls) == len(set(judge.calls))
+    [step] = found.steps
+    assert step.layer == "L05" and not step.before.passed and step.after.passed and step.error == 1.0
+    assert said == ["trying 8 layer(s) in fp32, one at a time"]
+
+
+def test_ranked_takes_the_layer_that_closes_most_of_the_gap_first():
+    # Both needed; L07 costs more, so it is kept first even though L03 ranks higher.
+    judge = Scripted({"L03", "L07"}, costs={"L07": 3.0}, errors=ranking(["L03", "L07"]))
+    found = ranked_search(judge, judge.errors)
+    assert found.passed and found.chosen == ["L07", "L03"]
+    assert [s.layer for s in found.steps] == ["L07", "L03"]
+    assert found.steps[0].before.shortfall == 4.0 and found.steps[1].before.shortfall == 1.0
+
+
+def test_ranked_prunes_a_layer_the_others_make_unnecessary():
+    # L00 closes most of the gap alone, but L01 and L02 are what passing takes.
+    judge = Scripted({"L01", "L02"}, costs={"L01": 0.5, "L02": 0.5}, decoys={"L00": 0.8},
+                     errors=ranking(["L00", "L01", "L02"]))
+    said = []
+    found = ranked_search(judge, judge.errors, say=said.append)
+    assert found.passed and found.chosen == ["L01", "L02"]
+    assert [s.layer for s in found.steps] == ["L01", "L02"]
+    assert "L00 is not needed once the others are in fp32; dropped" in said
+
+
+def test_ranked_moves_down_the_ranking_when_a_window_does_not_help():
+    # The culprit ranks 10th: the first window of 8 brings nothing, the next one finds it.
+    judge = Scripted({"L10"}, errors=ranking([f"L{i:02d}" for i in range(20)]))
+    said = []
+    found = ranked_search(judge, judge.errors, Limits(shortlist=8), say=said.append)
+    assert found.passed and found.chosen == ["L10"]
+    assert said[1] == "trying 8 layer(s) in fp32, one at a time (ranks 9-16)"
+    assert found.probes == 1 + 8 + 8
+
+
+def test_ranked_stops_when_the_next_layer_closes_little_of_what_is_left():
+    # After L00 closed most of the gap, the best next layer closes under min_gain of the rest: the harness
+    # should judge the rebuilt engine before adding more.
+    needed = {"L00", "L01", "L02", "L03", "L04"}
+    judge = Scripted(needed, costs={"L00": 10.0, **dict.fromkeys(sorted(needed - {"L00"}), 0.25)},
+                     errors=ranking(["L00"]))
+    found = ranked_search(judge, judge.errors, Limits(min_gain=0.5))
+    assert not found.passed and found.stop == "small gain" and found.chosen == ["L00"]
+
+
+@pytest.mark.parametrize("limits, stop", [(Limits(max_probes=5), "budget"), (Limits(max_layers=2), "budget")])
+def test_ranked_respects_its_budget(limits, stop):
+    # Four needed layers, each found in its own window step: the budget runs out first.
+    needed = {"L00", "L01", "L02", "L03"}
+    judge = Scripted(needed, errors=ranking(sorted(needed)))
+    found = ranked_search(judge, judge.errors, limits)
+    assert not found.passed and found.stop == stop
+    assert found.probes <= limits.max_probes and len(found.chosen) <= limits.max_layers
+    assert len(judge.calls) == found.probes
+
+
+def test_ranked_says_when_no_layer_helps():
+    judge = Scripted(set(), passes=lambda keep: False, errors=ranking(["L00"]))
+    found = ranked_search(judge, judge.errors, Limits(max_probes=200))
+    assert not found.passed and found.stop == "no gain" and found.chosen == []
+    assert found.probes == 1 + len(LAYERS)  # every layer tried once, in windows down the ranking
+
+
+def test_without_a_ranking_the_search_bisects_to_the_culprit():
+    judge = Scripted({"L17"})
+    said = []
+    found = search(judge, LAYERS, say=said.append)
+    assert found.strategy == "bisection" and found.passed and found.chosen == ["L17"]
+    assert said[0] == "all 24 candidate layers in fp32 pass; narrowing them down by halves"
+    # Halving: about two tries per halving of 24 layers, far fewer than one per layer.
+    assert found.probes <= 2 + 2 * math.ceil(math.log2(len(LAYERS))) + 2
+    [step] = found.steps
+    assert step.layer == "L17" and step.after.passed and not step.before.passed
+
+
+def test_bisection_finds_a_set_from_which_no_layer_can_be_dropped():
+    judge = Scripted({"L02", "L13", "L21"})
+    found = bisect_search(judge, LAYERS)
+    assert found.passed and sorted(found.chosen) == ["L02", "L13", "L21"]
+    for layer in found.chosen:  # 1-minimal: each one is needed
+        assert not judge.judge(frozenset(found.chosen) - {layer}).passed
+
+
+def test_bisection_does_without_a_first_check_it_cannot_make():
+    """A graph with every layer in fp32 may be refused (ONNX Runtime's fp16 graph with nothing left in fp16):
+    the search narrows down by halves all the same."""
+    class Refusing(Scripted):
+        def judge(self, keep):
+            if len(keep) == len(LAYERS):
+                raise Unjudgeable("no layer left in fp16")
+            return super().judge(keep)
+
+    said = []
+    found = bisect_search(Refusing({"L20"}), LAYERS, say=said.append)
+    assert found.passed and found.chosen == ["L20"]
+    assert said[0] == "all 24 candidate layers in fp32 cannot be tried at once; narrowing them down by halves"
+    found = bisect_search(Refusing(set(), passes=lambda keep: False), LAYERS, Limits(max_probes=30))
+    assert not found.passed and found.stop == "cannot help" and found.probes <= 30
+
+
+def test_a_flat_ranking_is_not_informative_so_the_search_bisects():
+    judge = Scripted({"L09"}, errors=dict.fromkeys(LAYERS, 5e-4))
+    said = []
+    found = search(judge, LAYERS, say=said.append)
+    assert found.strategy == "bisection" and found.chosen == ["L09"]
+    assert said[0] == "the ranking of 24 layers does not tell them apart; bisecting instead"
+
+
+def test_bisection_says_when_layers_in_fp32_cannot_help():
+    judge = Scripted(set(), passes=lambda keep: False)
+    said = []
+    found = bisect_search(judge, LAYERS, say=said.append)
+    assert not found.passed and found.stop == "cannot help" and found.chosen == []
+    assert found.probes == 2  # the engine as built, and every candidate in fp32
+    assert "layers in fp32 cannot help" in said[0]
+
+
+def test_bisection_respects_its_budget():
+    needed = {f"L{i:02d}" for i in range(0, 24, 3)}  # 8 layers spread out: many tries to isolate
+    judge = Scripted(needed)
+    found = bisect_search(judge, LAYERS, Limits(max_probes=10, max_layers=24))
+    assert found.passed and found.probes <= 10 and needed <= set(found.chosen)
+    found = bisect_search(Scripted(needed), LAYERS, Limits(max_layers=4))
+    assert not found.passed and found.stop == "budget" and found.chosen == []
+
+
+def test_an_engine_that_passes_needs_no_layers():
+    for strategy in (lambda j: ranked_search(j, ranking(["L00"])), lambda j: bisect_search(j, LAYERS)):
+        found = strategy(Scripted(set()))
+        assert found.passed and found.chosen == [] and found.probes == 1
+
+
+@pytest.mark.parametrize("errors, informative", [
+    (None, False), ({}, False), (dict.fromkeys(LAYERS, 1e-3), False), (dict.fromkeys(LAYERS, 0.0), False),
+    (ranking(["L00"], rest=1e-3), True), ({**dict.fromkeys(LAYERS, 1e-3), "L04": math.inf}, True),
+])
+def test_a_ranking_is_informative_when_some_layer_stands_out(errors, informative):
+    assert is_informative(errors) is informative
+
+
+def test_a_mix_cannot_pay_off_when_it_is_no_faster_than_what_it_must_beat():
+    latency = {"bf16": 12.0, "fp16": 9.0, "fp32": 11.0}
+    assert cannot_pay_off(latency, "bf16", ["fp16", "fp32"]) == "fp16"
+    assert cannot_pay_off(latency, "fp16", ["fp32"]) is None
+    assert cannot_pay_off({**latency, "fp16": 11.0}, "fp16", ["fp32"]) == "fp32"  # equal is no faster
+    assert cannot_pay_off(latency, "int8", ["fp16"]) is None  # not timed: nothing to say
+    assert cannot_pay_off(latency, "fp16", []) is None
