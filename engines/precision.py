@@ -37,7 +37,8 @@ class Precision:
     graph is the exported ONNX itself); looseness: rank of its accuracy limits, tightest 0 (a task is judged
     at the loosest precision on its path); runs_as: what an engine asked for it may really execute as, its
     own name first (16-bit speed on a CPU that has bf16 and no fp16 kernels, an int8 graph's float
-    remainder); backends: the backends that build it; in_all: part of `--precision all`; levels: its default
+    remainder); backends: the backends that build it; in_all: part of `--precision all`; must_beat: what a mix
+    at this precision must be faster than (the fallback's speed rule); levels: its default
     accuracy levels, which each task kind turns into limits (`mtlora.tasks.TaskKind.default_limits`).
     """
 
@@ -50,6 +51,9 @@ class Precision:
     backends: tuple[str, ...]
     in_all: bool = True
     source: bool = False
+    # The formats a mix at this precision (some layers kept in fp32) has to be faster than to be worth it,
+    # nearest first: the formats a build takes instead when no mix pays off (`export.pipeline.fallback`).
+    must_beat: tuple[str, ...] = ()
     levels: Levels = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __str__(self) -> str:
@@ -84,17 +88,17 @@ _ROWS = (
     # fp16 asks for 16-bit speed: OpenVINO runs the fastest of f32/bf16/f16 here, ONNX Runtime's CPU provider
     # runs fp32 kernels between casts, TensorRT may choose no fp16 layer.
     Precision("fp16", 16, "float", calibrated=False, looseness=1, runs_as=("fp16", "bf16", "fp32"),
-              backends=("tensorrt", "openvino", "onnxruntime"),
+              backends=("tensorrt", "openvino", "onnxruntime"), must_beat=("fp32",),
               levels=_levels(max_abs=None, cosine=0.999, agreement=0.99, angle=0.5, drop=0.5, ids=0.99)),
     # bf16 only when named: few devices run it natively (f32 where the device lacks it).
     Precision("bf16", 16, "float", calibrated=False, looseness=2, runs_as=("bf16", "fp32"),
-              backends=("openvino",), in_all=False,
+              backends=("openvino",), in_all=False, must_beat=("fp16", "fp32"),
               levels=_levels(max_abs=None, cosine=0.99, agreement=0.97, angle=1.5, drop=0.5, ids=0.97)),
     # INT8 is judged by the task metrics against labels (mIoU / odsF drop <= 1 point, normals error <= 0.5
     # degrees worse); the cosine, angle and class-id floors only catch an engine that is broken outright, and
     # are what remains when the evaluation set has no labels. Its float remainder runs in any float format.
     Precision("int8", 8, "int", calibrated=True, looseness=3, runs_as=("int8", "fp16", "bf16", "fp32"),
-              backends=("tensorrt", "openvino", "onnxruntime"),
+              backends=("tensorrt", "openvino", "onnxruntime"), must_beat=("fp16", "bf16"),
               levels=_levels(max_abs=None, cosine=0.95, agreement=None, angle=5.0, drop=1.0, ids=0.9)),
 )
 PRECISIONS: Mapping[str, Precision] = MappingProxyType({p.name: p for p in _ROWS})

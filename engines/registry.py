@@ -110,6 +110,9 @@ class BackendSpec:
     # and whether it can put graphs on a DLA core (`dla_core`).
     build_cache: bool = False
     dla: bool = False
+    # Whether its `build` takes the prepared graph's fp32 nodes (`keep_fp32`) and pins those layers itself
+    # (TensorRT's weak typing); elsewhere the prepared graph carries them.
+    pins_layers: bool = False
 
     def available(self) -> tuple[bool, str]:
         """(usable here, one-line reason)."""
@@ -134,6 +137,7 @@ BACKENDS: dict[str, BackendSpec] = {
         build_options=("max_batch", "workspace_mib", "optimization_level"),
         build_cache=True,
         dla=True,
+        pins_layers=True,
     ),
     "openvino": BackendSpec(
         name="openvino",

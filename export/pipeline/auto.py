@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 
+from engines.precision import by_looseness
 from engines.registry import BACKENDS
 from export.artifacts.engineset import EngineSet
 from export.checking.results import AutoSelection, Candidate, EngineCheck
 from export.pipeline.context import BuildContext
 from export.pipeline.fallback import (
     FALLBACK_SUFFIX,
-    SIXTEEN_BIT,
     cached_fallbacks,
     fallback_applies,
     fallback_candidate,
@@ -31,9 +31,8 @@ from export.pipeline.speed import RUNS, cpu_flags, cpu_model, engine_set_bytes, 
 
 
 def candidate_precisions(backend: str) -> list[str]:
-    """fp32, the backend's 16-bit precisions, int8 (in that order)."""
-    row = BACKENDS[backend].precisions
-    return ["fp32", *(p for p in SIXTEEN_BIT if p in row), "int8"]
+    """Every precision the backend builds, tightest first (fp32, its 16-bit precisions, int8)."""
+    return list(by_looseness(BACKENDS[backend].precisions))
 
 
 def candidate_precision(name: str) -> str:

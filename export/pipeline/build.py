@@ -38,7 +38,7 @@ from export.pipeline.options import (
     expand_keep_fp32,
     is_part_precision,
     parse_part_precision,
-    precisions_used,
+    plan_of,
 )
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import ModelSource, resolve_model
@@ -64,8 +64,8 @@ def _check_inputs(opts: BuildOptions, pairs: list[tuple[str, str]]) -> None:
     if opts.dla and not any(BACKENDS[b].dla for b, _ in pairs if b in BACKENDS):
         raise ExportError(f"--dla {opts.dla}: none of the backends built here ({', '.join(dict.fromkeys(b for b, _ in pairs))}) "
                           "runs on a DLA core; build with --backend tensorrt on a Jetson with DLA, or drop --dla")
-    int8 = any(p == AUTO or "int8" in precisions_used(p) for _, p in pairs)
-    if int8 and not opts.from_bundle:
+    calibrated = any(p == AUTO or plan_of(p).uses("calibrated") for _, p in pairs)
+    if calibrated and not opts.from_bundle:
         check_calibration_data(opts)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engines.files import sha256_file
+from engines.precision import PRECISIONS
 from engines.registry import BACKENDS, get_backend
 from export.artifacts.builddir import BuildDir
 from export.artifacts.engineset import EngineSet
@@ -100,13 +101,13 @@ class BuildContext:
         file = self.info.graph_files[role]
         graph = self.export_dir / file
         role_calibration = None
-        if precision == "int8" and self.bundle_graphs is None:
+        if PRECISIONS[precision].calibrated and self.bundle_graphs is None:
             role_calibration = self.calibration()
             if role.startswith("head_"):
                 role_calibration = head_calibration(self.export_dir / self.info.graph_files["backbone"],
                                                     role_calibration, graph_inputs(graph))
         qdq = None
-        if self.bundle_graphs is not None and precision == "int8":
+        if self.bundle_graphs is not None and PRECISIONS[precision].calibrated:
             qdq = self.bundle_graphs / f"{Path(file).stem}.int8.qdq.onnx"
             if not qdq.is_file():
                 raise ExportError(f"the bundle has no Q/DQ graph {qdq.name}; build the bundle from an int8 build")
@@ -153,7 +154,8 @@ def engine_step(ctx: BuildContext, backend: str, precision: str, *, name: str | 
     precisions = role_precisions(precision, info.graph_files)
     # From a bundle every int8 engine is built from the bundled Q/DQ graph, calibrated on the
     # workstation: a device needs no calibration data.
-    calibration = ctx.calibration() if "int8" in precisions.values() and ctx.bundle_graphs is None else None
+    calibrated = any(PRECISIONS[p].calibrated for p in precisions.values())
+    calibration = ctx.calibration() if calibrated and ctx.bundle_graphs is None else None
     keep = {role: ctx.keep_globs(role, extra_keep) for role in info.graph_files}
     extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options}
     if BACKENDS[backend].dla:
@@ -204,13 +206,16 @@ def _build_engine_set(ctx: BuildContext, backend: str, precision: str, precision
     started = time.perf_counter()
     for role, file in info.graph_files.items():
         role_precision = precisions[role]
-        calibrating = role_precision == "int8" and ctx.bundle_graphs is None
+        calibrating = PRECISIONS[role_precision].calibrated and ctx.bundle_graphs is None
         say(f"[{name}] preparing {file}" + (f" at {role_precision}" if parts else "")
             + (" (calibrating)" if calibrating else ""))
         prepared = ctx.prepare_role(backend, role_precision, role, name, keep[role])
         say(f"[{name}] building engine for {file}")
         extra = {k: getattr(opts, k) for k in BACKENDS[backend].build_options if getattr(opts, k) is not None}
         extra.update(device_build_options(backend, role, opts, ctx.build))
+        if prepared.metadata.get("fp32_nodes") and BACKENDS[backend].pins_layers:
+            # TensorRT's weak typing pins these layers itself; a graph that carries its types needs nothing.
+            extra["keep_fp32"] = tuple(prepared.metadata["fp32_nodes"])
         artifact = get_backend(backend).build(prepared.path, staging, precision=role_precision,
                                               metadata=dict(prepared.metadata), name=Path(file).stem,
                                               threads=opts.threads, **extra)

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, replace
 
 from calibration.errors import CalibrationError
+from engines.precision import PRECISIONS
 from engines.registry import BACKENDS
 from export.artifacts.engineset import EngineSet
 from export.artifacts.files import write_json_atomic
@@ -48,11 +49,11 @@ SEARCH_VERSION = 2  # in the cache key: a changed search makes new lists
 # A try that is a graph variant run here is cheap; one that rebuilds the engine set is a build and a check.
 GRAPH_LIMITS = Limits()
 REBUILD_LIMITS = Limits(max_probes=24)
-SIXTEEN_BIT = ("fp16", "bf16")
-# The formats a mix at each reduced precision has to beat, nearest first, where its backend builds them:
-# the next formats a build may take instead. Loosest precision first: an engine set's search works on its
-# loosest part.
-MUST_BEAT = {"int8": SIXTEEN_BIT, "bf16": ("fp16", "fp32"), "fp16": ("fp32",)}
+SIXTEEN_BIT = tuple(p.name for p in PRECISIONS.values() if p.sixteen_bit)
+# The formats a mix at each reduced precision has to beat (the rows' `must_beat`, nearest first, where its
+# backend builds them): the next formats a build may take instead. Loosest precision first: an engine set's
+# search works on its loosest part.
+MUST_BEAT = {p.name: p.must_beat for p in sorted(PRECISIONS.values(), key=lambda p: -p.looseness) if p.must_beat}
 FALLBACK_FILE = "fallback.json"  # its name in a calibration cache entry
 FALLBACK_SUFFIX = "+fallback"  # the name of the engine set a fallback builds: <backend>-<precision>+fallback
 
@@ -92,7 +93,7 @@ def fallback_applies(ctx: BuildContext, precision: str) -> bool:
     reduced = reduced_precision(precision)
     if reduced is None or ctx.opts.int8_fallback == "off":
         return False
-    return reduced != "int8" or ctx.bundle_graphs is None
+    return not PRECISIONS[reduced].calibrated or ctx.bundle_graphs is None
 
 
 # ----------------------------------------------------------------------------- one engine set
@@ -237,7 +238,7 @@ def _cache_key(ctx: BuildContext, backend: str, precision: str) -> str:
                 "keep_fp32_roles": {r: list(g) for r, g in opts.keep_fp32_roles.items()},
                 "tolerances": ctx.tolerances.overrides, "eval_data": opts.eval_data, "eval_samples": opts.eval_samples,
                 "max_batch": opts.max_batch}
-    if reduced == "int8":
+    if PRECISIONS[reduced].calibrated:
         settings["calib_method"] = opts.calib_method
         calibration = ctx.calibration().fingerprint()
     else:
