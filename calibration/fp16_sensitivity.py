@@ -27,7 +27,7 @@ import numpy as np
 
 from calibration.errors import CalibrationError
 from calibration.fp16 import COMPUTE_OPS, FLOAT, FLOAT16, KEPT_NODES_KEY, to_fp16_graph
-from calibration.sensitivity import SHADOW, SHADOW_CHUNK, Feed, Infer, QuantizedGraph, _ErrorMeter
+from calibration.sensitivity import SHADOW, SHADOW_CHUNK, Feed, Infer, QuantizedGraph, shadow_errors
 from engines.files import load_onnx
 
 
@@ -136,14 +136,7 @@ class Fp16Graph(QuantizedGraph):
             for _, half, full in pairs:
                 model.graph.output.extend([helper.make_tensor_value_info(half, FLOAT, None),
                                            helper.make_tensor_value_info(full, FLOAT, None)])
-            session = self._session(model.SerializeToString())
-            wanted = [t for _, half, full in pairs for t in (half, full)]
-            meters = {name: _ErrorMeter() for name in chunk}
-            for feed in feeds:
-                values = dict(zip(wanted, session.run(wanted, dict(feed)), strict=True))
-                for name, half, full in pairs:
-                    meters[name].update(values[half], values[full])
-            errors.update({name: meter.result() for name, meter in meters.items()})
+            errors.update(shadow_errors(self._session(model.SerializeToString()), pairs, feeds))
         return errors
 
 

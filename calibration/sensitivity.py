@@ -211,15 +211,20 @@ class QdqGraph(QuantizedGraph):
                 for tensor in (out, shadow_out):
                     if tensor not in existing:
                         model.graph.output.append(helper.make_empty_tensor_value_info(tensor))
-            session = self._session(model)
-            wanted = [t for _, out, shadow_out in pairs for t in (out, shadow_out)]
-            meters = {name: _ErrorMeter() for name in chunk}
-            for feed in feeds:
-                values = dict(zip(wanted, session.run(wanted, dict(feed)), strict=True))
-                for name, out, shadow_out in pairs:
-                    meters[name].update(values[out], values[shadow_out])
-            errors.update({name: meter.result() for name, meter in meters.items()})
+            errors.update(shadow_errors(self._session(model), pairs, feeds))
         return errors
+
+
+def shadow_errors(session, pairs: list[tuple[str, str, str]], feeds) -> dict[str, float]:
+    """Each layer's relative error against its float shadow over `feeds`; `pairs` are (layer name, its
+    output, the shadow's output), all outputs of `session`."""
+    wanted = [t for _, out, shadow_out in pairs for t in (out, shadow_out)]
+    meters = {name: _ErrorMeter() for name, _, _ in pairs}
+    for feed in feeds:
+        values = dict(zip(wanted, session.run(wanted, dict(feed)), strict=True))
+        for name, out, shadow_out in pairs:
+            meters[name].update(values[out], values[shadow_out])
+    return {name: meter.result() for name, meter in meters.items()}
 
 
 def _prune(model) -> None:
