@@ -74,6 +74,41 @@ def test_every_frame_read_is_written_with_the_chosen_tasks_beside_it(ort_build, 
 
 
 
+class StillCamera:
+    """What a camera's capture gives: one frame in the camera's own layout, again and again."""
+
+    def __init__(self, frame: np.ndarray):
+        self.frame = frame
+
+    def read(self):
+        return True, self.frame.copy()
+
+    def get(self, _prop):
+        return 0.0
+
+    def release(self):
+        pass
+
+
+BGR_PIXEL = (10, 120, 250)  # blue, green, red as OpenCV stores them
+CAMERA_LAYOUTS = {
+    "bgr": (np.full((4, 6, 3), BGR_PIXEL, np.uint8), (250, 120, 10)),
+    "bgra": (np.full((4, 6, 4), (*BGR_PIXEL, 7), np.uint8), (250, 120, 10)),
+    "grey": (np.full((4, 6), 99, np.uint8), (99, 99, 99)),
+    "grey_one_channel": (np.full((4, 6, 1), 99, np.uint8), (99, 99, 99)),
+}
+
+
+@pytest.mark.parametrize("layout", CAMERA_LAYOUTS)
+def test_frames_come_out_as_rgb_whatever_the_camera_gives(layout):
+    from export.video.frames import FrameSource
+
+    frame, rgb = CAMERA_LAYOUTS[layout]
+    got = FrameSource(StillCamera(frame), "--camera 0", live=True).read()
+    assert got.shape == (4, 6, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+    assert (got == np.asarray(rgb, np.uint8)).all()
+
+
 def test_a_camera_stops_at_max_frames_and_keeps_what_it_wrote(ort_build, clip, tmp_path):
     """A live source (a camera: no end, no frame count), here a capture of the clip, stopped by --max-frames."""
     from export.video.frames import FrameSource, VideoSink

@@ -1,13 +1,20 @@
-"""A video or camera through an engine, pipelined: decode | preprocess | infer | overlay -> encode.
+"""A video or camera through an engine, pipelined: decode + preprocess | infer | overlay + encode.
 
-Four threads with small queues between them: a reader decodes the next frames and a second thread
-preprocesses them while the engine runs the current one (ONNX Runtime, OpenVINO and TensorRT, like
-OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws and
-encodes the frames the engine has finished. On a device with a few cores, decoding a camera frame
-and resizing it can each cost as much as a small model's inference; in separate threads they
-overlap it instead of adding to it. Every stage
-times itself, so the summary says where a frame's time goes; end-to-end frames per second is
-frames over the wall time of the whole run.
+Three threads with small queues between them: a reader decodes and preprocesses the next frames
+while the engine runs the current one in the calling thread (ONNX Runtime, OpenVINO and TensorRT,
+like OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws
+and encodes the frames the engine has finished. On a device with a few cores, decoding a camera
+frame and resizing it cost as much as a small model's inference; in their own thread they overlap
+it instead of adding to it. Decoding and resizing share one thread, so the 640x480 frame is
+resized while it is still in that core's cache, with one hand-over less per frame (measured on
+2 cores: about 0.3 ms less CPU per frame than with a thread each). Every stage times itself, in
+wall and in CPU time, so the summary says where a frame's time goes; end-to-end frames per second
+is frames over the wall time of the whole run.
+
+On a machine with few cores the engine's own threads compete with these: an engine that keeps
+every core busy for one image leaves the other stages nothing to overlap with, and their CPU
+time adds to each frame's (`python -m export.bench.application` reports that ceiling). Running the
+engine with one thread fewer than the cores (`--threads`) leaves them one.
 """
 
 from __future__ import annotations
@@ -30,11 +37,17 @@ _END = object()
 
 @dataclass
 class VideoRun:
-    """What one run did: frames, wall seconds and the seconds each stage spent, summed over frames."""
+    """What one run did: frames, wall seconds, and the wall and CPU seconds each stage spent, summed over frames.
+
+    A stage's CPU seconds are its thread's (`time.thread_time`): on a busy machine its wall time
+    grows with everyone else's load, its CPU time hardly does. For `infer` it is the calling thread's
+    share only; the engine's own threads are not counted.
+    """
 
     frames: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    stage_cpu_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     frame_times: list[float] = field(default_factory=list)  # seconds from the start to each frame written
     interrupted: bool = False
 
@@ -45,8 +58,12 @@ class VideoRun:
     def ms_per_frame(self, stage: str) -> float:
         return 1000 * self.stage_seconds[stage] / self.frames if self.frames else 0.0
 
+    def cpu_ms_per_frame(self, stage: str) -> float:
+        return 1000 * self.stage_cpu_seconds[stage] / self.frames if self.frames else 0.0
+
     def summary(self) -> str:
-        stages = ", ".join(f"{stage} {self.ms_per_frame(stage):.1f}" for stage in STAGES)
+        stages = ", ".join(f"{stage} {self.ms_per_frame(stage):.1f} (cpu {self.cpu_ms_per_frame(stage):.1f})"
+                           for stage in STAGES)
         return f"{self.frames} frames in {self.seconds:.1f} s: {self.fps:.1f} fps end to end; ms/frame: {stages}"
 
 
@@ -91,13 +108,16 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     interface = engine.interface
     run = VideoRun()
     stopping = threading.Event()
-    raw, decoded, inferred = _Pipe(stopping), _Pipe(stopping), _Pipe(stopping)
+    decoded, inferred = _Pipe(stopping), _Pipe(stopping)
     failures: list[BaseException] = []
 
-    def stage(name: str, start: float) -> float:
-        now = time.perf_counter()
-        run.stage_seconds[name] += now - start
-        return now
+    def timed(name: str, work: Callable, *args):
+        """work(*args), its wall and CPU time added to stage `name` (each stage runs in one thread)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        value = work(*args)
+        run.stage_cpu_seconds[name] += time.thread_time() - cpu
+        run.stage_seconds[name] += time.perf_counter() - wall
+        return value
 
     def guarded(work: Callable[[], None]) -> Callable[[], None]:
         """A stage's loop in its thread: its failure goes to the main thread, which raises it."""
@@ -114,36 +134,21 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     def read() -> None:
         count = 0
         while max_frames is None or count < max_frames:
-            start = time.perf_counter()
-            frame = source.read()
+            frame = timed("decode", source.read)
             if frame is None:
                 break
-            stage("decode", start)
-            raw.put(frame)
+            decoded.put(timed("preprocess", interface.preprocess, frame))
             count += 1
-        raw.put(_END)
-
-    def prepare() -> None:
-        while (frame := raw.get()) is not _END:
-            start = time.perf_counter()
-            model_input = interface.preprocess(frame)
-            stage("preprocess", start)
-            decoded.put(model_input)
         decoded.put(_END)
 
     def write() -> None:
         while (item := inferred.get()) is not _END:
-            model_input, outputs = item
-            start = time.perf_counter()
-            picture = compose(interface, model_input, outputs)
-            start = stage("postprocess", start)
-            sink.write(picture)
-            now = stage("encode", start)
-            run.frame_times.append(now - started)
+            timed("encode", sink.write, timed("postprocess", compose, interface, *item))
+            run.frame_times.append(time.perf_counter() - started)
             run.frames += 1
 
     workers = [threading.Thread(target=guarded(work), name=work.__name__, daemon=True)
-               for work in (read, prepare, write)]
+               for work in (read, write)]
     started = time.perf_counter()
     last_progress = started
     total = max_frames if source.frame_count is None else min(source.frame_count, max_frames or source.frame_count)
@@ -152,9 +157,7 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     try:
         sent = 0
         while (model_input := decoded.get()) is not _END:
-            start = time.perf_counter()
-            outputs = engine.infer(model_input[None], tasks)
-            stage("infer", start)
+            outputs = timed("infer", engine.infer, model_input[None], tasks)
             inferred.put((model_input, {t: v[0] for t, v in outputs.items()}))
             sent += 1
             if time.perf_counter() - last_progress >= PROGRESS_EVERY_S:
