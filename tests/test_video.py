@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ def test_every_frame_read_is_written_with_the_chosen_tasks_beside_it(ort_build, 
     code, output = invoke(export_cli, "run", engine_dir, "--video", clip, "--out", out, "--tasks", "semseg,sal,normals")
     assert code == 0, output
     summary = output.strip().splitlines()[-1]
+    # No --threads: the engine leaves a core to the pipeline's other stages.
+    assert f"({max(1, len(os.sched_getaffinity(0)) - 1)} engine thread(s))" in summary
     assert f"{FRAMES} frames in" in summary and "fps end to end" in summary
     for stage in ("decode", "preprocess", "infer", "postprocess", "encode"):
         assert f"{stage} " in summary

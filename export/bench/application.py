@@ -44,8 +44,9 @@ def video_vs_infer(engine_dir: Path, frames: int, rounds: int, threads: int | No
     with each stage's CPU milliseconds per frame and the ceiling they set on the ratio (module docstring)."""
     from export.artifacts.engineset import open_engine
     from export.video.frames import FrameSource
-    from export.video.pipeline import STAGES, video_to_file
+    from export.video.pipeline import STAGES, video_engine_threads, video_to_file
 
+    threads = threads or video_engine_threads()  # as `run --video` runs it, for both timings
     stage_cpu: dict[str, list[float]] = {stage: [] for stage in STAGES}
     stage_wall: dict[str, list[float]] = {stage: [] for stage in STAGES}
     process_cpu: dict[str, list[float]] = {"infer": [], "video": []}

@@ -93,6 +93,10 @@ def run(engine: str, images: tuple[str, ...], video: str | None, camera: int | N
                                else f"{' and '.join(sources)} cannot be combined; give one of them")
     if images and max_frames is not None:
         raise click.BadParameter("is for --video and --camera", param_hint="--max-frames")
+    if threads is None and not images:
+        from export.video.pipeline import video_engine_threads
+
+        threads = video_engine_threads()  # a core left to decoding, drawing and encoding
     model = open_engine(engine, threads)
     try:
         chosen = model.choose_tasks(tasks)
@@ -104,7 +108,7 @@ def run(engine: str, images: tuple[str, ...], video: str | None, camera: int | N
     if images:
         _run_images(model, images, out or "prediction.npz", chosen)
     else:
-        _run_video(model, video, camera, out, chosen, max_frames)
+        _run_video(model, video, camera, out, chosen, max_frames, threads)
 
 
 def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]) -> None:
@@ -139,7 +143,7 @@ def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]
 
 
 def _run_video(model, video: str | None, camera: int | None, out: str | None, tasks: tuple[str, ...],
-               max_frames: int | None) -> None:
+               max_frames: int | None, threads: int) -> None:
     from export.video.frames import CODECS, FrameSource
     from export.video.pipeline import video_to_file
 
@@ -151,5 +155,5 @@ def _run_video(model, video: str | None, camera: int | None, out: str | None, ta
     with model:
         result, written = video_to_file(model, source, out, tasks, max_frames=max_frames, say=say)
     stopped = " (stopped with Ctrl-C)" if result.interrupted else ""
-    click.echo(f"{model.entry.key} on {source.name}: {result.summary()}{stopped} -> {written} "
-               f"(input | {' | '.join(tasks)})")
+    click.echo(f"{model.entry.key} ({threads} engine thread(s)) on {source.name}: {result.summary()}{stopped} "
+               f"-> {written} (input | {' | '.join(tasks)})")
