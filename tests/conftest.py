@@ -6,6 +6,7 @@ build; a test that damages a file works on its own copy (`copy_build`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,19 @@ import pytest
 from click.testing import CliRunner
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream-mtlora-tiny" / "checkpoint.pth"
+
+
+def _a_share_of_the_cores_per_worker() -> None:
+    """Under pytest-xdist every core already runs a worker; a worker whose torch (OpenMP) also uses every
+    core oversubscribes them, and the waiting threads spin: two workers on two cores spent about a third
+    more CPU time and ran no faster than one. Each worker, and every process its tests start, gets its
+    share of the cores instead (an OMP_NUM_THREADS the caller set is kept)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_a_share_of_the_cores_per_worker()
 
 
 def invoke(cli, *args, **kwargs):
