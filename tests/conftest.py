@@ -54,6 +54,33 @@ def _torch_threads_restored():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_step_store(tmp_path_factory):
+    """One step store for the whole run (every xdist worker's too: the run's base temporary directory),
+    so the tests that build the same model with the same settings export and build it once. A test whose
+    build must compute its steps (one that interrupts or breaks a step, fills the disk, or patches code a
+    step runs, which the step key does not see) turns it off with `no_step_store`."""
+    from export.pipeline.steps import STORE_ENV
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "step-store"
+    saved = os.environ.get(STORE_ENV)
+    os.environ[STORE_ENV] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(STORE_ENV, None)
+    else:
+        os.environ[STORE_ENV] = saved
+
+
+@pytest.fixture
+def no_step_store(monkeypatch):
+    """Builds in this test compute every step themselves (subprocesses too: they inherit the environment)."""
+    from export.pipeline.steps import STORE_ENV
+
+    monkeypatch.delenv(STORE_ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def ort_build(tmp_path_factory) -> Path:
     """ONNX Runtime fp32 and int8 engines of the test model (8 calibration, 4 evaluation images)."""
