@@ -6,6 +6,7 @@ build; a test that damages a file works on its own copy (`copy_build`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,19 @@ import pytest
 from click.testing import CliRunner
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream-mtlora-tiny" / "checkpoint.pth"
+
+
+def _a_share_of_the_cores_per_worker() -> None:
+    """Under pytest-xdist every core already runs a worker; a worker whose torch (OpenMP) also uses every
+    core oversubscribes them, and the waiting threads spin: two workers on two cores spent about a third
+    more CPU time and ran no faster than one. Each worker, and every process its tests start, gets its
+    share of the cores instead (an OMP_NUM_THREADS the caller set is kept)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_a_share_of_the_cores_per_worker()
 
 
 def invoke(cli, *args, **kwargs):
@@ -38,6 +52,33 @@ def _torch_threads_restored():
     torch = sys.modules.get("torch")
     if torch is not None and threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_step_store(tmp_path_factory):
+    """One step store for the whole run (every xdist worker's too: the run's base temporary directory),
+    so the tests that build the same model with the same settings export and build it once. A test whose
+    build must compute its steps (one that interrupts or breaks a step, fills the disk, or patches code a
+    step runs, which the step key does not see) turns it off with `no_step_store`."""
+    from export.pipeline.steps import STORE_ENV
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "step-store"
+    saved = os.environ.get(STORE_ENV)
+    os.environ[STORE_ENV] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(STORE_ENV, None)
+    else:
+        os.environ[STORE_ENV] = saved
+
+
+@pytest.fixture
+def no_step_store(monkeypatch):
+    """Builds in this test compute every step themselves (subprocesses too: they inherit the environment)."""
+    from export.pipeline.steps import STORE_ENV
+
+    monkeypatch.delenv(STORE_ENV, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -124,3 +124,16 @@ def test_a_changed_exporter_makes_a_new_export(fixture_build, monkeypatch):
                        "--out", fixture_build)
     assert code == 0, output
     assert "[export] reusing" not in output and "[export] " in output
+
+
+def test_a_build_elsewhere_copies_its_steps_from_the_step_store(fixture_build, tmp_path):
+    """With $MTLORA_EXPORT_STEP_CACHE (set for the whole test run), a build into another directory takes
+    the export and the engine the fixture's build computed, and they verify and pass there."""
+    out = tmp_path / "elsewhere"
+    code, output = run("build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32", "--eval-samples", "8",
+                       "--out", out)
+    assert code == 0, output
+    assert f"[export] reusing {out / 'export'}" in output
+    assert f"[onnxruntime-fp32] reusing the engine in {out / 'engines' / 'onnxruntime-fp32'}" in output
+    assert json.loads((out / "build.json").read_text())["reused"] == ["export", "onnxruntime-fp32"]
+    assert (out / "export" / "model.onnx").read_bytes() == (fixture_build / "export" / "model.onnx").read_bytes()

@@ -62,7 +62,7 @@ def complete_cache_entries(out: Path) -> int:
     return sum(1 for e in cache.root.glob("*") if e.is_dir() and cache.lookup(e.name) is not None)
 
 
-def test_a_killed_build_leaves_nothing_partial_and_resumes(tmp_path):
+def test_a_killed_build_leaves_nothing_partial_and_resumes(tmp_path, no_step_store):
     out = tmp_path / "build"
 
     # 1. Killed while exporting: no export under its final name.

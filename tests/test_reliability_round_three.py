@@ -364,7 +364,8 @@ def _signal_when(process: subprocess.Popen, line_start: str, sig: int) -> list[s
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_build_interrupted_by_a_signal_says_so_cleans_up_and_exits_with_its_code(sig, tmp_path):
+def test_build_interrupted_by_a_signal_says_so_cleans_up_and_exits_with_its_code(sig, tmp_path, no_step_store):
+    # No step store: the build must be caught calibrating, not copying a stored engine
     out = tmp_path / "build"
     cli = Path(sys.executable).with_name("mtlora-export")
     process = _start([str(cli), "build", str(FIXTURE), "--backend", "onnxruntime", "--precision", "int8",

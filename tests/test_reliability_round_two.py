@@ -39,7 +39,7 @@ def leftovers(root: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("size", ["3m", "12m"])
-def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, size, monkeypatch):
+def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, size, monkeypatch, no_step_store):
     with small_filesystem(tmp_path / "disk", size) as disk:
         if disk is not None:
             code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
@@ -110,7 +110,7 @@ def test_a_modified_report_is_refused(ort_build, copy_build):
     assert code == 1 and "report.json was modified" in output, output
 
 
-def test_a_failed_engine_step_leaves_no_staging_folder(tmp_path, monkeypatch):
+def test_a_failed_engine_step_leaves_no_staging_folder(tmp_path, monkeypatch, no_step_store):
     import engines.onnxruntime as ort_backend
     from engines.errors import EngineError
 
