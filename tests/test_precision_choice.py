@@ -180,8 +180,13 @@ def test_openvino_fallback_uses_nncf_ignored_scope(outlier_model, tmp_path):
     assert code == 0, output
     report = read_report(out)
     [fallback] = report.fallbacks
-    assert fallback.passed and [layer.node for layer in fallback.layers] == [f"{CULPRIT}/WithoutBiases"]
-    assert fallback.tasks[0].before > 20 and fallback.tasks[0].after <= 1.0
+    # The culprit comes first, for semseg; with it in fp32 another task may sit just past its own int8 limit
+    # (the default model's sal: 1.2 points), and the layer the search keeps for it must be for that task.
+    first, *others = fallback.layers
+    assert fallback.passed and first.node == f"{CULPRIT}/WithoutBiases" and first.task == "semseg"
+    assert len(others) <= 1 and all(layer.task != "semseg" and layer.node != first.node for layer in others)
+    semseg = next(t for t in fallback.tasks if t.task == "semseg")
+    assert semseg.before > 20 and semseg.after <= 1.0
     sidecar = json.loads((out / "engines" / "openvino-int8" / "model.int8.xml.json").read_text())
     assert f"{CULPRIT}/WithoutBiases" in sidecar["metadata"]["keep_fp32"]
 
