@@ -85,10 +85,14 @@ def no_step_store(monkeypatch):
 def ort_build(tmp_path_factory) -> Path:
     """ONNX Runtime fp32 and int8 engines of the test model (8 calibration, 4 evaluation images)."""
     from export.cli import main as export_cli
+    from export.pipeline.steps import STORE_ENV
 
     out = tmp_path_factory.mktemp("reliability") / "build"
-    code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
-                          "--precision", "int8", "--calib-samples", "8", "--eval-samples", "4", "--out", out)
+    # Computed, not copied from the step store: tests read everything a build writes (its calibration cache too).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(STORE_ENV, raising=False)
+        code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
+                              "--precision", "int8", "--calib-samples", "8", "--eval-samples", "4", "--out", out)
     assert code == 0, output
     return out
 
