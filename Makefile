@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 	touch $(STAMP)
 
 # Tests run on every core, a test file per worker (module fixtures are built once); the slowest 15 are
-# printed so growth is seen. Budget: pytest plus the gate in 6 minutes on 2 cores.
+# printed so growth is seen. Budget: pytest plus the gate in 6 minutes on 2 cores. A worker that dies
+# is not replaced: with --dist loadfile a replaced worker can leave pytest-xdist 3.8 waiting forever
+# (pytest-xdist issue #784), so the run ends at once and names the test the worker died in.
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
+	$(PY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0 --durations=15
 	$(MAKE) gate
 
 # The accuracy gate CI runs: build real engines from the embedded default model and fail on any

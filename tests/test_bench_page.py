@@ -337,3 +337,39 @@ def test_a_bench_json_from_before_the_yardsticks_still_renders(tmp_path):
            "default tolerances | 1.09x | PASS |" in text
     assert "## 3. Pure 16-bit" not in text and "The mixed-precision search" not in text
     assert "| 117% | numpy sgemm fp32 |" in text  # openvino-bf16, 330 / 283: the rate it was divided by, named
+
+
+def _video(ratio, ceiling, label_size=(640, 480)):
+    return {"ratio": ratio, "ceiling_on_this_machine": ceiling, "frame_size": list(label_size), "threads": 1,
+            "video_frames_per_s": 100 * ratio, "infer_images_per_s": 100.0, "infer_ms": 10.0, "infer_cpu_ms": 10.0,
+            "other_cpu_ms": 5.0, "cores": 2, "rounds": 5, "contended": False,
+            "stage_cpu_ms_per_frame": {"decode": 2.0, "preprocess": 1.0, "infer": 10.0, "postprocess": 1.0,
+                                       "encode": 1.0}}
+
+
+def test_the_application_targets_are_verdict_rows_with_the_ceiling(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    extra = _extra(None)
+    extra["application"] = {
+        "video": {"default model": _video(0.66, 0.88), "bench model": _video(0.91, 1.0)},
+        "one_vs_all": {"engine": "/x/onnxruntime-fp32", "layout": "split", "task": "semseg", "all_tasks_ms": 400.0,
+                       "one_task_ms": 220.0, "ratio": 0.55}}
+    write_page(_result(), extra, page)
+    text = page.read_text()
+    verdicts = text[text.index("## 1. Verdicts"):text.index("## 2. Figures")]
+    # Below 0.85x but above 0.85 of the ceiling: a miss of the target, a pass of the restatement, both said.
+    assert "(default model, 640x480 clip, 1 engine thread(s)) | 0.66x (66.0 vs 100.0 per s); ceiling 0.88x, so " \
+           "0.75 of it | MISS; restated (at least 0.85 of the ceiling): MISS |" in verdicts
+    assert "(bench model, 640x480 clip, 1 engine thread(s)) | 0.91x (91.0 vs 100.0 per s); ceiling 1.00x, so 0.91 " \
+           "of it | PASS |" in verdicts
+    assert "| one task (semseg) at run time at most 0.85x the all-tasks time (onnxruntime-fp32, split layout) | " \
+           "0.55x (220.0 vs 400.0 ms) | PASS |" in verdicts
+    assert "- default model: CPU ms per frame decode 2.0, preprocess 1.0, infer 10.0" in text
+    assert "ceiling = min(1, 2 cores x 10.0 / (10.0 + 5.0)) = 0.88" in text
+
+
+def test_a_ratio_within_the_ceiling_passes_the_restatement():
+    from export.bench.application import verdict_rows
+
+    [row] = verdict_rows({"video": {"m": _video(0.76, 0.88)}})
+    assert row[2] == "MISS; restated (at least 0.85 of the ceiling): PASS"

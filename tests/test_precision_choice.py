@@ -90,9 +90,9 @@ def test_the_fallback_keeps_the_culprit_in_fp32_and_every_task_passes(fallback_b
     sidecar = json.loads((out / "engines" / "onnxruntime-int8" / "model.int8.onnx.json").read_text())
     assert CULPRIT in sidecar["metadata"]["keep_fp32"]
     # Every report shows it: terminal table, summary.md, report.html.
-    assert "INT8 fallback:" in output and CULPRIT in output
-    assert "## INT8 fallback" in (out / "summary.md").read_text()
-    assert "INT8 fallback" in (out / "report.html").read_text() and CULPRIT in (out / "report.html").read_text()
+    assert "Fallback (layers kept in fp32):" in output and CULPRIT in output
+    assert "## Fallback (layers kept in fp32)" in (out / "summary.md").read_text()
+    assert "Fallback (layers kept in fp32)" in (out / "report.html").read_text() and CULPRIT in (out / "report.html").read_text()
     saved = json.loads(Path(fallback.file).read_text())
     assert saved["keep_fp32"] == {"model": [CULPRIT]} and saved["backend"] == "onnxruntime"
 

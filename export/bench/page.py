@@ -22,9 +22,11 @@ In `build/bench-docs/` (steps are reused when their inputs are unchanged):
    `build --precision fp16` as users type it, the engine `--precision auto` picks, and
    `build --precision fp16` again with a tolerance file whose fp16/bf16 normals limit is a third of
    what the pure 16-bit engine measured (`export.bench.precision_ladder`);
+   the split layout (fp32), and the embedded default model's fp32 engine;
 3. builds the plain backbone in every engine and precision (`export.bench.plain_backbone`);
 4. times every engine and PyTorch eager in fresh workers, the per-precision MatMul of each backend,
-   then the verdicts' engines in turn;
+   then the verdicts' engines in turn, and what an application sees (`export.bench.application`: a
+   video end to end against `infer`, one task against all on the split build);
 5. exports the unmerged model and the adapter-free network and profiles the three fp32 graphs;
 6. writes the page and `build/bench-docs/bench.json`.
 
@@ -49,6 +51,9 @@ import numpy as np
 from engines.registry import choose_backend
 from export.artifacts.builddir import BuildDir
 from export.artifacts.files import write_json_atomic, write_text_atomic
+from export.bench.application import measure as measure_application
+from export.bench.application import stage_lines
+from export.bench.application import verdict_rows as application_rows
 from export.bench.breakdown import (
     flops_breakdown,
     profile_findings,
@@ -90,6 +95,7 @@ from export.bench.tables import MEASUREMENT_NOTES, PERF_HEADER, accuracy_rows, m
 from export.bench.targets import PASSED, Target, engine_targets, runtime_targets, torch_targets
 from export.bench.timing import interleaved_latency, wait_for_quiet
 from export.onnx.flops import count_flops
+from export.pipeline.sources import DEFAULT_MODEL
 from export.pipeline.speed import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,7 +500,9 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
         "",
         "## 1. Verdicts (timed in turn, one process)",
         "",
-        md_table(["target", "measured", "verdict"], verdict_rows(extra, flags)), "", _turn_line(choice),
+        md_table(["target", "measured", "verdict"],
+                 verdict_rows(extra, flags) + application_rows(extra.get("application") or {})),
+        "", _turn_line(choice),
     ]
     if int8:
         lines += ["", _turn_line(int8)]
@@ -505,6 +513,11 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     if not int8_accel:
         lines += ["", "This CPU has none of " + ", ".join(INT8_FLAGS) + ": no int8 dot-product instructions, so INT8 "
                   "is not expected to beat 16-bit here."]
+    if extra.get("application"):
+        lines += ["", "The video rows run `run --video` on a generated clip (decode, preprocess, infer, overlay of every "
+                  "task, encode; pipelined, the engine on every core but one) and `infer` alone on the same engine, in "
+                  "turn. A frame cannot take less than its CPU time over the cores, so the ratio has a ceiling on this "
+                  "machine (`export/bench/application.py`):", "", *stage_lines(extra["application"])]
     lines += ["", *extra["notes"], "", *search_lines(extra.get("search"))]
     lines += figure_lines(extra, flops)
     lines += ladder_lines(extra.get("ladder"), tasks)
@@ -622,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     say("[bench-docs] building the split layout (fp32) to time one task against all at run time")
     build_for_bench(checkpoint, split_dir, say, backends=("onnxruntime",), precisions=("fp32",), layout="split",
                     **build_options)
+    say("[bench-docs] building the embedded default model's fp32 engine (issue #20's video target names it)")
+    default_model_dir = work / "build-default-model"
+    build_for_bench(DEFAULT_MODEL, default_model_dir, say, backends=("onnxruntime",), precisions=("fp32",),
+                    eval_samples=EVAL_SAMPLES, threads=args.threads)
 
     opts = BenchOptions(batch_sizes=(1, 8), threads=args.threads, warmup=1, runs=20, budget_s=args.budget,
                         quiet_wait_s=args.quiet_wait)
@@ -663,6 +680,11 @@ def main(argv: list[str] | None = None) -> int:
     if best_int8 and best_16:
         say("[bench-docs] timing the best INT8 and 16-bit engines in turn (batch 8)")
         turns["int8"] = time_in_turn({r["name"]: (build_dir, r["name"]) for r in (best_int8, best_16)}, threads, 8)
+
+    application = measure_application({
+        "embedded default model, onnxruntime-fp32": (BuildDir(default_model_dir).engine("onnxruntime-fp32"), 200, 5),
+        f"{IMG_SIZE} bench model, onnxruntime-fp32": (BuildDir(build_dir).engine("onnxruntime-fp32"), 16, 3)},
+        BuildDir(split_dir).engine("onnxruntime-fp32"), args.threads, say)
 
     say("[bench-docs] the plain backbone in every engine and precision")
     keys = [d.name for d in BuildDir(build_dir).engine_dirs()]  # sorted
@@ -711,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         "turns": turns, "fastest_passing": best_key, "default_engine": default_engine, "auto_engine": auto_engine,
         "default_label": default_label, "default_failure": default_failure,
         "default_fails": _failed_checks(fp16_report, default_engine) if default_engine else "",
-        "search": search, "ladder": ladder(auto_report, report), "lscpu": lscpu(),
+        "search": search, "application": application, "ladder": ladder(auto_report, report), "lscpu": lscpu(),
         "fallbacks": _fallback_lines(report),
         "best_int8": best_int8["name"] if best_int8 else None, "best_16bit": best_16["name"] if best_16 else None,
         "backbone": {k: v for k, v in backbone.items() if k != "engines"}, "backbone_table": backbone_table,
@@ -744,7 +766,7 @@ def _failed_checks(report, key: str) -> str:
 
 
 def _fallback_lines(report) -> dict[str, str]:
-    """What the build's INT8 fallback did per int8 engine (why an int8 engine that fails stayed so)."""
+    """What the build's fallback did per int8 or 16-bit engine (why an engine that fails stayed so)."""
     return {f.engine: f"{f.verdict}: {f.message}" for f in report.fallbacks} if report is not None else {}
 
 

@@ -65,12 +65,12 @@ def _html_table(header: list[str], body: list[list[str]], good) -> str:
 
 
 def _sections(report: Report) -> list[str]:
-    """The int8 fallback, the auto candidates and the notes, when there are any."""
+    """The fallback, the auto candidates and the notes, when there are any."""
     parts = []
     if report.fallbacks:
         # Verdict last, so it is coloured like the accuracy table's.
         body = [[*r[:1], *r[2:], r[1]] for r in fallback_rows(report)]
-        parts.append("<h2>INT8 fallback</h2>")
+        parts.append("<h2>Fallback (layers kept in fp32)</h2>")
         parts.append(_html_table([*FALLBACK_HEADER[:1], *FALLBACK_HEADER[2:], FALLBACK_HEADER[1]], body,
                                  lambda v: v.startswith("fixed")))
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in fallback_layer_lines(report))

@@ -87,7 +87,7 @@ def _latencies(latency: dict[str, float]) -> str:
 
 
 def fallback_rows(report: Report) -> list[list[str]]:
-    """One row per engine set the int8 fallback worked on."""
+    """One row per engine set the fallback (int8 or 16-bit) worked on."""
     return [[f.engine, f.verdict + (" (cached)" if f.cached else ""), "; ".join(t.describe() for t in f.tasks),
              str(len(f.layers)), _latencies(f.latency_ms)] for f in report.fallbacks]
 
@@ -143,10 +143,10 @@ def auto_line(report: Report) -> str:
 
 
 def format_sections(report: Report) -> str:
-    """The int8 fallback, the auto candidates and the notes, for the terminal (empty when none)."""
+    """The fallback, the auto candidates and the notes, for the terminal (empty when none)."""
     parts = []
     if report.fallbacks:
-        lines = ["INT8 fallback:", plain_table(FALLBACK_HEADER, fallback_rows(report))]
+        lines = ["Fallback (layers kept in fp32):", plain_table(FALLBACK_HEADER, fallback_rows(report))]
         lines += [f"  {line}" for line in fallback_layer_lines(report)]
         parts.append("\n".join(lines))
     if report.auto is not None:
@@ -167,7 +167,7 @@ def format_markdown(report: Report) -> str:
                      f"{'labelled' if engine.labelled else 'no labels'}, reference from {engine.reference_source}"
                      + (f"; {judged}" if judged else ""))
     if report.fallbacks:
-        lines += ["", "## INT8 fallback", ""]
+        lines += ["", "## Fallback (layers kept in fp32)", ""]
         lines += _markdown_table(FALLBACK_HEADER, fallback_rows(report))
         lines += [""] + [f"- {line}" for line in fallback_layer_lines(report)]
     if report.auto is not None:

@@ -315,7 +315,7 @@ FALLBACK_VERDICTS = {
 
 @dataclass(frozen=True)
 class Fallback:
-    """The accuracy-aware int8 fallback of one engine set: what failed, what went back to fp32, at what speed."""
+    """The accuracy-aware fallback (int8 or 16-bit) of one engine set: what failed, what went back to fp32, at what speed."""
 
     engine: str  # the engine set's key, e.g. "onnxruntime-int8"
     verdict: str  # a key of FALLBACK_VERDICTS
@@ -415,7 +415,7 @@ class Report:
     engines: list[EngineCheck]
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     identity: dict[str, Any] = field(default_factory=dict)
-    fallbacks: list[Fallback] = field(default_factory=list)  # accuracy-aware int8 fallback, per engine set
+    fallbacks: list[Fallback] = field(default_factory=list)  # accuracy-aware fallback (int8 or 16-bit), per engine set
     auto: AutoSelection | None = None  # what --precision auto compared
     notes: list[str] = field(default_factory=list)  # one-line findings, e.g. a precision slower than another
 
