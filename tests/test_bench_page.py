@@ -373,3 +373,29 @@ def test_a_ratio_within_the_ceiling_passes_the_restatement():
 
     [row] = verdict_rows({"video": {"m": _video(0.76, 0.88)}})
     assert row[2] == "MISS; restated (at least 0.85 of the ceiling): PASS"
+
+
+def test_the_fp16_graphs_search_is_a_verdict_with_its_nodes(tmp_path):
+    from export.bench.page import GRAPH_FRACTION
+
+    page = tmp_path / "benchmarks.md"
+    extra = _extra(None)
+    angles = {"normals": 0.0209}
+    extra["graph_search"] = {
+        "angles": angles, "limits": tight_tolerances(angles, GRAPH_FRACTION),
+        "command": "mtlora-export build --backend onnxruntime --precision fp16 --tolerances t.json "
+                   "--int8-fallback always --out build-fp16-graph-tight",
+        "layers": [{"node": "/proj/Conv", "task": "normals", "local_error": 3.1e-4},
+                   {"node": "/v_3/MatMul", "task": "normals", "local_error": 2.7e-4}],
+        "measured": "2 node(s) in fp32: normals angle_deg 0.021 -> 0.015 (limit 0.016); 34 set(s) judged",
+        "verdict": "PASS", "notes": ["the search for onnxruntime-fp16: not faster, 2 layer(s) in fp32"]}
+    write_page(_result(), extra, page)
+    text = page.read_text()
+    verdicts = text[text.index("## 1. Verdicts"):text.index("## 2. Figures")]
+    assert "that the pure graph fails (normals limit 0.75x its angle) is met with the fp32 nodes the search finds, " \
+           "shown by its record | 2 node(s) in fp32: normals angle_deg 0.021 -> 0.015 (limit 0.016); 34 set(s) " \
+           "judged | PASS |" in verdicts
+    section = text[text.index("### The fp16 graph's search"):text.index("## 2. Figures")]
+    assert "sets `max_angle_deg` to 0.75x it (normals 0.016 deg)" in section
+    assert "| `/proj/Conv` | normals | 0.00031 |" in section and "| `/v_3/MatMul` | normals | 0.00027 |" in section
+    assert "- the search for onnxruntime-fp16: not faster, 2 layer(s) in fp32" in section

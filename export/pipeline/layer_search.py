@@ -261,7 +261,9 @@ def bisect_search(judge: Judge, candidates: Sequence[Layer], limits: Limits = Li
         say("no set of candidate layers in fp32 that could be tried makes every task pass")
         return SearchResult("bisection", [], [], base, probe.count, "cannot help", errors)
     if len(current) > limits.max_layers:
-        say(f"{len(current)} layers are needed in fp32, more than the {limits.max_layers} the search keeps")
+        # Within the budget, bisection may stop short of the smallest set: say what it found, not what is needed.
+        say(f"the smallest set found keeps {len(current)} layers in fp32, more than the {limits.max_layers} the search "
+            "keeps")
         return SearchResult("bisection", [], [], base, probe.count, "budget", errors)
     steps = [_bisection_step(probe, current, verdict, layer, base, errors) for layer in current]
     return SearchResult("bisection", list(current), steps, verdict, probe.count, "passed", errors)
