@@ -399,3 +399,13 @@ def test_the_fp16_graphs_search_is_a_verdict_with_its_nodes(tmp_path):
     assert "sets `max_angle_deg` to 0.75x it (normals 0.016 deg)" in section
     assert "| `/proj/Conv` | normals | 0.00031 |" in section and "| `/v_3/MatMul` | normals | 0.00027 |" in section
     assert "- the search for onnxruntime-fp16: not faster, 2 layer(s) in fp32" in section
+
+
+def test_the_eager_figure_says_why_from_what_was_measured():
+    from export.bench.page import _eager_reason
+
+    assert _eager_reason(1.24, 0.88).startswith("faster per FLOP than the backbone alone")
+    below = _eager_reason(0.97, 0.73)
+    assert below.startswith("the graph keeps 0.73x") and "faster per FLOP" not in below
+    assert _eager_reason(0.7, 0.73) == "the graph keeps 0.73x, enough."
+    assert _eager_reason(None, 0.73) == "not measured here."
