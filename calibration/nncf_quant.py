@@ -20,6 +20,7 @@ import numpy as np
 from calibration.cache import CalibrationCache, cache_key
 from calibration.data import CalibrationSet, calibration_for
 from calibration.errors import CalibrationError
+from engines.cpu import int8_saturates
 from engines.files import load_onnx
 
 # OpenVINO op types NNCF must leave in float: normalisations, softmax and GELU/erf.
@@ -30,6 +31,17 @@ _PASS_THROUGH_TYPES = (
     "Clamp", "Tanh", "Add", "Subtract", "Multiply", "Divide",
 )  # fmt: skip
 MODEL_XML, MODEL_BIN = "model.int8.xml", "model.int8.bin"
+
+
+def overflow_fix_for_this_cpu() -> str:
+    """NNCF's overflow fix for the CPU that builds: 'enable' (weights on 7 bits in every layer) where
+    uint8 x int8 products saturate (`engines.cpu.int8_saturates`), NNCF's default elsewhere.
+
+    Measured on an AVX2-only CPU with the tests' tiny model: relative error to fp32 0.12 with the
+    default (first layer only), 0.015 with every layer fixed. A CPU with VNNI or AMX computes int8
+    exactly, and the eighth bit is worth keeping there.
+    """
+    return "enable" if int8_saturates() else "first_layer_only"
 
 
 def output_layers(model, max_depth: int = 8) -> list[str]:
@@ -115,6 +127,7 @@ def quantize_openvino(
         "fast_bias_correction": fast_bias_correction,
         "model_type": "transformer",
         "subset_size": calibration.num_samples,
+        "overflow_fix": overflow_fix_for_this_cpu(),
     }
     if cache is not None and not isinstance(cache, CalibrationCache):
         cache = CalibrationCache(cache)
@@ -128,6 +141,7 @@ def quantize_openvino(
     import logging
 
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     # NNCF logs every ignored node at INFO; our progress lines say what matters.
     logging.getLogger("nncf").setLevel(logging.WARNING)
@@ -145,6 +159,7 @@ def quantize_openvino(
             subset_size=len(calibration),
             fast_bias_correction=fast_bias_correction,
             ignored_scope=scope,
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(settings["overflow_fix"])),
         )
     except Exception as exc:
         raise CalibrationError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from exc

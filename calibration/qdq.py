@@ -387,39 +387,12 @@ def to_uint8_activations(model):
     The int8 grid [-128, 127] x scale and the uint8 grid [0, 255] - 128 x scale are the same numbers,
     so the outputs are the same; but ONNX Runtime's x86 CPU kernels are written for uint8 activations
     times int8 weights (U8S8), and run the signed-activation graph much slower (docs/benchmarks.md).
-    TensorRT takes only the signed form, so this is a second graph beside the TensorRT one.
+    TensorRT takes only the signed form, so this is a second graph beside the TensorRT one. (Where
+    U8S8 saturates, the session moves the weights to uint8 too: `engines.onnxruntime.exact_int8`.)
     """
-    import onnx
-    from onnx import numpy_helper
+    from engines.onnxruntime.exact_int8 import to_uint8_operands
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    initializers = {init.name: init for init in model.graph.initializer}
-    produced_by = {out: node for node in model.graph.node for out in node.output}
-    replaced: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
-            continue
-        zero_point = initializers.get(node.input[2])
-        if zero_point is None or zero_point.data_type != INT8:
-            continue
-        if np.any(numpy_helper.to_array(zero_point) != 0):
-            raise CalibrationError(f"{node.name}: an asymmetric int8 activation cannot be moved to uint8 exactly")
-        name = replaced.get(zero_point.name)
-        if name is None:
-            name = f"{zero_point.name}_u8"
-            value = np.full(numpy_helper.to_array(zero_point).shape, 128, dtype=np.uint8)
-            model.graph.initializer.append(numpy_helper.from_array(value, name))
-            replaced[zero_point.name] = name
-        node.input[2] = name
-    for node in model.graph.node:
-        source = produced_by.get(node.input[0]) if node.input else None
-        if node.op_type == "DequantizeLinear" and source is not None and source.op_type == "QuantizeLinear" \
-                and len(node.input) >= 3 and node.input[2] in replaced:
-            node.input[2] = replaced[node.input[2]]
-    unused = set(replaced) - {i for node in model.graph.node for i in node.input}
-    kept = [init for init in model.graph.initializer if init.name not in unused]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    model = to_uint8_operands(model, weights=False)
     set_onnx_metadata(model, ACTIVATION_TYPE_KEY, "uint8")
     return model
 

@@ -35,6 +35,7 @@ import numpy as np
 from calibration.errors import CalibrationError
 from calibration.fp16 import COMPUTE_OPS
 from engines.files import load_onnx
+from engines.onnxruntime.exact_int8 import exact_int8
 
 Feed = Mapping[str, np.ndarray]
 Infer = Callable[[Feed], dict[str, np.ndarray]]
@@ -175,7 +176,9 @@ class QdqGraph(QuantizedGraph):
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
         try:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            # As this CPU computes the graph exactly: its U8S8 kernels may saturate (`exact_int8`).
+            return ort.InferenceSession(exact_int8(model).SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"])
         except Exception as exc:  # ONNX Runtime's own error types
             raise CalibrationError(f"{self.path.name}: ONNX Runtime cannot run the variant: {exc}") from None
 

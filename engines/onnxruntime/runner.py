@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from engines.artifact import EngineArtifact, TensorMeta
+from engines.cpu import INT8_DOT_PRODUCT, int8_saturates
 from engines.errors import BackendUnavailable, EngineError
+from engines.precision import PRECISIONS
 from engines.runner import Runner
 
 PROVIDER_ALIASES = {
@@ -85,9 +87,13 @@ def session_options(
 
 
 def create_session(path: str | os.PathLike, providers: Sequence[str], options=None):
+    """An InferenceSession for the ONNX file `path`; an int8 graph is given the operand types this
+    CPU computes exactly (`exact_int8`), so every session of a Q/DQ graph means what the graph says."""
+    from engines.onnxruntime.exact_int8 import session_source
+
     ort = _ort()
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        return ort.InferenceSession(session_source(path, providers), sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
         raise EngineError(f"onnxruntime cannot load {path}: {exc}") from exc
 
@@ -161,6 +167,10 @@ def load(
         optimization_level=optimization_level,
     )
     runner.precision_executed = artifact.precision_executed
+    if PRECISIONS[artifact.precision_requested].calibrated and runner.providers[0] == "CPUExecutionProvider" \
+            and int8_saturates():
+        runner.notes.append("int8 weights held as uint8 at load (U8U8 kernels): this CPU has none of "
+                            f"{', '.join(INT8_DOT_PRODUCT)}, and its U8S8 kernels would saturate")
     if runner.providers[0] != built_with[0]:
         runner.notes.append(
             f"built and checked with {built_with[0]}, running with {runner.providers[0]}: "

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from engines.artifact import EngineArtifact, TensorMeta
+from engines.cpu import INT8_DOT_PRODUCT, int8_saturates
 from engines.errors import BackendUnavailable, EngineError
+from engines.precision import PRECISIONS
 from engines.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,12 @@ def load(
         blob=blob,
         io_names=([m.name for m in artifact.inputs], [m.name for m in artifact.outputs]),
     )
+    fix = (meta.get("nncf") or {}).get("overflow_fix", "first_layer_only")
+    if PRECISIONS[artifact.precision_requested].calibrated and device == "CPU" and fix != "enable" and int8_saturates():
+        notes.append(f"calibrated with NNCF's overflow fix '{fix}' (for a CPU with an int8 dot product); this CPU "
+                     f"has none of {', '.join(INT8_DOT_PRODUCT)}, so its int8 layers may saturate: rebuild the "
+                     "int8 engine on this machine")
+        log.warning("%s", notes[-1])
     runner.notes.extend(notes)
     runner.precision_executed = artifact.precision_executed
     return runner

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from export.pipeline.speed import cpu_flags, cpu_model
+from engines.cpu import cpu_flags
+from export.pipeline.speed import cpu_model
 
 
 def available_cpus() -> int:

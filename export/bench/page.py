@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.cpu import INT8_DOT_PRODUCT, cpu_flags
 from engines.registry import choose_backend
 from export.artifacts.builddir import BuildDir
 from export.artifacts.files import write_json_atomic, write_text_atomic
@@ -97,7 +98,6 @@ from export.bench.targets import PASSED, Target, engine_targets, runtime_targets
 from export.bench.timing import interleaved_latency, wait_for_quiet
 from export.onnx.flops import count_flops
 from export.pipeline.sources import DEFAULT_MODEL
-from export.pipeline.speed import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -117,7 +117,7 @@ AUTO_VS_FASTEST = 1.05  # `--precision auto`'s pick within this of the fastest p
 # Retired targets (issue #19): still measured, shown as figures with the reason they are no longer targets.
 BEST_VS_EAGER = 5.0  # was: the fastest passing engine at least this much faster than PyTorch eager
 MERGED_VS_BACKBONE = 0.9  # was: the four-task graph keeps at least this share of the plain backbone's GFLOP/s
-INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # what makes int8 faster on an x86 CPU
+INT8_FLAGS = INT8_DOT_PRODUCT  # what makes int8 faster on an x86 CPU
 AMX = ("amx_bf16", "amx_int8")
 
 
