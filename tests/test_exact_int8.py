@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.cpu import INT8_DOT_PRODUCT, int8_saturates
-from engines.onnxruntime.exact_int8 import exact_int8, has_int8_operands, to_uint8_operands
+from engines.cpu import INT8_DOT_PRODUCT, cpu_flags, cpu_model, int8_saturates
+from engines.errors import EngineError
+from engines.onnxruntime.exact_int8 import exact_int8, has_int8_operands, session_source, to_uint8_operands
 from engines.onnxruntime.runner import create_session, session_options
 from tests.engine_fixtures import relative_error
 
@@ -59,6 +60,12 @@ def test_which_cpus_saturate(machine, flags, saturates):
     assert int8_saturates(flags, machine) is saturates
 
 
+def test_this_cpu_is_read_once_and_named():
+    assert cpu_flags() is not cpu_flags() and cpu_flags() == cpu_flags()  # a fresh dict each call, one reading
+    assert set(cpu_flags(("avx2", "no_such_flag"))) <= {"avx2", "no_such_flag"}
+    assert cpu_model()
+
+
 def test_uint8_operands_are_the_same_graph(qdq_onnx, test_batch, tmp_path):
     signed = onnx.load(str(qdq_onnx))
     assert has_int8_operands(signed)
@@ -102,6 +109,18 @@ def test_sessions_compute_int8_graphs_as_written_on_this_cpu(qdq_onnx, test_batc
     assert max(relative_error(outputs, expected).values()) < SAME_GRAPH
     model = onnx.load(str(qdq_onnx))
     assert (exact_int8(model) is model) is not int8_saturates()  # converted exactly where it must be
+    assert isinstance(session_source(qdq_onnx, ["CPUExecutionProvider"]), bytes) is int8_saturates()
+
+
+def test_graphs_without_qdq_ops_open_from_their_path(tiny_onnx, tmp_path):
+    """An fp32 graph is opened as it is, without being parsed to look for int8 operands; so is a file
+    that cannot be read, which ONNX Runtime then reports."""
+    assert session_source(tiny_onnx, ["CPUExecutionProvider"]) == str(tiny_onnx)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for path in (tmp_path / "empty.onnx", tmp_path / "missing.onnx"):
+        assert session_source(path, ["CPUExecutionProvider"]) == str(path)
+        with pytest.raises(EngineError, match="onnxruntime cannot load"):
+            create_session(path, ["CPUExecutionProvider"])
 
 
 def test_the_runner_says_when_it_holds_weights_as_uint8(tmp_path, tiny_onnx, calibration_set, test_batch):

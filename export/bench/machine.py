@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.cpu import cpu_flags
-from export.pipeline.speed import cpu_model
+from engines.cpu import cpu_flags, cpu_model
 
 
 def available_cpus() -> int:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.cpu import INT8_DOT_PRODUCT, cpu_flags
+from engines.cpu import INT8_DOT_PRODUCT, cpu_flags, has_int8_dot_product
 from engines.registry import choose_backend
 from export.artifacts.builddir import BuildDir
 from export.artifacts.files import write_json_atomic, write_text_atomic
@@ -117,7 +117,6 @@ AUTO_VS_FASTEST = 1.05  # `--precision auto`'s pick within this of the fastest p
 # Retired targets (issue #19): still measured, shown as figures with the reason they are no longer targets.
 BEST_VS_EAGER = 5.0  # was: the fastest passing engine at least this much faster than PyTorch eager
 MERGED_VS_BACKBONE = 0.9  # was: the four-task graph keeps at least this share of the plain backbone's GFLOP/s
-INT8_FLAGS = INT8_DOT_PRODUCT  # what makes int8 faster on an x86 CPU
 AMX = ("amx_bf16", "amx_int8")
 
 
@@ -409,7 +408,7 @@ def verdict_rows(extra: dict, flags: dict[str, bool]) -> list[list[str]]:
         rows.append(["On the fp16 graph (the one TensorRT takes, run by ONNX Runtime for accuracy), a tolerance file "
                      f"that the pure graph fails (normals limit {GRAPH_FRACTION:g}x its angle) is met with the fp32 "
                      "nodes the search finds, shown by its record", graph["measured"], graph["verdict"]])
-    int8_accel = any(flags.get(f) for f in INT8_FLAGS)
+    int8_accel = has_int8_dot_product(flags)
     if int8:
         i8, b16 = extra["best_int8"], extra["best_16bit"]
         int8_ratio = int8["median_ms"][b16] / int8["median_ms"][i8] if i8 and b16 else None
@@ -554,7 +553,7 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
     flops = result["model"]["flops_per_image"]
     choice = extra["turns"]["choice"]
     int8 = extra["turns"].get("int8")
-    int8_accel = any(flags.get(f) for f in INT8_FLAGS)
+    int8_accel = has_int8_dot_product(flags)
     tasks = list(result["model"].get("tasks") or TASKS)
     rates = machine.get("engine_matmul") or []
     per_precision = ", ".join(f"{r['backend']} {r['precision_executed']} {r['gflops']:.0f}" for r in rates
@@ -592,7 +591,7 @@ def write_page(result: dict, extra: dict, path: Path) -> None:
                   "passing tighter format of its backend stays as built, or gives way to it, and the build says why):",
                   "", *(f"- {key}: {line}" for key, line in extra["fallbacks"].items())]
     if not int8_accel:
-        lines += ["", "This CPU has none of " + ", ".join(INT8_FLAGS) + ": no int8 dot-product instructions, so INT8 "
+        lines += ["", "This CPU has none of " + ", ".join(INT8_DOT_PRODUCT) + ": no int8 dot-product instructions, so INT8 "
                   "is not expected to beat 16-bit here."]
     if extra.get("application"):
         lines += ["", "The video rows run `run --video` on a generated clip (decode, preprocess, infer, overlay of every "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from engines.cpu import cpu_flags
+from engines.cpu import cpu_flags, cpu_model
 from engines.precision import by_looseness
 from engines.registry import BACKENDS
 from export.artifacts.engineset import EngineSet
@@ -28,7 +28,7 @@ from export.pipeline.fallback import (
     publish_as,
     reduced_precision,
 )
-from export.pipeline.speed import RUNS, cpu_model, engine_set_bytes, time_in_build
+from export.pipeline.speed import RUNS, engine_set_bytes, time_in_build
 
 
 def candidate_precisions(backend: str) -> list[str]:

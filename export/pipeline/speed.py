@@ -10,11 +10,9 @@ latency. This is a decision helper, not a benchmark: `mtlora-export bench` measu
 
 from __future__ import annotations
 
-import platform
 import statistics
 from collections.abc import Mapping
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 
@@ -50,16 +48,3 @@ def time_in_build(ctx, entries: Mapping[str, EngineSet]) -> dict[str, float]:
 def engine_set_bytes(entry: EngineSet) -> int:
     """Bytes of every engine file of the set (IR .bin and compiled blobs included, sidecars not)."""
     return sum(p.stat().st_size for a in entry.artifacts(verify=False).values() for p in a.paths if p.is_file())
-
-
-# The machine the times were taken on: a choice made from timings is recorded with it.
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
