@@ -11,7 +11,7 @@ from export.checking.accuracy import EvalBatch, check_engine
 from export.checking.html import Sample, render_html
 from export.checking.results import EngineInfo, Report
 from export.checking.visualize import error_map, render_label, render_output
-from mtlora.palette import voc_palette
+from mtlora.palette import class_colours, voc_palette
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -74,3 +74,8 @@ def test_palettes():
     assert tuple(rgb[0, 1]) == (255, 255, 255) and tuple(rgb[1, 0]) == (128, 0, 0)
     same, legend = error_map("semseg", logits, logits)
     assert "0.00%" in legend and (same == 20).all()
+    # Class ids of any integer type and sign take their colour modulo 256 (post-processed maps are uint8).
+    ids = np.array([[-1, 0, 1, 255], [256, 257, 511, 1000]])
+    for dtype in (np.int64, np.int32, np.int16):
+        assert (class_colours(ids.astype(dtype)) == palette[ids % 256]).all()
+    assert (class_colours(np.array([[3, 250]], np.uint8)) == palette[[[3, 250]]]).all()

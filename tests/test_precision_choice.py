@@ -10,6 +10,7 @@ is set by that channel and every other channel rounds to zero. Only semseg fails
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,15 @@ def test_openvino_fallback_uses_nncf_ignored_scope(outlier_model, tmp_path):
     assert semseg.before > 20 and semseg.after <= 1.0
     sidecar = json.loads((out / "engines" / "openvino-int8" / "model.int8.xml.json").read_text())
     assert f"{CULPRIT}/WithoutBiases" in sidecar["metadata"]["keep_fp32"]
+    # The 16-bit engine int8 is timed against, and the one preferred, say what they ran where that differs
+    # (a CPU without bf16 runs it in fp32: "prefer bf16" alone would promise a speed-up it does not give).
+    named = [re.search(r"int8 runs [\d.]+ ms here, (\w+)( \(ran (\w+) here\))? [\d.]+ ms", output)]
+    named.append(re.search(r"prefer (\w+)( \(ran (\w+) here\))?$", fallback.message))
+    assert named[0], output
+    for found in filter(None, named):
+        other = found[1]
+        ran = json.loads((out / "candidates" / f"openvino-{other}" / f"model.{other}.xml.json").read_text())
+        assert found[3] == (None if ran["precision_executed"] == other else ran["precision_executed"]), found[0]
 
 
 def test_keep_fp32_files(tmp_path):

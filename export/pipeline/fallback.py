@@ -37,6 +37,7 @@ from engines.registry import BACKENDS
 from export.artifacts.engineset import EngineSet
 from export.artifacts.files import write_json_atomic
 from export.checking.results import EngineCheck, Fallback, FallbackLayer, Report
+from export.pipeline.check import executed_by_role
 from export.pipeline.context import BuildContext
 from export.pipeline.layer_search import STOPS, Limits, cannot_pay_off, rank_order, search
 from export.pipeline.options import KEEP_FILE_FORMAT, precisions_used, role_precisions
@@ -121,10 +122,11 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
     if compare:
         latency.update(time_in_build(ctx, {precision: entry, **compare}))
         fastest = min(compare, key=latency.get)
-        say(f"[{key}] {precision} runs {latency[precision]:.3g} ms here, {fastest} {latency[fastest]:.3g} ms "
+        say(f"[{key}] {precision} runs {latency[precision]:.3g} ms here, {ran_as(fastest, compare)} "
+            f"{latency[fastest]:.3g} ms "
             f"(batch {ctx.opts.timing_batch})")
         if mode == "on" and cannot_pay_off(latency, precision, compare):
-            message = (f"{precision} ({latency[precision]:.3g} ms) is no faster than {fastest} "
+            message = (f"{precision} ({latency[precision]:.3g} ms) is no faster than {ran_as(fastest, compare)} "
                        f"({latency[fastest]:.3g} ms) here, so layers in fp32 cannot pay off: build --precision "
                        f"{fastest}, or search anyway with --int8-fallback always")
             say(f"[{key}] {message}")
@@ -205,6 +207,17 @@ def _search(ctx: BuildContext, judge, key: str):
     return search(judge, judge.candidates, limits, say, errors=errors)
 
 
+def ran_note(precision: str, compare: dict[str, EngineSet]) -> str:
+    """" (ran fp32 here)" where `precision`'s engine set of `compare` ran another precision, else "": a CPU
+    without bf16 or fp16 runs them in fp32, and "prefer bf16" alone would promise a speed-up it does not give."""
+    ran = sorted(set(executed_by_role(compare[precision]).values()) - {"", None}) if precision in compare else []
+    return f" (ran {'/'.join(ran)} here)" if ran and ran != [precision] else ""
+
+
+def ran_as(precision: str, compare: dict[str, EngineSet]) -> str:
+    return precision + ran_note(precision, compare)
+
+
 def _message(precision: str, verdict: str, kept: int, latency: dict[str, float], compare: dict, stop: str = "") -> str:
     layers = f"{kept} layer{'s' if kept != 1 else ''} in fp32"
     mix = f"{precision}{FALLBACK_SUFFIX}"
@@ -216,9 +229,10 @@ def _message(precision: str, verdict: str, kept: int, latency: dict[str, float],
     if verdict == "fixed":
         return f"every task passes with {layers}{speed}"
     if verdict == "not faster":
-        return f"{precision} with {layers} is no faster than {fastest} here{speed}: prefer {fastest}"
+        return f"{precision} with {layers} is no faster than {fastest} here{speed}: prefer {ran_as(fastest, compare)}"
     if verdict == "stopped":
-        return f"still failing with {layers} and no faster than {fastest}{speed}: stopped; prefer {fastest}"
+        return (f"still failing with {layers} and no faster than {fastest}{speed}: stopped; "
+                f"prefer {ran_as(fastest, compare)}")
     why = STOPS[stop] if stop and not kept else f"could not make every task pass ({layers} tried)"
     return f"{why}{speed}; the {precision} engine stays as it was built"
 
@@ -417,7 +431,7 @@ def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, c
             instead = next_format(compare, record.latency_ms)
             if instead is not None:
                 taken = compare[instead]
-                why = f"; the build takes {taken.key} instead, which passes every task"
+                why = f"; the build takes {taken.key}{ran_note(instead, compare)} instead, which passes every task"
                 record = replace(record, message=record.message + why)
                 ctx.say(f"[{entry.key}] {record.message}")
                 _retire(ctx, entry)
