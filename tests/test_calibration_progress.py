@@ -10,6 +10,7 @@ from PIL import Image
 import calibration.progress as progress
 from calibration.data import CalibrationSet
 from calibration.progress import duration, with_progress
+from engines.cpu import int8_saturates
 from export.cli import main as export_cli
 from tests.conftest import FIXTURE, invoke
 
@@ -82,6 +83,8 @@ def test_own_images_skip_unreadable_files_by_name_and_say_the_count_first(tmp_pa
     count = lines.index(f"[calibrate] 9 images from {images}, 3 unreadable skipped")
     calibrating = next(i for i, line in enumerate(lines) if "calibration pass" in line)
     assert count < calibrating and "about" in lines[calibrating] and "left" in lines[calibrating]
+    # Before the work: whether int8 can be faster than fp32 on this CPU at all.
+    assert ("has no int8 dot product" in output) == int8_saturates(), output
 
 
 def test_too_few_readable_images_is_one_line(tmp_path):

@@ -60,6 +60,23 @@ def test_which_cpus_saturate(machine, flags, saturates):
     assert int8_saturates(flags, machine) is saturates
 
 
+@pytest.mark.parametrize("pairs, machine, flags, named", [
+    ([("onnxruntime", "int8"), ("openvino", "int8")], "x86_64", {"avx2": True}, "onnxruntime and openvino int8"),
+    ([("onnxruntime", "fp32"), ("openvino", "int8")], "x86_64", {"avx2": True}, "openvino int8"),
+    ([("onnxruntime", "backbone=int8,heads=fp16")], "x86_64", {"avx2": True}, "onnxruntime int8"),
+    ([("onnxruntime", "int8")], "x86_64", {"avx512_vnni": True}, None),  # int8 has its speed there
+    ([("onnxruntime", "int8")], "aarch64", {}, None),
+    ([("tensorrt", "int8")], "x86_64", {"avx2": True}, None),  # runs on the GPU
+    ([("onnxruntime", "auto")], "x86_64", {"avx2": True}, None),  # auto times its candidates itself
+    ([("onnxruntime", "fp16"), ("openvino", "bf16")], "x86_64", {"avx2": True}, None),
+])
+def test_a_build_says_when_int8_cannot_be_faster_on_this_cpu(pairs, machine, flags, named):
+    from export.pipeline.build import int8_speed_note
+
+    note = int8_speed_note(pairs, flags, machine)
+    assert (note is None) if named is None else (named in note and "slower than fp32" in note), note
+
+
 def test_this_cpu_is_read_once_and_named():
     assert cpu_flags() is not cpu_flags() and cpu_flags() == cpu_flags()  # a fresh dict each call, one reading
     assert set(cpu_flags(("avx2", "no_such_flag"))) <= {"avx2", "no_such_flag"}

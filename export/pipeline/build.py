@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engines.cpu import cpu_model, int8_saturates
 from engines.registry import BACKENDS
 from export.artifacts.builddir import BuildDir
 from export.artifacts.evalset import EvalSet
@@ -39,6 +40,7 @@ from export.pipeline.options import (
     is_part_precision,
     parse_part_precision,
     plan_of,
+    precisions_used,
 )
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import ModelSource, resolve_model
@@ -69,6 +71,21 @@ def _check_inputs(opts: BuildOptions, pairs: list[tuple[str, str]]) -> None:
         check_calibration_data(opts)
 
 
+def int8_speed_note(pairs: list[tuple[str, str]], flags=None, machine: str | None = None) -> str | None:
+    """A line for a build of int8 engines that run on this CPU (ONNX Runtime's, OpenVINO's) when it has no
+    int8 dot product: they run exact (`engines.cpu.int8_saturates`) but slower than fp32, which a user who
+    asked for int8 to gain speed should hear before the build, not find in a benchmark. `auto` is left
+    out: it times its candidates and takes the fastest."""
+    on_cpu = sorted({backend for backend, precision in pairs
+                     if precision != AUTO and "int8" in precisions_used(precision)
+                     and "cpu" in (device.lower() for device in BACKENDS[backend].devices)})
+    if not on_cpu or not int8_saturates(flags, machine):
+        return None
+    return (f"note: this CPU ({cpu_model()}) has no int8 dot product (avx512_vnni, avx_vnni or amx_int8): "
+            f"{' and '.join(on_cpu)} int8 engines run exact here but without int8's speed-up, usually slower "
+            "than fp32; int8 pays off on a device that has one (a Jetson, a CPU with VNNI or AMX)")
+
+
 def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     """Build every requested engine into `opts.out` and check it; see the module docstring."""
     out = Path(opts.out)
@@ -77,6 +94,8 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     opts = expand_keep_fp32(opts)
     pairs = engine_plan(opts, say)
     _check_inputs(opts, pairs)
+    if (note := int8_speed_note(pairs)) is not None:
+        say(note)
     source = None if opts.from_bundle else resolve_model(opts.checkpoint, opts.img_size)
     created = not out.exists()
     try:
