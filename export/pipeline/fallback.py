@@ -123,8 +123,7 @@ def run_fallback(ctx: BuildContext, entry: EngineSet, failed: EngineCheck, *, co
         latency.update(time_in_build(ctx, {precision: entry, **compare}))
         fastest = min(compare, key=latency.get)
         say(f"[{key}] {precision} runs {latency[precision]:.3g} ms here, {ran_as(fastest, compare)} "
-            f"{latency[fastest]:.3g} ms "
-            f"(batch {ctx.opts.timing_batch})")
+            f"{latency[fastest]:.3g} ms (batch {ctx.opts.timing_batch})")
         if mode == "on" and cannot_pay_off(latency, precision, compare):
             message = (f"{precision} ({latency[precision]:.3g} ms) is no faster than {ran_as(fastest, compare)} "
                        f"({latency[fastest]:.3g} ms) here, so layers in fp32 cannot pay off: build --precision "
@@ -208,13 +207,15 @@ def _search(ctx: BuildContext, judge, key: str):
 
 
 def ran_note(precision: str, compare: dict[str, EngineSet]) -> str:
-    """" (ran fp32 here)" where `precision`'s engine set of `compare` ran another precision, else "": a CPU
-    without bf16 or fp16 runs them in fp32, and "prefer bf16" alone would promise a speed-up it does not give."""
+    """What `precision`'s engine set of `compare` ran, as ' (ran fp32 here)', where that differs (else ''):
+    a CPU without bf16 or fp16 runs them in fp32, and "prefer bf16" alone would promise a speed-up it
+    does not give."""
     ran = sorted(set(executed_by_role(compare[precision]).values()) - {"", None}) if precision in compare else []
     return f" (ran {'/'.join(ran)} here)" if ran and ran != [precision] else ""
 
 
 def ran_as(precision: str, compare: dict[str, EngineSet]) -> str:
+    """`precision` with its `ran_note`."""
     return precision + ran_note(precision, compare)
 
 
