@@ -23,11 +23,12 @@ def _a_share_of_the_cores_per_worker() -> None:
     more CPU time and ran no faster than one. Each worker, and every process its tests start, gets its
     share of the cores instead (an OMP_NUM_THREADS the caller set is kept)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    if workers > 1:
-        first = os.environ["OMP_NUM_THREADS"].split(",")[0].strip()  # "4,2" sets nested levels: the first counts
-        _runtimes_take(int(first) if first.isdigit() and int(first) > 0 else max(1, (os.cpu_count() or 1) // workers))
+    if workers <= 1:
+        return
+    share = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    first = os.environ["OMP_NUM_THREADS"].split(",")[0].strip()  # "4,2" sets nested levels: the first counts
+    _runtimes_take(int(first) if first.isdigit() and int(first) > 0 else share)
 
 
 def _runtimes_take(threads: int) -> None:

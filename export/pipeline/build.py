@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engines.cpu import cpu_model, int8_saturates
+from engines.cpu import INT8_DOT_PRODUCT, cpu_model, int8_saturates
 from engines.registry import BACKENDS
 from export.artifacts.builddir import BuildDir
 from export.artifacts.evalset import EvalSet
@@ -81,7 +81,7 @@ def int8_speed_note(pairs: list[tuple[str, str]], flags=None, machine: str | Non
                      and "cpu" in (device.lower() for device in BACKENDS[backend].devices)})
     if not on_cpu or not int8_saturates(flags, machine):
         return None
-    return (f"note: this CPU ({cpu_model()}) has no int8 dot product (avx512_vnni, avx_vnni or amx_int8): "
+    return (f"note: this CPU ({cpu_model()}) has no int8 dot product (none of {', '.join(INT8_DOT_PRODUCT)}): "
             f"{' and '.join(on_cpu)} int8 engines run exact here but without int8's speed-up, usually slower "
             "than fp32; int8 pays off on a device that has one (a Jetson, a CPU with VNNI or AMX)")
 
