@@ -28,7 +28,7 @@ STATE_FILE = "state.json"  # merged flag and training metadata
 def save_checkpoint(model: torch.nn.Module, out: str | Path, extra_state: dict[str, Any] | None = None) -> Path:
     """Write `model` (a MultiTaskSwin) as a checkpoint directory, atomically."""
     out = Path(out)
-    staging = staging_dir(out)
+    staging = staging_dir(out, marker=CONFIG_FILE, what="checkpoint")
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "mtlora-export/1"})

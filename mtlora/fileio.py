@@ -28,6 +28,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def staging_dir(final: Path) -> Path:
-    """A staging directory beside `final`, for `commit_directory`."""
-    return files.staging_dir(final, error=CheckpointError)
+def staging_dir(final: Path, marker: str | None = None, what: str = "result") -> Path:
+    """A staging directory beside `final`, for `commit_directory`; with `marker`, an existing non-empty
+    directory at `final` that lacks that file is refused rather than replaced."""
+    return files.staging_dir(final, error=CheckpointError, marker=marker, what=what)

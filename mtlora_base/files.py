@@ -96,12 +96,32 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, error: type[Exce
     return path
 
 
-def staging_dir(final: str | os.PathLike, *, error: type[Exception]) -> Path:
+def refuse_foreign_directory(final: str | os.PathLike, *, marker: str, what: str, error: type[Exception]) -> None:
+    """`commit_directory` replaces `final` whole, so an existing directory may be replaced only when it is
+    empty or an earlier result of the same kind (it holds `marker`), never a folder of someone's files."""
+    final = Path(final)
+    if not final.is_dir() or (final / marker).exists():
+        return
+    try:
+        entries = sorted(entry.name for entry in final.iterdir())
+    except OSError as err:
+        raise error(f"{final}: cannot be read ({err.strerror or err}); choose another output path") from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise error(f"{final}: is a directory that is not a {what} (it holds {shown}) and writing the {what} "
+                    "would replace it; choose a new or empty directory, or remove it first")
+
+
+def staging_dir(final: str | os.PathLike, *, error: type[Exception], marker: str | None = None,
+                what: str = "result") -> Path:
     """A new empty directory beside `final` (`.<name>.<random>.partial`) to write a result into before
-    `commit_directory` publishes it; an unwritable place raises `error`."""
+    `commit_directory` publishes it; an unwritable place raises `error`. With `marker`, an existing
+    directory at `final` must be empty or hold that file (`refuse_foreign_directory`)."""
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise error(f"{final}: exists and is not a directory; choose another output path")
+    if marker is not None:
+        refuse_foreign_directory(final, marker=marker, what=what, error=error)
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,8 @@ class BuildDir:
     RECORD = "build.json"
     REPORT, JUNIT, SUMMARY, HTML = "report.json", "junit.xml", "summary.md", "report.html"
     RECORDS = (REPORT, JUNIT, SUMMARY, HTML)  # written before the build record, which lists their hashes
+    # What a build writes at its top level, and so replaces in the directory `--out` names.
+    OWN_ENTRIES = (EXPORT, GRAPHS, CALIBRATION_CACHE, ENGINES, CANDIDATES, FALLBACK, EVALSET, RECORD, *RECORDS)
     EVAL_BATCHES_PREFIX = ".eval-batches-"  # the evaluation batches a build keeps on disk (pipeline.eval_cache)
 
     def __init__(self, root: str | os.PathLike):
@@ -105,6 +107,17 @@ class BuildDir:
     def is_build(cls, path: str | os.PathLike) -> bool:
         path = Path(path)
         return path.is_dir() and ((path / cls.RECORD).is_file() or (path / cls.ENGINES).is_dir())
+
+    def has_build_marks(self) -> bool:
+        """Whether a build wrote here: its record, or a finished step (one killed before its record)."""
+        return self.record.is_file() or (self.export / STEP_FILE).is_file() or any(self.engines.glob(f"*/{STEP_FILE}"))
+
+    def entries_not_ours(self) -> list[str]:
+        """The entries of an existing directory that is not a build which a build into it would replace
+        (a source tree has its own `export/` and `engines/`; a folder of notes its own `summary.md`)."""
+        if not self.root.is_dir() or self.has_build_marks():
+            return []
+        return [name for name in self.OWN_ENTRIES if (self.root / name).exists() or (self.root / name).is_symlink()]
 
     def stale_partials(self) -> Iterator[Path]:
         """Staging folders a killed step left behind (`.<name>.partial`, `.<name>.*.partial`)."""

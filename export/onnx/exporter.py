@@ -327,14 +327,14 @@ def export_model(
     `out` and renamed into place at the end, so a failure never leaves a
     half-written export.
     """
-    from export.artifacts.manifest import write_manifest
+    from export.artifacts.manifest import MANIFEST_FILE, write_manifest
     from export.onnx.reference_outputs import REFERENCE_FILE, write_reference
     from mtlora.fileio import commit_directory, staging_dir
     from mtlora.merge import unmerge_model
 
     out = Path(out)
     selected = select_tasks(model.tasks, tasks)
-    staging = staging_dir(out)
+    staging = staging_dir(out, marker=MANIFEST_FILE, what="ONNX export")
     try:
         result = export_onnx(model, staging, layout=layout, tasks=selected, opset=opset,
                              batch_dynamic=batch_dynamic, source_sha256=source_sha256, progress=progress,

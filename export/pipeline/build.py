@@ -91,6 +91,9 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
+    if foreign := BuildDir(out).entries_not_ours():
+        raise ExportError(f"{out}: is not a build directory, and a build would replace its {', '.join(foreign)}; "
+                          "choose a new or empty directory for --out")
     opts = expand_keep_fp32(opts)
     pairs = engine_plan(opts, say)
     _check_inputs(opts, pairs)

@@ -70,10 +70,31 @@ def read_verdict(build: BuildDir, tasks) -> BuildVerdict:
                         tolerances.overrides, str(source) if source else None)
 
 
-def _prepared_graphs(build: BuildDir, graph_files: dict[str, str], staging: Path, say) -> list[str]:
-    """Copy the fp16 and Q/DQ graphs the build made; make the fp16 ones if the build had none."""
+# The int8 engines whose build leaves a Q/DQ graph in graphs/ (OpenVINO's int8 is NNCF's own IR).
+QDQ_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def _checked_graph(build: BuildDir, path: Path) -> Path:
+    """`path`, a graph the build prepared, if ONNX can read it; a damaged one is one line naming it
+    (the bundle must not carry it to a device, where it would fail far from its cause)."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError, OSError, and onnx's own
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExportError(f"{path}: the build's prepared graph cannot be read ({reason}); re-run "
+                          f"'mtlora-export build' into {build.root} to make it again") from None
+    return path
+
+
+def _prepared_graphs(build: BuildDir, graph_files: dict[str, str], engines: list[str], staging: Path,
+                     say) -> list[str]:
+    """Copy the fp16 and Q/DQ graphs the build made; make the fp16 ones if the build had none. An int8
+    engine that leaves a Q/DQ graph without one in graphs/ means the build directory lost it."""
     from calibration.prepare import prepare_graph
 
+    qdq_engines = [e for e in engines if e.endswith("-int8") and e.split("-")[0] in QDQ_BACKENDS]
     written = []
     for file in graph_files.values():
         stem = Path(file).stem
@@ -81,14 +102,56 @@ def _prepared_graphs(build: BuildDir, graph_files: dict[str, str], staging: Path
         if fp16 is None:
             say(f"[bundle] making the fp16 graph of {file}")
             fp16 = prepare_graph("onnxruntime", build.export / file, staging / ".work", "fp16").path
-        copy_file(fp16, staging / BuildDir.GRAPHS / f"{stem}.fp16.onnx")
+        copy_file(_checked_graph(build, fp16), staging / BuildDir.GRAPHS / f"{stem}.fp16.onnx")
         written.append(f"{stem}.fp16.onnx")
         qdq = next(iter(build.prepared_graphs("qdq", file)), None)
+        if qdq is None and qdq_engines:
+            raise ExportError(f"{build.root}: has the int8 engine(s) {', '.join(qdq_engines)} but not their Q/DQ "
+                              f"graph of {file} ({BuildDir.GRAPHS}/*/qdq/{file}); re-run 'mtlora-export build' "
+                              f"into {build.root} to make it again")
         if qdq is not None:
-            copy_file(qdq, staging / BuildDir.GRAPHS / f"{stem}.int8.qdq.onnx")
+            copy_file(_checked_graph(build, qdq), staging / BuildDir.GRAPHS / f"{stem}.int8.qdq.onnx")
             written.append(f"{stem}.int8.qdq.onnx")
     shutil.rmtree(staging / ".work", ignore_errors=True)
     return written
+
+
+def _copy_calibration_cache(build: BuildDir, staging: Path, say) -> None:
+    """The build's calibration results whose files match their manifest; a damaged entry stays behind
+    (as in a build, where it is a miss and is computed again)."""
+    from calibration.cache import CalibrationCache
+
+    cache = CalibrationCache(build.calibration_cache)
+    for entry in sorted(p for p in build.calibration_cache.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            intact = cache.lookup(entry.name) is not None
+        except Exception:  # noqa: BLE001 - a name that is not a cache key: not ours to carry
+            intact = False
+        if intact:
+            shutil.copytree(entry, staging / BuildDir.CALIBRATION_CACHE / entry.name)
+        else:
+            say(f"[bundle] leaving out the damaged calibration cache entry {entry} (its files do not match its "
+                "manifest); a build from the bundle calibrates that engine again")
+
+
+def _check_out(build: BuildDir, out: Path) -> Path:
+    """Where the bundle and its archive go, checked before any work: a named directory that is not the
+    build or a folder holding it, not someone else's folder (the bundle replaces `out` whole), and an
+    archive path that is free for a file."""
+    from mtlora_base.files import refuse_foreign_directory
+
+    if out.name in ("", ".", ".."):
+        raise ExportError(f"--out {str(out)!r}: name the bundle directory, e.g. --out bundle")
+    where, source = out.resolve(), build.root.resolve()
+    if where == source or where in source.parents:
+        raise ExportError(f"--out {out}: is the build directory or holds it, and the bundle would replace it; "
+                          "choose a directory outside the build, e.g. --out bundle")
+    refuse_foreign_directory(out, marker=BUNDLE_FILE, what="bundle", error=ExportError)
+    archive = out.with_name(out.name + ".tar.gz")
+    if archive.exists() and not archive.is_file():
+        raise ExportError(f"{archive}: exists and is not a file, so the bundle's archive cannot be written there; "
+                          "remove it or choose another --out")
+    return archive
 
 
 def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool = False) -> tuple[Path, Path]:
@@ -101,6 +164,7 @@ def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool 
 
     checkout_root()  # the bundle carries a wheel of this project, built from its checkout
     build, out = BuildDir(build_dir), Path(out)
+    archive = _check_out(build, out)
     if not (build.export / "manifest.json").is_file():
         raise ExportError(f"{build.root}: not a build directory (no export/manifest.json); run 'mtlora-export build' first")
     verify_manifest(build.export)
@@ -122,12 +186,12 @@ def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool 
         say(f"[bundle] copying the export and evaluation set from {build.root}")
         shutil.copytree(build.export, staging / BuildDir.EXPORT, ignore=shutil.ignore_patterns(".*"))
         copy_file(build.evalset, staging / BuildDir.EVALSET)
-        graphs = _prepared_graphs(build, manifest["graph_files"], staging, say)
+        graphs = _prepared_graphs(build, manifest["graph_files"], verdict.engines, staging, say)
         if not any(g.endswith(".int8.qdq.onnx") for g in graphs):
-            say("[bundle] the build has no int8 engine: the bundle carries no Q/DQ graph "
-                "(build with --precision int8 first for TensorRT int8 on the device)")
+            say("[bundle] the build has no ONNX Runtime int8 engine: the bundle carries no Q/DQ graph "
+                "(build with --backend onnxruntime --precision int8 first for TensorRT int8 on the device)")
         if build.calibration_cache.is_dir():
-            shutil.copytree(build.calibration_cache, staging / BuildDir.CALIBRATION_CACHE)
+            _copy_calibration_cache(build, staging, say)
         write_json_atomic(staging / TOLERANCES_FILE, verdict.tolerances)
         copy_file(wheel, staging / wheel.name)
         write_text_atomic(staging / CONSTRAINTS_FILE, constraints_text(wheel))
@@ -153,7 +217,6 @@ def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    archive = out.with_name(out.name + ".tar.gz")
     partial = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
     say(f"[bundle] writing {archive}")
     try:
@@ -163,6 +226,12 @@ def make_bundle(build_dir: str | Path, out: str | Path, say, allow_failed: bool 
             fh.flush()
             os.fsync(fh.fileno())
         partial.replace(archive)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        from mtlora_base.files import os_error_hint
+
+        raise ExportError(f"{archive}: could not be written ({err.strerror or err}); the bundle directory {out} is "
+                          f"whole, so copy that, or {os_error_hint(err)} and run bundle again") from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
