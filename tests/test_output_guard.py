@@ -161,3 +161,22 @@ def test_bundle_leaves_a_damaged_calibration_cache_entry_behind(ort_build, copy_
     assert carried == {p.name for p in entries[1:]}
     files = json.loads((out / "bundle.json").read_text())["files"]
     assert not [f for f in files if damaged.name in f]
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_build_refuses_an_empty_out(out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty --out must not mean "here"
+    code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32",
+                          "--out", out)
+    _refused_one_line(code, output, "--out is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_that_fails_after_exporting_leaves_no_directory_it_made(tmp_path):
+    # A precision naming a task this model lacks (it has no depth) is found once the export knows the tasks.
+    out = tmp_path / "new" / "build"
+    code, output = invoke(export_cli, "build", FIXTURE, "--backend", "onnxruntime", "--layout", "split",
+                          "--precision", "backbone=fp32,heads=fp32,depth=fp32", "--out", out)
+    assert code != 0 and "[export]" in output and "has no task depth" in output.strip().splitlines()[-1], output
+    assert not out.exists()
+    _no_partials(tmp_path / "new")

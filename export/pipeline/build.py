@@ -88,6 +88,8 @@ def int8_speed_note(pairs: list[tuple[str, str]], flags=None, machine: str | Non
 
 def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     """Build every requested engine into `opts.out` and check it; see the module docstring."""
+    if not str(opts.out).strip():  # an unset shell variable: never a build into whatever directory we run in
+        raise ExportError("--out is empty; name the build directory, e.g. --out build/fp16")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; choose another --out")
@@ -112,9 +114,16 @@ def run_build(opts: BuildOptions, say: Say) -> BuildOutcome:
     try:
         with build.locked("build"):
             return _run_build(opts, build, pairs, source, say)
+    except Exception:
+        if created:
+            # A build into a directory it made that ends in an error leaves nothing behind: no export
+            # without engines for the user to mistake for a build.
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     except BaseException:
         if created:
-            # A build that failed before finishing any step leaves nothing behind.
+            # Interrupted (Ctrl-C, SIGTERM): the steps it finished stay for the next run to reuse, and a
+            # build that finished none leaves nothing behind.
             build.release_lock_file()
             with contextlib.suppress(OSError):
                 out.rmdir()
