@@ -23,12 +23,16 @@ from mtlora.fileio import commit_directory, staging_dir, write_json_atomic
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"  # merged flag and training metadata
+# Everything a checkpoint directory holds (a training checkpoint adds its optimiser state, named in
+# mtlora.train.run_directory): `save_checkpoint` replaces a directory holding only these, never a run's
+# logs or someone's files beside them.
+CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE, "training_state.json", "training_state.safetensors")
 
 
 def save_checkpoint(model: torch.nn.Module, out: str | Path, extra_state: dict[str, Any] | None = None) -> Path:
     """Write `model` (a MultiTaskSwin) as a checkpoint directory, atomically."""
     out = Path(out)
-    staging = staging_dir(out, marker=CONFIG_FILE, what="checkpoint")
+    staging = staging_dir(out, marker=CONFIG_FILE, what="checkpoint", only=CHECKPOINT_FILES)
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "mtlora-export/1"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def staging_dir(final: Path, marker: str | None = None, what: str = "result") -> Path:
+def staging_dir(final: Path, marker: str | None = None, what: str = "result",
+                only: Collection[str] | None = None) -> Path:
     """A staging directory beside `final`, for `commit_directory`; with `marker`, an existing non-empty
-    directory at `final` that lacks that file is refused rather than replaced."""
-    return files.staging_dir(final, error=CheckpointError, marker=marker, what=what)
+    directory at `final` that lacks that file (or, with `only`, holds other names) is refused rather than
+    replaced."""
+    return files.staging_dir(final, error=CheckpointError, marker=marker, what=what, only=only)

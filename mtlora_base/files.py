@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 # What to do about an operating-system error, by its errno: the hint must name the real cause (a permission
@@ -96,16 +97,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, error: type[Exce
     return path
 
 
-def refuse_foreign_directory(final: str | os.PathLike, *, marker: str, what: str, error: type[Exception]) -> None:
+def refuse_foreign_directory(final: str | os.PathLike, *, marker: str, what: str, error: type[Exception],
+                             only: Collection[str] | None = None) -> None:
     """`commit_directory` replaces `final` whole, so an existing directory may be replaced only when it is
-    empty or an earlier result of the same kind (it holds `marker`), never a folder of someone's files."""
+    empty or an earlier result of the same kind (it holds `marker`, and with `only`, nothing else than
+    those names), never a folder of someone's files."""
     final = Path(final)
-    if not final.is_dir() or (final / marker).exists():
+    if not final.is_dir():
         return
     try:
         entries = sorted(entry.name for entry in final.iterdir())
     except OSError as err:
         raise error(f"{final}: cannot be read ({err.strerror or err}); choose another output path") from None
+    if (final / marker).exists():
+        entries = [] if only is None else [name for name in entries if name not in only]
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise error(f"{final}: is a directory that is not a {what} (it holds {shown}) and writing the {what} "
@@ -113,7 +118,7 @@ def refuse_foreign_directory(final: str | os.PathLike, *, marker: str, what: str
 
 
 def staging_dir(final: str | os.PathLike, *, error: type[Exception], marker: str | None = None,
-                what: str = "result") -> Path:
+                what: str = "result", only: Collection[str] | None = None) -> Path:
     """A new empty directory beside `final` (`.<name>.<random>.partial`) to write a result into before
     `commit_directory` publishes it; an unwritable place raises `error`. With `marker`, an existing
     directory at `final` must be empty or hold that file (`refuse_foreign_directory`)."""
@@ -121,7 +126,7 @@ def staging_dir(final: str | os.PathLike, *, error: type[Exception], marker: str
     if final.exists() and not final.is_dir():
         raise error(f"{final}: exists and is not a directory; choose another output path")
     if marker is not None:
-        refuse_foreign_directory(final, marker=marker, what=what, error=error)
+        refuse_foreign_directory(final, marker=marker, what=what, error=error, only=only)
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -180,3 +180,17 @@ def test_a_build_that_fails_after_exporting_leaves_no_directory_it_made(tmp_path
     assert code != 0 and "[export]" in output and "has no task depth" in output.strip().splitlines()[-1], output
     assert not out.exists()
     _no_partials(tmp_path / "new")
+
+
+@pytest.mark.parametrize("beside", ["thesis.txt", "metrics.jsonl", "last"])
+def test_import_upstream_replaces_only_a_checkpoint(beside, tmp_path):
+    from mtlora.cli import main as mtlora_cli
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}\n")  # a run directory has its model's config at the top too
+    (folder / beside).mkdir() if beside == "last" else (folder / beside).write_text("mine\n")
+    before = _snapshot(folder)
+    code, output = invoke(mtlora_cli, "import-upstream", FIXTURE, "--out", folder)
+    _refused_one_line(code, output, "is a directory that is not a checkpoint", beside)
+    assert _snapshot(folder) == before
