@@ -18,7 +18,6 @@ from pathlib import Path
 from engines.cpu import INT8_DOT_PRODUCT, cpu_model, int8_saturates
 from engines.registry import BACKENDS
 from export.artifacts.builddir import BuildDir
-from export.artifacts.evalset import EvalSet
 from export.artifacts.graph_lint import build_graphs, lint_graphs
 from export.artifacts.manifest import ExportInfo
 from export.artifacts.records import recover_records
@@ -28,7 +27,7 @@ from export.errors import ExportError, ExportOptionError
 from export.pipeline.calibration_step import check_calibration_data
 from export.pipeline.check import write_records
 from export.pipeline.context import BuildContext, export_step
-from export.pipeline.data import parse_spec
+from export.pipeline.data import check_data_options
 from export.pipeline.keep_fp32 import check_keep_fp32_matches
 from export.pipeline.options import (
     AUTO,
@@ -59,9 +58,7 @@ class BuildOutcome:
 
 def _check_inputs(opts: BuildOptions, pairs: list[tuple[str, str]]) -> None:
     """Every check of the inputs that is cheap, before anything is written under `opts.out`."""
-    for spec_text in (opts.eval_data, opts.calib_data):
-        if spec_text and parse_spec(spec_text).kind == "evalset":
-            EvalSet.read(Path(spec_text))  # a few images: an unreadable one is refused before any work
+    check_data_options(opts)  # every data option, .npz files included, is refused before any work
     Tolerances.from_file(opts.tolerances)
     if opts.dla and not any(BACKENDS[b].dla for b, _ in pairs if b in BACKENDS):
         raise ExportError(f"--dla {opts.dla}: none of the backends built here ({', '.join(dict.fromkeys(b for b, _ in pairs))}) "

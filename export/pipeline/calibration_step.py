@@ -10,12 +10,14 @@ from engines.files import sha256_file
 from export.artifacts.evalset import EvalSet
 from export.artifacts.interface import ModelInterface
 from export.errors import ExportError
-from export.pipeline.data import DataSpec, count_samples, iter_samples, parse_spec
+from export.pipeline.data import DataSpec, count_samples, image_files, iter_samples, parse_spec
 from export.pipeline.options import BuildOptions, Say
 
 
 def calibration_spec(opts: BuildOptions) -> DataSpec:
-    spec = parse_spec(opts.calib_data or opts.eval_data or "synthetic")
+    # An empty value is refused (data.check_data), never taken for "not given".
+    text = next((t for t in (opts.calib_data, opts.eval_data) if t is not None), "synthetic")
+    spec = parse_spec(text)
     if spec.kind in ("evalset", "images"):
         return spec
     return DataSpec(spec.kind, spec.root, spec.split or "train")
@@ -32,6 +34,15 @@ def check_calibration_data(opts: BuildOptions) -> int:
                 else f"{spec.describe()} holds {count}")
         raise ExportError(f"int8 calibration needs at least {MIN_SAMPLES} samples, got {count} ({more}); "
                           "int8 ranges from fewer swing with every image")
+    if spec.kind == "images":
+        # Unreadable files are skipped when calibrating; a directory with too few readable ones is refused
+        # now, not after the export. Reading stops at the fewest that will do.
+        good, skipped = readable_images(image_files(spec.root), MIN_SAMPLES, say=None)
+        if len(good) < MIN_SAMPLES:
+            raise ExportError(f"--calib-data {spec.root}: only {len(good)} readable images ({len(skipped)} "
+                              f"unreadable, e.g. {skipped[0][1]}); int8 calibration needs at least {MIN_SAMPLES}"
+                              if skipped else f"--calib-data {spec.root}: only {len(good)} readable images; "
+                              f"int8 calibration needs at least {MIN_SAMPLES}")
     return count
 
 
@@ -87,7 +98,6 @@ def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
     """A directory of the user's images as calibration data: unreadable files are skipped and named, and
     the count found is said before calibrating. The fingerprint hashes the files, not the decoded pixels."""
     from calibration.data import MIN_SAMPLES, CalibrationSet
-    from export.pipeline.data import image_files
 
     files = image_files(root)
     good, skipped = readable_images(files, wanted, say)

@@ -23,8 +23,12 @@ from export.artifacts.evalset import EvalSet
 from export.errors import ExportError
 from mtlora.data.preprocess import load_image, preprocess
 from mtlora.data.transforms import ValTransform
+from mtlora.errors import MTLoRAError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+# Normalised images hold values of a few units either side of zero; far beyond this an .npz holds raw or
+# broken data, which would set int8 ranges wrongly (or fail inside the calibrator's histogram).
+MAX_ABS_INPUT = 1e3
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,81 @@ def count_samples(spec: DataSpec, *, limit: int, default_split: str) -> int:
     if spec.kind == "evalset":
         return min(limit, len(EvalSet.read(spec.root)))
     if spec.kind == "synthetic":
+        _source(spec, default_split, [], 64, limit)  # an unknown split is refused here, not mid-build
         return limit
     source, _ = _source(spec, default_split, [], 0, limit)
     return min(limit, len(source))
+
+
+def check_images(images: np.ndarray, where: str, size: int | None) -> None:
+    """An .npz's `input` array must be what the model takes: preprocessed float images (N, 3, size, size),
+    normalised as at inference. Integer pixels would be silently cast and calibrate wrongly."""
+    want = f"(N, 3, {size}, {size})" if size else "(N, 3, H, W)"
+    if images.dtype.kind != "f":
+        raise ExportError(f"{where}: array 'input' holds {images.dtype} values; the .npz must hold preprocessed "
+                          f"float images {want}, normalised as at inference (or pass a directory of images instead)")
+    if images.ndim != 4 or images.shape[1] != 3 or (size and images.shape[2:] != (size, size)):
+        raise ExportError(f"{where}: array 'input' has shape {images.shape}; the model takes {want} images")
+    if len(images) == 0:
+        raise ExportError(f"{where}: array 'input' holds no images; give a data set with some")
+    if not np.isfinite(images).all():  # EvalSet.read refuses them too; an array from elsewhere may hold them
+        raise ExportError(f"{where}: array 'input' holds non-finite values; images must be finite numbers")
+    peak = float(np.abs(images).max())
+    if peak > MAX_ABS_INPUT:
+        raise ExportError(f"{where}: array 'input' holds values up to {peak:.3g}, far outside normalised images "
+                          f"(|x| <= {MAX_ABS_INPUT:g}); write the .npz from preprocessed images")
+
+
+def check_data(text: str, option: str, *, limit: int, default_split: str, size: int | None,
+               all_readable: bool) -> int:
+    """Refuse `option`'s data before any work: an empty value, a bad split or root, an .npz the model cannot
+    take, no samples. With `all_readable` (evaluation reads every image it uses, skipping none) each of
+    the first `limit` images of a directory must read. Returns the samples available, up to `limit`."""
+    if not text.strip():
+        raise ExportError(f"{option} is empty; give synthetic, pascal:ROOT, nyud:ROOT, an image directory "
+                          "or an .npz, or leave the option out")
+    spec = parse_spec(text)
+    if spec.kind == "evalset":
+        check_images(EvalSet.read(spec.root).images, f"{option} {spec.root}", size)
+    try:
+        count = count_samples(spec, limit=limit, default_split=default_split)
+    except MTLoRAError as err:  # a bad split or data root, an empty directory: say which option named it
+        raise ExportError(f"{option}: {err}") from None
+    if count == 0:
+        raise ExportError(f"{option} {text}: holds no samples; give a data set with some")
+    if all_readable and spec.kind == "images":
+        for path in image_files(spec.root)[:limit]:
+            try:
+                load_image(path)
+            except MTLoRAError as err:  # load_image's one-line reasons: empty, truncated, not an image
+                raise ExportError(f"{option} {text}: {err}") from None
+    return count
+
+
+def check_data_options(opts) -> None:
+    """`--eval-data` and `--calib-data` of a build (`BuildOptions`), checked before anything is exported."""
+    specs = [t for t in (opts.eval_data, opts.calib_data) if t is not None]
+    size = _model_size(opts) if any(t.strip() and parse_spec(t).kind == "evalset" for t in specs) else None
+    if opts.eval_data is not None:
+        check_data(opts.eval_data, "--eval-data", limit=opts.eval_samples, default_split="val", size=size,
+                   all_readable=True)
+    if opts.calib_data is not None:
+        check_data(opts.calib_data, "--calib-data", limit=opts.calib_samples, default_split="train", size=size,
+                   all_readable=False)  # calibration skips unreadable images (calibration_step.own_images)
+
+
+def _model_size(opts) -> int | None:
+    """The input size the export will have: only an .npz needs it, so only then is the model loaded early."""
+    if opts.img_size:
+        return opts.img_size
+    if opts.from_bundle:
+        return None  # the bundle's graphs are read later; the shape is then checked without the size
+    from export.pipeline.original_model import torch_available
+    from export.pipeline.sources import resolve_model
+
+    if not torch_available():
+        return None
+    return resolve_model(opts.checkpoint, opts.img_size).model().config.swin.img_size
 
 
 @dataclass
