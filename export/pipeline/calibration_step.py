@@ -38,11 +38,7 @@ def check_calibration_data(opts: BuildOptions) -> int:
         # Unreadable files are skipped when calibrating; a directory with too few readable ones is refused
         # now, not after the export. Reading stops at the fewest that will do.
         good, skipped = readable_images(image_files(spec.root), MIN_SAMPLES, say=None)
-        if len(good) < MIN_SAMPLES:
-            raise ExportError(f"--calib-data {spec.root}: only {len(good)} readable images ({len(skipped)} "
-                              f"unreadable, e.g. {skipped[0][1]}); int8 calibration needs at least {MIN_SAMPLES}"
-                              if skipped else f"--calib-data {spec.root}: only {len(good)} readable images; "
-                              f"int8 calibration needs at least {MIN_SAMPLES}")
+        _enough_readable(spec.root, good, skipped)
     return count
 
 
@@ -94,10 +90,18 @@ def readable_images(paths: list[Path], wanted: int, say: Say) -> tuple[list[Path
     return good, skipped
 
 
+def _enough_readable(root: Path, good: list[Path], skipped: list) -> None:
+    from calibration.data import MIN_SAMPLES
+
+    if len(good) < MIN_SAMPLES:
+        raise ExportError(f"--calib-data {root}: only {len(good)} readable images ({len(skipped)} unreadable); "
+                          f"int8 calibration needs at least {MIN_SAMPLES}, and a few hundred give stable ranges")
+
+
 def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
     """A directory of the user's images as calibration data: unreadable files are skipped and named, and
     the count found is said before calibrating. The fingerprint hashes the files, not the decoded pixels."""
-    from calibration.data import MIN_SAMPLES, CalibrationSet
+    from calibration.data import CalibrationSet
 
     files = image_files(root)
     good, skipped = readable_images(files, wanted, say)
@@ -105,9 +109,7 @@ def own_images(root: Path, wanted: int, interface: ModelInterface, say: Say):
         say(f"[calibrate] skipped {why}" if str(path) in why else f"[calibrate] skipped {path}: {why}")
     if len(skipped) > SKIPPED_NAMED:
         say(f"[calibrate] skipped {len(skipped) - SKIPPED_NAMED} more unreadable files")
-    if len(good) < MIN_SAMPLES:
-        raise ExportError(f"--calib-data {root}: only {len(good)} readable images ({len(skipped)} unreadable); "
-                          f"int8 calibration needs at least {MIN_SAMPLES}, and a few hundred give stable ranges")
+    _enough_readable(root, good, skipped)
     unused = len(files) - len(good) - len(skipped)
     say(f"[calibrate] {len(good)} images from {root}" + (f", {len(skipped)} unreadable skipped" if skipped else "")
         + (f" ({unused} more not used: --calib-samples {wanted})" if unused else ""))
