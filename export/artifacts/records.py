@@ -10,6 +10,7 @@ and says so. So a report never claims a result that `build.json` does not vouch 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def recover_records(build: BuildDir, say: Callable[[str], None]) -> None:
     listed = {}
     if build.record.is_file():
         try:
-            listed = dict(read_build_record(build).get("files") or {})
+            # Only its file index matters here; a damaged option is refused by the read that follows.
+            listed = dict(_read_record(build).get("files") or {})
         except ExportError:
             listed = {}
     finished = []
@@ -64,8 +66,51 @@ def recover_records(build: BuildDir, say: Callable[[str], None]) -> None:
         say("[build] dropped the unfinished records of an interrupted run; the previous ones stand")
 
 
+# The options a check reads back from build.json, and what each must be: (may be None, smallest value) for a
+# count, None for a path or text. A record edited by hand or damaged is refused here in one line, before any
+# work, instead of failing as a TypeError deep in the evaluation after the engines have loaded.
+CHECKED_OPTIONS = {
+    "checkpoint": None, "eval_data": None, "tolerances": None, "from_bundle": None,
+    "img_size": (True, 1), "eval_samples": (False, 1), "batch_size": (False, 1), "threads": (True, 1),
+    "report_samples": (False, 0),
+}
+
+
+def _option_problem(value, rule) -> str:
+    """What is wrong with a recorded option's value ('' when nothing)."""
+    if rule is None:
+        return "" if value is None or isinstance(value, str) else "not a path or text"
+    optional, minimum = rule
+    if value is None and optional:
+        return ""
+    # bool is an int to Python, and NaN, Infinity and 4.0 are floats: none of them is a count.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        return f"not an integer >= {minimum}" + (" (or null)" if optional else "")
+    return ""
+
+
+def check_recorded_options(path: Path, options: dict) -> None:
+    """Refuse, naming the file and the field, a recorded option a check uses that has the wrong type or range."""
+    for name, rule in CHECKED_OPTIONS.items():
+        if name not in options:  # records of older versions lack some; the build's default applies
+            continue
+        problem = _option_problem(options[name], rule)
+        if problem:
+            shown = json.dumps(options[name], allow_nan=True)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ExportError(f"{path}: options.{name} is {shown}, {problem}; the record is damaged: re-run "
+                              "'mtlora-export build' with the same --out (finished steps are reused)")
+
+
 def read_build_record(build: BuildDir) -> dict:
-    """build.json of a build directory (plain JSON; anything else is refused with one line)."""
+    """build.json of a build directory (plain JSON; anything else is refused with one line), its options
+    that a check uses checked (`CHECKED_OPTIONS`)."""
+    recorded = _read_record(build)
+    check_recorded_options(build.record, recorded["options"])
+    return recorded
+
+
+def _read_record(build: BuildDir) -> dict:
     path = build.record
     if not path.is_file() and build.report.is_file():
         raise ExportError(f"{build.root}: has reports but no {BuildDir.RECORD}: the build was interrupted before "

@@ -4,8 +4,10 @@ the baseline gate and the benchmark read. `to_dict` / `from_dict` only at the fi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,109 @@ from typing import Any
 from export.errors import ExportError
 
 REPORT_FORMAT = "mtlora-export/report/1"
+
+
+# --------------------------------------------------------------------------- reading fields back strictly
+#
+# A report is also a baseline that gates CI, so a field of the wrong type is refused rather than coerced:
+# float("inf") of a string, int(-3) of a count and bool("yes") would all read back as a verdict nobody made.
+
+class FieldError(ValueError):
+    """A report field that is missing or of the wrong type or range; `field` is its path in the file."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+@contextlib.contextmanager
+def _within(prefix: str) -> Iterator[None]:
+    """Prefix the path of a field error raised inside with `prefix` ('engines[0]', 'tasks.semseg')."""
+    try:
+        yield
+    except FieldError as err:
+        raise FieldError(f"{prefix}.{err.field}" if err.field else prefix, err.problem) from None
+    except KeyError as err:
+        raise FieldError(f"{prefix}.{err.args[0]}", "is missing") from None
+
+
+_REQUIRED = object()
+
+
+def _get(d, key: str, default):
+    if not isinstance(d, dict):
+        raise FieldError("", f"is {_shown(d)}, not an object")  # `_within` names it
+    if default is _REQUIRED and key not in d:
+        raise FieldError(key, "is missing")
+    return d.get(key, default)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(d, key: str, default=_REQUIRED, finite: bool = False, optional: bool = False) -> float | None:
+    """A number (NaN and the infinities are what a failing measurement can hold, unless `finite`)."""
+    value = _get(d, key, default)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(key, f"is {_shown(value)}, not a number")
+    if finite and not math.isfinite(value):
+        raise FieldError(key, f"is {value}, not a finite number")
+    return float(value)
+
+
+def _count(d, key: str, default=_REQUIRED, optional: bool = False) -> int | None:
+    value = _get(d, key, default)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FieldError(key, f"is {_shown(value)}, not a non-negative integer")
+    return value
+
+
+def _flag(d, key: str, default=_REQUIRED) -> bool:
+    value = _get(d, key, default)
+    if not isinstance(value, bool):
+        raise FieldError(key, f"is {_shown(value)}, not true or false")
+    return value
+
+
+def _text(d, key: str, default=_REQUIRED) -> str:
+    value = _get(d, key, default)
+    if not isinstance(value, str):
+        raise FieldError(key, f"is {_shown(value)}, not text")
+    return value
+
+
+def _items(d, key: str, default=_REQUIRED, optional: bool = False) -> list:
+    value = _get(d, key, default)
+    if value is None and optional:
+        return []
+    if not isinstance(value, list):
+        raise FieldError(key, f"is {_shown(value)}, not a list")
+    return value
+
+
+def _mapping(d, key: str, default=_REQUIRED, optional: bool = False) -> dict:
+    value = _get(d, key, default)
+    if value is None and optional:
+        return {}
+    return _object(value, key)
+
+
+def _object(value, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise FieldError(field, f"is {_shown(value)}, not an object")
+    return value
+
+
+def _ignored_flag(d, key: str) -> None:
+    """A verdict the file states but that is recomputed on reading ('passed'): still true or false."""
+    if key in d:
+        _flag(d, key)
 
 
 @dataclass(frozen=True)
@@ -38,7 +143,11 @@ class Check:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Check:
-        return cls(str(d["name"]), float(d["value"]), float(d["limit"]), str(d["op"]))
+        op = _text(d, "op")
+        if op not in ("<=", ">="):
+            raise FieldError("op", f"is {_shown(op)}, not '<=' or '>='")
+        _ignored_flag(d, "passed")
+        return cls(_text(d, "name"), _number(d, "value"), _number(d, "limit"), op)
 
 
 @dataclass(frozen=True)
@@ -54,7 +163,7 @@ class TensorAgreement:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorAgreement:
-        return cls(float(d["max_abs"]), float(d["mean_abs"]), float(d["cosine"]), int(d.get("non_finite", 0)))
+        return cls(_number(d, "max_abs"), _number(d, "mean_abs"), _number(d, "cosine"), _count(d, "non_finite", 0))
 
 
 @dataclass(frozen=True)
@@ -78,8 +187,20 @@ class MetricComparison:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MetricComparison:
-        return cls(str(d["primary"]), bool(d["higher_is_better"]),
-                   {k: float(v) for k, v in d["engine"].items()}, {k: float(v) for k, v in d["reference"].items()})
+        engine, reference = _mapping(d, "engine"), _mapping(d, "reference")
+        with _within("engine"):
+            engine = {k: _number(engine, k) for k in engine}
+        with _within("reference"):
+            reference = {k: _number(reference, k) for k in reference}
+        comparison = cls(_text(d, "primary"), _flag(d, "higher_is_better"), engine, reference)
+        if comparison.primary not in engine or comparison.primary not in reference:
+            raise FieldError("primary", f"is {_shown(comparison.primary)}, which engine and reference lack")
+        if "drop" in d:  # recomputed from engine and reference, so only a drop they cannot give is refused
+            drop = _number(d, "drop")
+            if not math.isfinite(drop) and math.isfinite(comparison.drop):
+                raise FieldError("drop", f"is {drop}, but engine and reference are finite "
+                                         f"(a drop of {comparison.drop:.4g})")
+        return comparison
 
 
 DEFAULT_LIMITS = "defaults"  # `Judgement.limits` when no tolerance file entry applied
@@ -121,8 +242,8 @@ class Judgement:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Judgement:
-        return cls(str(d["precision_asked"]), str(d.get("precision_ran", "")), str(d["precision_judged"]),
-                   str(d.get("limits", DEFAULT_LIMITS)), str(d.get("limits_precision", "")))
+        return cls(_text(d, "precision_asked"), _text(d, "precision_ran", ""), _text(d, "precision_judged"),
+                   _text(d, "limits", DEFAULT_LIMITS), _text(d, "limits_precision", ""))
 
 
 @dataclass(frozen=True)
@@ -167,12 +288,24 @@ class TaskResult:
 
     @classmethod
     def from_dict(cls, task: str, d: dict[str, Any]) -> TaskResult:
-        return cls(task, TensorAgreement.from_dict(d["tensor"]),
-                   None if d.get("argmax_agreement") is None else float(d["argmax_agreement"]),
-                   None if d.get("angle_deg") is None else float(d["angle_deg"]),
-                   MetricComparison.from_dict(d["metrics"]) if d.get("metrics") else None,
-                   tuple(Check.from_dict(c) for c in d.get("checks", [])),
-                   Judgement.from_dict(d["judged"]) if d.get("judged") else None)
+        tensor = _mapping(d, "tensor")
+        with _within("tensor"):
+            tensor = TensorAgreement.from_dict(tensor)
+        metrics = judged = None
+        if d.get("metrics"):
+            metrics = _mapping(d, "metrics")
+            with _within("metrics"):
+                metrics = MetricComparison.from_dict(metrics)
+        checks = []
+        for i, c in enumerate(_items(d, "checks", [])):
+            with _within(f"checks[{i}]"):
+                checks.append(Check.from_dict(c))
+        if d.get("judged"):
+            judged = _mapping(d, "judged")
+            with _within("judged"):
+                judged = Judgement.from_dict(judged)
+        return cls(task, tensor, _number(d, "argmax_agreement", None, optional=True),
+                   _number(d, "angle_deg", None, optional=True), metrics, tuple(checks), judged)
 
 
 @dataclass(frozen=True)
@@ -198,9 +331,14 @@ class EngineInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineInfo:
-        return cls(str(d["backend"]), str(d["precision_requested"]), str(d.get("precision_executed", "")),
-                   str(d.get("device", "")), dict(d.get("files", {})), str(d.get("directory", "")),
-                   tuple(d.get("notes", ())))
+        files, notes = _mapping(d, "files", {}), _items(d, "notes", [])
+        with _within("files"):
+            files = {k: _text(files, k) for k in files}
+        for i, note in enumerate(notes):
+            if not isinstance(note, str):
+                raise FieldError(f"notes[{i}]", f"is {_shown(note)}, not text")
+        return cls(_text(d, "backend"), _text(d, "precision_requested"), _text(d, "precision_executed", ""),
+                   _text(d, "device", ""), files, _text(d, "directory", ""), tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -252,8 +390,15 @@ class EngineCheck:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineCheck:
-        return cls(EngineInfo.from_dict(d["engine"]), int(d["samples"]), bool(d["labelled"]), str(d["reference"]),
-                   {t: TaskResult.from_dict(t, r) for t, r in d["tasks"].items()})
+        info = _mapping(d, "engine")
+        with _within("engine"):
+            info = EngineInfo.from_dict(info)
+        tasks = {}
+        for task, result in _mapping(d, "tasks").items():
+            with _within(f"tasks.{task}"):
+                tasks[task] = TaskResult.from_dict(task, result)
+        _ignored_flag(d, "passed")
+        return cls(info, _count(d, "samples"), _flag(d, "labelled"), _text(d, "reference"), tasks)
 
 
 @dataclass(frozen=True)
@@ -277,8 +422,8 @@ class FallbackTask:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FallbackTask:
-        return cls(str(d["task"]), str(d["check"]), float(d["limit"]), str(d["op"]), float(d["before"]),
-                   None if d.get("after") is None else float(d["after"]))
+        return cls(_text(d, "task"), _text(d, "check"), _number(d, "limit"), _text(d, "op"), _number(d, "before"),
+                   _number(d, "after", None, optional=True))
 
 
 @dataclass(frozen=True)
@@ -300,8 +445,8 @@ class FallbackLayer:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FallbackLayer:
-        return cls(str(d["node"]), str(d["role"]), str(d["task"]), str(d["check"]), float(d["before"]),
-                   float(d["after"]), float(d["local_error"]))
+        return cls(_text(d, "node"), _text(d, "role"), _text(d, "task"), _text(d, "check"), _number(d, "before"),
+                   _number(d, "after"), _number(d, "local_error"))
 
 
 # What a fallback search ended with.
@@ -340,11 +485,19 @@ class Fallback:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fallback:
-        return cls(str(d["engine"]), str(d["verdict"]), str(d.get("message", "")),
-                   tuple(FallbackTask.from_dict(t) for t in d.get("tasks", [])),
-                   tuple(FallbackLayer.from_dict(layer) for layer in d.get("layers", [])),
-                   {str(k): float(v) for k, v in (d.get("latency_ms") or {}).items()}, int(d.get("probes", 0)),
-                   float(d.get("seconds", 0.0)), bool(d.get("cached", False)), str(d.get("file", "")))
+        tasks, layers = [], []
+        for i, t in enumerate(_items(d, "tasks", [])):
+            with _within(f"tasks[{i}]"):
+                tasks.append(FallbackTask.from_dict(t))
+        for i, layer in enumerate(_items(d, "layers", [])):
+            with _within(f"layers[{i}]"):
+                layers.append(FallbackLayer.from_dict(layer))
+        latency = _mapping(d, "latency_ms", None, optional=True)
+        with _within("latency_ms"):
+            latency = {k: _number(latency, k, finite=True) for k in latency}
+        return cls(_text(d, "engine"), _text(d, "verdict"), _text(d, "message", ""), tuple(tasks), tuple(layers),
+                   latency, _count(d, "probes", 0), _number(d, "seconds", 0.0, finite=True),
+                   _flag(d, "cached", False), _text(d, "file", ""))
 
 
 @dataclass(frozen=True)
@@ -372,9 +525,11 @@ class Candidate:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Candidate:
-        return cls(str(d["name"]), EngineCheck.from_dict(d["check"]),
-                   None if d.get("latency_ms") is None else float(d["latency_ms"]), int(d.get("size_bytes", 0)),
-                   bool(d.get("chosen", False)), str(d.get("note", "")))
+        check = _mapping(d, "check")
+        with _within("check"):
+            check = EngineCheck.from_dict(check)
+        return cls(_text(d, "name"), check, _number(d, "latency_ms", None, finite=True, optional=True),
+                   _count(d, "size_bytes", 0), _flag(d, "chosen", False), _text(d, "note", ""))
 
 
 @dataclass(frozen=True)
@@ -397,9 +552,15 @@ class AutoSelection:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoSelection:
-        return cls(tuple(Candidate.from_dict(c) for c in d["candidates"]), int(d.get("batch", 1)),
-                   int(d.get("runs", 0)), None if d.get("threads") is None else int(d["threads"]),
-                   str(d.get("cpu", "")), {str(k): bool(v) for k, v in (d.get("cpu_flags") or {}).items()})
+        candidates = []
+        for i, c in enumerate(_items(d, "candidates")):
+            with _within(f"candidates[{i}]"):
+                candidates.append(Candidate.from_dict(c))
+        flags = _mapping(d, "cpu_flags", None, optional=True)
+        with _within("cpu_flags"):
+            flags = {k: _flag(flags, k) for k in flags}
+        return cls(tuple(candidates), _count(d, "batch", 1), _count(d, "runs", 0),
+                   _count(d, "threads", None, optional=True), _text(d, "cpu", ""), flags)
 
 
 @dataclass
@@ -450,14 +611,34 @@ class Report:
         if not isinstance(d, dict) or d.get("format") != REPORT_FORMAT:
             raise ExportError(f"{where}: not an mtlora-export accuracy report (format {REPORT_FORMAT})")
         try:
-            engines = d["engines"]
-            if not isinstance(engines, list):
-                raise TypeError("'engines' is not a list")
-            return cls(dict(d.get("model") or {}), [EngineCheck.from_dict(e) for e in engines],
-                       str(d.get("created", "")), dict(d.get("identity") or {}),
-                       [Fallback.from_dict(f) for f in d.get("fallbacks") or []],
-                       AutoSelection.from_dict(d["auto"]) if d.get("auto") else None,
-                       [str(n) for n in d.get("notes") or []])
+            engines, fallbacks = [], []
+            for i, e in enumerate(_items(d, "engines")):
+                with _within(f"engines[{i}]"):
+                    engines.append(EngineCheck.from_dict(e))
+            for i, f in enumerate(_items(d, "fallbacks", None, optional=True)):
+                with _within(f"fallbacks[{i}]"):
+                    fallbacks.append(Fallback.from_dict(f))
+            auto = None
+            if d.get("auto"):
+                with _within("auto"):
+                    auto = AutoSelection.from_dict(d["auto"])
+            notes = _items(d, "notes", None, optional=True)
+            for i, note in enumerate(notes):
+                if not isinstance(note, str):
+                    raise FieldError(f"notes[{i}]", f"is {_shown(note)}, not text")
+            identity = _mapping(d, "identity", None, optional=True)
+            evaluation = identity.get("evaluation_data")
+            if evaluation is not None:
+                with _within("identity"):
+                    evaluation = _mapping(identity, "evaluation_data")
+                with _within("identity.evaluation_data"):
+                    _count(evaluation, "samples", None, optional=True)
+            _ignored_flag(d, "passed")
+            return cls(dict(_mapping(d, "model", None, optional=True)), engines, _text(d, "created", ""), dict(identity),
+                       fallbacks, auto, list(notes))
+        except FieldError as err:
+            raise ExportError(f"{where}: the report's field {err.field} {err.problem}; regenerate it with "
+                              "'mtlora-export build' or 'check'") from None
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             what = f"lacks {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
             raise ExportError(f"{where}: the report {what}; regenerate it with 'mtlora-export build' or "

@@ -71,10 +71,15 @@ def check(build_dir, baseline, eval_data, tolerances, threads, allow_other_model
     baseline does not apply: it was made from another model or with other settings (post-processing,
     layout, evaluation data, tolerances), or it compares nothing.
     """
+    from export.artifacts.builddir import BuildDir
+    from export.artifacts.records import read_build_record
     from export.checking.baseline import compare_with_baseline, refuse_non_finite
     from export.checking.report import format_table, read_report
     from export.pipeline.check import run_check
 
+    # Before the check takes the build's lock: a folder that is not a build (or whose record is damaged)
+    # is refused with nothing written into it, not even the lock file.
+    read_build_record(BuildDir(build_dir))
     stored = read_report(baseline) if baseline else None
     if stored is not None:
         refuse_non_finite(stored, baseline)  # before the check's work, which it could never judge
