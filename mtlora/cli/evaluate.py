@@ -9,6 +9,7 @@ import click
 
 from mtlora.data.datasets import DATASET_NAMES
 from mtlora.errors import ConfigError
+from mtlora.train.config import MAX_SAMPLES, MAX_WORKERS
 
 
 @click.command("evaluate")
@@ -17,10 +18,10 @@ from mtlora.errors import ConfigError
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Extracted PASCAL-Context / NYUD-v2 folder.")
 @click.option("--split", default="val", show_default=True, help="Split to evaluate.")
-@click.option("--samples", type=click.IntRange(min=1), default=None,
+@click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
               help="Synthetic data only: number of scenes. [default: 200]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data loader processes.")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0, show_default=True, help="Data loader processes.")
 @click.option("--baseline-json", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Single-task baselines for Delta_m (repeatable). [default: the paper's for PASCAL]")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
@@ -38,6 +39,7 @@ def evaluate_cmd(checkpoint: str, data: str, data_root: str | None, split: str, 
     from mtlora.data.datasets import build_dataset
     from mtlora.evaluate import default_baselines, evaluate, format_results, json_ready, load_baselines
     from mtlora.loading import load_any
+    from mtlora.metrics import TASK_METRICS
     from mtlora.train import check_tasks
 
     if data == "synthetic" and data_root is not None:
@@ -51,6 +53,10 @@ def evaluate_cmd(checkpoint: str, data: str, data_root: str | None, split: str, 
         raise click.BadParameter("PyTorch sees no CUDA GPU", param_hint="--device")
     target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     baselines = load_baselines(baseline_json) if baseline_json else default_baselines(data)
+    unknown = sorted(set(baselines or {}) - set(TASK_METRICS))
+    if unknown:  # a typo'd task would silently leave Delta_m unreported
+        raise click.BadParameter(f"names unknown task(s) {', '.join(map(repr, unknown))}; tasks are "
+                                 f"{', '.join(TASK_METRICS)}", param_hint="--baseline-json")
 
     model = load_any(checkpoint).to(target)
     config = model.config

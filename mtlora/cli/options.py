@@ -8,6 +8,7 @@ replaced.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -99,11 +100,18 @@ def _numbers(cast: type, what: str) -> Callable:
             numbers = tuple(cast(p) for p in parts)
         except ValueError:
             raise click.BadParameter(f"{value!r} is not {what} (e.g. '4' or '4,4,8,8')", param=param) from None
-        if any(n <= 0 for n in numbers):
-            raise click.BadParameter(f"values must be positive, got {value!r}", param=param)
+        if not all(0 < n < math.inf for n in numbers):  # NaN fails every comparison, so it lands here too
+            raise click.BadParameter(f"values must be positive finite numbers, got {value!r}", param=param)
         return numbers
 
     return callback
+
+
+def _finite(_ctx, param, value):
+    # click's FloatRange lets NaN through: it fails both bound comparisons, so neither bound rejects it.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
 
 
 def _tasks_callback(_ctx, param, value):
@@ -128,6 +136,8 @@ def _decoder_heads_callback(_ctx, param, value):
         if not sep or not task or head not in DECODER_HEADS:
             raise click.BadParameter(f"{part!r} is not TASK=HEAD with HEAD one of {', '.join(DECODER_HEADS)}",
                                      param=param)
+        if task in dict(pairs):  # dict() would keep only the last: say so rather than pick one
+            raise click.BadParameter(f"task {task!r} is given a head twice", param=param)
         pairs.append((task, head))
     return tuple(pairs)
 
@@ -165,7 +175,7 @@ def model_options(func: Callable) -> Callable:
                      help=f"How task layers combine the shared update. {_default_text('shared_mode')}"),
         click.option("--lora-dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
                      help=f"Dropout on the adapter inputs. {_default_text('lora_dropout')}"),
-        click.option("--drop-path", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+        click.option("--drop-path", type=click.FloatRange(0.0, 1.0, max_open=True), default=None, callback=_finite,
                      help=f"Stochastic depth rate of the backbone. {_default_text('drop_path')}"),
         click.option("--decoder-channels", default=None, callback=_numbers(int, "a channel count"),
                      help=f"HRNet decoder channels, one per stage. {_default_text('decoder_channels')}"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import click
 from mtlora.cli.options import MODEL_OPTION_NAMES, PRESETS, model_config_from_options, model_options
 from mtlora.data.datasets import DATASET_NAMES
 from mtlora.errors import ConfigError
+from mtlora.train.config import MAX_SAMPLES, MAX_SEED, MAX_THREADS, MAX_WEIGHT_DECAY, MAX_WORKERS
 
 _TRAIN_OPTION_NAMES = (
     "data", "data_root", "epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "clip_grad",
@@ -75,26 +77,26 @@ def resolve_train_config(
               help="Continue a run from its last/ checkpoint (or the run directory holding it).")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False), default=None,
               help="ImageNet Swin weights (timm or Microsoft .pth / .safetensors) for the backbone.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs. [default: 300]")
+@click.option("--epochs", type=click.IntRange(1, 10**6), default=None, help="Epochs. [default: 300]")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=None,
               help="Linear warm-up epochs before the cosine decay. [default: 20]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process. [default: 32]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak learning rate. [default: 5e-4 x global batch / 512, the official linear scaling]")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW weight decay. [default: 0.05]")
+@click.option("--weight-decay", type=click.FloatRange(0, MAX_WEIGHT_DECAY), default=None, help="AdamW weight decay. [default: 0.05]")
 @click.option("--clip-grad", type=click.FloatRange(min=0), default=None,
               help="Gradient norm clipping, 0 = off. [default: 5.0]")
 @click.option("--accumulation-steps", type=click.IntRange(min=1), default=None,
               help="Sum the gradients of N batches into one optimiser step (the official TRAIN.ACCUMULATION_STEPS; "
                    "the default learning rate scales with N). [default: 1]")
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
+@click.option("--steps-per-epoch", type=click.IntRange(1, MAX_SAMPLES), default=None,
               help="At most this many batches per epoch. [default: the whole split]")
-@click.option("--train-samples", type=click.IntRange(min=1), default=None,
+@click.option("--train-samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
               help="Synthetic data only: training scenes. [default: 2000]")
-@click.option("--val-samples", type=click.IntRange(min=1), default=None,
+@click.option("--val-samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
               help="Synthetic data only: validation scenes. [default: 200]")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed. [default: 0]")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Random seed. [default: 0]")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
               help="Data loader processes. [default: 4, fewer on small machines]")
 @click.option("--save-every", type=click.IntRange(min=0), default=None,
               help="Write last/ every N epochs (and always at the end); 0 = only at the end. [default: 20]")
@@ -111,7 +113,7 @@ def resolve_train_config(
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default=None, help="[default: auto]")
 @click.option("--slim/--no-slim", default=None,
               help="Keep only the final model and its logs (no best/, no last/ with optimizer state). [default: no]")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="CPU threads per process. [default: the cores left after the loader workers]")
 @click.option("--force", is_flag=True,
               help="Replace another run's checkpoint in --out (other model or settings) instead of refusing.")
@@ -142,6 +144,8 @@ def train_cmd(out: str, resume: str | None, baseline_json: tuple[str, ...], quie
     config = resolve_train_config(explicit, preset, saved, baselines)
     if not quiet:
         _setup_logging()
+    else:  # PyTorch's advice when --workers exceeds the cores is 4 lines of noise under --quiet
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
     result = train(model_config, config, Path(out), resume=resume, progress=False if quiet else None, force=force)
     if result.metrics is not None and _is_main_process():
         from mtlora.evaluate import primary_metrics

@@ -9,10 +9,21 @@ from typing import Any
 
 from mtlora.data.datasets import DATASET_NAMES
 from mtlora.errors import ConfigError
+from mtlora.metrics import TASK_METRICS
 from mtlora.train.schedule import OFFICIAL_BASE_LR, OFFICIAL_MIN_LR, OFFICIAL_WARMUP_LR
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+# Upper bounds shared by the command line and a resumed training_state.json: past them a value is a typo, and
+# torch fails on it with an unreadable error (a seed past 64 bits overflows, 10^5 threads cannot start oneDNN,
+# 10^9 loader workers hang forking).
+MAX_SEED = 2**32 - 1
+MAX_WORKERS = 256
+MAX_THREADS = 1024
+MAX_SAMPLES = 10**8
+MAX_WEIGHT_DECAY = 10.0
+LIMITS = {"seed": MAX_SEED, "workers": MAX_WORKERS, "threads": MAX_THREADS, "train_samples": MAX_SAMPLES,
+          "val_samples": MAX_SAMPLES, "steps_per_epoch": MAX_SAMPLES, "epochs": 10**6}
 
 
 @dataclass
@@ -81,10 +92,31 @@ class TrainConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ConfigError(f"{name} must be at most {limit}, got {value}")
+        for name, table in (("loss_weights", self.loss_weights), ("baselines", self.baselines or {})):
+            unknown = sorted(set(table) - set(TASK_METRICS))
+            if unknown:
+                raise ConfigError(f"{name} name unknown task(s) {', '.join(map(repr, unknown))}; "
+                                  f"tasks are {', '.join(TASK_METRICS)}")
+        bad = [f"loss_weights.{k} = {v}" for k, v in self.loss_weights.items() if not 0 <= v < math.inf]
+        bad += [f"baselines.{k} = {v}" for k, v in (self.baselines or {}).items() if v == 0 or not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"{bad[0]}: loss weights must be finite and >= 0, baselines finite and non-zero "
+                              "(Delta_m divides by them)")
+        if self.loss_weights and not any(self.loss_weights.values()):
+            raise ConfigError(f"loss_weights are all zero ({self.loss_weights}): nothing would be trained")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ConfigError(f"warmup_epochs must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay > MAX_WEIGHT_DECAY:
+            raise ConfigError(f"weight_decay must be at most {MAX_WEIGHT_DECAY}, got {self.weight_decay}")
+        if self.warmup_lr_ratio > 1 or self.min_lr_ratio > 1:
+            raise ConfigError("warmup_lr_ratio and min_lr_ratio are fractions of lr: they must be at most 1, "
+                              f"got {self.warmup_lr_ratio} and {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise ConfigError("weight_decay and clip_grad must be >= 0 (clip_grad 0 turns clipping off)")
         if self.warmup_lr_ratio < 0 or self.min_lr_ratio < 0:

@@ -14,6 +14,7 @@ someone else's files, or another run, is refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,6 +138,54 @@ def finish_run_directory(model: MultiTaskSwin, out: Path, state: dict, keep: tup
         commit_directory(target, out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+# Inside OUT, a dot-name (skipped by check_output_directory), so a crash cannot leave it beside OUT.
+PREVIOUS_RUN_DIR = ".previous-run"
+
+
+@contextlib.contextmanager
+def restored_on_failure(out: Path):
+    """A run that ends in an error leaves `out` as it found it: absent, or holding the previous run.
+
+    Every write into `out` is a rename (logs, curves, checkpoints), so hard links
+    taken before the first write keep the previous files intact. An interrupted
+    run (Ctrl-C, SIGTERM) is not an error: it keeps its `last/` for `--resume`.
+    """
+    existed = out.is_dir()
+    previous = out / PREVIOUS_RUN_DIR
+    if existed:
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        for name in RUN_ENTRIES:
+            _keep(out / name, previous / name)
+    try:
+        yield
+    except Exception:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for name in RUN_ENTRIES:
+                _remove(out / name)
+                if (previous / name).exists():
+                    os.replace(previous / name, out / name)
+        raise
+    finally:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _keep(source: Path, destination: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, destination, copy_function=_link_or_copy)
+    elif source.is_file():
+        _link_or_copy(source, destination)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _link_or_copy(source, destination) -> None:

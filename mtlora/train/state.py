@@ -190,6 +190,8 @@ def _one_of(*choices: Any):
 def _train_config(value: Any) -> str | None:
     if not isinstance(value, dict):
         return f"must be an object, got {value!r}"
+    if "epochs" not in value:  # the schedule the checkpoint's epoch is checked against
+        return "has no 'epochs'"
     try:
         TrainConfig.from_dict(value)
     except (ConfigError, TypeError) as err:

@@ -45,6 +45,7 @@ from mtlora.train.run_directory import (
     METRICS_FILE,
     check_output_directory,
     finish_run_directory,
+    restored_on_failure,
 )
 from mtlora.train.schedule import WarmupCosine, peak_learning_rate
 from mtlora.train.state import ResumePoint, load_optimizer_state, read_resume_point, save_training_checkpoint
@@ -82,7 +83,9 @@ def train(
     ctx = setup_distributed(config.device)
     threads = torch.get_num_threads()
     try:
-        return Trainer(model_config, config, Path(out), resume, progress, ctx, force).run()
+        trainer = Trainer(model_config, config, Path(out), resume, progress, ctx, force)
+        with restored_on_failure(trainer.out) if ctx.is_main else contextlib.nullcontext():
+            return trainer.run()
     finally:
         torch.set_num_threads(threads)
         if ctx.owns_group and dist.is_initialized():
@@ -178,7 +181,9 @@ class Trainer:
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=bool(unused_parameters(self.model)),
             )
-        self.metrics_log = self._open_metrics_log(resume_point) if ctx.is_main else None
+        # Opened by `run`, inside `restored_on_failure`: the log is the first write to `out`.
+        self.resume_point = resume_point
+        self.metrics_log: MetricsLog | None = None
         self.last_results: dict | None = None
         self.initial_results: dict | None = None
 
@@ -208,6 +213,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         config = self.config
+        if self.ctx.is_main:
+            self.metrics_log = self._open_metrics_log(self.resume_point)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.info(
             "training %s (%s, %s) on %s: %d train / %d val samples, %d epochs x %d steps of batch %d x %d "
