@@ -103,7 +103,8 @@ class ErrorHandlingGroup(click.Group):
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    """The error and what was added on its way up (`add_note`: e.g. what a failed run kept), as one line."""
+    text = " ".join("; ".join([str(err), *getattr(err, "__notes__", ())]).split())
     return text or type(err).__name__
 
 

@@ -146,13 +146,16 @@ PREVIOUS_RUN_DIR = ".previous-run"
 
 @contextlib.contextmanager
 def restored_on_failure(out: Path):
-    """A run that ends in an error leaves `out` as it found it: absent, or holding the previous run.
+    """A run that ends in an error leaves `out` as it found it: absent, or holding the previous run;
+    except that a run which saved a `last/` checkpoint where no finished run was keeps it for `--resume`
+    (hours of training are not thrown away for a bad sample in the last epoch).
 
     Every write into `out` is a rename (logs, curves, checkpoints), so hard links
     taken before the first write keep the previous files intact. An interrupted
     run (Ctrl-C, SIGTERM) is not an error: it keeps its `last/` for `--resume`.
     """
     existed = out.is_dir()
+    finished_before = existed and (out / CONFIG_FILE).is_file()
     previous = out / PREVIOUS_RUN_DIR
     if existed:
         shutil.rmtree(previous, ignore_errors=True)
@@ -161,7 +164,10 @@ def restored_on_failure(out: Path):
             _keep(out / name, previous / name)
     try:
         yield
-    except Exception:
+    except Exception as err:
+        if not finished_before and _saved_a_checkpoint(out, previous):
+            err.add_note(f"the last checkpoint is kept: continue with --resume {out / LAST_DIR}")
+            raise
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
         else:
@@ -172,6 +178,15 @@ def restored_on_failure(out: Path):
         raise
     finally:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _saved_a_checkpoint(out: Path, previous: Path) -> bool:
+    """Whether this run published a `last/` (a new directory: the old one, if any, is linked in `previous`)."""
+    last = out / LAST_DIR / CONFIG_FILE
+    if not last.is_file():
+        return False
+    kept = previous / LAST_DIR / CONFIG_FILE
+    return not kept.is_file() or not os.path.samefile(last, kept)
 
 
 def _keep(source: Path, destination: Path) -> None:
