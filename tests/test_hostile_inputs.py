@@ -343,9 +343,9 @@ CASES = {
                                              "max_angle_deg cannot apply to a class map task", OUT),
     # --- the CI gate: a malformed, empty or foreign baseline never passes
     "check_baseline_without_tasks": Case(X, lambda f, t: ["check", ORT_FP32(f), "--baseline", f.baseline_no_tasks], 1,
-                                         "the report lacks 'tasks'"),
+                                         "field engines[0].tasks is missing"),
     "check_baseline_without_tensor": Case(X, lambda f, t: ["check", ORT_FP32(f), "--baseline", f.baseline_no_tensor],
-                                          1, "the report lacks 'tensor'"),
+                                          1, "tasks.human_parts.tensor is missing"),
     "check_baseline_of_other_weights": Case(X, lambda f, t: ["check", ORT_FP32(f), "--baseline",
                                                              f.baseline_other_weights], 3, "other weights"),
     "check_baseline_of_other_classes": Case(X, lambda f, t: ["check", ORT_FP32(f), "--baseline",
