@@ -7,6 +7,7 @@ JSON next to the weights, so a checkpoint describes itself without pickle.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -41,6 +42,39 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Far above any Swin that exists, far below sizes that would try to allocate terabytes (a rank of 1e12).
+MAX_WIDTH = 65536
+MAX_COUNT = 1024
+
+
+def _number(value: Any, name: str, low: float | None = None, high: float | None = None, *,
+            above: bool = False) -> float:
+    """A finite number for field `name`, in [low, high] (`above`: greater than `low`); text, a bool,
+    NaN or an infinity in a config is damage, not a value to convert."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if above else value < low):
+        raise ConfigError(f"{name} must be {'greater than' if above else 'at least'} {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be at most {high:g}, got {value!r}")
+    return float(value)
+
+
+def _whole(value: Any, name: str, low: int = 1, high: int = MAX_WIDTH) -> int:
+    """A whole number for field `name` in [low, high] (2.0 is 2; 8.5, "24", true and NaN are refused)."""
+    number = _number(value, name, low, high)
+    if number != int(number):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _sequence(value: Any, name: str) -> list:
+    """A list for field `name`: a string is not a list of its characters."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
 def _per_stage(value: Any, num_stages: int, name: str, cast: type) -> tuple:
     """Accept a scalar or a list of one or `num_stages` values, as the official config does."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -48,10 +82,9 @@ def _per_stage(value: Any, num_stages: int, name: str, cast: type) -> tuple:
         values = values * num_stages
     if len(values) != num_stages:
         raise ConfigError(f"{name} needs 1 or {num_stages} values (one per stage), got {len(values)}")
-    try:
-        return tuple(cast(v) for v in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be numbers, got {value!r}") from None
+    if cast is int:  # the sign is checked where the ranks are resolved, with what a rank must be
+        return tuple(_whole(v, name, -MAX_WIDTH) for v in values)
+    return tuple(_number(v, name) for v in values)
 
 
 @dataclass
@@ -75,8 +108,15 @@ class SwinConfig:
     ape: bool = False
 
     def __post_init__(self) -> None:
-        self.depths = tuple(int(d) for d in self.depths)
-        self.num_heads = tuple(int(h) for h in self.num_heads)
+        self.depths = tuple(_whole(d, "swin.depths", 1, MAX_COUNT) for d in _sequence(self.depths, "swin.depths"))
+        self.num_heads = tuple(_whole(h, "swin.num_heads", 1, MAX_COUNT)
+                               for h in _sequence(self.num_heads, "swin.num_heads"))
+        self.embed_dim = _whole(self.embed_dim, "swin.embed_dim")
+        self.patch_size = _whole(self.patch_size, "swin.patch_size", 1, MAX_COUNT)
+        self.window_size = _whole(self.window_size, "swin.window_size", 1, MAX_COUNT)
+        self.in_chans = _whole(self.in_chans, "swin.in_chans", 1, MAX_COUNT)
+        self.mlp_ratio = _number(self.mlp_ratio, "swin.mlp_ratio", 0, MAX_COUNT, above=True)
+        self.drop_path_rate = _number(self.drop_path_rate, "swin.drop_path_rate", 0, 1)
         if len(self.depths) != len(self.num_heads):
             raise ConfigError(f"depths {self.depths} and num_heads {self.num_heads} must have the same length")
         if any(d <= 0 for d in self.depths) or any(h <= 0 for h in self.num_heads):
@@ -87,9 +127,7 @@ class SwinConfig:
         if self.patch_size <= 0 or self.window_size <= 0 or self.embed_dim <= 0:
             raise ConfigError("patch_size, window_size and embed_dim must be positive")
         if self.qk_scale is not None:
-            self.qk_scale = float(self.qk_scale)
-            if self.qk_scale <= 0:
-                raise ConfigError(f"qk_scale must be positive, got {self.qk_scale}")
+            self.qk_scale = _number(self.qk_scale, "swin.qk_scale", 0, above=True)
         check_input_size(self, self.img_size)
 
     @property
@@ -195,10 +233,11 @@ class AdapterConfig:
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad:
             raise ConfigError(f"unknown LoRA target(s) {bad}; supported: {', '.join(LORA_TARGETS)}")
+        self.dropout = _number(self.dropout, "adapter.dropout", 0, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        if self.mtl_num_up <= 0 or self.mtl_temperature <= 0:
-            raise ConfigError("MTL-LoRA needs mtl_num_up > 0 and mtl_temperature > 0")
+        self.mtl_num_up = _whole(self.mtl_num_up, "adapter.mtl_num_up", 1, MAX_COUNT)
+        self.mtl_temperature = _number(self.mtl_temperature, "adapter.mtl_temperature", 0, above=True)
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"unknown bias mode '{self.bias}'; choose one of {', '.join(BIAS_MODES)}")
         self.freeze = tuple(self.freeze)
@@ -276,14 +315,18 @@ class ModelConfig:
             self.swin = SwinConfig(**self.swin)
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
-        self.tasks = tuple(self.tasks)
+        self.tasks = tuple(_sequence(self.tasks, "tasks"))
+        if not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"tasks must be task names, got {list(self.tasks)!r}")
         if not self.tasks:
             raise ConfigError("a model needs at least one task")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"duplicate task names in {list(self.tasks)}")
         if "shared" in self.tasks:
             raise ConfigError("'shared' is reserved for the task-agnostic adapters; rename the task")
-        channels = {t: int(c) for t, c in self.task_channels.items()}
+        if not isinstance(self.task_channels, dict):
+            raise ConfigError(f"task_channels must map tasks to channels, got {self.task_channels!r}")
+        channels = {t: _whole(c, f"task_channels.{t}") for t, c in self.task_channels.items()}
         for task in self.tasks:
             if task not in channels:
                 if task not in TASKS:
@@ -296,7 +339,13 @@ class ModelConfig:
         if any(c <= 0 for c in channels.values()):
             raise ConfigError(f"task output channels must be positive, got {channels}")
         self.task_channels = {t: channels[t] for t in self.tasks}
-        self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        self.decoder_channels = tuple(_whole(c, "decoder_channels")
+                                      for c in _sequence(self.decoder_channels, "decoder_channels"))
+        for name, low in (("mean", None), ("std", 0)):
+            values = _sequence(getattr(self, name), name)
+            if len(values) != 3:
+                raise ConfigError(f"{name} needs 3 values (one per RGB channel), got {values!r}")
+            setattr(self, name, tuple(_number(v, name, low, above=low is not None) for v in values))
         if len(self.decoder_channels) != self.swin.num_stages:
             raise ConfigError(
                 f"decoder_channels needs one value per stage ({self.swin.num_stages}), got {len(self.decoder_channels)}"
