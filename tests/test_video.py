@@ -20,12 +20,12 @@ cv2 = pytest.importorskip("cv2")
 FRAMES = 6
 
 
-def write_clip(path: Path, frames: int, size: int = 64) -> Path:
+def write_clip(path: Path, frames: int, size: int = 64, height: int | None = None) -> Path:
     """A clip whose frames all differ: a moving disc on a background that brightens."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*("MJPG" if path.suffix == ".avi" else "mp4v")),
-                             10.0, (size, size))
+    codec = "MJPG" if path.suffix in (".avi", ".mkv") else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 10.0, (size, height or size))
     for i in range(frames):
-        frame = np.full((size, size, 3), (30 * i) % 256, np.uint8)
+        frame = np.full((height or size, size, 3), (30 * i) % 256, np.uint8)
         cv2.circle(frame, ((12 + 6 * i) % size, size // 2), 10, (0, 200, 255), -1)
         writer.write(frame)
     writer.release()
@@ -271,3 +271,112 @@ def test_ctrl_c_ends_a_camera_run_and_keeps_its_video_but_not_a_file_run(ort_bui
         assert run.interrupted and run.frames == 3
         assert len(read_frames(tmp_path / "out.avi")) == 3
     assert [p.name for p in tmp_path.iterdir()] == (["out.avi"] if live else [])
+
+
+# ----------------------------------------------------------------------------- the overlay is not the input
+
+
+def _same_path(t, clip):
+    return clip, clip
+
+
+def _relative_path(t, clip):
+    return clip, Path(os.path.relpath(clip.parent / "x" / ".." / clip.name))
+
+
+def _symbolic_link(t, clip):
+    (t / "link.avi").symlink_to(clip)
+    return t / "link.avi", clip
+
+
+def _link_as_out(t, clip):
+    (t / "link.avi").symlink_to(clip)
+    return clip, t / "link.avi"
+
+
+def _hard_link(t, clip):
+    os.link(clip, t / "hard.avi")
+    return clip, t / "hard.avi"
+
+
+@pytest.mark.parametrize("spelling", [_same_path, _relative_path, _symbolic_link, _link_as_out, _hard_link])
+def test_out_that_is_the_input_video_is_refused(ort_build, tmp_path, spelling):
+    clip = write_clip(tmp_path / "clip.avi", 3)
+    video, out = spelling(tmp_path, clip)
+    before = clip.read_bytes()
+    listing = sorted(tmp_path.iterdir())
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", video,
+                          "--out", out)
+    assert code == 2, output
+    assert f"Invalid value for --out: {out} is the input video; name another file" in output, output
+    assert clip.read_bytes() == before and sorted(tmp_path.iterdir()) == listing
+
+
+def test_an_out_beside_the_input_is_not_the_input(ort_build, tmp_path):
+    clip = write_clip(tmp_path / "clip.avi", 3)
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", clip,
+                          "--out", tmp_path / "clip.mp4")
+    assert code == 0, output
+
+
+# ----------------------------------------------------------------------------- frames too small, frames missing
+
+
+@pytest.mark.parametrize("name, width, height", [("four.mp4", 4, 4), ("six.avi", 6, 6), ("flat.mp4", 64, 4),
+                                                 ("narrow.mkv", 6, 64)])
+def test_frames_smaller_than_an_image_may_be_are_refused(ort_build, tmp_path, name, width, height):
+    """As `run --image` refuses an image under 8x8: one line, no overlay, no staging file."""
+    clip = write_clip(tmp_path / name, 3, width, height)
+    got = read_frames(clip)[0].shape[:2]
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", clip,
+                          "--out", tmp_path / "out" / "o.mp4")
+    assert code == 1, output
+    assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1, output
+    assert f"--video {clip}: its {got[1]}x{got[0]} frames are too small to run on (at least 8x8" in output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_camera_with_frames_too_small_is_refused(ort_build, tmp_path):
+    from export.errors import ExportError
+    from export.video.frames import FrameSource
+    from export.video.pipeline import video_to_file
+
+    frame, _ = CAMERA_LAYOUTS["bgr"]  # 6x4
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = FrameSource(StillCamera(frame), "--camera 0", live=True)
+        with pytest.raises(ExportError, match=r"^--camera 0: its 6x4 frames are too small to run on \(at least 8x8"):
+            video_to_file(engine, source, tmp_path / "cam.avi", ("sal",), max_frames=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eight_pixels_is_enough(ort_build, tmp_path):
+    clip = write_clip(tmp_path / "eight.avi", 2, 8)
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", clip,
+                          "--out", tmp_path / "o.avi")
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mkv"])
+def test_a_truncated_video_says_fewer_frames_were_read_than_announced(ort_build, tmp_path, suffix):
+    full = write_clip(tmp_path / f"full{suffix}", 30)
+    clip = tmp_path / f"cut{suffix}"
+    clip.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    decoded = len(read_frames(clip))
+    assert 0 < decoded < 30
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", clip,
+                          "--out", tmp_path / "o.avi", "--tasks", "sal")
+    assert code == 0, output
+    notice = [line for line in output.splitlines() if "announces" in line]
+    assert notice == [f"[video] --video {clip}: its container announces 30 frames, but only {decoded} could be "
+                      f"decoded (a truncated or damaged file?); the overlay has those {decoded}"], output
+    assert len(read_frames(tmp_path / "o.avi")) == decoded
+
+
+@pytest.mark.parametrize("max_frames", [None, 3, 6, 50])
+def test_a_whole_video_says_nothing_of_missing_frames(ort_build, clip, tmp_path, max_frames):
+    extra = [] if max_frames is None else ["--max-frames", max_frames]
+    code, output = invoke(export_cli, "run", ort_build / "engines" / "onnxruntime-fp32", "--video", clip,
+                          "--out", tmp_path / "o.avi", "--tasks", "sal", *extra)
+    assert code == 0, output
+    assert "announces" not in output
+    assert len(read_frames(tmp_path / "o.avi")) == min(FRAMES, max_frames or FRAMES)

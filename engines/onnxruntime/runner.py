@@ -10,7 +10,7 @@ import numpy as np
 
 from engines.artifact import EngineArtifact, TensorMeta
 from engines.cpu import INT8_DOT_PRODUCT, int8_saturates
-from engines.errors import BackendUnavailable, EngineError
+from engines.errors import BackendUnavailable, EngineError, load_failure
 from engines.precision import PRECISIONS
 from engines.runner import Runner
 
@@ -95,7 +95,7 @@ def create_session(path: str | os.PathLike, providers: Sequence[str], options=No
     try:
         return ort.InferenceSession(session_source(path, providers), sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-        raise EngineError(f"onnxruntime cannot load {path}: {exc}") from exc
+        raise load_failure(path, "onnxruntime", exc) from exc
 
 
 def io_metadata(args) -> list[TensorMeta]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.artifact import EngineArtifact, TensorMeta
 from engines.cpu import INT8_DOT_PRODUCT, int8_saturates
-from engines.errors import BackendUnavailable, EngineError
+from engines.errors import BackendUnavailable, EngineError, load_failure
 from engines.precision import PRECISIONS
 from engines.runner import Runner
 
@@ -143,7 +143,7 @@ class OpenVINORunner(Runner):
                 self.compiled = core.compile_model(str(self.xml), self.device, self.config)
         except Exception as exc:
             source = self.blob if self.blob is not None else self.xml
-            raise EngineError(f"OpenVINO could not load {source} on {self.device}: {exc}") from exc
+            raise load_failure(source, f"OpenVINO ({self.device})", exc) from exc
         self._request = self.compiled.create_infer_request()
         inputs = io_metadata(self.compiled.inputs, dict.fromkeys(self._io_names[0]))
         self.outputs = io_metadata(self.compiled.outputs, dict.fromkeys(self._io_names[1]))

@@ -125,7 +125,8 @@ class EngineSet:
         if any(not isinstance(f, str) or Path(f).name != f for f in entry.files.values()) or not entry.files:
             raise ExportError(f"{index}: names files outside its directory; rebuild the engine")
         if data.get("model"):
-            entry.interface = ModelInterface.from_dict(data["model"], str(index))
+            entry.interface = ModelInterface.from_dict(data["model"], str(index),
+                                                       remedy="rebuild the engine (mtlora-export build)")
         return entry
 
 
@@ -297,8 +298,12 @@ def choose_tasks(available: Sequence[str], tasks: Sequence[str] | str | None) ->
     if tasks is None:
         return tuple(available)
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    if any(not t.strip() for t in names):  # the words of `build --tasks`, so both commands say it alike
+        given = tasks if isinstance(tasks, str) else ",".join(names)
+        raise ExportError(f"'{given}' has an empty task name; give a comma-separated list like semseg,sal "
+                          f"(this engine has: {', '.join(available)})")
     unknown = [t for t in names if t not in available]
-    if not names or unknown or "" in names:
+    if not names or unknown:
         what = f"unknown task(s) {', '.join(unknown)}" if unknown else "no task chosen"
         raise ExportError(f"{what}; this engine has: {', '.join(available)}")
     return tuple(t for t in available if t in names)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import click
 
+from export.artifacts.interface import MIN_IMAGE_SIDE
 from export.cli.options import say, threads_option
 from export.errors import ExportError
 
-# An image this small carries nothing the model can use; upscaling it silently would hide a mistake.
-MIN_IMAGE_SIDE = 8
+# OpenCV takes a camera index as a C int; real ones are small (/dev/videoN), and its older form, an index
+# plus an API's offset (CAP_V4L2 = 200, ... CAP_OBSENSOR = 2600), stays far below this.
+MAX_CAMERA_INDEX = 9999
 
 
 @click.command("bundle")
@@ -38,13 +41,19 @@ def safe_stem(path: str) -> str:
 
 
 def unique_stems(paths) -> list[str]:
-    """`safe_stem` of each path, numbered from the second of a repeated name (a/photo.jpg, b/photo.jpg)."""
-    seen: dict[str, int] = {}
+    """`safe_stem` of each path, numbered from the second of a repeated name (a/photo.jpg, b/photo.jpg).
+    A number is never one that another image's own stem has (a/ok.png, b/ok.png, b/ok_2.png: ok, ok_3, ok_2)."""
+    taken = {safe_stem(path) for path in paths}
+    used: set[str] = set()
     stems = []
     for path in paths:
-        stem = safe_stem(path)
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        stem = unique = safe_stem(path)
+        number = 1
+        while unique in used or (unique != stem and unique in taken):
+            number += 1
+            unique = f"{stem}_{number}"
+        used.add(unique)
+        stems.append(unique)
     return stems
 
 
@@ -72,7 +81,7 @@ def _load(path: str, size: int):
               help="Image file to run (repeatable).")
 @click.option("--video", type=click.Path(dir_okay=False),
               help="Video file to run frame by frame; --out names the overlay video (needs the `video` extra).")
-@click.option("--camera", type=click.IntRange(min=0),
+@click.option("--camera", type=click.IntRange(min=0, max=MAX_CAMERA_INDEX),
               help="Camera index to run live until Ctrl-C or --max-frames; --out names the overlay video.")
 @click.option("--out", type=click.Path(),
               help="Images: per-task outputs as .npz, a PNG per task and image beside it "
@@ -93,6 +102,12 @@ def run(engine: str, images: tuple[str, ...], video: str | None, camera: int | N
                                else f"{' and '.join(sources)} cannot be combined; give one of them")
     if images and max_frames is not None:
         raise click.BadParameter("is for --video and --camera", param_hint="--max-frames")
+    if out is not None and not out.strip():
+        raise click.BadParameter("is empty; name the output file, e.g. --out "
+                                 + ("prediction.npz" if images else "overlay.mp4"), param_hint="--out")
+    if video is not None and out is not None and _same_file(video, out):
+        raise click.BadParameter(f"{out} is the input video; name another file for the overlay, e.g. "
+                                 "--out overlay.mp4", param_hint="--out")
     if threads is None and not images:
         from export.video.pipeline import video_engine_threads
 
@@ -109,6 +124,14 @@ def run(engine: str, images: tuple[str, ...], video: str | None, camera: int | N
         _run_images(model, images, out or "prediction.npz", chosen)
     else:
         _run_video(model, video, camera, out, chosen, max_frames, threads)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same path spelt otherwise, a symbolic or a hard link."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): only the same path, resolved, can be the same file
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]) -> None:
@@ -129,15 +152,19 @@ def _run_images(model, images: tuple[str, ...], out: str, tasks: tuple[str, ...]
         seconds = model.last_seconds or float("nan")
     # Every file is staged first and published together: a failed write leaves none of them.
     staged = OutputSet(out_path.parent)
-    buffer = io.BytesIO()
-    np.savez(buffer, **outputs)
-    staged.write(out_path.name, buffer.getvalue())
-    for i, stem in enumerate(unique_stems(images)):
-        for task, value in outputs.items():
-            png = io.BytesIO()
-            Image.fromarray(render_output(task, value[i], model.interface.kind(task))).save(png, format="PNG")
-            staged.write(f"{out_path.stem}_{stem}_{task}.png", png.getvalue())
-    staged.publish()
+    try:
+        buffer = io.BytesIO()
+        np.savez(buffer, **outputs)
+        staged.write(out_path.name, buffer.getvalue())
+        for i, stem in enumerate(unique_stems(images)):
+            for task, value in outputs.items():
+                png = io.BytesIO()
+                Image.fromarray(render_output(task, value[i], model.interface.kind(task))).save(png, format="PNG")
+                staged.write(f"{out_path.stem}_{stem}_{task}.png", png.getvalue())
+        staged.publish()
+    except BaseException:  # Ctrl-C or a failure while staging: no staging directory stays behind
+        staged.discard()
+        raise
     shapes = ", ".join(f"{t} {tuple(v.shape)}" for t, v in outputs.items())
     click.echo(f"{model.entry.key}: {len(images)} image(s) in {1000 * seconds:.1f} ms -> {out_path} ({shapes})")
 

@@ -36,6 +36,9 @@ FALLBACK_MODES = ("on", "always", "off")
 # `--keep-fp32 @FILE` reads the globs from FILE (see `read_keep_fp32`).
 KEEP_FILE_PREFIX = "@"
 KEEP_FILE_FORMAT = "mtlora-export/keep-fp32/1"
+# `--threads`: far more than one engine can use. The runtimes take more without a word, and then crash
+# (ONNX Runtime at 100000) or spend minutes starting threads; 2^31 does not even fit their C int.
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class BuildOptions:
     tolerances: str | None = field(default=None, metadata=option(
         "JSON file of per-precision, per-task limits (see export/checking/tolerances.py).", path={"dir_okay": False}))
     threads: int | None = field(default=None, metadata=option(
-        "CPU threads per engine [default: the runtime's own choice].", minimum=1))
+        "CPU threads per engine [default: the runtime's own choice].", minimum=1, maximum=MAX_THREADS))
     max_batch: int | None = field(default=None, metadata=option(
         "TensorRT: the largest batch the engine takes (its optimisation profile is 1 to this) [default: 8].",
         minimum=1))

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from export.artifacts.interface import MIN_IMAGE_SIDE
 from export.errors import ExportError
 from export.video.frames import FrameSource, VideoSink
 from export.video.overlay import compose, overlay_size
@@ -146,6 +147,11 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
             frame = timed("decode", source.read)
             if frame is None:
                 break
+            if min(frame.shape[:2]) < MIN_IMAGE_SIDE:  # as `run --image` refuses such an image
+                height, width = frame.shape[:2]
+                raise ExportError(f"{source.name}: its {width}x{height} frames are too small to run on (at least "
+                                  f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model's input is {interface.size}x"
+                                  f"{interface.size}); nothing was written")
             decoded.put(timed("preprocess", interface.preprocess, frame))
             count += 1
         decoded.put(_END)
@@ -199,6 +205,10 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
         sink.discard()
         raise ExportError(f"{source.name}: no frame could be decoded (an empty or damaged video, or a camera "
                           "that gives no picture); check that it plays, or re-encode it")
+    announced = source.frame_count  # None for a camera, or a container that does not say
+    if announced and run.frames < min(announced, max_frames or announced):
+        say(f"[video] {source.name}: its container announces {announced} frames, but only {run.frames} could be "
+            f"decoded (a truncated or damaged file?); the overlay has those {run.frames}")
     return run
 
 
