@@ -146,7 +146,30 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sourc
                 f"{source}: weights do not fit the model: {key} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )
+    check_values(state_dict, source, own)
     model.load_state_dict(state_dict, strict=True)
+
+
+def check_values(state_dict: dict[str, torch.Tensor], source: str, own: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the kind the model holds there, and every weight finite.
+
+    `load_state_dict` casts silently: integer or bool weights where the model has floats would load
+    as whole numbers, and a float step counter where it has an integer would be truncated. A NaN or
+    an infinity (a diverged run, a damaged file) would give NaN outputs with every command succeeding.
+    """
+    for key, value in state_dict.items():
+        if value.is_floating_point() != own[key].is_floating_point() or value.is_complex():
+            raise CheckpointError(
+                f"{source}: {key} holds {str(value.dtype).removeprefix('torch.')} values where the model has "
+                f"{str(own[key].dtype).removeprefix('torch.')}; the file was not written from this model"
+            )
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{source}: {key} has {bad} NaN or Inf value(s) of {value.numel()}; the weights are damaged "
+                    "or the training run diverged: use an earlier checkpoint"
+                )
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu"):
@@ -156,7 +179,11 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     config = read_config(path)
     state = read_state(path)
     model = MultiTaskSwin(config)
-    if state.get("merged"):
+    merged = state.get("merged", False)
+    if not isinstance(merged, bool):
+        raise CheckpointError(f"{resolve_checkpoint_dir(path) / STATE_FILE}: 'merged' is {json.dumps(merged)[:40]}, "
+                              "not true or false; restore the file or save the checkpoint again")
+    if merged:
         from mtlora.merge import mark_merged
 
         mark_merged(model)

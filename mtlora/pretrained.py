@@ -14,6 +14,7 @@ import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 from mtlora.adapters import LoRALinear
+from mtlora.checkpoint import check_values
 from mtlora.errors import CheckpointError
 from mtlora.model import build_swin
 
@@ -76,5 +77,6 @@ def load_pretrained_backbone(model, path: str | Path) -> list[str]:
     missing = sorted(k for k in set(own) - set(mapped) if "lora_" not in k)
     if missing:
         raise CheckpointError(f"{path}: lacks {len(missing)} backbone parameters (e.g. {missing[0]}); wrong variant?")
+    check_values(mapped, str(path), own)
     model.backbone.load_state_dict(mapped, strict=False)
     return sorted(set(own) - set(mapped))

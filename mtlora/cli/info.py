@@ -87,7 +87,10 @@ def _check_weights(source: str | None, model) -> str:
         return "none (a model described by options)"
     path = Path(source)
     if path.is_file() and path.suffix != ".json":
-        return "read in full (official .pth)"
+        from mtlora.upstream import import_upstream
+
+        import_upstream(path)  # names, shapes, kinds and finite values, as every command that loads it checks them
+        return "read in full and loaded (official .pth): names, shapes, kinds and finite values checked"
     if path.suffix == ".json":
         return "not checked (a config file; no weights)"
     shapes = weights_header(path)
