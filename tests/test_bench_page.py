@@ -3,12 +3,13 @@
 synthetic results."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from export.bench.engine_matmul import SGEMM, MatmulRate, apply_yardsticks, measure_engine_matmul, yardstick
-from export.bench.options import BenchOptions
+from export.bench.engine_matmul import SGEMM, MatmulRate, apply_yardsticks, yardstick
 from export.bench.page import write_page
 from export.bench.precision_ladder import build_rungs, judge_search, pure_angles, tight_tolerances
 from export.bench.tables import perf_rows
@@ -28,9 +29,30 @@ from export.checking.results import (
 from export.checking.tolerances import Tolerances
 
 pytest.importorskip("onnxruntime")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- the MatMul yardstick, for real
+
+
+MEASURE = """
+import json, sys
+from pathlib import Path
+from export.bench.engine_matmul import measure_engine_matmul
+from export.bench.options import BenchOptions
+opts = BenchOptions(batch_sizes=(1,), threads=1, warmup=1, runs=3, budget_s=0)
+rates = measure_engine_matmul(Path(sys.argv[1]), sys.argv[2].split(","), opts, size=256)
+print(json.dumps([rate.to_dict() for rate in rates]))
+"""
+
+
+def _measured_in_a_child(work: Path, backends: list[str]) -> list[MatmulRate]:
+    """`measure_engine_matmul` in its own interpreter: NNCF's quantization of the
+    OpenVINO int8 MatMul in a pytest worker that had run torch and gloo before once crashed that worker."""
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(work), ",".join(backends)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [MatmulRate.from_dict(row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def test_matmul_rate_per_backend_and_executed_precision(tmp_path):
@@ -41,8 +63,7 @@ def test_matmul_rate_per_backend_and_executed_precision(tmp_path):
         backends.append("openvino")
     except ImportError:
         pass
-    opts = BenchOptions(batch_sizes=(1,), threads=1, warmup=1, runs=3, budget_s=0)
-    rates = measure_engine_matmul(tmp_path, backends, opts, size=256)
+    rates = _measured_in_a_child(tmp_path, backends)
     by = {(r.backend, r.precision_requested): r for r in rates}
     assert not [r for r in rates if r.error], [r.error for r in rates if r.error]
     assert all(r.size == 256 and r.gflops > 0 and r.p50_ms > 0 for r in rates)

@@ -363,20 +363,24 @@ def _signal_when(process: subprocess.Popen, line_start: str, sig: int) -> list[s
     return seen
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_build_interrupted_by_a_signal_says_so_cleans_up_and_exits_with_its_code(sig, tmp_path, no_step_store):
-    # No step store: the build must be caught calibrating, not copying a stored engine
+@pytest.mark.parametrize(("sig", "step"), [(signal.SIGTERM, "[onnxruntime-int8] preparing"),
+                                           (signal.SIGINT, "[export] exporting")], ids=["SIGTERM", "SIGINT"])
+def test_build_interrupted_by_a_signal_says_so_cleans_up_and_exits_with_its_code(sig, step, tmp_path, no_step_store):
+    # No step store: the build must be caught calibrating or exporting, not copying a stored result. The two
+    # signals share one handler; each is caught in another step, which covers two steps' clean-up.
     out = tmp_path / "build"
     cli = Path(sys.executable).with_name("mtlora-export")
     process = _start([str(cli), "build", str(FIXTURE), "--backend", "onnxruntime", "--precision", "int8",
                       "--calib-samples", "8", "--eval-samples", "2", "--out", str(out)], ROOT)
-    seen = _signal_when(process, "[onnxruntime-int8] preparing", sig)
+    seen = _signal_when(process, step, sig)
     name = signal.Signals(sig).name
     assert process.returncode == EXIT_CODES[f"interrupted ({name})"] == 128 + sig, "".join(seen)
     assert seen[-1].strip() == f"Interrupted ({name}).", "".join(seen)
     assert "Traceback" not in "".join(seen)
-    engines = out / "engines"
+    engines, export = out / "engines", out / "export"
     assert not engines.exists() or not any(engines.iterdir()), sorted(engines.rglob("*"))
+    if step.startswith("[export]"):
+        assert not export.exists() or not any(export.iterdir()), sorted(export.rglob("*"))
     leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))
                  or (p.name.startswith(".") and p.name not in (".step.json", ".lock"))]
     assert not leftovers, leftovers

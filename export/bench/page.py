@@ -79,7 +79,6 @@ from export.bench.model import (
     training_summary,
 )
 from export.bench.options import BenchOptions
-from export.bench.plain_backbone import build_backbones
 from export.bench.precision_ladder import (
     ANGLE_LIMIT,
     FORMS,
@@ -768,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
 
     say("[bench-docs] the plain backbone in every engine and precision")
     keys = [d.name for d in BuildDir(build_dir).engine_dirs()]  # sorted
+    from export.bench.plain_backbone import build_backbones  # torch and timm: not for --help or --rerender
+
     backbone = build_backbones(checkpoint, work / "backbone", keys, IMG_SIZE, CALIB_SAMPLES, args.threads, say)
     backbone_table = {}
     from engines.registry import get_backend
