@@ -396,6 +396,11 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        _require_fields(data, cls, _MODEL_OPTIONAL, "")
+        for section, section_cls, optional in (("swin", SwinConfig, _SWIN_OPTIONAL),
+                                               ("adapter", AdapterConfig, _ADAPTER_OPTIONAL)):
+            if isinstance(data[section], dict):
+                _require_fields(data[section], section_cls, optional, f"{section}.")
         data = dict(data)
         try:
             if isinstance(data.get("swin"), dict):
@@ -412,6 +417,15 @@ class ModelConfig:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as err:
             raise ConfigError(f"model config is not valid JSON: {err}") from None
+
+
+def _require_fields(data: dict[str, Any], cls: type, optional: dict[str, Any], prefix: str) -> None:
+    """Every field a saved config always holds is there: one left out would take its default silently
+    (ImageNet mean and std, the default tasks) and the model would not be the one trained."""
+    missing = [f.name for f in fields(cls) if f.name not in optional and f.name not in data]
+    if missing:
+        raise ConfigError(f"model config lacks {', '.join(prefix + name for name in missing)}: a config written "
+                          "by mtlora has every field; restore the file, or save the checkpoint again")
 
 
 def _defaults(cls: type, names: tuple[str, ...]) -> dict[str, Any]:

@@ -21,12 +21,17 @@ def _valid() -> dict:
     return ModelConfig().to_dict()
 
 
-def _set(config: dict, path: str, value) -> dict:
+def _parent(config: dict, path: str) -> tuple[dict, str]:
+    """The dict holding the field at dotted `path`, and the field's name in it."""
     *parents, last = path.split(".")
-    node = config
     for key in parents:
-        node = node[key]
-    node[last] = value
+        config = config[key]
+    return config, last
+
+
+def _set(config: dict, path: str, value) -> dict:
+    parent, last = _parent(config, path)
+    parent[last] = value
     return config
 
 
@@ -80,11 +85,7 @@ def test_the_command_line_says_it_in_one_line(field, value, command, tmp_path):
     code, output = invoke(mtlora_cli, "import-upstream", FIXTURE, "--out", checkpoint)
     assert code == 0, output
     config = json.loads((checkpoint / "config.json").read_text())
-    *parents, last = field.split(".")
-    node = config
-    for key in parents:
-        node = node[key]
-    node[last] = "@VALUE@"
+    _set(config, field, "@VALUE@")
     (checkpoint / "config.json").write_text(json.dumps(config).replace('"@VALUE@"', value))
     out = tmp_path / "out"
     code, output = invoke(export_cli, command, checkpoint, "--out", out)
@@ -92,3 +93,44 @@ def test_the_command_line_says_it_in_one_line(field, value, command, tmp_path):
     assert code == 1 and len(lines) == 1 and "Traceback" not in output and "internal error" not in output, output
     assert field.split(".")[-1] in lines[0], lines[0]
     assert not out.exists()
+
+
+def _required() -> list[str]:
+    """Every field a saved config always holds: those `to_dict` writes at their defaults too."""
+    from dataclasses import fields
+
+    from mtlora.config import _ADAPTER_OPTIONAL, _MODEL_OPTIONAL, _SWIN_OPTIONAL, AdapterConfig, SwinConfig
+
+    names = [f.name for f in fields(ModelConfig) if f.name not in _MODEL_OPTIONAL]
+    names += [f"swin.{f.name}" for f in fields(SwinConfig) if f.name not in _SWIN_OPTIONAL]
+    return names + [f"adapter.{f.name}" for f in fields(AdapterConfig) if f.name not in _ADAPTER_OPTIONAL]
+
+
+@pytest.mark.parametrize("path", _required())
+def test_a_field_left_out_is_refused_not_defaulted(path):
+    config = _valid()
+    parent, last = _parent(config, path)
+    del parent[last]
+    with pytest.raises(ConfigError, match=f"lacks {path}:") as raised:
+        ModelConfig.from_dict(config)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_config_without_the_later_options_still_reads():
+    """Options added after the first release are left out of a saved config at their defaults."""
+    config = ModelConfig.from_dict(_valid())
+    assert config == ModelConfig()
+
+
+@pytest.mark.parametrize("field", ["tasks", "mean", "swin.embed_dim"])
+def test_info_on_a_config_without_a_field_is_one_line(field, tmp_path):
+    from mtlora.cli import main as mtlora_cli
+
+    config = _valid()
+    parent, last = _parent(config, field)
+    del parent[last]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    code, output = invoke(mtlora_cli, "info", path)
+    lines = output.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and f"lacks {field}" in lines[0], output
