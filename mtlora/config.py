@@ -7,12 +7,12 @@ JSON next to the weights, so a checkpoint describes itself without pickle.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from mtlora.errors import ConfigError
 from mtlora.tasks import TASKS
+from mtlora_base.numbers import is_finite_number
 
 # Swin v1 variants as timm names them; custom sizes are built from the same fields.
 SWIN_VARIANTS: dict[str, dict[str, Any]] = {
@@ -51,7 +51,7 @@ def _number(value: Any, name: str, low: float | None = None, high: float | None 
             above: bool = False) -> float:
     """A finite number for field `name`, in [low, high] (`above`: greater than `low`); text, a bool,
     NaN or an infinity in a config is damage, not a value to convert."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if above else value < low):
         raise ConfigError(f"{name} must be {'greater than' if above else 'at least'} {low:g}, got {value!r}")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from mtlora.data.datasets import collate
 from mtlora.errors import ConfigError, DataError, MTLoRAError
 from mtlora.metrics import PASCAL_SINGLE_TASK_BASELINES, TASK_METRICS, make_evaluator, multi_task_delta
+from mtlora_base.numbers import is_finite_number
 
 SEGMENTATION_TASKS = ("semseg", "human_parts")
 
@@ -56,7 +57,7 @@ def load_baselines(paths: Iterable[str | Path]) -> dict[str, float]:
                 if task not in TASK_METRICS or TASK_METRICS[task][0] not in value:
                     raise ConfigError(f"{path}: no primary metric for task {task!r}")
                 value = value[TASK_METRICS[task][0]]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+            if not is_finite_number(value) or value == 0:
                 raise ConfigError(f"{path}: baseline of {task!r} must be a non-zero number, got {value!r}")
             baselines[task] = float(value)
     return baselines

@@ -9,7 +9,6 @@ dict (`to_dict` / `from_dict`) and is checked when read back.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from export.errors import ExportError
 from mtlora.tasks import KINDS, TASKS, kind_of
+from mtlora_base.numbers import is_finite_number, is_integer
 
 # An image side under this carries nothing the model can use; upscaling it silently would hide a mistake
 # (an image, a video's or a camera's frames alike).
@@ -83,7 +83,7 @@ class ModelInterface:
             if not isinstance(values, (list, tuple)) or len(values) != 3:
                 raise bad(name, values, "a list of 3 numbers, one per RGB channel")
             for i, v in enumerate(values):
-                if not _number(v) or not low <= v <= high:
+                if not is_finite_number(v) or not low <= v <= high:
                     raise bad(f"{name}[{i}]", v, f"a finite number from {low:g} to {high:g}")
         postprocessed = data.get("postprocessed", False)
         if not isinstance(postprocessed, bool):
@@ -113,12 +113,7 @@ class ModelInterface:
 
 def _whole(value: Any, low: int, high: int) -> bool:
     """An integer from `low` to `high`; JSON's true and false are not numbers, nor is 64.0 a count."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _number(value: Any) -> bool:
-    """A finite int or float; Python's JSON reader takes NaN and Infinity, which no model was trained with."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_integer(value) and low <= value <= high
 
 
 def _shown(value: Any) -> str:

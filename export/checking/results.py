@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from mtlora_base.numbers import is_integer, is_number
 
 REPORT_FORMAT = "mtlora-export/report/1"
 
@@ -62,7 +63,7 @@ def _number(d, key: str, default=_REQUIRED, finite: bool = False, optional: bool
     value = _get(d, key, default)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise FieldError(key, f"is {_shown(value)}, not a number")
     if finite and not math.isfinite(value):
         raise FieldError(key, f"is {value}, not a finite number")
@@ -73,7 +74,7 @@ def _count(d, key: str, default=_REQUIRED, optional: bool = False) -> int | None
     value = _get(d, key, default)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_integer(value) or value < 0:
         raise FieldError(key, f"is {_shown(value)}, not a non-negative integer")
     return value
 

@@ -11,6 +11,7 @@ from mtlora.data.datasets import DATASET_NAMES
 from mtlora.errors import ConfigError
 from mtlora.metrics import TASK_METRICS
 from mtlora.train.schedule import OFFICIAL_BASE_LR, OFFICIAL_MIN_LR, OFFICIAL_WARMUP_LR
+from mtlora_base.numbers import is_finite_number
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -169,5 +170,5 @@ def _check_field_types(config: TrainConfig) -> None:
             raise ConfigError(f"{item.name} must be {words}{' or null' if optional else ''}, got {value!r}")
         numbers = value.values() if isinstance(value, dict) else [value] if accepted[-1] is float else []
         for number in numbers:
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            if not is_finite_number(number):
                 raise ConfigError(f"{item.name} must hold finite numbers, got {value!r}")

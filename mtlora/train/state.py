@@ -28,6 +28,7 @@ from mtlora.errors import CheckpointError, ConfigError
 from mtlora.model import MultiTaskSwin
 from mtlora.train.config import TrainConfig
 from mtlora.train.run_directory import LAST_DIR, TRAINING_STATE_JSON, TRAINING_STATE_TENSORS
+from mtlora_base.numbers import is_finite_number, is_integer
 
 TRAINING_STATE_FORMAT = "mtlora-train/1"
 
@@ -168,7 +169,7 @@ def _at(where: str, problem: str) -> str:
 
 def _whole(minimum: int):
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             return f"must be a whole number, got {value!r}"
         return None if value >= minimum else f"must be >= {minimum}, got {value}"
     return check
@@ -176,7 +177,7 @@ def _whole(minimum: int):
 
 def _number(minimum: float = -math.inf, maximum: float = math.inf, above: bool = False):
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             return f"must be a finite number, got {value!r}"
         low_ok = value > minimum if above else value >= minimum
         return None if low_ok and value <= maximum else f"is out of range, got {value}"
