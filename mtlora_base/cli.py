@@ -1,7 +1,8 @@
 """Click plumbing shared by the `mtlora` and `mtlora-export` command lines.
 
 Library errors are our own exception types; at the CLI boundary they become one
-line on stderr and exit code 1 (click's usage errors keep exit code 2). Each
+line on stderr and exit code 1 (click's usage errors keep exit code 2, in one line
+too). Each
 command line's group names its library's error types (`handled`, and
 `usage_errors` for those that are bad flags), so this module knows none. A
 traceback is shown only with `--debug`. SIGTERM (a job scheduler, `docker stop`,
@@ -79,13 +80,23 @@ class ErrorHandlingGroup(click.Group):
         module, _, attr = target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.UsageError as err:  # the group's own flags
+            _usage_error(err)
+
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.obj and ctx.obj.get("debug") or os.environ.get("MTLORA_DEBUG"))
         try:
             with sigterm_as_interrupt():
                 return super().invoke(ctx)
+        except click.exceptions.UsageError as err:  # a subcommand's flags, or no such subcommand
+            # Some errors (an option without its value) come without their context: name the subcommand's.
+            command = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+            _usage_error(err, command)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise  # usage errors (exit 2) and explicit exits are click's to report
+            raise  # explicit exits are click's to report
         except self.handled as err:
             if debug:
                 raise
@@ -102,10 +113,21 @@ class ErrorHandlingGroup(click.Group):
             sys.exit(EXIT_CODES["failure"])
 
 
+def _usage_error(err: click.exceptions.UsageError, command: str | None = None):
+    """click prints usage, a hint and the error on four lines; ours is one, naming where help is (exit 2)."""
+    command = err.ctx.command_path if err.ctx is not None else command
+    where = f"; see '{command} --help'" if command else ""
+    click.echo(f"Error: {_one_line_text(err.format_message()).rstrip('.')}{where}", err=True)
+    sys.exit(err.exit_code)
+
+
 def _one_line(err: BaseException) -> str:
     """The error and what was added on its way up (`add_note`: e.g. what a failed run kept), as one line."""
-    text = " ".join("; ".join([str(err), *getattr(err, "__notes__", ())]).split())
-    return text or type(err).__name__
+    return _one_line_text("; ".join([str(err), *getattr(err, "__notes__", ())])) or type(err).__name__
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
 
 
 def describe_unexpected(err: BaseException) -> str:
