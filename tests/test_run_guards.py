@@ -84,7 +84,7 @@ def test_an_empty_task_name_is_named_as_build_names_it(ort_build, tmp_path, task
     error = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and "Traceback" not in output, output
     assert error[0] == (f"Error: Invalid value for --tasks: '{tasks}' has an empty task name; give a comma-separated "
-                        "list like semseg,sal (this engine has: semseg, human_parts, sal, normals)")
+                        "list like semseg,sal (this engine has: semseg, human_parts, sal, normals); see 'main run --help'")
     assert not (tmp_path / "out").exists()
 
 

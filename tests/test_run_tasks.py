@@ -104,7 +104,7 @@ def test_run_with_unknown_tasks_is_a_usage_error_and_writes_nothing(ort_build, t
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in output
     assert errors[0].startswith("Error: Invalid value for --tasks: ")
-    assert errors[0].endswith("this engine has: semseg, human_parts, sal, normals")
+    assert errors[0].endswith("this engine has: semseg, human_parts, sal, normals; see 'main run --help'")
     assert not (tmp_path / "out").exists()
 
 
