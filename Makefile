@@ -21,18 +21,9 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 # printed so growth is seen. Budget: pytest plus the gate in 6 minutes on 2 cores. A worker that dies
 # is not replaced: with --dist loadfile a replaced worker can leave pytest-xdist 3.8 waiting forever
 # (pytest-xdist issue #784), so the run ends at once and names the test the worker died in.
-# The gate runs beside pytest, its output kept in build/gate.log and printed after the tests: alone it
-# keeps about one core busy for 35 s on 2 cores, beside the tests it fills the idle tail of a worker.
-# Either failing fails `make test`; Ctrl-C stops both (the gate, a background job, ignores SIGINT: `kill 0`).
 test: install
-	@mkdir -p build
-	@$(MAKE) --no-print-directory gate > build/gate.log 2>&1 & gate=$$!; \
-	trap 'trap - INT TERM; kill 0' INT TERM; \
-	$(PY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0 --durations=15; tests=$$?; \
-	wait $$gate; gated=$$?; \
-	echo "--- make gate (ran beside the tests; log: build/gate.log) ---"; cat build/gate.log; \
-	if [ $$gated -ne 0 ]; then echo "make test: the accuracy gate failed (exit $$gated)"; fi; \
-	[ $$tests -eq 0 ] && [ $$gated -eq 0 ]
+	$(PY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0 --durations=15
+	$(MAKE) gate
 
 # The accuracy gate CI runs: build real engines from the embedded default model and fail on any
 # regression against the stored report (`make baseline` refreshes it after an intended change).

@@ -30,8 +30,9 @@ def peak_rss_mib(command: list[str]) -> float:
     return usage.ru_maxrss / 1024
 
 
-def assert_flat(small: float, large: float, what: str) -> None:
-    assert large <= small * (1 + SLACK), f"{what}: peak RSS {small:.0f} MiB for 20 images, {large:.0f} MiB for 200"
+def assert_flat(small: float, large: float, what: str, large_count: int = 200) -> None:
+    assert large <= small * (1 + SLACK), \
+        f"{what}: peak RSS {small:.0f} MiB for 20 images, {large:.0f} MiB for {large_count}"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,10 @@ CALIBRATE = textwrap.dedent("""
 
 def test_calibration_streams_its_data(ort_build, tmp_path):
     """The build's calibration path: synthetic images streamed into ONNX Runtime's percentile calibrator."""
+    # 100 images: holding their activations would add about 700 MB to a peak of about 600 MB, far past SLACK.
     peaks = {n: peak_rss_mib([sys.executable, "-c", CALIBRATE, str(ort_build / "export"), str(tmp_path / str(n)),
-                              str(n)]) for n in (20, 200)}
-    assert_flat(peaks[20], peaks[200], "int8 calibration")
+                              str(n)]) for n in (20, 100)}
+    assert_flat(peaks[20], peaks[100], "int8 calibration", large_count=100)
 
 
 def test_bench_streams_its_runs(ort_build, tmp_path):
