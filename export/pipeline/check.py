@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from export.checking.report import report_files
 from export.checking.results import EngineInfo, Judgement, Report
 from export.checking.tolerances import Tolerance, Tolerances
 from export.errors import ExportError
-from export.pipeline.data import batched, iter_samples, parse_spec
+from export.pipeline.data import batched, check_data_options, iter_samples, parse_spec
 from export.pipeline.options import BuildOptions, Say, plan_of
 from export.pipeline.original_model import OriginalModel, torch_available
 from export.pipeline.sources import DEFAULT_MODEL, ModelSource, default_model_present
@@ -255,17 +255,40 @@ def _reference_for_check(opts: BuildOptions, tasks) -> OriginalModel | None:
     return OriginalModel(ModelSource(DEFAULT_MODEL, "", opts.img_size), tasks) if default_model_present() else None
 
 
+def check_eval_data(build: BuildDir, eval_data: str | None) -> None:
+    """`check --eval-data`, refused as `build` refuses its data options (`check_data_options`): before any
+    work and before the build's lock, so that nothing is written into the build. An .npz must have the
+    input size of the build's export."""
+    if eval_data is None:
+        return
+    recorded = read_build_record(build)
+    opts = BuildOptions.from_record(recorded["options"], str(build.record))
+    export_dir = Path(opts.from_bundle) / BuildDir.EXPORT if opts.from_bundle else build.export
+    check_data_options(replace(opts, eval_data=eval_data, calib_data=None),
+                       model_size=lambda _opts: _export_size(export_dir))
+
+
+def _export_size(export_dir: Path) -> int | None:
+    """The input size of the export in `export_dir`; None where its manifest does not read (the check's
+    verification then refuses the export, naming what is wrong)."""
+    try:
+        return ExportInfo.read(export_dir).interface.size
+    except ExportError:
+        return None
+
+
 def run_check(build_dir: str | Path, say: Say, eval_data: str | None = None, tolerances: str | None = None,
               threads: int | None = None) -> Report:
     """Re-run the accuracy checks of an existing build (with PyTorch if present, else stored references)."""
     build = BuildDir(build_dir)
     tolerance_limits = Tolerances.from_file(tolerances) if tolerances else None
+    check_eval_data(build, eval_data)
     with build.locked("check"):
         recover_records(build, say)
         recorded = read_build_record(build)
         opts = BuildOptions.from_record(recorded["options"], str(build.record))
         opts.out = str(build.root)
-        opts.eval_data = eval_data or opts.eval_data
+        opts.eval_data = eval_data if eval_data is not None else opts.eval_data
         opts.tolerances = tolerances or opts.tolerances
         opts.threads = threads or opts.threads
         export_dir = build.export
@@ -274,7 +297,7 @@ def run_check(build_dir: str | Path, say: Say, eval_data: str | None = None, tol
 
             bundle = open_bundle(Path(opts.from_bundle), say)
             export_dir = bundle.export
-            opts.eval_data = eval_data or str(bundle.evalset)
+            opts.eval_data = eval_data if eval_data is not None else str(bundle.evalset)
         entries = verify_build(build, export_dir, recorded)
         info = ExportInfo.read(export_dir)
         reference = _reference_for_check(opts, info.interface.tasks)

@@ -148,10 +148,14 @@ def check_data(text: str, option: str, *, limit: int, default_split: str, size: 
     return count
 
 
-def check_data_options(opts) -> None:
-    """`--eval-data` and `--calib-data` of a build (`BuildOptions`), checked before anything is exported."""
+def check_data_options(opts, model_size=None) -> None:
+    """`--eval-data` and `--calib-data` of a build (`BuildOptions`), checked before anything is exported.
+
+    `model_size(opts)` gives the input size an .npz must have (asked only when one is named); by default
+    the size the export will have (a check passes the size its build's export has)."""
     specs = [t for t in (opts.eval_data, opts.calib_data) if t is not None]
-    size = _model_size(opts) if any(t.strip() and parse_spec(t).kind == "evalset" for t in specs) else None
+    needs_size = any(t.strip() and parse_spec(t).kind == "evalset" for t in specs)
+    size = (model_size or _model_size)(opts) if needs_size else None
     if opts.eval_data is not None:
         check_data(opts.eval_data, "--eval-data", limit=opts.eval_samples, default_split="val", size=size,
                    all_readable=True)
