@@ -79,6 +79,41 @@ def test_gate_fails_for_an_engine_built_from_perturbed_weights(fixture_build, tm
     # ... and, asked to compare them anyway, flags the regression.
     code, output = run("check", out, "--baseline", fixture_build / "report.json", "--allow-other-model")
     assert code == 1 and "REGRESSION" in output and "FAILED" in output, output
+    # `build --baseline` is the same gate in one command (here reusing the steps just built).
+    again = ("build", tmp_path / "perturbed", "--backend", "onnxruntime", "--precision", "fp32",
+             "--eval-data", fixture_build / "evalset.npz", "--out", out, "--baseline", fixture_build / "report.json")
+    code, output = run(*again)
+    assert code == 3 and "BASELINE DOES NOT APPLY" in output and "other weights" in output, output
+    code, output = run(*again, "--allow-other-model")
+    assert code == 1 and "REGRESSION" in output and "FAILED" in output, output
+
+
+def test_build_with_a_baseline_is_the_gate_in_one_command(fixture_build, tmp_path):
+    options = json.loads((fixture_build / "build.json").read_text())["options"]
+    out = tmp_path / "again"
+    code, output = run("build", FIXTURE, "--backend", "onnxruntime", "--backend", "openvino", "--precision", "fp32",
+                       "--eval-samples", str(options["eval_samples"]), "--out", out,
+                       "--baseline", fixture_build / "report.json")
+    assert code == 0 and "no regressions" in output and "PASSED" in output, output
+
+
+@pytest.mark.parametrize("damage", ["missing", "not_json", "nan_metric"])
+def test_build_refuses_a_baseline_that_cannot_judge_before_any_work(fixture_build, tmp_path, damage):
+    baseline = tmp_path / "baseline.json"
+    if damage == "not_json":
+        baseline.write_text("{not json")
+    elif damage == "nan_metric":
+        report = json.loads((fixture_build / "report.json").read_text())
+        task = next(iter(report["engines"][0]["tasks"].values()))
+        field = next(k for k, v in task["tensor"].items() if isinstance(v, float))
+        task["tensor"][field] = float("nan")
+        baseline.write_text(json.dumps(report))
+    out = tmp_path / "out"
+    code, output = run("build", FIXTURE, "--backend", "onnxruntime", "--precision", "fp32", "--out", out,
+                       "--baseline", baseline)
+    lines = output.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and "baseline.json" in lines[0], output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
