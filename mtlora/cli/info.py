@@ -10,19 +10,21 @@ import click
 from mtlora.errors import ConfigError
 
 
-def _config_for_info(source: str | None, options: dict):
+def _model_for_info(source: str | None, options: dict):
+    """The model SOURCE describes; an official .pth is read once and its weights loaded (and so checked)."""
     from mtlora.checkpoint import read_config
+    from mtlora.model import MultiTaskSwin
 
     if source is None:
         from mtlora.cli.options import model_config_from_options
 
-        return model_config_from_options(**options)
+        return MultiTaskSwin(model_config_from_options(**options))
     path = Path(source)
     if path.is_file() and path.suffix not in (".json",):
-        from mtlora.upstream import read_upstream
+        from mtlora.upstream import import_upstream
 
-        return read_upstream(path)[0]
-    return read_config(path)
+        return import_upstream(path)  # names, shapes, kinds and finite values, as every command checks them
+    return MultiTaskSwin(read_config(path))
 
 
 def _format_info(config, counts) -> str:
@@ -64,11 +66,10 @@ def _model_options(func):
 def info(source: str | None, as_json: bool, **options) -> None:
     """Architecture summary and parameter counts of SOURCE (checkpoint, config JSON or official .pth),
     or of the model the options describe."""
-    from mtlora.model import MultiTaskSwin
     from mtlora.params import count_parameters
 
-    config = _config_for_info(source, options)
-    model = MultiTaskSwin(config)
+    model = _model_for_info(source, options)
+    config = model.config
     counts = count_parameters(model)
     weights = _check_weights(source, model)
     if as_json:
@@ -87,9 +88,6 @@ def _check_weights(source: str | None, model) -> str:
         return "none (a model described by options)"
     path = Path(source)
     if path.is_file() and path.suffix != ".json":
-        from mtlora.upstream import import_upstream
-
-        import_upstream(path)  # names, shapes, kinds and finite values, as every command that loads it checks them
         return "read in full and loaded (official .pth): names, shapes, kinds and finite values checked"
     if path.suffix == ".json":
         return "not checked (a config file; no weights)"
