@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -62,6 +63,41 @@ def _runtimes_take(threads: int) -> None:
 
 
 _a_share_of_the_cores_per_worker()
+
+
+# The test files that take longest, longest first (summed test times on the 2-core EPYC, 2026-12-06): they
+# start first, so that the last files to run are short and both workers finish together. xdist's own order
+# (most tests first) started the 28 s one-test files last, and one worker ran on alone for 15-20 s.
+SLOWEST_FILES = ("test_precision_choice.py", "test_official_options.py", "test_fallback_16bit.py",
+                 "test_reliability_round_three.py", "test_resource_limits.py", "test_interrupted_build.py",
+                 "test_export_onnx.py", "test_train.py", "test_bundle_deploy.py", "test_build_pipeline.py",
+                 "test_check_record_errors.py", "test_openvino_keep16.py", "test_determinism.py",
+                 "test_bundle_gate.py", "test_engines_openvino.py", "test_reliability_round_two.py",
+                 "test_bench_reference.py", "test_bench_page.py", "test_lint_command.py", "test_train_ddp.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest files first, in SLOWEST_FILES' order; then the others, those with most tests first (as
+    xdist orders them). `make test` passes --no-loadscope-reorder so that xdist keeps this order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    counts: dict[Path, int] = {}
+    for item in items:
+        counts[item.path] = counts.get(item.path, 0) + 1
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path]))  # stable: file order kept
+
+
+def pytest_testnodedown(node, error):
+    """A worker that went down unasked ("node down: Not properly terminated"): say how its process ended, so
+    that a crash names its cause (SIGSEGV, SIGKILL from the OOM killer, SIGABRT, an exit code)."""
+    popen = getattr(getattr(getattr(node, "gateway", None), "_io", None), "popen", None)  # execnet's Popen gateway
+    if error is None or popen is None:
+        return
+    try:
+        code = popen.wait(timeout=10)
+    except Exception:  # still running, or not a process we can wait for: nothing to add
+        return
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    sys.stderr.write(f"[{node.gateway.id}] the worker process {how}\n")
 
 
 def invoke(cli, *args, **kwargs):

@@ -14,6 +14,7 @@ from export.pipeline.layer_search import (
     bisect_search,
     cannot_pay_off,
     is_informative,
+    rank_order,
     ranked_search,
     search,
 )
@@ -57,11 +58,12 @@ def test_ranked_keeps_the_culprit_and_stops_at_the_first_pass():
     found = search(judge, LAYERS, say=said.append)
     assert found.strategy == "ranked" and found.passed and found.stop == "passed"
     assert found.chosen == ["L05"]
-    # The base, then one window of SHORTLIST layers one at a time; each set judged once.
-    assert found.probes == 1 + Limits().shortlist == len(judge.calls) == len(set(judge.calls))
+    # The base, then the window's layers one at a time down to the first that passes (L05 ranks first);
+    # each set judged once.
+    assert found.probes == 2 == len(judge.calls) == len(set(judge.calls))
     [step] = found.steps
     assert step.layer == "L05" and not step.before.passed and step.after.passed and step.error == 1.0
-    assert said == ["trying 8 layer(s) in fp32, one at a time"]
+    assert said == ["trying 8 layer(s) in fp32, one at a time, until one passes"]
 
 
 def test_ranked_takes_the_layer_that_closes_most_of_the_gap_first():
@@ -90,8 +92,9 @@ def test_ranked_moves_down_the_ranking_when_a_window_does_not_help():
     said = []
     found = ranked_search(judge, judge.errors, Limits(shortlist=8), say=said.append)
     assert found.passed and found.chosen == ["L10"]
-    assert said[1] == "trying 8 layer(s) in fp32, one at a time (ranks 9-16)"
-    assert found.probes == 1 + 8 + 8
+    assert said[1] == "trying 8 layer(s) in fp32, one at a time (ranks 9-16), until one passes"
+    # The base, the first window whole, the second down to the culprit.
+    assert found.probes == 1 + 8 + rank_order(judge.errors)[8:16].index("L10") + 1 < 1 + 8 + 8
 
 
 def test_ranked_stops_when_the_next_layer_closes_little_of_what_is_left():

@@ -6,8 +6,8 @@ layers kept in fp32 whether every task passes and how far it is from passing (`V
 it passes), and may rank the layers by the error each adds, measured in one pass. Two strategies:
 
 - ranked (`ranked_search`), when the ranking is informative: the top `shortlist` layers are tried one at
-  a time, the one that closes most of the gap is kept, and the step repeats from there until every task
-  passes; a window in which no layer helps moves on down the ranking. After a layer that closed much of
+  a time, up to the first that makes every task pass; the one that closes most of the gap is kept, and
+  the step repeats from there until every task passes; a window in which no layer helps moves on down the ranking. After a layer that closed much of
   the gap, a next one that closes less than `min_gain` of what is left ends the search (the harness
   rebuilds and judges the real engine before adding more). Kept layers that are not needed once the
   others are in fp32 are pruned.
@@ -180,9 +180,13 @@ def ranked_search(judge: Judge, errors: Mapping[Layer, float], limits: Limits = 
             stop = "no gain"
             break
         say(f"trying {len(window)} layer(s) in fp32, one at a time"
-            + (f" (ranks {offset + 1}-{offset + len(window)})" if offset else ""))
-        tried = {c: probe([*chosen, c]) for c in window}
-        best = min(window, key=lambda c: tried[c].shortfall)
+            + (f" (ranks {offset + 1}-{offset + len(window)})" if offset else "") + ", until one passes")
+        tried = {}
+        for layer in window:
+            tried[layer] = probe([*chosen, layer])
+            if tried[layer].passed:  # nothing closes more of the gap: the rest of the window would be judged for naught
+                break
+        best = min(tried, key=lambda c: (not tried[c].passed, tried[c].shortfall))
         gain = current.shortfall - tried[best].shortfall
         if chosen and big_step and gain < limits.min_gain * current.shortfall:
             say("the next layer closes little of what is left; judging the rebuilt engine first")
