@@ -138,10 +138,13 @@ def quantize_openvino(
             model = ov.Core().read_model(str(hit[MODEL_XML]))
             return model, {"cache": "hit", "key": key, **settings}
 
+    import gc
     import logging
 
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    from engines.openvino.signal_stack import steady_signal_stack
 
     # NNCF logs every ignored node at INFO; our progress lines say what matters.
     logging.getLogger("nncf").setLevel(logging.WARNING)
@@ -163,6 +166,11 @@ def quantize_openvino(
         )
     except Exception as exc:
         raise CalibrationError(f"NNCF quantization failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        # NNCF compiles with Cores of its own; let them go now, then make this thread's signal stack ours
+        # again (engines.openvino.signal_stack says why).
+        gc.collect()
+        steady_signal_stack()
     info = {"cache": "miss" if cache is not None else "off", "key": key, "ignored_names": scope.names, **settings}
     if cache is not None:
         with tempfile.TemporaryDirectory(prefix="mtlora-nncf-") as tmp:

@@ -329,9 +329,10 @@ def _openvino_kept_ir(onnx_path: Path, source, out_dir: Path, keep_fp32, kept_no
 
     from engines.openvino.build import save_ir
     from engines.openvino.keep import mark_kept, ops_of_onnx_nodes
+    from engines.openvino.signal_stack import core_with_plugins
 
     xml = _output_path(onnx_path, out_dir / f"{onnx_path.stem}.xml")
-    core = ov.Core()
+    core = core_with_plugins(ov)
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as exc:

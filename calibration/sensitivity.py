@@ -273,10 +273,12 @@ class NncfGraph(QuantizedGraph):
                  config: Mapping[str, str] | None = None, device: str = "CPU"):
         import openvino as ov
 
+        from engines.openvino.signal_stack import core_with_plugins
+
         self.xml = Path(xml)
         self.device = device
         self.config = dict(config or {"INFERENCE_PRECISION_HINT": "f32"})
-        self._core = ov.Core()
+        self._core = core_with_plugins(ov)
         self._factories: dict[str, object] = {}
         self._float_ops = {}
         if source_onnx is not None:

@@ -78,7 +78,9 @@ def _probe_openvino() -> tuple[bool, str]:
         return False, "the openvino Python package is not installed"
     except Exception as exc:
         return False, f"openvino failed to import ({type(exc).__name__}: {exc})"
-    devices = openvino.Core().available_devices
+    from engines.openvino.signal_stack import core_with_plugins
+
+    devices = core_with_plugins(openvino).available_devices
     if not devices:
         return False, f"openvino {openvino.get_version()} sees no device"
     return True, f"openvino {openvino.get_version().split('-')[0]} on {', '.join(devices)}"

@@ -47,8 +47,8 @@ print(json.dumps([rate.to_dict() for rate in rates]))
 
 
 def _measured_in_a_child(work: Path, backends: list[str]) -> list[MatmulRate]:
-    """`measure_engine_matmul` in its own interpreter: NNCF's quantization of the
-    OpenVINO int8 MatMul in a pytest worker that had run torch and gloo before once crashed that worker."""
+    """`measure_engine_matmul` in its own interpreter, as the bench runs it. (It was moved there when a worker
+    crashed here; the cause was OpenVINO's signal stack: engines/openvino/signal_stack.py.)"""
     done = subprocess.run([sys.executable, "-c", MEASURE, str(work), ",".join(backends)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -35,6 +35,7 @@ from engines.openvino.runner import (
     read_back_precision,
     runtime_precisions,
 )
+from engines.openvino.signal_stack import core_with_plugins
 from engines.registry import BACKENDS
 
 # What a quantized OpenVINO model holds: FakeQuantize/FakeConvert ops, or int8/uint8 weights
@@ -77,7 +78,7 @@ def build(
     BACKENDS["openvino"].check_precision(precision)
     keep_fp32 = _checked_keep(keep_fp32, precision)
     ov = _ov()
-    core = ov.Core()
+    core = core_with_plugins(ov)
     check_device(core, device)
     full_name, capabilities = device_name(core, device), device_capabilities(core, device)
     hint = HINTS[precision]

@@ -17,6 +17,7 @@ import numpy as np
 from engines.artifact import EngineArtifact, TensorMeta
 from engines.cpu import INT8_DOT_PRODUCT, int8_saturates
 from engines.errors import BackendUnavailable, EngineError, load_failure
+from engines.openvino.signal_stack import core_with_plugins
 from engines.precision import PRECISIONS
 from engines.runner import Runner
 
@@ -134,7 +135,7 @@ class OpenVINORunner(Runner):
 
     def _activate(self) -> None:
         ov = _ov()
-        core = ov.Core()
+        core = core_with_plugins(ov)
         check_device(core, self.device)
         try:
             if self.blob is not None:
@@ -185,7 +186,7 @@ def load(
     artifact = EngineArtifact.load(path, backend="openvino")
     meta = artifact.metadata
     device = device or artifact.device
-    core = ov.Core()
+    core = core_with_plugins(ov)
     check_device(core, device)
     config = dict(meta.get("config") or compile_config(inference_precision=HINTS[artifact.precision_requested]))
     if performance_hint is not None:
