@@ -29,7 +29,20 @@ def _a_share_of_the_cores_per_worker() -> None:
     share = max(1, (os.cpu_count() or 1) // workers)
     os.environ.setdefault("OMP_NUM_THREADS", str(share))
     first = os.environ["OMP_NUM_THREADS"].split(",")[0].strip()  # "4,2" sets nested levels: the first counts
-    _runtimes_take(int(first) if first.isdigit() and int(first) > 0 else share)
+    global WORKER_THREADS
+    WORKER_THREADS = int(first) if first.isdigit() and int(first) > 0 else share
+    _runtimes_take(WORKER_THREADS)
+
+
+WORKER_THREADS: int | None = None  # an xdist worker's share of the cores (None outside xdist)
+
+
+def engine_threads() -> list[str]:
+    """`--threads N` for a build a test runs as a subprocess: the worker's share of the cores, as in-process
+    engines get (`_runtimes_take`). Left to choose, its ONNX Runtime and OpenVINO threads take every core and
+    spin beside the other worker: the OpenVINO int8 fallback build took 55 s instead of 46 s with the other
+    core busy. Outside xdist: nothing, the runtime's own choice."""
+    return ["--threads", str(WORKER_THREADS)] if WORKER_THREADS else []
 
 
 def _runtimes_take(threads: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from calibration.cache import MANIFEST, CalibrationCache
 from export.artifacts.engineset import EngineSet
 from export.artifacts.manifest import verify_manifest
-from tests.conftest import FIXTURE
+from tests.conftest import FIXTURE, engine_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("mtlora-export")
@@ -22,7 +22,7 @@ ENGINE = "onnxruntime-int8"
 
 def build_command(out: Path) -> list[str]:
     return [str(CLI), "build", str(FIXTURE), "--backend", "onnxruntime", "--precision", "int8",
-            "--calib-samples", "8", "--eval-samples", "2", "--out", str(out)]
+            "--calib-samples", "8", "--eval-samples", "2", *engine_threads(), "--out", str(out)]
 
 
 def build_until(out: Path, line_start: str) -> str:

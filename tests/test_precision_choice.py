@@ -21,7 +21,7 @@ from export.checking.report import read_report
 from export.cli import main as export_cli
 from export.errors import ExportError
 from export.pipeline.options import read_keep_fp32, role_precisions, task_precisions
-from tests.conftest import invoke
+from tests.conftest import engine_threads, invoke
 
 CULPRIT = "/semseg/decoder/decoder.0/Conv"  # the decoder conv reading the outlier channel (ONNX name)
 SMALL = ("--calib-samples", "8", "--eval-samples", "4")
@@ -174,7 +174,8 @@ def test_openvino_fallback_uses_nncf_ignored_scope(outlier_model, tmp_path):
     out = tmp_path / "ov"
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "export.cli", "build", str(outlier_model), "--backend", "openvino",
-                           "--precision", "int8", *map(str, SMALL), "--int8-fallback", "always", "--out", str(out)],
+                           "--precision", "int8", *map(str, SMALL), "--int8-fallback", "always", *engine_threads(),
+                           "--out", str(out)],
                           cwd=root, capture_output=True, text=True, timeout=900)
     code, output = done.returncode, done.stdout + done.stderr
     assert code == 0, output

@@ -26,7 +26,7 @@ from export.cli import main as export_cli
 from export.errors import ExportError
 from mtlora.cli import main as mtlora_cli
 from mtlora_base.cli import EXIT_CODES, describe_unexpected
-from tests.conftest import FIXTURE, invoke
+from tests.conftest import FIXTURE, engine_threads, invoke
 from tests.test_hostile_inputs import Case, Inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,7 +374,7 @@ def test_build_interrupted_by_a_signal_says_so_cleans_up_and_exits_with_its_code
     out = tmp_path / "build"
     cli = Path(sys.executable).with_name("mtlora-export")
     process = _start([str(cli), "build", str(FIXTURE), "--backend", "onnxruntime", "--precision", "int8",
-                      "--calib-samples", "9", "--eval-samples", "2", "--out", str(out)], ROOT)
+                      "--calib-samples", "9", "--eval-samples", "2", *engine_threads(), "--out", str(out)], ROOT)
     seen = _signal_when(process, step, sig)
     name = signal.Signals(sig).name
     assert process.returncode == EXIT_CODES[f"interrupted ({name})"] == 128 + sig, "".join(seen)
