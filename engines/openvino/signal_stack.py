@@ -18,12 +18,13 @@ quantization, collect them and call `steady_signal_stack` again.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import sys
 
 SIZE = 1 << 16  # far more than the largest signal frame (AMX's tile state included: about 11 KiB)
 
-_stack: tuple[mmap.mmap, ctypes.c_char] | None = None  # the memory, and the view whose address is given
+# The stack's address: memory from C's malloc, never freed. A Python object's memory would be freed as the
+# interpreter shuts down, while the thread still uses it, and a signal then (a child ending) would crash.
+_stack: int | None = None
 
 
 class _StackT(ctypes.Structure):
@@ -40,11 +41,13 @@ def steady_signal_stack() -> bool:
     global _stack
     if not sys.platform.startswith("linux"):
         return False
+    libc = _libc()
     if _stack is None:
-        memory = mmap.mmap(-1, SIZE)
-        _stack = (memory, ctypes.c_char.from_buffer(memory))
-    wanted = _StackT(ctypes.addressof(_stack[1]), 0, SIZE)
-    return _libc().sigaltstack(ctypes.byref(wanted), None) == 0
+        libc.malloc.restype = ctypes.c_void_p
+        _stack = libc.malloc(ctypes.c_size_t(SIZE))
+        if not _stack:
+            return False
+    return libc.sigaltstack(ctypes.byref(_StackT(_stack, 0, SIZE)), None) == 0
 
 
 def current_signal_stack() -> int | None:
