@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 	touch $(STAMP)
 
 # Tests run on every core, a test file per worker (module fixtures are built once), the slowest files first
-# (tests/conftest.py: SLOWEST_FILES); the slowest 15 tests are printed so growth is seen. Budget: pytest plus the gate in 6 minutes on 2 cores. A worker that dies
-# is not replaced: with --dist loadfile a replaced worker can leave pytest-xdist 3.8 waiting forever
-# (pytest-xdist issue #784), so the run ends at once and names the test the worker died in.
+# (tests/conftest.py: SLOWEST_FILES); the slowest 15 tests are printed so growth is seen. Budget: pytest
+# plus the gate in 6 minutes on 2 cores. A worker that dies is not replaced: with --dist loadfile a
+# replaced worker can leave pytest-xdist 3.8 waiting forever (pytest-xdist issue #784), so the run ends
+# at once and names the test the worker died in (and conftest says how its process ended).
 test: install
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=15
 	$(MAKE) gate

@@ -7,10 +7,10 @@ it passes), and may rank the layers by the error each adds, measured in one pass
 
 - ranked (`ranked_search`), when the ranking is informative: the top `shortlist` layers are tried one at
   a time, up to the first that makes every task pass; the one that closes most of the gap is kept, and
-  the step repeats from there until every task passes; a window in which no layer helps moves on down the ranking. After a layer that closed much of
-  the gap, a next one that closes less than `min_gain` of what is left ends the search (the harness
-  rebuilds and judges the real engine before adding more). Kept layers that are not needed once the
-  others are in fp32 are pruned.
+  the step repeats from there until every task passes; a window in which no layer helps moves on down
+  the ranking. After a layer that closed much of the gap, a next one that closes less than `min_gain`
+  of what is left ends the search (the harness rebuilds and judges the real engine before adding more).
+  Kept layers that are not needed once the others are in fp32 are pruned.
 - bisection (`bisect_search`), when there is no ranking or it does not tell layers apart: first every
   candidate in fp32 — if even that fails, layers in fp32 cannot help, and the search says so — then the
   set is shrunk by halves (delta debugging) to a set from which no single layer can be dropped.
@@ -184,7 +184,7 @@ def ranked_search(judge: Judge, errors: Mapping[Layer, float], limits: Limits = 
         tried = {}
         for layer in window:
             tried[layer] = probe([*chosen, layer])
-            if tried[layer].passed:  # nothing closes more of the gap: the rest of the window would be judged for naught
+            if tried[layer].passed:  # none closes more of the gap: judging the rest of the window would be waste
                 break
         best = min(tried, key=lambda c: (not tried[c].passed, tried[c].shortfall))
         gain = current.shortfall - tried[best].shortfall
