@@ -109,7 +109,13 @@ def pytest_testnodedown(node, error):
         code = popen.wait(timeout=10)
     except Exception:  # still running, or not a process we can wait for: nothing to add
         return
-    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal has no name in signal.Signals
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
     sys.stderr.write(f"[{node.gateway.id}] the worker process {how}\n")
 
 
