@@ -169,6 +169,43 @@ def test_decoding_overlaps_inference(ort_build, tmp_path):
     assert run.seconds < 0.8 * serial, (run.seconds, stages)
 
 
+class CountingThreads:
+    """A real decoder that notes OpenCV's thread count as each frame is read."""
+
+    def __init__(self, source):
+        self.source, self.seen = source, []
+        self.name, self.live, self.fps, self.frame_count = source.name, False, source.fps, source.frame_count
+
+    def read(self):
+        self.seen.append(cv2.getNumThreads())
+        return self.source.read()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_opencv_runs_on_one_thread_during_a_run_and_is_put_back_after(ort_build, clip, tmp_path, fails):
+    """OpenCV's pool would spread every conversion and encoded frame over all cores, beside the engine."""
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import run_video
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+            source = CountingThreads(FrameSource.video(clip))
+            sink = VideoSink(tmp_path / "out.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+            if fails:
+                with pytest.raises(KeyboardInterrupt):
+                    run_video(InterruptedEngine(engine, 2), source, sink, ("sal",))
+            else:
+                assert run_video(engine, source, sink, ("sal",)).frames == FRAMES
+            source.source.close()
+        assert source.seen and set(source.seen) == {1}
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
+
+
 def _not_a_video(f, t):
     (t / "text.mp4").write_text("not a video")
     return ["--video", t / "text.mp4", "--out", t / "o.mp4"]

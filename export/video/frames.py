@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,18 @@ def opencv():
         raise ExportError("video and camera input need OpenCV: pip install 'mtlora-export[video]' "
                           "(opencv-python-headless)") from None
     return cv2
+
+
+@contextmanager
+def opencv_threads(count: int) -> Iterator[None]:
+    """OpenCV's own thread pool held at `count` threads for a block, then put back as it was."""
+    cv2 = opencv()
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 class FrameSource:

@@ -14,7 +14,10 @@ is frames over the wall time of the whole run.
 On a machine with few cores the engine's own threads compete with these: an engine that keeps
 every core busy for one image leaves the other stages nothing to overlap with, and their CPU
 time adds to each frame's (`python -m export.bench.application` reports that ceiling). Running the
-engine with one thread fewer than the cores (`--threads`) leaves them one.
+engine with one thread fewer than the cores (`--threads`) leaves them one. For the same reason
+OpenCV runs on one thread during a run: its pool otherwise splits each colour conversion and each
+MJPEG-encoded frame across every core, and its threads spin beside the engine (measured on 2 cores,
+640x480, the default model: 8.65 ms of process CPU per frame with OpenCV's pool, 7.8 ms without).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 from export.artifacts.interface import MIN_IMAGE_SIDE
 from export.errors import ExportError
-from export.video.frames import FrameSource, VideoSink
+from export.video.frames import FrameSource, VideoSink, opencv_threads
 from export.video.overlay import compose, overlay_size
 
 STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
@@ -115,6 +118,12 @@ def run_video(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str]
     The sink is published only when the run ends well (a camera stopped with Ctrl-C ends well); any
     failure discards it. A source without a single frame is an error.
     """
+    with opencv_threads(1):  # each stage is one thread; the engine has the other cores (module docstring)
+        return _pipelined(engine, source, sink, tasks, max_frames, say)
+
+
+def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str], max_frames: int | None,
+               say: Callable[[str], None]) -> VideoRun:
     interface = engine.interface
     run = VideoRun()
     stopping = threading.Event()
