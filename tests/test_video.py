@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,14 +171,15 @@ def test_decoding_overlaps_inference(ort_build, tmp_path):
 
 
 class CountingThreads:
-    """A real decoder that notes OpenCV's thread count as each frame is read."""
+    """A real decoder that notes OpenCV's thread count, and its own thread's priority, as each frame is read."""
 
     def __init__(self, source):
-        self.source, self.seen = source, []
+        self.source, self.seen, self.niceness = source, [], []
         self.name, self.live, self.fps, self.frame_count = source.name, False, source.fps, source.frame_count
 
     def read(self):
         self.seen.append(cv2.getNumThreads())
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return self.source.read()
 
 
@@ -204,6 +206,23 @@ def test_opencv_runs_on_one_thread_during_a_run_and_is_put_back_after(ort_build,
         assert cv2.getNumThreads() == 2
     finally:
         cv2.setNumThreads(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_the_reader_yields_to_the_engine_and_the_engine_keeps_its_priority(ort_build, clip, tmp_path):
+    """The engine is the stage every frame waits for: the reader runs below it, the caller's priority is untouched."""
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+    from export.video.pipeline import STAGE_NICENESS, run_video
+
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = CountingThreads(FrameSource.video(clip))
+        sink = VideoSink(tmp_path / "out.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+        assert run_video(engine, source, sink, ("sal",)).frames == FRAMES
+        source.source.close()
+    assert set(source.niceness) == {min(19, caller + STAGE_NICENESS)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
 
 
 def _not_a_video(f, t):
