@@ -15,16 +15,20 @@ On a machine with few cores the engine's own threads compete with these: an engi
 every core busy for one image leaves the other stages nothing to overlap with, and their CPU
 time adds to each frame's (`python -m export.bench.application` reports that ceiling). Running the
 engine with one thread fewer than the cores (`--threads`) leaves them one. For the same reason
-OpenCV runs on one thread during a run: its pool otherwise splits each colour conversion and each
-MJPEG-encoded frame across every core, and its threads spin beside the engine (measured on 2 cores,
-640x480, the default model: 8.65 ms of process CPU per frame with OpenCV's pool, 7.8 ms without).
+OpenCV's own thread pool is held at one thread during a run (it is process-wide: two runs at once
+in one process would put it back in the wrong order): it otherwise splits each colour conversion
+and each frame its built-in MJPEG writer encodes across every core, and its threads spin beside
+the engine (measured on 2 cores, 640x480, the default model: 8.65 ms of process CPU per frame with
+OpenCV's pool, 7.8 ms without). FFmpeg's decoding and encoding threads are not that pool's; they
+are created when the video is opened and are left as FFmpeg sizes them (one decoding thread
+instead made no difference that could be told from noise here).
 
-The engine is the stage every frame waits for, so the reader and the writer yield to it: on Linux
-their threads run at a lower priority (nice +5) than the one calling the engine. Where they would
-otherwise share the cores equally, the engine's thread waited about 0.5 ms per frame to be
+The engine is the stage every frame waits for, so the reader and the writer threads yield to it:
+on Linux they run at a lower priority (nice +5) than the thread calling the engine. Where they
+would otherwise share the cores equally, the engine's thread waited about 0.5 ms per frame to be
 scheduled (measured on 2 cores, the default model: end to end 0.66x of `infer` alone with equal
-priorities, 0.72x with these). +5 and not more: against other programs on a busy device, a thread
-at +19 gets almost no CPU, and the camera would fall behind.
+priorities, 0.72x with these). +5 and not more: against other work in the same scheduling group
+(the same session or service), a thread at +19 gets almost no CPU, and a camera would fall behind.
 """
 
 from __future__ import annotations
