@@ -107,9 +107,10 @@ def test_ranked_stops_when_the_next_layer_closes_little_of_what_is_left():
     assert not found.passed and found.stop == "small gain" and found.chosen == ["L00"]
 
 
-@pytest.mark.parametrize("limits, stop", [(Limits(max_probes=5), "budget"), (Limits(max_layers=2), "budget")])
+@pytest.mark.parametrize("limits, stop", [(Limits(max_probes=5), "budget"), (Limits(max_layers=2), "too little")])
 def test_ranked_respects_its_budget(limits, stop):
-    # Four needed layers, each found in its own window step: the budget runs out first.
+    # Four needed layers, each found in its own window step: the budget of judged sets runs out first; with
+    # room for two layers, none closes the half of the gap that passing within two would take.
     needed = {"L00", "L01", "L02", "L03"}
     judge = Scripted(needed, errors=ranking(sorted(needed)))
     found = ranked_search(judge, judge.errors, limits)
@@ -120,9 +121,30 @@ def test_ranked_respects_its_budget(limits, stop):
 
 def test_ranked_says_when_no_layer_helps():
     judge = Scripted(set(), passes=lambda keep: False, errors=ranking(["L00"]))
-    found = ranked_search(judge, judge.errors, Limits(max_probes=200))
+    said = []
+    found = ranked_search(judge, judge.errors, Limits(max_probes=200), say=said.append)
     assert not found.passed and found.stop == "no gain" and found.chosen == []
-    assert found.probes == 1 + len(LAYERS)  # every layer tried once, in windows down the ranking
+    # Two windows in a row without a layer that helps: the layers further down the ranking add less error.
+    assert found.probes == 1 + 2 * 8 and len(said) == 2
+
+
+def test_ranked_does_not_keep_layers_that_close_too_little_to_pass_within_its_layers():
+    # Twenty layers each close 1/20 of the gap: sixteen of them (the most the search keeps) cannot pass,
+    # so none is kept, and the search stops after two windows instead of spending its budget on them.
+    needed = set(LAYERS[:20])
+    judge = Scripted(needed, errors=ranking(sorted(needed)))
+    found = ranked_search(judge, judge.errors, Limits(max_probes=200))
+    assert not found.passed and found.stop == "too little" and found.chosen == []
+    assert found.probes == 1 + 2 * 8
+
+
+@pytest.mark.parametrize("max_layers, kept", [(4, 4), (3, 0)])
+def test_a_layer_helps_when_it_closes_a_share_of_the_gap_the_layers_left_can_finish(max_layers, kept):
+    # Four layers each close a quarter of the gap: with room for four they are kept and pass; with three not.
+    needed = {"L00", "L01", "L02", "L03"}
+    judge = Scripted(needed, errors=ranking(sorted(needed)))
+    found = ranked_search(judge, judge.errors, Limits(max_layers=max_layers))
+    assert len(found.chosen) == kept and found.passed == (kept == 4)
 
 
 def test_without_a_ranking_the_search_bisects_to_the_culprit():

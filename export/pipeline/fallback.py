@@ -46,7 +46,7 @@ from export.pipeline.speed import time_in_build
 from export.pipeline.steps import publish, staging_for
 
 ROUNDS = 4  # rebuilds: the search goes on from a rebuilt engine's graph while it still fails
-SEARCH_VERSION = 2  # in the cache key: a changed search makes new lists
+SEARCH_VERSION = 3  # in the cache key: a changed search makes new lists
 # A try that is a graph variant run here is cheap; one that rebuilds the engine set is a build and a check.
 GRAPH_LIMITS = Limits()
 REBUILD_LIMITS = Limits(max_probes=24)
