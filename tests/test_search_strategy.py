@@ -138,6 +138,24 @@ def test_ranked_does_not_keep_layers_that_close_too_little_to_pass_within_its_la
     assert found.probes == 1 + 2 * 8
 
 
+def test_a_kept_layer_starts_the_count_of_idle_windows_again():
+    # Ranks 1-8 bring nothing; L10 (ranks 11th) closes most of the gap, L12 (13th) the rest. After L10 is
+    # kept, ranks 1-8 bring nothing again: a second idle window, but not two in a row, so L12 is found.
+    # (min_gain 0.9: L10's step is no big one, after which an empty window would end the round.)
+    judge = Scripted({"L10", "L12"}, costs={"L10": 3.0, "L12": 1.0},
+                     errors={name: 1.0 - 0.04 * i for i, name in enumerate(LAYERS)})
+    found = ranked_search(judge, judge.errors, Limits(idle_windows=2, min_gain=0.9))
+    assert found.passed and found.chosen == ["L10", "L12"]
+
+
+def test_a_ranking_that_runs_out_says_the_layers_that_helped_closed_too_little():
+    # Ten candidates, each a tenth of the gap, room for four layers: the ranking runs out first.
+    needed = set(LAYERS[:10])
+    judge = Scripted(needed, errors={n: 1.0 - 0.05 * i for i, n in enumerate(sorted(needed))})
+    found = ranked_search(judge, judge.errors, Limits(max_layers=4, idle_windows=5))
+    assert not found.passed and found.stop == "too little" and found.chosen == []
+
+
 @pytest.mark.parametrize("max_layers, kept", [(4, 4), (3, 0)])
 def test_a_layer_helps_when_it_closes_a_share_of_the_gap_the_layers_left_can_finish(max_layers, kept):
     # Four layers each close a quarter of the gap: with room for four they are kept and pass; with three not.

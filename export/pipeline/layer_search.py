@@ -8,9 +8,9 @@ it passes), and may rank the layers by the error each adds, measured in one pass
 - ranked (`ranked_search`), when the ranking is informative: the top `shortlist` layers are tried one at
   a time, up to the first that makes every task pass; the one that closes most of the gap is kept, and
   the step repeats from there until every task passes. A layer helps only when it closes at least
-  1/m of what is left, m being the layers the search may still keep: the ranking puts the layers that
-  add most error first, so if the best of a window closes less, even m layers like it would not pass,
-  and keeping it would only spend the budget (seen on a 448 model's fp16 graph: a round kept 6 layers
+  1/m of what is left, m being the layers this round of the search may still keep: the ranking puts
+  the layers that add most error first, so if the best of a window closes less, m layers like it
+  would not pass in this round, and keeping it would only spend the budget (seen on a 448 model's fp16 graph: a round kept 6 layers
   for 0.2% of the gap, in 96 judged sets). A window in which no layer helps moves on down the ranking;
   `idle_windows` such windows in a row end the search. After a layer that closed much of the gap, a
   next one that closes less than `min_gain` of what is left ends the search (the harness rebuilds and
@@ -87,8 +87,9 @@ class Step:
 # Why a search stopped.
 STOPS = {
     "passed": "every task passes",
-    "no gain": "no layer in fp32 brings the failing tasks closer to passing",
-    "too little": "no layer in fp32 closes enough of the gap to pass within the layers the search keeps",
+    "no gain": "none of the top-ranked layers tried in fp32 brings the failing tasks closer to passing",
+    "too little": "none of the top-ranked layers tried in fp32 closes enough of the gap to pass within the layers "
+                  "a round keeps",
     "small gain": "the next layer closes little of what is left",
     "budget": "the search's budget is spent",
     "cannot help": "even every candidate layer in fp32 does not make every task pass",
@@ -184,7 +185,7 @@ def ranked_search(judge: Judge, errors: Mapping[Layer, float], limits: Limits = 
         window = [c for c in ranked if c not in chosen][offset:offset + limits.shortlist]
         window = window[:max(0, limits.max_probes - probe.count)]
         if not window:
-            stop = "no gain"
+            stop = "too little" if some_gain else "no gain"
             break
         say(f"trying {len(window)} layer(s) in fp32, one at a time"
             + (f" (ranks {offset + 1}-{offset + len(window)})" if offset else "") + ", until one passes")
@@ -200,11 +201,11 @@ def ranked_search(judge: Judge, errors: Mapping[Layer, float], limits: Limits = 
             stop = "small gain"
             break
         # At least 1/m of what is left, with m layers still to keep (module docstring).
-        if tried[best].passed or gain >= current.shortfall / (limits.max_layers - len(chosen)):
+        if tried[best].passed or (gain > 1e-9 and gain * (limits.max_layers - len(chosen)) >= current.shortfall):
             big_step = big_step or gain >= limits.min_gain * current.shortfall
             steps.append(Step(best, current, tried[best], errors[best]))
             chosen.append(best)
-            current, offset, idle = tried[best], 0, 0
+            current, offset, idle, some_gain = tried[best], 0, 0, False
         else:
             some_gain = some_gain or gain > 1e-9
             offset, idle = offset + limits.shortlist, idle + 1
