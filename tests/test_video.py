@@ -223,18 +223,12 @@ class PriorityNotingSink:
 
 
 def _may_lower_own_priority() -> bool:
-    """Whether this sandbox lets a thread lower its own priority (the pipeline carries on where it may not)."""
+    """Whether this sandbox lets a stage's thread lower its priority (the pipeline carries on where it may
+    not), asked on a thread of its own that then ends."""
+    from export.video.pipeline import _yield_to_engine
+
     allowed = []
-
-    def probe():
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 1))
-            allowed.append(True)
-        except OSError:
-            allowed.append(False)
-
-    thread = threading.Thread(target=probe)
+    thread = threading.Thread(target=lambda: allowed.append(_yield_to_engine()))
     thread.start()
     thread.join()
     return allowed[0]

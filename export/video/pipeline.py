@@ -235,16 +235,18 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
     return run
 
 
-def _yield_to_engine() -> None:
-    """The calling thread, a stage's, at STAGE_NICENESS below the engine's. Linux only: there a thread has
-    a priority of its own, which `setpriority` sets by thread id; elsewhere that id may name a process."""
+def _yield_to_engine() -> bool:
+    """The calling thread, a stage's, at STAGE_NICENESS below the engine's; whether it could be. Linux only:
+    there a thread has a priority of its own, which `setpriority` sets by thread id; elsewhere that id may
+    name a process."""
     if not sys.platform.startswith("linux"):
-        return
+        return False
     thread = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + STAGE_NICENESS))
     except OSError:  # a sandbox that forbids it: the stages then share the cores equally, as before
-        pass
+        return False
+    return True
 
 
 def _stop(workers: list[threading.Thread], stopping: threading.Event) -> None:
