@@ -165,6 +165,50 @@ def test_a_layer_helps_when_it_closes_a_share_of_the_gap_the_layers_left_can_fin
     assert len(found.chosen) == kept and found.passed == (kept == 4)
 
 
+def test_a_round_that_keeps_no_ranked_layer_goes_on_by_bisection():
+    # Three layers pass only together: none closes any of the gap alone, so the ranked windows keep nothing;
+    # bisection from every candidate in fp32 finds the three, the ranked round's sets not judged again.
+    needed = {"L03", "L11", "L19"}
+    judge = Scripted(needed, errors=ranking(["L00", "L01"]))
+    judge.judge = _all_or_nothing(judge.judge, needed)
+    said = []
+    found = search(judge, LAYERS, say=said.append)
+    assert found.passed and found.strategy == "bisection" and sorted(found.chosen) == sorted(needed)
+    assert "no top-ranked layer closes enough of the gap alone; trying every candidate layer in fp32" in said
+    assert said[said.index("no top-ranked layer closes enough of the gap alone; trying every candidate layer in "
+                           "fp32") + 1] == "all 24 candidate layers in fp32 pass; narrowing them down by halves"
+    assert len(judge.calls) == len(set(judge.calls)) == found.probes <= Limits().max_probes
+
+
+def test_a_round_whose_every_candidate_in_fp32_fails_says_layers_cannot_help():
+    # The error is not in the candidates (as an fp16 graph's normalisations): one set past the ranked windows.
+    judge = Scripted(set(), passes=lambda keep: False, errors=ranking(["L00"]))
+    said = []
+    found = search(judge, LAYERS, say=said.append)
+    assert not found.passed and found.stop == "cannot help" and found.chosen == []
+    assert found.probes == 1 + 2 * 8 + 1 == len(judge.calls)
+    assert said[-1] == ("even all 24 candidate layers in fp32 fail a task's gate (5.0% past the limits, against 5.0% "
+                        "past the limits with none): layers in fp32 cannot help")
+
+
+def test_a_round_that_kept_a_layer_does_not_bisect():
+    # L00 closes most of the gap, then nothing more does: the harness rebuilds with L00 and searches again.
+    judge = Scripted(set(), passes=lambda keep: False, errors=ranking(["L00"]))
+    scripted = judge.judge
+    judge.judge = lambda keep: Verdict(False, 0.1 if "L00" in keep else 1.0, scripted(keep).detail)
+    found = search(judge, LAYERS)
+    assert found.strategy == "ranked" and found.chosen == ["L00"] and found.stop == "small gain"
+    assert frozenset(LAYERS) not in judge.calls
+
+
+def _all_or_nothing(judge, needed):
+    """`judge` with a gap that closes only when every `needed` layer is in fp32: none helps alone."""
+    def judged(keep):
+        verdict = judge(keep)
+        return verdict if verdict.passed else Verdict(False, 1.0, verdict.detail)
+    return judged
+
+
 def test_without_a_ranking_the_search_bisects_to_the_culprit():
     judge = Scripted({"L17"})
     said = []
@@ -249,3 +293,15 @@ def test_a_mix_cannot_pay_off_when_it_is_no_faster_than_what_it_must_beat():
     assert cannot_pay_off({**latency, "fp16": 11.0}, "fp16", ["fp32"]) == "fp32"  # equal is no faster
     assert cannot_pay_off(latency, "int8", ["fp16"]) is None  # not timed: nothing to say
     assert cannot_pay_off(latency, "fp16", []) is None
+
+
+def test_the_build_says_when_even_every_layer_in_fp32_would_not_do_after_layers_were_kept():
+    # A first round kept two layers, the rebuilt engine still failed, and the next round found that every
+    # candidate in fp32 fails too: the message says both, not only that two layers were tried.
+    from export.pipeline.fallback import _message
+
+    message = _message("fp16", "failed", 2, {}, {}, "cannot help")
+    assert message == ("could not make every task pass (2 layers in fp32 tried); even every candidate layer in fp32 "
+                       "does not make every task pass; the fp16 engine stays as it was built")
+    assert _message("fp16", "failed", 2, {}, {}, "too little").startswith(
+        "could not make every task pass (2 layers in fp32 tried); the fp16")

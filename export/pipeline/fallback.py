@@ -235,6 +235,8 @@ def _message(precision: str, verdict: str, kept: int, latency: dict[str, float],
         return (f"still failing with {layers} and no faster than {fastest}{speed}: stopped; "
                 f"prefer {ran_as(fastest, compare)}")
     why = STOPS[stop] if stop and not kept else f"could not make every task pass ({layers} tried)"
+    if stop == "cannot help" and kept:  # the last round's own finding: no set of further layers would do
+        why += f"; {STOPS[stop]}"
     return f"{why}{speed}; the {precision} engine stays as it was built"
 
 

@@ -15,7 +15,9 @@ it passes), and may rank the layers by the error each adds, measured in one pass
   `idle_windows` such windows in a row end the search. After a layer that closed much of the gap, a
   next one that closes less than `min_gain` of what is left ends the search (the harness rebuilds and
   judges the real engine before adding more). Kept layers that are not needed once the others are in
-  fp32 are pruned.
+  fp32 are pruned. A round that keeps no layer at all goes on by bisection (below), within what is left
+  of its budget: its first set, every candidate in fp32, says whether any set of them can pass (on a
+  448 model's fp16 graph, none could: the rest of the error was in the operations that stay 16-bit).
 - bisection (`bisect_search`), when there is no ranking or it does not tell layers apart: first every
   candidate in fp32 — if even that fails, layers in fp32 cannot help, and the search says so — then the
   set is shrunk by halves (delta debugging) to a set from which no single layer can be dropped.
@@ -163,7 +165,15 @@ def search(judge: Judge, candidates: Sequence[Layer], limits: Limits = Limits(),
         wanted = set(candidates)
         errors = {c: e for c, e in errors.items() if c in wanted}
     if is_informative(errors):
-        return ranked_search(judge, errors, limits, say)
+        probe = _Memo(judge)
+        ranked = ranked_search(judge, errors, limits, say, memo=probe)
+        if ranked.chosen or ranked.stop not in ("too little", "no gain"):
+            return ranked
+        # No single layer near the top of the ranking closes enough: the error is spread thinly. Every
+        # candidate in fp32 at once says whether any set can pass at all (one judged set); bisection then
+        # finds one within what is left of the budget.
+        say("no top-ranked layer closes enough of the gap alone; trying every candidate layer in fp32")
+        return bisect_search(judge, candidates, limits, say, errors=errors, memo=probe)
     if errors:
         say(f"the ranking of {len(errors)} layers does not tell them apart; bisecting instead")
     return bisect_search(judge, candidates, limits, say, errors=errors or {})
@@ -247,7 +257,8 @@ def bisect_search(judge: Judge, candidates: Sequence[Layer], limits: Limits = Li
     if every is UNJUDGEABLE:
         say(f"all {len(candidates)} candidate layers in fp32 cannot be tried at once; narrowing them down by halves")
     elif not every.passed:
-        say(f"even all {len(candidates)} candidate layers in fp32 fail a task's gate: layers in fp32 cannot help")
+        say(f"even all {len(candidates)} candidate layers in fp32 fail a task's gate ({_past(every)}, against "
+            f"{_past(base)} with none): layers in fp32 cannot help")
         return SearchResult("bisection", [], [], base, probe.count, "cannot help", errors)
     else:
         say(f"all {len(candidates)} candidate layers in fp32 pass; narrowing them down by halves")
@@ -301,6 +312,11 @@ def _bisection_step(probe: _Memo, chosen: list[Layer], verdict: Verdict, layer: 
     """What `layer` buys among `chosen`: the judgement without it when that was judged, else the base."""
     without = probe.judged.get(frozenset(c for c in chosen if c != layer), base)
     return Step(layer, without, verdict, errors.get(layer, math.nan))
+
+
+def _past(verdict: Verdict) -> str:
+    """How far a failing verdict is past its limits, in words: its shortfall is relative to them."""
+    return f"{verdict.shortfall:.1%} past the limits" if verdict.shortfall < 100 else "far past the limits"
 
 
 def _name(layer: Layer) -> str:
