@@ -209,12 +209,13 @@ def test_opencv_runs_on_one_thread_during_a_run_and_is_put_back_after(ort_build,
 
 
 class PriorityNotingSink:
-    """A real video writer that notes its thread's priority as each frame is written."""
+    """A real video writer that notes its thread, and that thread's priority, as each frame is written."""
 
     def __init__(self, sink):
-        self.sink, self.niceness = sink, []
+        self.sink, self.niceness, self.threads = sink, [], []
 
     def write(self, frame):
+        self.threads.append(threading.get_native_id())
         self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         self.sink.write(frame)
 
@@ -235,28 +236,87 @@ def _may_lower_own_priority() -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
-def test_reader_and_writer_yield_to_the_engine_and_the_caller_keeps_its_priority(ort_build, clip, tmp_path):
-    """The engine is the stage every frame waits for: the reader and the writer run below it; the
-    caller's (the engine's) priority is untouched."""
+def test_reader_and_drawer_yield_to_the_engine_whose_thread_encodes_at_the_callers_priority(
+        ort_build, clip, tmp_path, monkeypatch):
+    """The engine is the stage every frame waits for: the reader and the drawer run below it; the caller's
+    thread, which runs the engine and encodes, keeps its priority."""
+    import export.video.pipeline as pipeline
     from export.video.frames import FrameSource, VideoSink
     from export.video.overlay import overlay_size
-    from export.video.pipeline import STAGE_NICENESS, run_video
 
     if not _may_lower_own_priority():
         pytest.skip("this sandbox forbids setpriority")
-    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    caller_thread = threading.get_native_id()
+    caller = os.getpriority(os.PRIO_PROCESS, caller_thread)
+    drawing, compose = [], pipeline.compose
+
+    def noting_compose(*args):
+        drawing.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return compose(*args)
+
+    monkeypatch.setattr(pipeline, "compose", noting_compose)
     with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
         source = CountingThreads(FrameSource.video(clip))
         sink = PriorityNotingSink(VideoSink(tmp_path / "out.avi", source.fps,
                                             overlay_size(engine.interface, ("sal",))))
         try:
-            assert run_video(engine, source, sink, ("sal",)).frames == FRAMES
+            assert pipeline.run_video(engine, source, sink, ("sal",)).frames == FRAMES
         finally:
             source.source.close()
             sink.discard()
-    lowered = min(19, caller + STAGE_NICENESS)
-    assert set(source.niceness) == {lowered} and set(sink.niceness) == {lowered}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
+    lowered = min(19, caller + pipeline.STAGE_NICENESS)
+    assert set(source.niceness) == {lowered} and {p for _, p in drawing} == {lowered}
+    assert set(sink.niceness) == {caller} and set(sink.threads) == {caller_thread}
+    assert caller_thread not in {t for t, _ in drawing}
+    assert os.getpriority(os.PRIO_PROCESS, caller_thread) == caller
+
+
+class FailingSink:
+    """A real video writer that fails at its `at`-th frame, as a full disk would."""
+
+    def __init__(self, sink, at: int):
+        self.sink, self.at, self.written = sink, at, 0
+
+    def write(self, frame):
+        if self.written + 1 == self.at:
+            raise OSError(28, "No space left on device")
+        self.sink.write(frame)
+        self.written += 1
+
+    def discard(self):
+        self.sink.discard()
+
+
+@pytest.mark.parametrize("stage", ["draw", "encode"])
+def test_a_stage_that_fails_mid_run_raises_its_error_and_leaves_no_video(ort_build, clip, tmp_path, monkeypatch, stage):
+    """The drawer fails in its own thread, encoding in the engine's: either way the run ends with that error,
+    every thread stopped and the staged video gone."""
+    import export.video.pipeline as pipeline
+    from export.video.frames import FrameSource, VideoSink
+    from export.video.overlay import overlay_size
+
+    drawn, compose = [], pipeline.compose
+
+    def failing_compose(*args):
+        drawn.append(1)
+        if len(drawn) == 3:
+            raise RuntimeError("drawing failed")
+        return compose(*args)
+
+    if stage == "draw":
+        monkeypatch.setattr(pipeline, "compose", failing_compose)
+    threads_before = threading.active_count()
+    with open_engine(ort_build / "engines" / "onnxruntime-fp32", threads=1) as engine:
+        source = FrameSource.video(clip)
+        sink = VideoSink(tmp_path / "out.avi", source.fps, overlay_size(engine.interface, ("sal",)))
+        try:
+            with pytest.raises(RuntimeError if stage == "draw" else OSError,
+                               match="drawing failed" if stage == "draw" else "No space left"):
+                pipeline.run_video(engine, source, sink if stage == "draw" else FailingSink(sink, 3), ("sal",))
+        finally:
+            source.close()
+    assert list(tmp_path.iterdir()) == []
+    assert threading.active_count() == threads_before
 
 
 def _not_a_video(f, t):
@@ -334,7 +394,7 @@ class InterruptedEngine:
     def infer(self, batch, tasks):
         self.calls += 1
         if self.calls == self.at:
-            time.sleep(0.3)  # let the writer catch up, as a person pressing Ctrl-C would
+            time.sleep(0.3)  # let the drawer catch up, as a person pressing Ctrl-C would
             raise KeyboardInterrupt
         return self.engine.infer(batch, tasks)
 

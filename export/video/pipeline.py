@@ -1,11 +1,15 @@
-"""A video or camera through an engine, pipelined: decode + preprocess | infer | overlay + encode.
+"""A video or camera through an engine, pipelined: decode + preprocess | infer + encode | overlay.
 
 Three threads with small queues between them: a reader decodes and preprocesses the next frames
 while the engine runs the current one in the calling thread (ONNX Runtime, OpenVINO and TensorRT,
-like OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a writer draws
-and encodes the frames the engine has finished. On a device with a few cores, decoding a camera
-frame and resizing it cost as much as a small model's inference; in their own thread they overlap
-it instead of adding to it. Decoding and resizing share one thread, so the 640x480 frame is
+like OpenCV's decoder and Pillow's resize, release the GIL while they compute), and a drawer draws
+the overlay of each frame the engine has finished. The engine's thread encodes the drawn frames
+between two inferences: the reader's stages cost more CPU than the engine on a small model, so the
+thread that waits least for its input takes the cheapest stage (measured on 2 cores, 640x480, the
+default model: end to end 0.73x of `infer` alone with the drawer encoding, 0.76x with the engine's
+thread encoding; medians of 8 pairs timed in turn, 7 of them in its favour). On a device with a few cores, decoding
+a camera frame and resizing it cost as much as a small model's inference; in their own thread they
+overlap it instead of adding to it. Decoding and resizing share one thread, so the 640x480 frame is
 resized while it is still in that core's cache, with one hand-over less per frame (measured on
 2 cores: about 0.3 ms less CPU per frame than with a thread each). Every stage times itself, in
 wall and in CPU time, so the summary says where a frame's time goes; end-to-end frames per second
@@ -23,7 +27,7 @@ OpenCV's pool, 7.8 ms without). FFmpeg's decoding and encoding threads are not t
 are created when the video is opened and are left as FFmpeg sizes them (one decoding thread
 instead made no difference that could be told from noise here).
 
-The engine is the stage every frame waits for, so the reader and the writer threads yield to it:
+The engine is the stage every frame waits for, so the reader and the drawer threads yield to it:
 on Linux they run at a lower priority (nice +5) than the thread calling the engine. Where they
 would otherwise share the cores equally, the engine's thread waited about 0.5 ms per frame to be
 scheduled (measured on 2 cores, the default model: end to end 0.66x of `infer` alone with equal
@@ -47,7 +51,7 @@ from export.video.frames import FrameSource, VideoSink, opencv_threads
 from export.video.overlay import compose, overlay_size
 
 STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
-STAGE_NICENESS = 5  # the reader's and the writer's priority below the engine's thread (module docstring)
+STAGE_NICENESS = 5  # the reader's and the drawer's priority below the engine's thread (module docstring)
 QUEUE_DEPTH = 2  # frames in flight between two stages: enough to overlap them, little memory
 PROGRESS_EVERY_S = 2.0
 _END = object()
@@ -92,8 +96,8 @@ class _Stop(Exception):
 class _Pipe:
     """A bounded queue whose waits give up when the run is stopping."""
 
-    def __init__(self, stopping: threading.Event):
-        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    def __init__(self, stopping: threading.Event, depth: int = QUEUE_DEPTH):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)  # 0: unbounded
         self.stopping = stopping
 
     def put(self, item) -> None:
@@ -114,6 +118,15 @@ class _Pipe:
                 return self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+
+    def ready(self) -> list:
+        """The items waiting now, without waiting for more."""
+        items = []
+        while True:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                return items
 
 
 def video_engine_threads() -> int:
@@ -140,7 +153,11 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
     interface = engine.interface
     run = VideoRun()
     stopping = threading.Event()
-    decoded, inferred = _Pipe(stopping), _Pipe(stopping)
+    # Drawn frames go back to the engine's thread to be encoded between two inferences (module docstring).
+    # That pipe is unbounded: the engine's thread waits on `inferred` while the drawer fills it, so a bound
+    # on both could leave each waiting for the other. It holds a frame or two: the engine's thread empties it
+    # after every inference, and the drawer draws no more frames than `inferred` lets through.
+    decoded, inferred, drawn = _Pipe(stopping), _Pipe(stopping), _Pipe(stopping, depth=0)
     failures: list[BaseException] = []
 
     def timed(name: str, work: Callable, *args):
@@ -179,14 +196,23 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
             count += 1
         decoded.put(_END)
 
-    def write() -> None:
+    def draw() -> None:
         while (item := inferred.get()) is not _END:
-            timed("encode", sink.write, timed("postprocess", compose, interface, *item))
+            drawn.put(timed("postprocess", compose, interface, *item))
+        drawn.put(_END)
+
+    def encode(frames: list) -> bool:
+        """Write the drawn `frames` to the sink, in order; whether the drawer's end came among them."""
+        for frame in frames:
+            if frame is _END:
+                return True
+            timed("encode", sink.write, frame)
             run.frame_times.append(time.perf_counter() - started)
             run.frames += 1
+        return False
 
     workers = [threading.Thread(target=guarded(work), name=work.__name__, daemon=True)
-               for work in (read, write)]
+               for work in (read, draw)]
     started = time.perf_counter()
     last_progress = started
     total = max_frames if source.frame_count is None else min(source.frame_count, max_frames or source.frame_count)
@@ -197,12 +223,15 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
         while (model_input := decoded.get()) is not _END:
             outputs = timed("infer", engine.infer, model_input[None], tasks)
             inferred.put((model_input, {t: v[0] for t, v in outputs.items()}))
+            encode(drawn.ready())
             sent += 1
             if time.perf_counter() - last_progress >= PROGRESS_EVERY_S:
                 last_progress = time.perf_counter()
                 of = f"/{total}" if total else ""
                 say(f"[video] {sent}{of} frames, {sent / (last_progress - started):.1f} fps")
         inferred.put(_END)
+        while not encode([drawn.get()]):
+            pass
         workers[-1].join()
     except _Stop:  # a worker failed; its error is in `failures`
         pass
@@ -212,6 +241,7 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
             sink.discard()
             raise
         run.interrupted = True  # Ctrl-C is how a camera run ends: keep the frames written so far
+        encode(drawn.ready())  # and those drawn already; the few still being decoded or run are dropped
     except BaseException:
         _stop(workers, stopping)
         sink.discard()
