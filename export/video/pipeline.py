@@ -7,13 +7,13 @@ the overlay of each frame the engine has finished. The engine's thread encodes t
 between two inferences: the reader's stages cost more CPU than the engine on a small model, so the
 thread that waits least for its input takes the cheapest stage (measured on 2 cores, 640x480, the
 default model: end to end 0.73x of `infer` alone with the drawer encoding, 0.76x with the engine's
-thread encoding; medians of 8 pairs timed in turn, 7 of them in its favour). On a device with a
-few cores, decoding a camera frame and resizing it cost as much as a small model's inference; in
-their own thread they overlap it instead of adding to it. Decoding and resizing share one thread, so the 640x480 frame is
-resized while it is still in that core's cache, with one hand-over less per frame (measured on
-2 cores: about 0.3 ms less CPU per frame than with a thread each). Every stage times itself, in
-wall and in CPU time, so the summary says where a frame's time goes; end-to-end frames per second
-is frames over the wall time of the whole run.
+thread encoding; medians of 8 pairs timed in turn, 7 of them in its favour). On a device with a few
+cores, decoding a camera frame and resizing it cost as much as a small model's inference; in their
+own thread they overlap it instead of adding to it. Decoding and resizing share one thread, so the
+640x480 frame is resized while it is still in that core's cache, with one hand-over less per frame
+(measured on 2 cores: about 0.3 ms less CPU per frame than with a thread each). Every stage times
+itself, in wall and in CPU time, so the summary says where a frame's time goes; end-to-end frames
+per second is frames over the wall time of the whole run.
 
 On a machine with few cores the engine's own threads compete with these: an engine that keeps
 every core busy for one image leaves the other stages nothing to overlap with, and their CPU
