@@ -162,6 +162,33 @@ def test_a_mix_no_faster_than_fp32_gives_way_to_fp32(fp16_build, fp16_culprit_mo
     assert code == 0, output
 
 
+def test_a_cached_mix_that_was_no_faster_gives_way_to_fp32_again(fp16_build, fp16_culprit_model, tight, tmp_path,
+                                                                  monkeypatch):
+    """Mode "on": the search's mix passes but is no faster than fp32 (timings scripted), so the build takes
+    fp32; its list is cached, and the same build again, which applies the list without searching, takes fp32
+    too (it once kept the mix: the cached list made the engine pass, and no timing was looked at)."""
+    import export.pipeline.fallback as fallback
+    from export.artifacts.builddir import BuildDir
+
+    out = tmp_path / "build"
+    shutil.copytree(fp16_build["out"], out)
+    shutil.rmtree(BuildDir(out).calibration_cache)  # no cached list: the search decides
+    shutil.rmtree(out / "engines")
+    scripted = {"fp16": 4.0, "fp32": 5.0, "fp16+fallback": 9.0}
+    monkeypatch.setattr(fallback, "time_in_build", lambda _ctx, entries: {n: scripted[n] for n in entries})
+    for searched in (True, False):
+        code, output = _build(fp16_culprit_model, out, "--tolerances", tight, "--int8-fallback", "on")
+        assert code == 0, output
+        assert ("the fp16 fallback of an earlier build applies" in output) != searched
+        report = read_report(out)
+        assert [e.key for e in report.engines] == ["onnxruntime-fp32"] and report.passed, output
+        [record] = report.fallbacks
+        assert record.verdict == "not faster" and record.cached != searched and record.latency_ms == scripted
+        assert record.message.endswith("prefer fp32; the build takes onnxruntime-fp32 instead, which passes every "
+                                       "task"), record.message
+        assert sorted(p.name for p in (out / "engines").iterdir()) == ["onnxruntime-fp32"]
+
+
 # ----------------------------------------------------------------------------- the fp16 probe alone
 
 

@@ -411,7 +411,14 @@ def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, c
         hit = cached.get((entry.backend, entry.precision))
         if check is None or check.passed:
             if hit is not None:
-                records.append(hit.record)
+                record = hit.record
+                if check is not None and record.verdict == "not faster" and ctx.opts.int8_fallback == "on":
+                    # The build that found this list took the next format, the mix being no faster than it:
+                    # so does this one, from the same timings, or a rebuild would decide otherwise.
+                    compare = compare_engines(ctx, entry, entries, report)
+                    record, took = _give_way(ctx, entries, entry, compare, record)
+                    replaced = replaced or took
+                records.append(record)
             continue
         if ctx.opts.int8_fallback == "off":
             ctx.say(f"[{entry.key}] fails its {precision} gate; --int8-fallback on would look for layers to keep "
@@ -431,21 +438,31 @@ def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, c
             entries[i] = publish_as(ctx, outcome.entry, entry.key)
             replaced = True
         else:
-            instead = next_format(compare, record.latency_ms)
-            if instead is not None:
-                taken = compare[instead]
-                why = f"; the build takes {taken.key}{ran_note(instead, compare)} instead, which passes every task"
-                record = replace(record, message=record.message + why)
-                ctx.say(f"[{entry.key}] {record.message}")
-                _retire(ctx, entry)
-                if any(e.key == taken.key for e in entries):
-                    del entries[i]
-                else:
-                    entries[i] = publish_as(ctx, taken, taken.key)
-                replaced = True
+            record, took = _give_way(ctx, entries, entry, compare, record)
+            replaced = replaced or took
         records.append(record)
         timings[f"{entry.key} fallback"] = round(time.perf_counter() - t0, 2)
     return entries, records, replaced
+
+
+def _give_way(ctx: BuildContext, entries: list[EngineSet], entry: EngineSet, compare: dict[str, EngineSet],
+              record: Fallback) -> tuple[Fallback, bool]:
+    """`entry` replaced in `entries` by the next format that passes (`next_format`), when there is one: the
+    record with the reason added, and whether it was replaced."""
+    instead = next_format(compare, record.latency_ms)
+    if instead is None:
+        return record, False
+    taken = compare[instead]
+    why = f"; the build takes {taken.key}{ran_note(instead, compare)} instead, which passes every task"
+    record = replace(record, message=record.message + why)
+    ctx.say(f"[{entry.key}] {record.message}")
+    i = entries.index(entry)
+    _retire(ctx, entry)
+    if any(e.key == taken.key for e in entries):
+        del entries[i]
+    else:
+        entries[i] = publish_as(ctx, taken, taken.key)
+    return record, True
 
 
 def speed_notes(ctx: BuildContext, entries: list[EngineSet], report: Report, timings: dict) -> list[str]:
