@@ -6,7 +6,7 @@ like OpenCV's decoder and Pillow's resize, release the GIL while they compute), 
 the overlay of each frame the engine has finished. The engine's thread encodes the drawn frames
 between two inferences: the reader's stages cost more CPU than the engine on a small model, so the
 thread that waits least for its input takes the cheapest stage (measured on 2 cores, 640x480, the
-default model: end to end 0.73x of `infer` alone with the drawer encoding, 0.76x with the engine's
+default model: end to end 0.73x of `infer` alone with the drawer encoding, 0.77x with the engine's
 thread encoding; medians of 8 pairs timed in turn, 7 of them in its favour). On a device with a few
 cores, decoding a camera frame and resizing it cost as much as a small model's inference; in their
 own thread they overlap it instead of adding to it. Decoding and resizing share one thread, so the
