@@ -412,9 +412,9 @@ def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, c
         if check is None or check.passed:
             if hit is not None:
                 record = hit.record
-                if check is not None and record.verdict == "not faster" and ctx.opts.int8_fallback == "on":
-                    # The build that found this list took the next format, the mix being no faster than it:
-                    # so does this one, from the same timings, or a rebuild would decide otherwise.
+                if check is not None and not _mix_kept(record, ctx.opts.int8_fallback):
+                    # The build that found this list took the next format (a mix no faster than it, in mode
+                    # on): so does this one, from the same timings, or a rebuild would decide otherwise.
                     compare = compare_engines(ctx, entry, entries, report)
                     record, took = _give_way(ctx, entries, entry, compare, record)
                     replaced = replaced or took
@@ -432,10 +432,8 @@ def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, c
         compare = compare_engines(ctx, entry, entries, report)
         outcome = fallback_candidate(ctx, entry, check, compare=compare, hit=hit, applied=True)
         record = outcome.record
-        always = ctx.opts.int8_fallback == "always"
-        i = entries.index(entry)
-        if outcome.entry is not None and (record.verdict == "fixed" or (record.passed and always)):
-            entries[i] = publish_as(ctx, outcome.entry, entry.key)
+        if outcome.entry is not None and _mix_kept(record, ctx.opts.int8_fallback):
+            entries[entries.index(entry)] = publish_as(ctx, outcome.entry, entry.key)
             replaced = True
         else:
             record, took = _give_way(ctx, entries, entry, compare, record)
@@ -443,6 +441,12 @@ def run_fallbacks(ctx: BuildContext, entries: list[EngineSet], report: Report, c
         records.append(record)
         timings[f"{entry.key} fallback"] = round(time.perf_counter() - t0, 2)
     return entries, records, replaced
+
+
+def _mix_kept(record: Fallback, mode: str) -> bool:
+    """Whether the build keeps the mix a fallback found: one that fixed the engine set, or any that passes
+    when searching whatever the speed (`always`); else it gives way to the next format (`_give_way`)."""
+    return record.verdict == "fixed" or (record.passed and mode == "always")
 
 
 def _give_way(ctx: BuildContext, entries: list[EngineSet], entry: EngineSet, compare: dict[str, EngineSet],

@@ -201,15 +201,15 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
             drawn.put(timed("postprocess", compose, interface, *item))
         drawn.put(_END)
 
-    def encode(frames: list) -> bool:
-        """Write the drawn `frames` to the sink, in order; whether the drawer's end came among them."""
-        for frame in frames:
-            if frame is _END:
-                return True
-            timed("encode", sink.write, frame)
-            run.frame_times.append(time.perf_counter() - started)
-            run.frames += 1
-        return False
+    def encode(frame) -> None:
+        timed("encode", sink.write, frame)
+        run.frame_times.append(time.perf_counter() - started)
+        run.frames += 1
+
+    def abandon() -> None:
+        """Every thread stopped and the sink discarded: the run failed, or a file run was interrupted."""
+        _stop(workers, stopping)
+        sink.discard()
 
     workers = [threading.Thread(target=guarded(work), name=work.__name__, daemon=True)
                for work in (read, draw)]
@@ -223,33 +223,33 @@ def _pipelined(engine, source: FrameSource, sink: VideoSink, tasks: Sequence[str
         while (model_input := decoded.get()) is not _END:
             outputs = timed("infer", engine.infer, model_input[None], tasks)
             inferred.put((model_input, {t: v[0] for t, v in outputs.items()}))
-            encode(drawn.ready())
+            for frame in drawn.ready():  # the drawer's end comes only after `inferred`'s, below
+                encode(frame)
             sent += 1
             if time.perf_counter() - last_progress >= PROGRESS_EVERY_S:
                 last_progress = time.perf_counter()
                 of = f"/{total}" if total else ""
                 say(f"[video] {sent}{of} frames, {sent / (last_progress - started):.1f} fps")
         inferred.put(_END)
-        while not encode([drawn.get()]):
-            pass
+        while (frame := drawn.get()) is not _END:
+            encode(frame)
         workers[-1].join()
     except _Stop:  # a worker failed; its error is in `failures`
         pass
     except KeyboardInterrupt:
         if not source.live:
-            _stop(workers, stopping)
-            sink.discard()
+            abandon()
             raise
         run.interrupted = True  # Ctrl-C is how a camera run ends: keep the frames written so far
-        try:
-            encode(drawn.ready())  # and those drawn already; the few still being decoded or run are dropped
+        try:  # and those drawn already; the few still being decoded or run are dropped
+            for frame in drawn.ready():
+                if frame is not _END:
+                    encode(frame)
         except BaseException:
-            _stop(workers, stopping)
-            sink.discard()
+            abandon()
             raise
     except BaseException:
-        _stop(workers, stopping)
-        sink.discard()
+        abandon()
         raise
     _stop(workers, stopping)
     run.seconds = time.perf_counter() - started
